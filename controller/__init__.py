@@ -1,0 +1,1 @@
+"""Continuity: the failover controller (config, detection, incidents, notifiers, CLI)."""

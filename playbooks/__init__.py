@@ -1,0 +1,1 @@
+"""The playbook engine and its actions."""

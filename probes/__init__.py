@@ -1,0 +1,1 @@
+"""Probe kinds. Each module turns one probe config into a ProbeResult."""
