@@ -1,0 +1,285 @@
+"""The `continuity` command. Exit codes: 0 ok, 1 a check failed, 2 bad usage or bad config.
+
+Every error a user can cause is caught here and printed as one clear message: a traceback at
+3 a.m. is a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+from typing import Any
+
+from controller.config import Config, ConfigError, json_schema, load_config
+from controller.durations import format_duration
+from controller.store import SQLiteStore, StoreError
+
+DEFAULT_CONFIG = "continuity.yaml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="continuity",
+        description="Failover controller for online marketplaces: detect, classify, fail over, notify.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument("-c", "--config", default=DEFAULT_CONFIG,
+                        help=f"config file or directory of *.yaml (default: {DEFAULT_CONFIG})")
+        return sp
+
+    run = with_config(sub.add_parser("run", help="run the controller (probes, decisions, playbooks, notifications)"))
+    run.add_argument("--listen", help="HTTP address for /metrics, /healthz and the API (overrides the config)")
+    run.add_argument("--data-dir", help="state directory (overrides controller.data_dir)")
+    run.add_argument("--dry-run", action="store_true", help="decide and record everything, change nothing")
+    run.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
+
+    with_config(sub.add_parser("validate", help="check a config and report every problem at once"))
+    sub.add_parser("schema", help="print the configuration's JSON Schema (for editors)")
+
+    probe = with_config(sub.add_parser("probe", help="run one probe once and print every step and expectation"))
+    probe.add_argument("name")
+    probe.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    pb = sub.add_parser("playbook", help="show or run playbooks")
+    pb_sub = pb.add_subparsers(dest="playbook_command", metavar="ACTION", required=True)
+    pb_run = with_config(pb_sub.add_parser("run", help="run a playbook now (by hand), or show its plan"))
+    pb_run.add_argument("name")
+    pb_run.add_argument("--dry-run", action="store_true", help="print the exact API calls; change nothing")
+    pb_run.add_argument("--data-dir", help="state directory for the run's journal")
+
+    inc = with_config(sub.add_parser("incidents", help="list incidents"))
+    inc.add_argument("--open", action="store_true", help="only open incidents")
+    inc.add_argument("--json", action="store_true")
+    inc.add_argument("--data-dir")
+
+    one = sub.add_parser("incident", help="look at one incident")
+    one_sub = one.add_subparsers(dest="incident_command", metavar="ACTION", required=True)
+    show = with_config(one_sub.add_parser("show", help="an incident and its timeline"))
+    show.add_argument("id")
+    show.add_argument("--data-dir")
+
+    sub.add_parser("demo", help="run the simulated two-region marketplace and a failover, end to end")
+    return p
+
+
+def _load(path: str) -> Config:
+    return load_config(path)
+
+
+def _store(cfg: Config, data_dir: str | None) -> SQLiteStore:
+    return SQLiteStore(data_dir or cfg.controller.data_dir)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    print(f"{args.config}: ok: {len(cfg.services)} service(s), {len(cfg.probes)} probe(s), "
+          f"{len(cfg.playbooks)} playbook(s)")
+    return 0
+
+
+def cmd_schema(_: argparse.Namespace) -> int:
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from probes.runner import run_probe
+
+    cfg = _load(args.config)
+    if args.name not in cfg.probes:
+        known = ", ".join(sorted(cfg.probes)) or "none"
+        print(f"continuity: no probe named {args.name!r} (known: {known})", file=sys.stderr)
+        return 2
+    result = asyncio.run(run_probe(args.name, cfg.probes[args.name]))
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0 if result.ok else 1
+    print(f"probe {args.name}: {'PASS' if result.ok else 'FAIL'} in {format_duration(result.latency)}")
+    for step in result.steps:
+        mark = "ok  " if step.ok else "FAIL"
+        print(f"  [{mark}] {step.name}: {step.request} -> "
+              f"{step.status if step.status is not None else '-'} in {format_duration(step.latency)}")
+        if step.error:
+            print(f"         error: {step.error}")
+        for check in step.checks:
+            print(f"         {'ok  ' if check.ok else 'FAIL'} {check.name}: expected {check.expected}, "
+                  f"found {check.found}")
+    if not result.ok:
+        print(f"reason: {result.reason}")
+    return 0 if result.ok else 1
+
+
+def cmd_playbook_run(args: argparse.Namespace) -> int:
+    from playbooks.engine import render_plan
+
+    cfg = _load(args.config)
+    if args.name not in cfg.playbooks:
+        known = ", ".join(sorted(cfg.playbooks)) or "none"
+        print(f"continuity: no playbook named {args.name!r} (known: {known})", file=sys.stderr)
+        return 2
+    pb = cfg.playbooks[args.name]
+    print(render_plan(args.name, pb))
+    if args.dry_run:
+        print("dry run: nothing was changed")
+        return 0
+    return asyncio.run(_manual_run(cfg, args))
+
+
+async def _manual_run(cfg: Config, args: argparse.Namespace) -> int:
+    from controller.loop import Controller
+
+    store = _store(cfg, args.data_dir)
+    controller = Controller(cfg, store)
+    controller.listeners.append(lambda kind, facts: print(f"  {facts['message']}") if "message" in facts else None)
+    await controller.start(decide=False)
+    try:
+        result = await controller.run_playbook_by_hand(args.name)
+    finally:
+        await controller.stop()
+        store.close()
+    print(f"run {result.run_id}: {'succeeded' if result.ok else 'FAILED: ' + result.error}")
+    return 0 if result.ok else 1
+
+
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def cmd_incidents(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    store = _store(cfg, args.data_dir)
+    items = store.list_incidents(status="open" if args.open else None)
+    if args.json:
+        print(json.dumps([i.to_dict() for i in items], indent=2))
+        return 0
+    if not items:
+        print("no incidents")
+        return 0
+    print(f"{'ID':<22} {'SERVICE':<14} {'SEVERITY':<9} {'STATUS':<9} {'OPENED':<20} DURATION")
+    for i in items:
+        took = format_duration((i.resolved_at or time.time()) - i.started_at)
+        print(f"{i.id:<22} {i.service:<14} {i.severity:<9} {i.status:<9} {_when(i.opened_at):<20} {took}")
+    return 0
+
+
+def cmd_incident_show(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    store = _store(cfg, args.data_dir)
+    inc = store.get_incident(args.id)
+    if inc is None:
+        print(f"continuity: no incident {args.id!r}", file=sys.stderr)
+        return 1
+    print(f"{inc.id}  {inc.service}  {inc.severity}  {inc.status}\n{inc.title}")
+    for ev in store.timeline(inc.id):
+        print(f"  {_when(ev.ts)}  {ev.kind:<12} {ev.message}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from controller import logs
+
+    logs.configure(args.log_format)
+    cfg = _load(args.config)
+    if args.dry_run:
+        cfg.controller.dry_run = True
+    if args.listen:
+        cfg.controller.listen = args.listen
+    store = _store(cfg, args.data_dir)
+    try:
+        _event_loop_policy()
+        asyncio.run(_serve(cfg, store))
+    finally:
+        store.close()
+    return 0
+
+
+def _event_loop_policy() -> None:
+    try:
+        import uvloop
+    except ImportError:  # uvloop is optional on platforms that lack it
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def _serve(cfg: Config, store: SQLiteStore) -> None:
+    from aiohttp import web
+
+    from controller.api import app
+    from controller.loop import Controller
+
+    controller = Controller(cfg, store)
+    host, _, port = cfg.controller.listen.rpartition(":")
+    runner = web.AppRunner(app(controller), access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host or "0.0.0.0", int(port)).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise UsageError(f"cannot listen on {cfg.controller.listen}: {exc.strerror or exc}") from None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await controller.start()
+    controller.metrics.leader.set(1)
+    await stop.wait()
+    await controller.stop()
+    await runner.cleanup()
+
+
+def cmd_demo(_: argparse.Namespace) -> int:
+    from controller import logs
+    from controller.demo.scenario import run_demo
+
+    logs.configure("console", level="critical")  # the demo prints its own timeline
+    result = asyncio.run(run_demo())
+    return 0 if result.ok else 1
+
+
+class UsageError(Exception):
+    """A problem with how the command was called (exit 2)."""
+
+
+COMMANDS: dict[str, Any] = {
+    "run": cmd_run, "validate": cmd_validate, "schema": cmd_schema, "probe": cmd_probe,
+    "incidents": cmd_incidents, "demo": cmd_demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "playbook":
+        handler = cmd_playbook_run
+    elif args.command == "incident":
+        handler = cmd_incident_show
+    else:
+        handler = COMMANDS[args.command]
+    try:
+        return handler(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        print(f"continuity: {len(exc.problems)} problem(s) in the configuration", file=sys.stderr)
+        return 2
+    except UsageError as exc:
+        print(f"continuity: {exc}", file=sys.stderr)
+        return 2
+    except StoreError as exc:
+        print(f"continuity: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+

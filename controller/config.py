@@ -1,0 +1,401 @@
+"""Configuration: pydantic models, loading, and validation errors a human can fix in one pass.
+
+Every problem is reported at once as `FILE: path.to.field: expected X, found Y`, because an SRE
+editing the file during an incident must not play whack-a-mole with one error per run.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError
+
+from controller.durations import Duration
+from probes.base import Strict
+from probes.http import HttpProbe, TransactionProbe
+
+Tier = Literal["critical", "important", "supporting"]
+Severity = Literal["critical", "moderate", "low"]
+
+ProbeConfig = Annotated[HttpProbe | TransactionProbe, Field(discriminator="kind")]
+PROBE_KINDS = ("http", "transaction")
+
+
+class Detection(Strict):
+    """Hysteresis defaults; each probe may override them. Gatus's defaults: 3 down, 2 up."""
+
+    failure_threshold: int = Field(default=3, ge=1, description="Consecutive failures before a probe is DOWN.")
+    success_threshold: int = Field(default=2, ge=1, description="Consecutive successes before it is UP again.")
+
+
+class Service(Strict):
+    """A business function that must stay up (checkout, login, search)."""
+
+    description: str = ""
+    tier: Tier = Field(description="critical | important | supporting: the severity ceiling.")
+    rto: Duration = Field(description="Recovery time objective, e.g. 5m.")
+    rpo: Duration = Field(default=0.0, description="Recovery point objective, e.g. 30s.")
+    owners: list[str] = Field(default_factory=list)
+    probes: list[str] = Field(min_length=1, description="Names of probes in the probes section.")
+    playbook: str | None = Field(default=None, description="Playbook run when the service is DOWN.")
+
+
+class PlaybookStep(Strict):
+    name: str = Field(min_length=1)
+    action: str = Field(description="An action name, e.g. aws.route53.switch_record.")
+    params: dict[str, Any] = Field(default_factory=dict, alias="with", description="The action's parameters.")
+    timeout: Duration = Field(default=60.0, gt=0, description="Deadline for one attempt.")
+    retries: int = Field(default=2, ge=0, le=20, description="Extra attempts, with exponential backoff.")
+
+
+class Playbook(Strict):
+    description: str = ""
+    steps: list[PlaybookStep] = Field(min_length=1)
+    cooldown: Duration = Field(default=1800.0, ge=0, description="No second automatic run within this.")
+    approval: Literal["auto", "manual"] = "auto"
+
+
+class PagerDuty(Strict):
+    routing_key_env: str = Field(description="Environment variable holding the integration key.")
+    events_url: str = "https://events.pagerduty.com/v2/enqueue"
+    source: str = Field(default="continuity", description="payload.source of every event.")
+
+
+class Notifiers(Strict):
+    pagerduty: PagerDuty | None = None
+
+
+class Aws(Strict):
+    """Where boto3 goes. Credentials come from the usual chain (env, profile, IRSA), never this file."""
+
+    region: str = "us-east-1"
+    endpoint_url: str | None = Field(default=None, description="Override, e.g. a moto server in tests.")
+    connect_timeout: Duration = 5.0
+    read_timeout: Duration = 20.0
+
+
+class TierRule(Strict):
+    down: Severity
+    degraded: Severity
+
+
+class Classification(Strict):
+    """Severity by tier and health; defaults follow DESIGN.md's Severity section."""
+
+    critical: TierRule = TierRule(down="critical", degraded="moderate")
+    important: TierRule = TierRule(down="moderate", degraded="moderate")
+    supporting: TierRule = TierRule(down="low", degraded="low")
+
+
+class ControllerSettings(Strict):
+    data_dir: str = Field(default=".continuity", description="Where the SQLite state lives.")
+    listen: str = Field(default="127.0.0.1:8080", description="HTTP API and /metrics address.")
+    dry_run: bool = Field(default=False, description="Decide and record everything, change nothing.")
+    tick: Duration = Field(default=1.0, gt=0, description="How often the decision loop runs.")
+    outbox_retry: Duration = Field(default=5.0, gt=0, description="First retry delay for undelivered messages.")
+
+
+class Config(Strict):
+    services: dict[str, Service]
+    probes: dict[str, ProbeConfig]
+    detection: Detection = Field(default_factory=Detection)
+    classification: Classification = Field(default_factory=Classification)
+    playbooks: dict[str, Playbook] = Field(default_factory=dict)
+    notifiers: Notifiers = Field(default_factory=Notifiers)
+    aws: Aws = Field(default_factory=Aws)
+    controller: ControllerSettings = Field(default_factory=ControllerSettings)
+
+    def thresholds(self, probe: str) -> tuple[int, int]:
+        p = self.probes[probe]
+        return (
+            p.failure_threshold or self.detection.failure_threshold,
+            p.success_threshold or self.detection.success_threshold,
+        )
+
+
+# ------------------------------------------------------------------ errors
+
+
+class ConfigError(Exception):
+    """Every problem found in a config, each already formatted for a human."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _path(loc: Iterable[Any]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _found(value: Any) -> str:
+    if isinstance(value, dict | list):
+        text = repr(value)
+        return text if len(text) < 80 else text[:77] + "..."
+    return repr(value)
+
+
+def _vocabulary() -> set[str]:
+    from playbooks.actions import ACTIONS
+
+    seen: set[str] = set()
+    todo: list[Any] = [Config, *(a.Params for a in ACTIONS.values())]
+    while todo:
+        model = todo.pop()
+        for name, field in model.model_fields.items():
+            seen.add(field.alias or name)
+            for sub in getattr(field.annotation, "__args__", ()) + (field.annotation,):
+                if isinstance(sub, type) and issubclass(sub, Strict) and sub not in todo:
+                    todo.append(sub)
+    return seen
+
+
+def _sentence(err: dict[str, Any]) -> str:
+    kind = err["type"]
+    ctx = err.get("ctx") or {}
+    value = err.get("input")
+    if kind == "extra_forbidden":
+        key = str(err["loc"][-1])
+        close = difflib.get_close_matches(key, _vocabulary(), n=1, cutoff=0.75)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"expected a known key{hint}, found unknown key {key!r}"
+    if kind == "missing":
+        return "expected a value (this field is required), found nothing"
+    if kind == "union_tag_invalid":
+        return f"expected one of {ctx.get('expected_tags')}, found {ctx.get('tag')!r}"
+    if kind == "union_tag_not_found":
+        return f"expected a '{ctx.get('discriminator', 'kind').strip(chr(39))}' field, found none"
+    if kind == "literal_error":
+        return f"expected one of {ctx.get('expected')}, found {_found(value)}"
+    if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+        op = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}[kind]
+        bound = next(iter(ctx.values()), "?")
+        return f"expected a number {op} {bound}, found {_found(value)}"
+    if kind == "too_short":
+        return f"expected at least {ctx.get('min_length')} item(s), found {ctx.get('actual_length')}"
+    if kind == "value_error":
+        msg = str(ctx.get("error", err["msg"]))
+        if ", found" in msg:
+            return f"expected {msg}"
+        return f"expected {msg}, found {_found(value)}"
+    if kind.endswith("_type") or kind.endswith("_parsing"):
+        wanted = kind.split("_")[0]
+        wanted = {"dict": "a mapping", "model": "a mapping", "list": "a list", "int": "an integer",
+                  "float": "a number", "string": "a string", "bool": "true or false"}.get(wanted, wanted)
+        return f"expected {wanted}, found {_found(value)}"
+    return f"expected {err['msg'].lower()}, found {_found(value)}"
+
+
+def _format(errors: list[dict[str, Any]], origin: Any, prefix: tuple[Any, ...] = ()) -> list[str]:
+    out = []
+    for err in errors:
+        loc = list(prefix) + list(err["loc"])
+        # Discriminated unions put the tag into the location: probes.x.http.url -> probes.x.url
+        if len(loc) >= 3 and loc[0] == "probes" and loc[2] in PROBE_KINDS:
+            del loc[2]
+        if err["type"] == "union_tag_invalid" or err["type"] == "union_tag_not_found":
+            loc = loc + ["kind"] if err["type"] == "union_tag_invalid" else loc
+        out.append(f"{origin(loc)}: {_path(loc)}: {_sentence(err)}")
+    return out
+
+
+# ------------------------------------------------------------------ loading
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys: YAML would silently keep the last one."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: dict[Any, Any] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            mark = key_node.start_mark
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (the first is on line {seen[key] + 1})", mark
+            )
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read the file: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: expected UTF-8 text, found binary data"]) from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(unknown position)"
+        raise ConfigError([f"{path}: {where}: expected valid YAML, found {exc.problem or exc}"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: expected valid YAML, found {exc}"]) from None
+
+
+def _files(path: Path) -> list[Path]:
+    if path.is_dir():
+        found = sorted([*path.glob("*.yaml"), *path.glob("*.yml")])
+        if not found:
+            raise ConfigError([f"{path}: expected a directory holding *.yaml files, found none"])
+        return found
+    if not path.exists():
+        raise ConfigError([f"{path}: cannot read the file: no such file"])
+    return [path]
+
+
+def load_raw(path: str | Path) -> tuple[dict[str, Any], dict[tuple[str, str], Path]]:
+    """Merge one file, or a directory of them, into one document; remember which file said what."""
+    root = Path(path)
+    merged: dict[str, Any] = {}
+    origin: dict[tuple[str, str], Path] = {}
+    problems: list[str] = []
+    for file in _files(root):
+        doc = _read_yaml(file)
+        if doc is None:
+            continue
+        if not isinstance(doc, dict):
+            problems.append(f"{file}: (top level): expected a mapping of sections, found {_found(doc)}")
+            continue
+        for section, body in doc.items():
+            origin[(str(section), "")] = origin.get((str(section), ""), file)
+            if isinstance(body, dict) and isinstance(merged.get(section), dict):
+                for key, value in body.items():
+                    if key in merged[section]:
+                        problems.append(
+                            f"{file}: {section}.{key}: expected a unique name, found it also in "
+                            f"{origin[(str(section), str(key))]}"
+                        )
+                    merged[section][key] = value
+                    origin[(str(section), str(key))] = file
+            elif section in merged:
+                problems.append(f"{file}: {section}: expected one definition, found it also in "
+                                f"{origin[(str(section), '')]}")
+            else:
+                merged[section] = body
+                if isinstance(body, dict):
+                    for key in body:
+                        origin[(str(section), str(key))] = file
+    if problems:
+        raise ConfigError(problems)
+    return merged, origin
+
+
+def _cross_references(raw: dict[str, Any]) -> list[tuple[list[Any], str]]:
+    """Checks pydantic cannot do alone: names that point across sections, and action parameters."""
+    from playbooks.actions import ACTIONS
+
+    found: list[tuple[list[Any], str]] = []
+    probes = raw.get("probes") if isinstance(raw.get("probes"), dict) else {}
+    playbooks = raw.get("playbooks") if isinstance(raw.get("playbooks"), dict) else {}
+    services = raw.get("services") if isinstance(raw.get("services"), dict) else {}
+    for sname, svc in services.items():
+        if not isinstance(svc, dict):
+            continue
+        for i, pname in enumerate(svc.get("probes") or [] if isinstance(svc.get("probes"), list) else []):
+            if isinstance(pname, str) and pname not in probes:
+                found.append(
+                    (["services", sname, "probes", i],
+                     f"expected the name of a probe defined under probes ({_known(probes)}), found {pname!r}")
+                )
+        pb = svc.get("playbook")
+        if isinstance(pb, str) and pb not in playbooks:
+            found.append(
+                (["services", sname, "playbook"],
+                 f"expected the name of a playbook defined under playbooks ({_known(playbooks)}), found {pb!r}")
+            )
+    for pbname, pb in playbooks.items():
+        steps = pb.get("steps") if isinstance(pb, dict) else None
+        if not isinstance(steps, list):
+            continue
+        names: set[str] = set()
+        for i, step in enumerate(steps):
+            if not isinstance(step, dict):
+                continue
+            if isinstance(step.get("name"), str):
+                if step["name"] in names:
+                    found.append((["playbooks", pbname, "steps", i, "name"],
+                                  f"expected a unique step name, found {step['name']!r} twice"))
+                names.add(step["name"])
+            action = step.get("action")
+            if not isinstance(action, str):
+                continue
+            if action not in ACTIONS:
+                found.append(
+                    (["playbooks", pbname, "steps", i, "action"],
+                     f"expected one of {', '.join(sorted(ACTIONS))}, found {action!r}")
+                )
+                continue
+            params = step.get("with", {})
+            try:
+                ACTIONS[action].Params.model_validate(params if params is not None else {})
+            except ValidationError as exc:
+                for err in exc.errors():
+                    loc = ["playbooks", pbname, "steps", i, "with", *err["loc"]]
+                    found.append((loc, _sentence(err)))
+            for ref in ACTIONS[action].probe_refs(params if isinstance(params, dict) else {}):
+                if ref not in probes:
+                    found.append((["playbooks", pbname, "steps", i, "with", "probes"],
+                                  f"expected the name of a defined probe, found {ref!r}"))
+    return found
+
+
+def _known(names: dict[str, Any]) -> str:
+    return "known: " + ", ".join(sorted(map(str, names))) if names else "none are defined"
+
+
+def load_config(path: str | Path) -> Config:
+    """Load and validate; raise ConfigError listing every problem."""
+    raw, origin = load_raw(path)
+    default = Path(path) if Path(path).is_file() else Path(path)
+
+    def where(loc: list[Any]) -> Path:
+        if len(loc) >= 2:
+            return origin.get((str(loc[0]), str(loc[1])), origin.get((str(loc[0]), ""), default))
+        if loc:
+            return origin.get((str(loc[0]), ""), default)
+        return default
+
+    problems: list[str] = []
+    config: Config | None = None
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        problems.extend(_format(exc.errors(), where))
+    problems.extend(f"{where(loc)}: {_path(loc)}: {msg}" for loc, msg in _cross_references(raw))
+    if problems or config is None:
+        raise ConfigError(problems)
+    return config
+
+
+def resolve_secret(env_name: str) -> str:
+    """Secrets are named in the config, held in the environment."""
+    value = os.environ.get(env_name)
+    if not value:
+        raise ConfigError([f"environment: {env_name}: expected the secret the config names, found it unset"])
+    return value
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema an editor uses to complete and check the YAML as the SRE types."""
+    schema = Config.model_json_schema(by_alias=True, mode="validation")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "Continuity configuration"
+    return schema

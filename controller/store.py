@@ -1,0 +1,345 @@
+"""State: incidents, timelines, playbook runs and their journal, and the notification outbox.
+
+One small interface (`Store`) so that a Kubernetes-backed store can replace SQLite in a cluster.
+SQLite runs in WAL mode: a reader (the CLI listing incidents) never blocks the controller, and a
+crash loses at most the transaction in hand. Every write commits before the caller goes on, so
+what the timeline says happened, happened.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS incidents (
+    id TEXT PRIMARY KEY,
+    service TEXT NOT NULL,
+    severity TEXT NOT NULL,
+    status TEXT NOT NULL,            -- open | resolved
+    title TEXT NOT NULL,
+    opened_at REAL NOT NULL,
+    started_at REAL NOT NULL,        -- first failed observation: the outage's start
+    resolved_at REAL,
+    dedup_key TEXT NOT NULL,
+    data TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS incidents_open ON incidents(service, status);
+CREATE TABLE IF NOT EXISTS timeline (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    incident_id TEXT NOT NULL,
+    ts REAL NOT NULL,
+    kind TEXT NOT NULL,
+    message TEXT NOT NULL,
+    data TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS timeline_incident ON timeline(incident_id, seq);
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    incident_id TEXT,
+    service TEXT,
+    playbook TEXT NOT NULL,
+    state TEXT NOT NULL,             -- running | succeeded | failed
+    dry_run INTEGER NOT NULL,
+    started_at REAL NOT NULL,
+    ended_at REAL,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS runs_service ON runs(service, playbook, started_at);
+CREATE TABLE IF NOT EXISTS steps (
+    run_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    state TEXT NOT NULL,             -- pending | running | done | failed | skipped
+    attempts INTEGER NOT NULL DEFAULT 0,
+    started_at REAL,
+    ended_at REAL,
+    detail TEXT,
+    PRIMARY KEY (run_id, idx)
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    channel TEXT NOT NULL,
+    key TEXT NOT NULL UNIQUE,        -- idempotency: one message per incident, event and channel
+    incident_id TEXT,
+    payload TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    delivered_at REAL,
+    dead INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox(delivered_at, dead, next_attempt_at);
+"""
+
+
+@dataclass
+class Incident:
+    id: str
+    service: str
+    severity: str
+    status: str
+    title: str
+    opened_at: float
+    started_at: float
+    resolved_at: float | None
+    dedup_key: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Event:
+    incident_id: str
+    ts: float
+    kind: str
+    message: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Run:
+    id: str
+    incident_id: str | None
+    service: str | None
+    playbook: str
+    state: str
+    dry_run: bool
+    started_at: float
+    ended_at: float | None
+    error: str | None
+
+
+@dataclass
+class StepRecord:
+    run_id: str
+    idx: int
+    name: str
+    state: str
+    attempts: int
+    started_at: float | None
+    ended_at: float | None
+    detail: str | None
+
+
+@dataclass
+class OutboxMessage:
+    id: int
+    channel: str
+    key: str
+    incident_id: str | None
+    payload: dict[str, Any]
+    created_at: float
+    attempts: int
+    next_attempt_at: float
+    delivered_at: float | None
+    dead: bool
+    last_error: str | None
+
+
+class Store(Protocol):
+    """What the controller needs from state; SQLite here, Kubernetes objects in a cluster."""
+
+    def open_incident(self, service: str, severity: str, title: str, opened_at: float,
+                      started_at: float, data: dict[str, Any]) -> Incident: ...
+    def open_incident_for(self, service: str) -> Incident | None: ...
+    def get_incident(self, incident_id: str) -> Incident | None: ...
+    def list_incidents(self, status: str | None = None, limit: int = 100) -> list[Incident]: ...
+    def update_incident(self, incident_id: str, **changes: Any) -> None: ...
+    def append(self, incident_id: str, ts: float, kind: str, message: str,
+               data: dict[str, Any] | None = None) -> None: ...
+    def timeline(self, incident_id: str) -> list[Event]: ...
+    def create_run(self, playbook: str, incident_id: str | None, service: str | None, dry_run: bool,
+                   started_at: float, steps: list[str]) -> Run: ...
+    def update_run(self, run_id: str, **changes: Any) -> None: ...
+    def update_step(self, run_id: str, idx: int, **changes: Any) -> None: ...
+    def runs(self, service: str | None = None, playbook: str | None = None) -> list[Run]: ...
+    def steps(self, run_id: str) -> list[StepRecord]: ...
+    def enqueue(self, channel: str, key: str, payload: dict[str, Any], incident_id: str | None,
+                now: float) -> bool: ...
+    def due(self, now: float, limit: int = 50) -> list[OutboxMessage]: ...
+    def delivered(self, msg_id: int, now: float) -> None: ...
+    def retry_later(self, msg_id: int, next_at: float, error: str) -> None: ...
+    def give_up(self, msg_id: int, error: str) -> None: ...
+    def outbox(self, include_delivered: bool = False) -> list[OutboxMessage]: ...
+    def close(self) -> None: ...
+
+
+class StoreError(Exception):
+    """The state store cannot be used (missing directory, corrupt file, disk full)."""
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{time.strftime('%Y%m%d', time.gmtime())}-{secrets.token_hex(3)}"
+
+
+class SQLiteStore:
+    """The embedded default store: one file, WAL, safe to read from the CLI while the controller runs."""
+
+    def __init__(self, data_dir: str | Path) -> None:
+        self.path = Path(data_dir) / "continuity.db"
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(SCHEMA)
+        except (sqlite3.DatabaseError, OSError) as exc:
+            raise StoreError(f"{self.path}: cannot open the state store: {exc}") from None
+        self._lock = threading.RLock()  # playbook actions record from worker threads
+
+    def _exec(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        with self._lock:
+            try:
+                return self._db.execute(sql, args)
+            except sqlite3.DatabaseError as exc:
+                raise StoreError(f"{self.path}: {exc}") from None
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # ---------------------------------------------------------------- incidents
+
+    @staticmethod
+    def _incident(row: sqlite3.Row) -> Incident:
+        d = dict(row)
+        d["data"] = json.loads(d["data"])
+        return Incident(**d)
+
+    def open_incident(self, service: str, severity: str, title: str, opened_at: float,
+                      started_at: float, data: dict[str, Any]) -> Incident:
+        inc = Incident(new_id("INC"), service, severity, "open", title, opened_at, started_at, None, "", data)
+        inc.dedup_key = f"continuity/{inc.id}"
+        self._exec(
+            "INSERT INTO incidents VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (inc.id, service, severity, "open", title, opened_at, started_at, None, inc.dedup_key,
+             json.dumps(data)),
+        )
+        return inc
+
+    def open_incident_for(self, service: str) -> Incident | None:
+        row = self._exec(
+            "SELECT * FROM incidents WHERE service=? AND status='open' ORDER BY opened_at DESC LIMIT 1",
+            (service,),
+        ).fetchone()
+        return self._incident(row) if row else None
+
+    def get_incident(self, incident_id: str) -> Incident | None:
+        row = self._exec("SELECT * FROM incidents WHERE id=?", (incident_id,)).fetchone()
+        return self._incident(row) if row else None
+
+    def list_incidents(self, status: str | None = None, limit: int = 100) -> list[Incident]:
+        if status:
+            rows = self._exec("SELECT * FROM incidents WHERE status=? ORDER BY opened_at DESC LIMIT ?",
+                              (status, limit))
+        else:
+            rows = self._exec("SELECT * FROM incidents ORDER BY opened_at DESC LIMIT ?", (limit,))
+        return [self._incident(r) for r in rows.fetchall()]
+
+    def update_incident(self, incident_id: str, **changes: Any) -> None:
+        allowed = {"severity", "status", "title", "resolved_at", "data"}
+        if not changes.keys() <= allowed:
+            raise ValueError(f"cannot update {sorted(changes.keys() - allowed)}")
+        if "data" in changes:
+            changes["data"] = json.dumps(changes["data"])
+        cols = ", ".join(f"{k}=?" for k in changes)
+        self._exec(f"UPDATE incidents SET {cols} WHERE id=?", (*changes.values(), incident_id))
+
+    def append(self, incident_id: str, ts: float, kind: str, message: str,
+               data: dict[str, Any] | None = None) -> None:
+        self._exec("INSERT INTO timeline (incident_id, ts, kind, message, data) VALUES (?,?,?,?,?)",
+                   (incident_id, ts, kind, message, json.dumps(data or {}, default=str)))
+
+    def timeline(self, incident_id: str) -> list[Event]:
+        rows = self._exec("SELECT incident_id, ts, kind, message, data FROM timeline "
+                          "WHERE incident_id=? ORDER BY ts, seq", (incident_id,)).fetchall()
+        return [Event(r["incident_id"], r["ts"], r["kind"], r["message"], json.loads(r["data"])) for r in rows]
+
+    # ---------------------------------------------------------------- runs
+
+    def create_run(self, playbook: str, incident_id: str | None, service: str | None, dry_run: bool,
+                   started_at: float, steps: list[str]) -> Run:
+        run = Run(new_id("RUN"), incident_id, service, playbook, "running", dry_run, started_at, None, None)
+        with self._lock:
+            self._exec("BEGIN")
+            self._exec("INSERT INTO runs VALUES (?,?,?,?,?,?,?,?,?)",
+                       (run.id, incident_id, service, playbook, "running", int(dry_run), started_at, None, None))
+            for i, name in enumerate(steps):
+                self._exec("INSERT INTO steps (run_id, idx, name, state) VALUES (?,?,?,?)",
+                           (run.id, i, name, "pending"))
+            self._exec("COMMIT")
+        return run
+
+    def update_run(self, run_id: str, **changes: Any) -> None:
+        cols = ", ".join(f"{k}=?" for k in changes)
+        self._exec(f"UPDATE runs SET {cols} WHERE id=?", (*changes.values(), run_id))
+
+    def update_step(self, run_id: str, idx: int, **changes: Any) -> None:
+        cols = ", ".join(f"{k}=?" for k in changes)
+        self._exec(f"UPDATE steps SET {cols} WHERE run_id=? AND idx=?", (*changes.values(), run_id, idx))
+
+    def runs(self, service: str | None = None, playbook: str | None = None) -> list[Run]:
+        sql, args = "SELECT * FROM runs WHERE 1=1", []
+        if service is not None:
+            sql += " AND service=?"
+            args.append(service)
+        if playbook is not None:
+            sql += " AND playbook=?"
+            args.append(playbook)
+        rows = self._exec(sql + " ORDER BY started_at", tuple(args)).fetchall()
+        return [Run(**{**dict(r), "dry_run": bool(r["dry_run"])}) for r in rows]
+
+    def steps(self, run_id: str) -> list[StepRecord]:
+        rows = self._exec("SELECT * FROM steps WHERE run_id=? ORDER BY idx", (run_id,)).fetchall()
+        return [StepRecord(**dict(r)) for r in rows]
+
+    # ---------------------------------------------------------------- outbox
+
+    @staticmethod
+    def _message(row: sqlite3.Row) -> OutboxMessage:
+        d = dict(row)
+        d["payload"] = json.loads(d["payload"])
+        d["dead"] = bool(d["dead"])
+        return OutboxMessage(**d)
+
+    def enqueue(self, channel: str, key: str, payload: dict[str, Any], incident_id: str | None,
+                now: float) -> bool:
+        """Queue a message once; a second enqueue with the same key is a no-op (returns False)."""
+        cur = self._exec(
+            "INSERT OR IGNORE INTO outbox (channel, key, incident_id, payload, created_at, next_attempt_at) "
+            "VALUES (?,?,?,?,?,?)",
+            (channel, key, incident_id, json.dumps(payload), now, now),
+        )
+        return cur.rowcount == 1
+
+    def due(self, now: float, limit: int = 50) -> list[OutboxMessage]:
+        rows = self._exec(
+            "SELECT * FROM outbox WHERE delivered_at IS NULL AND dead=0 AND next_attempt_at<=? "
+            "ORDER BY id LIMIT ?", (now, limit)).fetchall()
+        return [self._message(r) for r in rows]
+
+    def delivered(self, msg_id: int, now: float) -> None:
+        self._exec("UPDATE outbox SET delivered_at=?, attempts=attempts+1, last_error=NULL WHERE id=?",
+                   (now, msg_id))
+
+    def retry_later(self, msg_id: int, next_at: float, error: str) -> None:
+        self._exec("UPDATE outbox SET attempts=attempts+1, next_attempt_at=?, last_error=? WHERE id=?",
+                   (next_at, error, msg_id))
+
+    def give_up(self, msg_id: int, error: str) -> None:
+        self._exec("UPDATE outbox SET attempts=attempts+1, dead=1, last_error=? WHERE id=?", (error, msg_id))
+
+    def outbox(self, include_delivered: bool = False) -> list[OutboxMessage]:
+        sql = "SELECT * FROM outbox" + ("" if include_delivered else " WHERE delivered_at IS NULL") + " ORDER BY id"
+        return [self._message(r) for r in self._exec(sql).fetchall()]

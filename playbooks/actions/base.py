@@ -1,0 +1,85 @@
+"""The contract every playbook action follows.
+
+An action can `plan` (pure: the exact API calls it would make, shown in dry-run), `check`
+(is the change already in place, so a retried or resumed step does no harm) and `apply`.
+Actions never touch the store or the notifiers directly: they go through the context, so the
+engine decides what is journaled and the same action runs in tests, dry-run and production.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from probes.base import Strict
+
+
+class ActionError(Exception):
+    """A failure an action understands. `retryable=False` aborts without further attempts."""
+
+    def __init__(self, message: str, *, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+@dataclass(frozen=True)
+class PlannedCall:
+    """One API call an action would make, rendered for humans reviewing a dry run."""
+
+    target: str
+    operation: str
+    params: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+
+    def render(self) -> str:
+        args = json.dumps(self.params, sort_keys=True, default=str)
+        note = f"  # {self.note}" if self.note else ""
+        return f"{self.target}.{self.operation}({args}){note}"
+
+
+@dataclass
+class ActionContext:
+    """What an action may use. Built by the controller (or the CLI) for each run."""
+
+    aws: Callable[[str], Any]
+    """Returns a boto3 client for a service name, configured from the config's aws section."""
+    probe_healthy: Callable[[str], bool | None]
+    """Detection's current verdict for a probe: True up, False down, None unknown yet."""
+    record: Callable[[str, str, dict[str, Any]], None]
+    """Append to the run's timeline: (kind, message, data)."""
+    notify: Callable[[str, dict[str, Any]], Awaitable[None]]
+    """Queue a message for humans (summary, details)."""
+    variables: dict[str, Any] = field(default_factory=dict)
+    """Incident facts for templated parameters: incident_id, service, severity."""
+    sleep: Callable[[float], Awaitable[None]] | None = None
+    poll_interval: float = 0.5
+
+
+class Action:
+    """Base class; subclasses set `name` and `Params` and implement plan/check/apply."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type[Strict]]
+    summary: ClassVar[str] = ""
+    already: ClassVar[str] = "already in place (check passed), nothing to do"
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        self.p = self.Params.model_validate(params)
+
+    def plan(self) -> list[PlannedCall]:
+        return []
+
+    async def check(self, ctx: ActionContext) -> bool:
+        """True when the change is already in place (so apply can be skipped)."""
+        return False
+
+    async def apply(self, ctx: ActionContext) -> str:
+        """Make the change; return one sentence saying what changed."""
+        raise NotImplementedError
+
+    @classmethod
+    def probe_refs(cls, params: dict[str, Any]) -> list[str]:
+        """Probe names this action's parameters refer to (checked at config load)."""
+        return []
