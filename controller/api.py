@@ -44,12 +44,22 @@ def app(controller: Controller) -> web.Application:
         return web.json_response(body)
 
     async def services(_: web.Request) -> web.Response:
-        return web.json_response({name: {"state": h.state.value, "failing": list(h.failing)}
-                                  for name, h in controller.health().items()})
+        return web.json_response(
+            {
+                name: {"state": h.state.value, "failing": list(h.failing)}
+                for name, h in controller.health().items()
+            }
+        )
 
     application = web.Application()
-    application.add_routes([
-        web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/metrics", metrics),
-        web.get("/incidents", incidents), web.get("/incidents/{id}", incident), web.get("/services", services),
-    ])
+    application.add_routes(
+        [
+            web.get("/healthz", healthz),
+            web.get("/readyz", readyz),
+            web.get("/metrics", metrics),
+            web.get("/incidents", incidents),
+            web.get("/incidents/{id}", incident),
+            web.get("/services", services),
+        ]
+    )
     return application

@@ -13,7 +13,6 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-
 from typing import Any
 
 from controller.config import Config, ConfigError, json_schema, load_config
@@ -31,12 +30,20 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        sp.add_argument("-c", "--config", default=DEFAULT_CONFIG,
-                        help=f"config file or directory of *.yaml (default: {DEFAULT_CONFIG})")
+        sp.add_argument(
+            "-c",
+            "--config",
+            default=DEFAULT_CONFIG,
+            help=f"config file or directory of *.yaml (default: {DEFAULT_CONFIG})",
+        )
         return sp
 
-    run = with_config(sub.add_parser("run", help="run the controller (probes, decisions, playbooks, notifications)"))
-    run.add_argument("--listen", help="HTTP address for /metrics, /healthz and the API (overrides the config)")
+    run = with_config(
+        sub.add_parser("run", help="run the controller (probes, decisions, playbooks, notifications)")
+    )
+    run.add_argument(
+        "--listen", help="HTTP address for /metrics, /healthz and the API (overrides the config)"
+    )
     run.add_argument("--data-dir", help="state directory (overrides controller.data_dir)")
     run.add_argument("--dry-run", action="store_true", help="decide and record everything, change nothing")
     run.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
@@ -44,7 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     with_config(sub.add_parser("validate", help="check a config and report every problem at once"))
     sub.add_parser("schema", help="print the configuration's JSON Schema (for editors)")
 
-    probe = with_config(sub.add_parser("probe", help="run one probe once and print every step and expectation"))
+    probe = with_config(
+        sub.add_parser("probe", help="run one probe once and print every step and expectation")
+    )
     probe.add_argument("name")
     probe.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -80,8 +89,10 @@ def _store(cfg: Config, data_dir: str | None) -> SQLiteStore:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
-    print(f"{args.config}: ok: {len(cfg.services)} service(s), {len(cfg.probes)} probe(s), "
-          f"{len(cfg.playbooks)} playbook(s)")
+    print(
+        f"{args.config}: ok: {len(cfg.services)} service(s), {len(cfg.probes)} probe(s), "
+        f"{len(cfg.playbooks)} playbook(s)"
+    )
     return 0
 
 
@@ -105,13 +116,17 @@ def cmd_probe(args: argparse.Namespace) -> int:
     print(f"probe {args.name}: {'PASS' if result.ok else 'FAIL'} in {format_duration(result.latency)}")
     for step in result.steps:
         mark = "ok  " if step.ok else "FAIL"
-        print(f"  [{mark}] {step.name}: {step.request} -> "
-              f"{step.status if step.status is not None else '-'} in {format_duration(step.latency)}")
+        print(
+            f"  [{mark}] {step.name}: {step.request} -> "
+            f"{step.status if step.status is not None else '-'} in {format_duration(step.latency)}"
+        )
         if step.error:
             print(f"         error: {step.error}")
         for check in step.checks:
-            print(f"         {'ok  ' if check.ok else 'FAIL'} {check.name}: expected {check.expected}, "
-                  f"found {check.found}")
+            print(
+                f"         {'ok  ' if check.ok else 'FAIL'} {check.name}: expected {check.expected}, "
+                f"found {check.found}"
+            )
     if not result.ok:
         print(f"reason: {result.reason}")
     return 0 if result.ok else 1
@@ -138,7 +153,9 @@ async def _manual_run(cfg: Config, args: argparse.Namespace) -> int:
 
     store = _store(cfg, args.data_dir)
     controller = Controller(cfg, store)
-    controller.listeners.append(lambda kind, facts: print(f"  {facts['message']}") if "message" in facts else None)
+    controller.listeners.append(
+        lambda kind, facts: print(f"  {facts['message']}") if "message" in facts else None
+    )
     await controller.start(decide=False)
     try:
         result = await controller.run_playbook_by_hand(args.name)
@@ -249,8 +266,12 @@ class UsageError(Exception):
 
 
 COMMANDS: dict[str, Any] = {
-    "run": cmd_run, "validate": cmd_validate, "schema": cmd_schema, "probe": cmd_probe,
-    "incidents": cmd_incidents, "demo": cmd_demo,
+    "run": cmd_run,
+    "validate": cmd_validate,
+    "schema": cmd_schema,
+    "probe": cmd_probe,
+    "incidents": cmd_incidents,
+    "demo": cmd_demo,
 }
 
 
@@ -281,5 +302,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-

@@ -29,8 +29,12 @@ PROBE_KINDS = ("http", "transaction")
 class Detection(Strict):
     """Hysteresis defaults; each probe may override them. Gatus's defaults: 3 down, 2 up."""
 
-    failure_threshold: int = Field(default=3, ge=1, description="Consecutive failures before a probe is DOWN.")
-    success_threshold: int = Field(default=2, ge=1, description="Consecutive successes before it is UP again.")
+    failure_threshold: int = Field(
+        default=3, ge=1, description="Consecutive failures before a probe is DOWN."
+    )
+    success_threshold: int = Field(
+        default=2, ge=1, description="Consecutive successes before it is UP again."
+    )
 
 
 class Service(Strict):
@@ -97,7 +101,9 @@ class ControllerSettings(Strict):
     listen: str = Field(default="127.0.0.1:8080", description="HTTP API and /metrics address.")
     dry_run: bool = Field(default=False, description="Decide and record everything, change nothing.")
     tick: Duration = Field(default=1.0, gt=0, description="How often the decision loop runs.")
-    outbox_retry: Duration = Field(default=5.0, gt=0, description="First retry delay for undelivered messages.")
+    outbox_retry: Duration = Field(
+        default=5.0, gt=0, description="First retry delay for undelivered messages."
+    )
 
 
 class Config(Strict):
@@ -155,7 +161,7 @@ def _vocabulary() -> set[str]:
         model = todo.pop()
         for name, field in model.model_fields.items():
             seen.add(field.alias or name)
-            for sub in getattr(field.annotation, "__args__", ()) + (field.annotation,):
+            for sub in (*getattr(field.annotation, "__args__", ()), field.annotation):
                 if isinstance(sub, type) and issubclass(sub, Strict) and sub not in todo:
                     todo.append(sub)
     return seen
@@ -179,7 +185,9 @@ def _sentence(err: dict[str, Any]) -> str:
     if kind == "literal_error":
         return f"expected one of {ctx.get('expected')}, found {_found(value)}"
     if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
-        op = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}[kind]
+        op = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}[
+            kind
+        ]
         bound = next(iter(ctx.values()), "?")
         return f"expected a number {op} {bound}, found {_found(value)}"
     if kind == "too_short":
@@ -191,8 +199,15 @@ def _sentence(err: dict[str, Any]) -> str:
         return f"expected {msg}, found {_found(value)}"
     if kind.endswith("_type") or kind.endswith("_parsing"):
         wanted = kind.split("_")[0]
-        wanted = {"dict": "a mapping", "model": "a mapping", "list": "a list", "int": "an integer",
-                  "float": "a number", "string": "a string", "bool": "true or false"}.get(wanted, wanted)
+        wanted = {
+            "dict": "a mapping",
+            "model": "a mapping",
+            "list": "a list",
+            "int": "an integer",
+            "float": "a number",
+            "string": "a string",
+            "bool": "true or false",
+        }.get(wanted, wanted)
         return f"expected {wanted}, found {_found(value)}"
     return f"expected {err['msg'].lower()}, found {_found(value)}"
 
@@ -204,8 +219,8 @@ def _format(errors: list[dict[str, Any]], origin: Any, prefix: tuple[Any, ...] =
         # Discriminated unions put the tag into the location: probes.x.http.url -> probes.x.url
         if len(loc) >= 3 and loc[0] == "probes" and loc[2] in PROBE_KINDS:
             del loc[2]
-        if err["type"] == "union_tag_invalid" or err["type"] == "union_tag_not_found":
-            loc = loc + ["kind"] if err["type"] == "union_tag_invalid" else loc
+        if err["type"] == "union_tag_invalid":
+            loc = [*loc, "kind"]
         out.append(f"{origin(loc)}: {_path(loc)}: {_sentence(err)}")
     return out
 
@@ -217,7 +232,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader that refuses duplicate keys: YAML would silently keep the last one."""
 
 
-def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+def _construct_mapping(
+    loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False
+) -> dict[Any, Any]:
     seen: dict[Any, Any] = {}
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
@@ -241,7 +258,7 @@ def _read_yaml(path: Path) -> Any:
     except UnicodeDecodeError:
         raise ConfigError([f"{path}: expected UTF-8 text, found binary data"]) from None
     try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(unknown position)"
@@ -286,8 +303,10 @@ def load_raw(path: str | Path) -> tuple[dict[str, Any], dict[tuple[str, str], Pa
                     merged[section][key] = value
                     origin[(str(section), str(key))] = file
             elif section in merged:
-                problems.append(f"{file}: {section}: expected one definition, found it also in "
-                                f"{origin[(str(section), '')]}")
+                problems.append(
+                    f"{file}: {section}: expected one definition, found it also in "
+                    f"{origin[(str(section), '')]}"
+                )
             else:
                 merged[section] = body
                 if isinstance(body, dict):
@@ -312,14 +331,18 @@ def _cross_references(raw: dict[str, Any]) -> list[tuple[list[Any], str]]:
         for i, pname in enumerate(svc.get("probes") or [] if isinstance(svc.get("probes"), list) else []):
             if isinstance(pname, str) and pname not in probes:
                 found.append(
-                    (["services", sname, "probes", i],
-                     f"expected the name of a probe defined under probes ({_known(probes)}), found {pname!r}")
+                    (
+                        ["services", sname, "probes", i],
+                        f"expected a probe defined under probes ({_known(probes)}), found {pname!r}",
+                    )
                 )
         pb = svc.get("playbook")
         if isinstance(pb, str) and pb not in playbooks:
             found.append(
-                (["services", sname, "playbook"],
-                 f"expected the name of a playbook defined under playbooks ({_known(playbooks)}), found {pb!r}")
+                (
+                    ["services", sname, "playbook"],
+                    f"expected a playbook defined under playbooks ({_known(playbooks)}), found {pb!r}",
+                )
             )
     for pbname, pb in playbooks.items():
         steps = pb.get("steps") if isinstance(pb, dict) else None
@@ -331,16 +354,22 @@ def _cross_references(raw: dict[str, Any]) -> list[tuple[list[Any], str]]:
                 continue
             if isinstance(step.get("name"), str):
                 if step["name"] in names:
-                    found.append((["playbooks", pbname, "steps", i, "name"],
-                                  f"expected a unique step name, found {step['name']!r} twice"))
+                    found.append(
+                        (
+                            ["playbooks", pbname, "steps", i, "name"],
+                            f"expected a unique step name, found {step['name']!r} twice",
+                        )
+                    )
                 names.add(step["name"])
             action = step.get("action")
             if not isinstance(action, str):
                 continue
             if action not in ACTIONS:
                 found.append(
-                    (["playbooks", pbname, "steps", i, "action"],
-                     f"expected one of {', '.join(sorted(ACTIONS))}, found {action!r}")
+                    (
+                        ["playbooks", pbname, "steps", i, "action"],
+                        f"expected one of {', '.join(sorted(ACTIONS))}, found {action!r}",
+                    )
                 )
                 continue
             params = step.get("with", {})
@@ -352,8 +381,12 @@ def _cross_references(raw: dict[str, Any]) -> list[tuple[list[Any], str]]:
                     found.append((loc, _sentence(err)))
             for ref in ACTIONS[action].probe_refs(params if isinstance(params, dict) else {}):
                 if ref not in probes:
-                    found.append((["playbooks", pbname, "steps", i, "with", "probes"],
-                                  f"expected the name of a defined probe, found {ref!r}"))
+                    found.append(
+                        (
+                            ["playbooks", pbname, "steps", i, "with", "probes"],
+                            f"expected the name of a defined probe, found {ref!r}",
+                        )
+                    )
     return found
 
 
@@ -364,7 +397,7 @@ def _known(names: dict[str, Any]) -> str:
 def load_config(path: str | Path) -> Config:
     """Load and validate; raise ConfigError listing every problem."""
     raw, origin = load_raw(path)
-    default = Path(path) if Path(path).is_file() else Path(path)
+    default = Path(path)
 
     def where(loc: list[Any]) -> Path:
         if len(loc) >= 2:

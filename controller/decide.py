@@ -94,8 +94,15 @@ def decide(obs: Observation, config: Config) -> list[Decision]:
             else:
                 target = higher(wanted, incident.floor) if incident.floor else wanted
                 if target != incident.severity:
-                    out.append(ChangeSeverity(incident.id, name, incident.severity, target,
-                                              f"{health.summary()}; severity {incident.severity} -> {target}"))
+                    out.append(
+                        ChangeSeverity(
+                            incident.id,
+                            name,
+                            incident.severity,
+                            target,
+                            f"{health.summary()}; severity {incident.severity} -> {target}",
+                        )
+                    )
         elif health.state is ServiceState.UP and incident is not None and name not in obs.running:
             out.append(ResolveIncident(incident.id, name, f"{name} is up again: all probes pass"))
         if health.state is ServiceState.DOWN and svc.playbook:
@@ -103,8 +110,9 @@ def decide(obs: Observation, config: Config) -> list[Decision]:
     return out
 
 
-def _failover(obs: Observation, config: Config, service: str, playbook: str,
-              incident: OpenIncidentView | None) -> list[Decision]:
+def _failover(
+    obs: Observation, config: Config, service: str, playbook: str, incident: OpenIncidentView | None
+) -> list[Decision]:
     incident_id = incident.id if incident else None
     if service in obs.running:
         return []
@@ -114,11 +122,24 @@ def _failover(obs: Observation, config: Config, service: str, playbook: str,
     last = obs.last_run_started.get(service)
     if last is not None and obs.now - last < cooldown:
         left = format_duration(cooldown - (obs.now - last))
-        return [Hold(service, incident_id,
-                     f"not running {playbook}: it ran {format_duration(obs.now - last)} ago, "
-                     f"inside its {format_duration(cooldown)} cooldown ({left} left)")]
+        return [
+            Hold(
+                service,
+                incident_id,
+                f"not running {playbook}: it ran {format_duration(obs.now - last)} ago, "
+                f"inside its {format_duration(cooldown)} cooldown ({left} left)",
+            )
+        ]
     if config.playbooks[playbook].approval == "manual":
-        return [Hold(service, incident_id, f"{playbook} needs manual approval: run "
-                     f"`continuity playbook run {playbook}` to start it")]
-    return [StartPlaybook(service, playbook, incident_id,
-                          f"{service} is down and {playbook} is automatic: starting it")]
+        return [
+            Hold(
+                service,
+                incident_id,
+                f"{playbook} needs manual approval: run `continuity playbook run {playbook}` to start it",
+            )
+        ]
+    return [
+        StartPlaybook(
+            service, playbook, incident_id, f"{service} is down and {playbook} is automatic: starting it"
+        )
+    ]

@@ -30,7 +30,9 @@ class ProbeState:
     last: ProbeResult | None = None
 
 
-def observe(state: ProbeState, result: ProbeResult, failure_threshold: int, success_threshold: int) -> ProbeState:
+def observe(
+    state: ProbeState, result: ProbeResult, failure_threshold: int, success_threshold: int
+) -> ProbeState:
     """Fold one result into a probe's state.
 
     A probe seen for the first time is UP on its first success (a restart must not hold the
@@ -44,12 +46,15 @@ def observe(state: ProbeState, result: ProbeResult, failure_threshold: int, succ
             status = Health.UP
         # A recovering probe keeps its outage start; a healthy one forgets a short failing streak.
         first = state.first_failure_at if status is Health.DOWN else None
-        return ProbeState(status, 0, successes, at if status is not state.status else state.changed_at,
-                          first, result)
+        return ProbeState(
+            status, 0, successes, at if status is not state.status else state.changed_at, first, result
+        )
     failures = state.failures + 1
     status = Health.DOWN if failures >= failure_threshold else state.status
     first = state.first_failure_at if state.first_failure_at is not None else at
-    return ProbeState(status, failures, 0, at if status is not state.status else state.changed_at, first, result)
+    return ProbeState(
+        status, failures, 0, at if status is not state.status else state.changed_at, first, result
+    )
 
 
 class ServiceState(StrEnum):
@@ -59,7 +64,12 @@ class ServiceState(StrEnum):
     DOWN = "down"
 
 
-SERVICE_STATE_VALUE = {ServiceState.UP: 0, ServiceState.DEGRADED: 1, ServiceState.DOWN: 2, ServiceState.UNKNOWN: -1}
+SERVICE_STATE_VALUE = {
+    ServiceState.UP: 0,
+    ServiceState.DEGRADED: 1,
+    ServiceState.DOWN: 2,
+    ServiceState.UNKNOWN: -1,
+}
 
 
 @dataclass(frozen=True)
@@ -79,8 +89,9 @@ class ServiceHealth:
         return f"{self.service} is {self.state}: " + "; ".join(parts)
 
 
-def service_health(service: str, probes: list[str], states: dict[str, ProbeState],
-                   impact: dict[str, str]) -> ServiceHealth:
+def service_health(
+    service: str, probes: list[str], states: dict[str, ProbeState], impact: dict[str, str]
+) -> ServiceHealth:
     """A service is DOWN when any probe whose impact is `down` is DOWN; DEGRADED for `degraded` probes."""
     down = [p for p in probes if states.get(p, ProbeState()).status is Health.DOWN]
     known = [p for p in probes if states.get(p, ProbeState()).status is not Health.UNKNOWN]

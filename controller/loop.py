@@ -33,9 +33,16 @@ log = structlog.get_logger("continuity.controller")
 
 
 class Controller:
-    def __init__(self, config: Config, store: Store, *, clock: Callable[[], float] = time.time,
-                 metrics: Metrics | None = None, aws: Callable[[str], Any] | None = None,
-                 env: Callable[[str], str] = resolve_secret) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        *,
+        clock: Callable[[], float] = time.time,
+        metrics: Metrics | None = None,
+        aws: Callable[[str], Any] | None = None,
+        env: Callable[[str], str] = resolve_secret,
+    ) -> None:
         self.config = config
         self.store = store
         self.clock = clock
@@ -59,10 +66,15 @@ class Controller:
         if pd is not None:
             key = env(pd.routing_key_env)
             channels["pagerduty"] = Channel(
-                "pagerduty", lambda p, pd=pd, key=key: (pagerduty.url_for(pd, p["kind"]),
-                                                        {"routing_key": key, **p["body"]}))
-        self.dispatcher = Dispatcher(store, channels, clock, on_event=self._delivery_event,
-                                     first_retry=config.controller.outbox_retry)
+                "pagerduty",
+                lambda p, pd=pd, key=key: (
+                    pagerduty.url_for(pd, p["kind"]),
+                    {"routing_key": key, **p["body"]},
+                ),
+            )
+        self.dispatcher = Dispatcher(
+            store, channels, clock, on_event=self._delivery_event, first_retry=config.controller.outbox_retry
+        )
         self._recover_from_restart()
 
     # ------------------------------------------------------------------ start-up
@@ -71,17 +83,26 @@ class Controller:
         """Pick up where a previous process stopped: cooldowns, runs per incident, interrupted runs."""
         for run in self.store.runs():
             if run.service:
-                self.last_run_started[run.service] = max(self.last_run_started.get(run.service, 0),
-                                                         run.started_at)
+                self.last_run_started[run.service] = max(
+                    self.last_run_started.get(run.service, 0), run.started_at
+                )
             if run.incident_id:
                 self.incident_runs[run.incident_id] = self.incident_runs.get(run.incident_id, 0) + 1
             if run.state == "running":
-                self.store.update_run(run.id, state="interrupted", ended_at=self.clock(),
-                                      error="the controller stopped during the run")
+                self.store.update_run(
+                    run.id,
+                    state="interrupted",
+                    ended_at=self.clock(),
+                    error="the controller stopped during the run",
+                )
                 if run.incident_id:
-                    self.store.append(run.incident_id, self.clock(), "error",
-                                      f"playbook {run.playbook} run {run.id} was interrupted by a controller "
-                                      "restart; it will not be restarted automatically: a human must decide")
+                    self.store.append(
+                        run.incident_id,
+                        self.clock(),
+                        "error",
+                        f"playbook {run.playbook} run {run.id} was interrupted by a controller "
+                        "restart; it will not be restarted automatically: a human must decide",
+                    )
         for inc in self.store.list_incidents(status="open"):
             floor = inc.data.get("severity_floor")
             if floor:
@@ -103,11 +124,13 @@ class Controller:
         if not result.ok and before.failures == 0:
             self._emit("probe_failed", probe=name, reason=result.reason, at=result.started_at)
         if after.status is not before.status:
-            verdict = (f"probe {name} is {after.status.value.upper()}"
-                       + (f" after {after.failures} consecutive failures: {result.reason}"
-                          if after.status is Health.DOWN else
-                          f" after {after.successes} consecutive successes" if before.status is Health.DOWN
-                          else ""))
+            verdict = f"probe {name} is {after.status.value.upper()}" + (
+                f" after {after.failures} consecutive failures: {result.reason}"
+                if after.status is Health.DOWN
+                else f" after {after.successes} consecutive successes"
+                if before.status is Health.DOWN
+                else ""
+            )
             log.info("probe verdict", probe=name, status=after.status.value, reason=result.reason)
             self._emit("probe_verdict", probe=name, status=after.status.value, at=result.started_at)
             for svc, cfg in self.config.services.items():
@@ -121,16 +144,19 @@ class Controller:
         return None if status is Health.UNKNOWN else status is Health.UP
 
     def health(self) -> dict[str, ServiceHealth]:
-        return {name: service_health(name, svc.probes, self.states, self.impact)
-                for name, svc in self.config.services.items()}
+        return {
+            name: service_health(name, svc.probes, self.states, self.impact)
+            for name, svc in self.config.services.items()
+        }
 
     def observation(self) -> d.Observation:
         incidents = {}
         for name in self.config.services:
             inc = self.store.open_incident_for(name)
             if inc is not None:
-                incidents[name] = d.OpenIncidentView(inc.id, inc.severity, self.floors.get(inc.id),
-                                                     self.incident_runs.get(inc.id, 0))
+                incidents[name] = d.OpenIncidentView(
+                    inc.id, inc.severity, self.floors.get(inc.id), self.incident_runs.get(inc.id, 0)
+                )
         running = frozenset(s for s, t in self.running.items() if not t.done())
         return d.Observation(self.clock(), self.health(), incidents, running, dict(self.last_run_started))
 
@@ -154,8 +180,9 @@ class Controller:
         elif isinstance(decision, d.ChangeSeverity):
             self.store.update_incident(decision.incident_id, severity=decision.new)
             self.store.append(decision.incident_id, now, "incident", f"severity changed: {decision.reason}")
-            log.warning("incident severity changed", incident=decision.incident_id, old=decision.old,
-                        new=decision.new)
+            log.warning(
+                "incident severity changed", incident=decision.incident_id, old=decision.old, new=decision.new
+            )
             inc = self.store.get_incident(decision.incident_id)
             if inc is not None:
                 self._page(inc, f"severity-{decision.new}")
@@ -174,39 +201,80 @@ class Controller:
         svc = self.config.services[dec.service]
         h = dec.health
         started = h.since or now
-        data = {"tier": svc.tier, "rto_s": svc.rto, "rpo_s": svc.rpo, "owners": svc.owners,
-                "failing": list(h.failing), "reasons": dict(h.reasons)}
+        data = {
+            "tier": svc.tier,
+            "rto_s": svc.rto,
+            "rpo_s": svc.rpo,
+            "owners": svc.owners,
+            "failing": list(h.failing),
+            "reasons": dict(h.reasons),
+        }
         title = f"{dec.service} {h.state.value}: " + "; ".join(f"{p}: {r}" for p, r in h.reasons)
         inc = self.store.open_incident(dec.service, dec.severity, title[:500], now, started, data)
         for probe in h.failing:
             st = self.states[probe]
             if st.first_failure_at is not None:
-                self.store.append(inc.id, st.first_failure_at, "probe", f"probe {probe} first failed",
-                                  {"probe": probe, "outage_start_estimate": True})
+                self.store.append(
+                    inc.id,
+                    st.first_failure_at,
+                    "probe",
+                    f"probe {probe} first failed",
+                    {"probe": probe, "outage_start_estimate": True},
+                )
             if st.last is not None:
-                self.store.append(inc.id, st.changed_at or now, "probe",
-                                  f"probe {probe} is DOWN after {st.failures} consecutive failures: "
-                                  f"{st.last.reason}", st.last.to_dict())
-        self.store.append(inc.id, now, "incident",
-                          f"incident opened, severity {dec.severity}: {dec.reason}", {"severity": dec.severity})
-        log.error("incident opened", incident=inc.id, service=dec.service, severity=dec.severity,
-                  reason=dec.reason)
+                self.store.append(
+                    inc.id,
+                    st.changed_at or now,
+                    "probe",
+                    f"probe {probe} is DOWN after {st.failures} consecutive failures: {st.last.reason}",
+                    st.last.to_dict(),
+                )
+        self.store.append(
+            inc.id,
+            now,
+            "incident",
+            f"incident opened, severity {dec.severity}: {dec.reason}",
+            {"severity": dec.severity},
+        )
+        log.error(
+            "incident opened", incident=inc.id, service=dec.service, severity=dec.severity, reason=dec.reason
+        )
         self.metrics.incidents_total.labels(dec.service, dec.severity).inc()
         self._page(inc, "trigger")
-        self._emit("incident_opened", incident=inc.id, service=dec.service, severity=dec.severity,
-                   reason=dec.reason, at=now, started_at=started)
+        self._emit(
+            "incident_opened",
+            incident=inc.id,
+            service=dec.service,
+            severity=dec.severity,
+            reason=dec.reason,
+            at=now,
+            started_at=started,
+        )
 
     def _page(self, inc: Incident, event: str) -> None:
         pd = self.config.notifiers.pagerduty
         if pd is None:
             return
         svc = self.config.services[inc.service]
-        details = {"incident_id": inc.id, "service": inc.service, "tier": svc.tier,
-                   "failing_probes": inc.data.get("failing", []), "reasons": inc.data.get("reasons", {}),
-                   "rto": format_duration(svc.rto), "owners": svc.owners}
-        payload = pagerduty.trigger(pd, dedup_key=inc.dedup_key, summary=f"[{inc.severity}] {inc.title}",
-                                    severity=inc.severity, service=inc.service, tier=svc.tier,
-                                    ts=self.clock(), details=details)
+        details = {
+            "incident_id": inc.id,
+            "service": inc.service,
+            "tier": svc.tier,
+            "failing_probes": inc.data.get("failing", []),
+            "reasons": inc.data.get("reasons", {}),
+            "rto": format_duration(svc.rto),
+            "owners": svc.owners,
+        }
+        payload = pagerduty.trigger(
+            pd,
+            dedup_key=inc.dedup_key,
+            summary=f"[{inc.severity}] {inc.title}",
+            severity=inc.severity,
+            service=inc.service,
+            tier=svc.tier,
+            ts=self.clock(),
+            details=details,
+        )
         note = "PagerDuty trigger queued" if event == "trigger" else f"PagerDuty trigger queued ({event})"
         self._enqueue(inc.id, f"{inc.id}/pagerduty/{event}", payload, note)
 
@@ -224,13 +292,21 @@ class Controller:
         took = now - inc.started_at
         svc = self.config.services[inc.service]
         verdict = "within" if took <= svc.rto else "OVER"
-        self.store.append(inc.id, now, "incident",
-                          f"incident resolved: {dec.reason}; outage lasted {format_duration(took)}, "
-                          f"{verdict} the RTO of {format_duration(svc.rto)}")
+        self.store.append(
+            inc.id,
+            now,
+            "incident",
+            f"incident resolved: {dec.reason}; outage lasted {format_duration(took)}, "
+            f"{verdict} the RTO of {format_duration(svc.rto)}",
+        )
         self._held.pop(inc.service, None)
         if self.config.notifiers.pagerduty is not None:
-            self._enqueue(inc.id, f"{inc.id}/pagerduty/resolve", pagerduty.resolve(inc.dedup_key),
-                          "PagerDuty resolve queued")
+            self._enqueue(
+                inc.id,
+                f"{inc.id}/pagerduty/resolve",
+                pagerduty.resolve(inc.dedup_key),
+                "PagerDuty resolve queued",
+            )
         log.info("incident resolved", incident=inc.id, service=inc.service, duration_s=round(took, 1))
         self._emit("incident_resolved", incident=inc.id, service=inc.service, at=now)
 
@@ -253,49 +329,85 @@ class Controller:
         def record(kind: str, message: str, data: dict[str, Any]) -> None:
             if incident_id:
                 self.store.append(incident_id, self.clock(), kind, message, data)
-            self._emit(kind, message=message, **{k: v for k, v in data.items() if k in ("step", "duration_s")})
+            self._emit(
+                kind, message=message, **{k: v for k, v in data.items() if k in ("step", "duration_s")}
+            )
 
         async def notify(summary: str, details: dict[str, Any]) -> None:
             pd = self.config.notifiers.pagerduty
             if pd is not None:
-                body = pagerduty.change(pd, summary=summary, ts=self.clock(),
-                                        details={"incident_id": incident_id, **details})
-                self._enqueue(incident_id, f"{incident_id}/pagerduty/change/{zlib.crc32(summary.encode())}",
-                              body, f"PagerDuty change event queued: {summary}")
+                body = pagerduty.change(
+                    pd, summary=summary, ts=self.clock(), details={"incident_id": incident_id, **details}
+                )
+                self._enqueue(
+                    incident_id,
+                    f"{incident_id}/pagerduty/change/{zlib.crc32(summary.encode())}",
+                    body,
+                    f"PagerDuty change event queued: {summary}",
+                )
             elif incident_id:
-                self.store.append(incident_id, self.clock(), "notification", f"notify (no channel): {summary}")
+                self.store.append(
+                    incident_id, self.clock(), "notification", f"notify (no channel): {summary}"
+                )
 
         inc = self.store.get_incident(incident_id) if incident_id else None
-        return ActionContext(aws=self.aws, probe_healthy=self.probe_healthy, record=record, notify=notify,
-                             variables={"incident_id": incident_id, "service": service,
-                                        "severity": inc.severity if inc else None})
+        return ActionContext(
+            aws=self.aws,
+            probe_healthy=self.probe_healthy,
+            record=record,
+            notify=notify,
+            variables={
+                "incident_id": incident_id,
+                "service": service,
+                "severity": inc.severity if inc else None,
+            },
+        )
 
     async def _run_playbook(self, dec: d.StartPlaybook) -> RunResult:
         pb = self.config.playbooks[dec.playbook]
         ctx = self._context(dec.incident_id, dec.service)
-        result = await self.engine.run(dec.playbook, pb, ctx, incident_id=dec.incident_id, service=dec.service,
-                                       dry_run=self.config.controller.dry_run)
+        result = await self.engine.run(
+            dec.playbook,
+            pb,
+            ctx,
+            incident_id=dec.incident_id,
+            service=dec.service,
+            dry_run=self.config.controller.dry_run,
+        )
         if not result.ok and dec.incident_id:
             self.floors[dec.incident_id] = "critical"
             inc = self.store.get_incident(dec.incident_id)
             if inc is not None:
-                self.store.update_incident(inc.id, severity="critical",
-                                           data={**inc.data, "severity_floor": "critical",
-                                                 "playbook_error": result.error})
-                self.store.append(inc.id, self.clock(), "incident",
-                                  f"raised to critical: automatic recovery failed ({result.error}); "
-                                  "a human must take over", {"severity": "critical"})
+                self.store.update_incident(
+                    inc.id,
+                    severity="critical",
+                    data={**inc.data, "severity_floor": "critical", "playbook_error": result.error},
+                )
+                self.store.append(
+                    inc.id,
+                    self.clock(),
+                    "incident",
+                    f"raised to critical: automatic recovery failed ({result.error}); a human must take over",
+                    {"severity": "critical"},
+                )
                 inc.severity = "critical"
                 self._page(inc, "playbook-failed")
-        self._emit("playbook_done", playbook=dec.playbook, ok=result.ok, error=result.error,
-                   duration_s=result.duration)
+        self._emit(
+            "playbook_done",
+            playbook=dec.playbook,
+            ok=result.ok,
+            error=result.error,
+            duration_s=result.duration,
+        )
         self._kick.set()
         return result
 
     async def run_playbook_by_hand(self, playbook: str) -> RunResult:
         """A human started this run: no incident, no cooldown check, same journal and engine."""
         pb = self.config.playbooks[playbook]
-        return await self.engine.run(playbook, pb, self._context(None, "manual"), dry_run=self.config.controller.dry_run)
+        return await self.engine.run(
+            playbook, pb, self._context(None, "manual"), dry_run=self.config.controller.dry_run
+        )
 
     # ------------------------------------------------------------------ record
 
@@ -303,9 +415,14 @@ class Controller:
         self.metrics.notifications.labels(msg.channel, outcome).inc()
         if msg.incident_id:
             verb = {"delivered": "delivered", "retrying": "not delivered yet", "refused": "REFUSED"}[outcome]
-            self.store.append(msg.incident_id, self.clock(), "notification",
-                              f"{msg.channel} {msg.payload.get('body', {}).get('event_action', msg.payload['kind'])}"
-                              f" {verb}" + (f": {text}" if text else ""), {"key": msg.key})
+            self.store.append(
+                msg.incident_id,
+                self.clock(),
+                "notification",
+                f"{msg.channel} {msg.payload.get('body', {}).get('event_action', msg.payload['kind'])}"
+                f" {verb}" + (f": {text}" if text else ""),
+                {"key": msg.key},
+            )
         self._emit("notification", channel=msg.channel, outcome=outcome, key=msg.key)
 
     def _update_incident_gauge(self) -> None:
@@ -355,13 +472,20 @@ class Controller:
 
     async def start(self, decide: bool = True) -> None:
         """Start probing; with `decide=False` (a run by hand) nothing is decided automatically."""
-        self._tasks = [asyncio.create_task(self._probe_loop(name), name=f"probe:{name}")
-                       for name in self.config.probes]
+        self._tasks = [
+            asyncio.create_task(self._probe_loop(name), name=f"probe:{name}") for name in self.config.probes
+        ]
         if decide:
             self._tasks.append(asyncio.create_task(self._tick_loop(), name="reconcile"))
-        self._tasks.append(asyncio.create_task(self.dispatcher.run(self.stop_event, period=0.5), name="outbox"))
-        log.info("controller started", probes=len(self.config.probes), services=len(self.config.services),
-                 dry_run=self.config.controller.dry_run)
+        self._tasks.append(
+            asyncio.create_task(self.dispatcher.run(self.stop_event, period=0.5), name="outbox")
+        )
+        log.info(
+            "controller started",
+            probes=len(self.config.probes),
+            services=len(self.config.services),
+            dry_run=self.config.controller.dry_run,
+        )
 
     async def stop(self) -> None:
         self.stop_event.set()

@@ -11,26 +11,43 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
-        self.probe_success = Gauge("continuity_probe_success", "1 if the probe's last run passed.",
-                                   ["probe", "vantage"], registry=r)
+        self.probe_success = Gauge(
+            "continuity_probe_success", "1 if the probe's last run passed.", ["probe", "vantage"], registry=r
+        )
         self.probe_duration = Histogram(
-            "continuity_probe_duration_seconds", "Probe run time.", ["probe", "vantage"], registry=r,
+            "continuity_probe_duration_seconds",
+            "Probe run time.",
+            ["probe", "vantage"],
+            registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
-        self.service_state = Gauge("continuity_service_state",
-                                   "0 up, 1 degraded, 2 down, -1 unknown.", ["service"], registry=r)
+        self.service_state = Gauge(
+            "continuity_service_state", "0 up, 1 degraded, 2 down, -1 unknown.", ["service"], registry=r
+        )
         self.incidents_open = Gauge("continuity_incidents_open", "Open incidents.", ["severity"], registry=r)
-        self.incidents_total = Counter("continuity_incidents_total", "Incidents opened.", ["service", "severity"],
-                                       registry=r)
-        self.playbook_runs = Counter("continuity_playbook_runs_total", "Playbook runs by outcome.",
-                                     ["playbook", "outcome"], registry=r)
-        self.step_duration = Histogram("continuity_playbook_step_duration_seconds", "Playbook step time.",
-                                       ["playbook", "step"], registry=r,
-                                       buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600))
-        self.outbox_depth = Gauge("continuity_outbox_depth", "Messages waiting for delivery.", ["channel"],
-                                  registry=r)
-        self.notifications = Counter("continuity_notifications_total", "Delivery attempts by outcome.",
-                                     ["channel", "outcome"], registry=r)
-        self.last_tick = Gauge("continuity_loop_last_tick_timestamp_seconds", "When the decision loop last ran.",
-                               registry=r)
+        self.incidents_total = Counter(
+            "continuity_incidents_total", "Incidents opened.", ["service", "severity"], registry=r
+        )
+        self.playbook_runs = Counter(
+            "continuity_playbook_runs_total", "Playbook runs by outcome.", ["playbook", "outcome"], registry=r
+        )
+        self.step_duration = Histogram(
+            "continuity_playbook_step_duration_seconds",
+            "Playbook step time.",
+            ["playbook", "step"],
+            registry=r,
+            buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+        )
+        self.outbox_depth = Gauge(
+            "continuity_outbox_depth", "Messages waiting for delivery.", ["channel"], registry=r
+        )
+        self.notifications = Counter(
+            "continuity_notifications_total",
+            "Delivery attempts by outcome.",
+            ["channel", "outcome"],
+            registry=r,
+        )
+        self.last_tick = Gauge(
+            "continuity_loop_last_tick_timestamp_seconds", "When the decision loop last ran.", registry=r
+        )
         self.leader = Gauge("continuity_leader", "1 when this replica leads.", registry=r)

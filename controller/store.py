@@ -149,23 +149,39 @@ class OutboxMessage:
 class Store(Protocol):
     """What the controller needs from state; SQLite here, Kubernetes objects in a cluster."""
 
-    def open_incident(self, service: str, severity: str, title: str, opened_at: float,
-                      started_at: float, data: dict[str, Any]) -> Incident: ...
+    def open_incident(
+        self,
+        service: str,
+        severity: str,
+        title: str,
+        opened_at: float,
+        started_at: float,
+        data: dict[str, Any],
+    ) -> Incident: ...
     def open_incident_for(self, service: str) -> Incident | None: ...
     def get_incident(self, incident_id: str) -> Incident | None: ...
     def list_incidents(self, status: str | None = None, limit: int = 100) -> list[Incident]: ...
     def update_incident(self, incident_id: str, **changes: Any) -> None: ...
-    def append(self, incident_id: str, ts: float, kind: str, message: str,
-               data: dict[str, Any] | None = None) -> None: ...
+    def append(
+        self, incident_id: str, ts: float, kind: str, message: str, data: dict[str, Any] | None = None
+    ) -> None: ...
     def timeline(self, incident_id: str) -> list[Event]: ...
-    def create_run(self, playbook: str, incident_id: str | None, service: str | None, dry_run: bool,
-                   started_at: float, steps: list[str]) -> Run: ...
+    def create_run(
+        self,
+        playbook: str,
+        incident_id: str | None,
+        service: str | None,
+        dry_run: bool,
+        started_at: float,
+        steps: list[str],
+    ) -> Run: ...
     def update_run(self, run_id: str, **changes: Any) -> None: ...
     def update_step(self, run_id: str, idx: int, **changes: Any) -> None: ...
     def runs(self, service: str | None = None, playbook: str | None = None) -> list[Run]: ...
     def steps(self, run_id: str) -> list[StepRecord]: ...
-    def enqueue(self, channel: str, key: str, payload: dict[str, Any], incident_id: str | None,
-                now: float) -> bool: ...
+    def enqueue(
+        self, channel: str, key: str, payload: dict[str, Any], incident_id: str | None, now: float
+    ) -> bool: ...
     def due(self, now: float, limit: int = 50) -> list[OutboxMessage]: ...
     def delivered(self, msg_id: int, now: float) -> None: ...
     def retry_later(self, msg_id: int, next_at: float, error: str) -> None: ...
@@ -217,14 +233,31 @@ class SQLiteStore:
         d["data"] = json.loads(d["data"])
         return Incident(**d)
 
-    def open_incident(self, service: str, severity: str, title: str, opened_at: float,
-                      started_at: float, data: dict[str, Any]) -> Incident:
+    def open_incident(
+        self,
+        service: str,
+        severity: str,
+        title: str,
+        opened_at: float,
+        started_at: float,
+        data: dict[str, Any],
+    ) -> Incident:
         inc = Incident(new_id("INC"), service, severity, "open", title, opened_at, started_at, None, "", data)
         inc.dedup_key = f"continuity/{inc.id}"
         self._exec(
             "INSERT INTO incidents VALUES (?,?,?,?,?,?,?,?,?,?)",
-            (inc.id, service, severity, "open", title, opened_at, started_at, None, inc.dedup_key,
-             json.dumps(data)),
+            (
+                inc.id,
+                service,
+                severity,
+                "open",
+                title,
+                opened_at,
+                started_at,
+                None,
+                inc.dedup_key,
+                json.dumps(data),
+            ),
         )
         return inc
 
@@ -241,8 +274,9 @@ class SQLiteStore:
 
     def list_incidents(self, status: str | None = None, limit: int = 100) -> list[Incident]:
         if status:
-            rows = self._exec("SELECT * FROM incidents WHERE status=? ORDER BY opened_at DESC LIMIT ?",
-                              (status, limit))
+            rows = self._exec(
+                "SELECT * FROM incidents WHERE status=? ORDER BY opened_at DESC LIMIT ?", (status, limit)
+            )
         else:
             rows = self._exec("SELECT * FROM incidents ORDER BY opened_at DESC LIMIT ?", (limit,))
         return [self._incident(r) for r in rows.fetchall()]
@@ -256,28 +290,46 @@ class SQLiteStore:
         cols = ", ".join(f"{k}=?" for k in changes)
         self._exec(f"UPDATE incidents SET {cols} WHERE id=?", (*changes.values(), incident_id))
 
-    def append(self, incident_id: str, ts: float, kind: str, message: str,
-               data: dict[str, Any] | None = None) -> None:
-        self._exec("INSERT INTO timeline (incident_id, ts, kind, message, data) VALUES (?,?,?,?,?)",
-                   (incident_id, ts, kind, message, json.dumps(data or {}, default=str)))
+    def append(
+        self, incident_id: str, ts: float, kind: str, message: str, data: dict[str, Any] | None = None
+    ) -> None:
+        self._exec(
+            "INSERT INTO timeline (incident_id, ts, kind, message, data) VALUES (?,?,?,?,?)",
+            (incident_id, ts, kind, message, json.dumps(data or {}, default=str)),
+        )
 
     def timeline(self, incident_id: str) -> list[Event]:
-        rows = self._exec("SELECT incident_id, ts, kind, message, data FROM timeline "
-                          "WHERE incident_id=? ORDER BY ts, seq", (incident_id,)).fetchall()
-        return [Event(r["incident_id"], r["ts"], r["kind"], r["message"], json.loads(r["data"])) for r in rows]
+        rows = self._exec(
+            "SELECT incident_id, ts, kind, message, data FROM timeline WHERE incident_id=? ORDER BY ts, seq",
+            (incident_id,),
+        ).fetchall()
+        return [
+            Event(r["incident_id"], r["ts"], r["kind"], r["message"], json.loads(r["data"])) for r in rows
+        ]
 
     # ---------------------------------------------------------------- runs
 
-    def create_run(self, playbook: str, incident_id: str | None, service: str | None, dry_run: bool,
-                   started_at: float, steps: list[str]) -> Run:
+    def create_run(
+        self,
+        playbook: str,
+        incident_id: str | None,
+        service: str | None,
+        dry_run: bool,
+        started_at: float,
+        steps: list[str],
+    ) -> Run:
         run = Run(new_id("RUN"), incident_id, service, playbook, "running", dry_run, started_at, None, None)
         with self._lock:
             self._exec("BEGIN")
-            self._exec("INSERT INTO runs VALUES (?,?,?,?,?,?,?,?,?)",
-                       (run.id, incident_id, service, playbook, "running", int(dry_run), started_at, None, None))
+            self._exec(
+                "INSERT INTO runs VALUES (?,?,?,?,?,?,?,?,?)",
+                (run.id, incident_id, service, playbook, "running", int(dry_run), started_at, None, None),
+            )
             for i, name in enumerate(steps):
-                self._exec("INSERT INTO steps (run_id, idx, name, state) VALUES (?,?,?,?)",
-                           (run.id, i, name, "pending"))
+                self._exec(
+                    "INSERT INTO steps (run_id, idx, name, state) VALUES (?,?,?,?)",
+                    (run.id, i, name, "pending"),
+                )
             self._exec("COMMIT")
         return run
 
@@ -313,8 +365,9 @@ class SQLiteStore:
         d["dead"] = bool(d["dead"])
         return OutboxMessage(**d)
 
-    def enqueue(self, channel: str, key: str, payload: dict[str, Any], incident_id: str | None,
-                now: float) -> bool:
+    def enqueue(
+        self, channel: str, key: str, payload: dict[str, Any], incident_id: str | None, now: float
+    ) -> bool:
         """Queue a message once; a second enqueue with the same key is a no-op (returns False)."""
         cur = self._exec(
             "INSERT OR IGNORE INTO outbox (channel, key, incident_id, payload, created_at, next_attempt_at) "
@@ -326,20 +379,29 @@ class SQLiteStore:
     def due(self, now: float, limit: int = 50) -> list[OutboxMessage]:
         rows = self._exec(
             "SELECT * FROM outbox WHERE delivered_at IS NULL AND dead=0 AND next_attempt_at<=? "
-            "ORDER BY id LIMIT ?", (now, limit)).fetchall()
+            "ORDER BY id LIMIT ?",
+            (now, limit),
+        ).fetchall()
         return [self._message(r) for r in rows]
 
     def delivered(self, msg_id: int, now: float) -> None:
-        self._exec("UPDATE outbox SET delivered_at=?, attempts=attempts+1, last_error=NULL WHERE id=?",
-                   (now, msg_id))
+        self._exec(
+            "UPDATE outbox SET delivered_at=?, attempts=attempts+1, last_error=NULL WHERE id=?", (now, msg_id)
+        )
 
     def retry_later(self, msg_id: int, next_at: float, error: str) -> None:
-        self._exec("UPDATE outbox SET attempts=attempts+1, next_attempt_at=?, last_error=? WHERE id=?",
-                   (next_at, error, msg_id))
+        self._exec(
+            "UPDATE outbox SET attempts=attempts+1, next_attempt_at=?, last_error=? WHERE id=?",
+            (next_at, error, msg_id),
+        )
 
     def give_up(self, msg_id: int, error: str) -> None:
         self._exec("UPDATE outbox SET attempts=attempts+1, dead=1, last_error=? WHERE id=?", (error, msg_id))
 
     def outbox(self, include_delivered: bool = False) -> list[OutboxMessage]:
-        sql = "SELECT * FROM outbox" + ("" if include_delivered else " WHERE delivered_at IS NULL") + " ORDER BY id"
+        sql = (
+            "SELECT * FROM outbox"
+            + ("" if include_delivered else " WHERE delivered_at IS NULL")
+            + " ORDER BY id"
+        )
         return [self._message(r) for r in self._exec(sql).fetchall()]

@@ -26,8 +26,14 @@ from playbooks.actions import ACTIONS, Action, ActionContext, ActionError, Plann
 
 log = structlog.get_logger("continuity.playbook")
 
-_THROTTLE = {"Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException",
-             "PriorRequestNotComplete", "RequestThrottled"}
+_THROTTLE = {
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "TooManyRequestsException",
+    "PriorRequestNotComplete",
+    "RequestThrottled",
+}
 
 
 def retryable(exc: BaseException) -> bool:
@@ -77,8 +83,10 @@ def plan(pb: Playbook) -> list[tuple[str, list[PlannedCall]]]:
 
 
 def render_plan(name: str, pb: Playbook) -> str:
-    lines = [f"playbook {name}: {len(pb.steps)} step(s), cooldown {format_duration(pb.cooldown)}, "
-             f"approval {pb.approval}"]
+    lines = [
+        f"playbook {name}: {len(pb.steps)} step(s), cooldown {format_duration(pb.cooldown)}, "
+        f"approval {pb.approval}"
+    ]
     for i, ((title, calls), step) in enumerate(zip(plan(pb), pb.steps, strict=True), 1):
         lines.append(f"  {i}. {title}  timeout {format_duration(step.timeout)}, retries {step.retries}")
         lines.extend(f"       {c.render()}" for c in calls)
@@ -86,25 +94,40 @@ def render_plan(name: str, pb: Playbook) -> str:
 
 
 class Engine:
-    def __init__(self, store: Store, metrics: Metrics | None = None,
-                 clock: Callable[[], float] = time.time, backoff: float = 0.5) -> None:
+    def __init__(
+        self,
+        store: Store,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.time,
+        backoff: float = 0.5,
+    ) -> None:
         self.store = store
         self.metrics = metrics or Metrics()
         self.clock = clock
         self.backoff = backoff
 
-    async def run(self, name: str, pb: Playbook, ctx: ActionContext, *, incident_id: str | None = None,
-                  service: str | None = None, dry_run: bool = False) -> RunResult:
+    async def run(
+        self,
+        name: str,
+        pb: Playbook,
+        ctx: ActionContext,
+        *,
+        incident_id: str | None = None,
+        service: str | None = None,
+        dry_run: bool = False,
+    ) -> RunResult:
         started = time.monotonic()
-        run = self.store.create_run(name, incident_id, service, dry_run, self.clock(),
-                                    [s.name for s in pb.steps])
+        run = self.store.create_run(
+            name, incident_id, service, dry_run, self.clock(), [s.name for s in pb.steps]
+        )
         mode = " (dry run: nothing will change)" if dry_run else ""
         ctx.record("playbook", f"playbook {name} started as {run.id}{mode}", {"run_id": run.id})
         result = RunResult(run.id, ok=True)
         for idx, step in enumerate(pb.steps):
             action = ACTIONS[step.action](step.params)
-            outcome = await self._step(name, run.id, idx, step.name, step.timeout, step.retries, action, ctx,
-                                       dry_run)
+            outcome = await self._step(
+                name, run.id, idx, step.name, step.timeout, step.retries, action, ctx, dry_run
+            )
             result.steps.append(outcome)
             if outcome.state == "failed":
                 result.ok = False
@@ -116,13 +139,26 @@ class Engine:
         outcome_word = "succeeded" if result.ok else "failed"
         self.store.update_run(run.id, state=outcome_word, ended_at=self.clock(), error=result.error or None)
         self.metrics.playbook_runs.labels(name, "dry_run" if dry_run else outcome_word).inc()
-        ctx.record("playbook", f"playbook {name} {outcome_word} in {format_duration(result.duration)}"
-                   + (f": {result.error}" if result.error else ""),
-                   {"run_id": run.id, "ok": result.ok, "duration_s": round(result.duration, 3)})
+        ctx.record(
+            "playbook",
+            f"playbook {name} {outcome_word} in {format_duration(result.duration)}"
+            + (f": {result.error}" if result.error else ""),
+            {"run_id": run.id, "ok": result.ok, "duration_s": round(result.duration, 3)},
+        )
         return result
 
-    async def _step(self, playbook: str, run_id: str, idx: int, name: str, timeout: float, retries: int,
-                    action: Action, ctx: ActionContext, dry_run: bool) -> StepOutcome:
+    async def _step(
+        self,
+        playbook: str,
+        run_id: str,
+        idx: int,
+        name: str,
+        timeout: float,
+        retries: int,
+        action: Action,
+        ctx: ActionContext,
+        dry_run: bool,
+    ) -> StepOutcome:
         t0 = time.monotonic()
         self.store.update_step(run_id, idx, state="running", started_at=self.clock())
         ctx.record("step", f"step {name} ({action.name}) started", {"run_id": run_id, "step": name})
@@ -138,9 +174,12 @@ class Engine:
         def before_sleep(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
             wait = state.next_action.sleep if state.next_action else 0
-            ctx.record("step", f"step {name} attempt {state.attempt_number} failed: "
-                       f"{describe_error(exc) if exc else '?'}; retrying in {wait:.1f}s",
-                       {"run_id": run_id, "step": name, "attempt": state.attempt_number})
+            ctx.record(
+                "step",
+                f"step {name} attempt {state.attempt_number} failed: "
+                f"{describe_error(exc) if exc else '?'}; retrying in {wait:.1f}s",
+                {"run_id": run_id, "step": name, "attempt": state.attempt_number},
+            )
 
         async def attempt() -> str:
             nonlocal attempts
@@ -165,30 +204,47 @@ class Engine:
             why = describe_error(exc)
             if attempts > 1:
                 why += f" (after {attempts} attempts)"
-            self.store.update_step(run_id, idx, state="failed", ended_at=self.clock(), detail=why,
-                                   attempts=attempts)
+            self.store.update_step(
+                run_id, idx, state="failed", ended_at=self.clock(), detail=why, attempts=attempts
+            )
             self.metrics.step_duration.labels(playbook, name).observe(took)
-            ctx.record("error", f"step {name} failed after {format_duration(took)}: {why}",
-                       {"run_id": run_id, "step": name, "attempts": attempts})
+            ctx.record(
+                "error",
+                f"step {name} failed after {format_duration(took)}: {why}",
+                {"run_id": run_id, "step": name, "attempts": attempts},
+            )
             log.error("playbook step failed", playbook=playbook, step=name, error=why)
             return StepOutcome(name, "failed", why, took, attempts)
         took = time.monotonic() - t0
-        self.store.update_step(run_id, idx, state="done", ended_at=self.clock(), detail=detail, attempts=attempts)
+        self.store.update_step(
+            run_id, idx, state="done", ended_at=self.clock(), detail=detail, attempts=attempts
+        )
         self.metrics.step_duration.labels(playbook, name).observe(took)
-        ctx.record("step", f"step {name} done in {format_duration(took)}: {detail}",
-                   {"run_id": run_id, "step": name, "duration_s": round(took, 3), "attempts": attempts})
+        ctx.record(
+            "step",
+            f"step {name} done in {format_duration(took)}: {detail}",
+            {"run_id": run_id, "step": name, "duration_s": round(took, 3), "attempts": attempts},
+        )
         log.info("playbook step done", playbook=playbook, step=name, duration_s=round(took, 3), detail=detail)
         return StepOutcome(name, "done", detail, took, attempts)
 
 
-def make_context(aws: Callable[[str], Any], probe_healthy: Callable[[str], bool | None],
-                 record: Callable[[str, str, dict[str, Any]], None] | None = None,
-                 notify: Any = None, variables: dict[str, Any] | None = None) -> ActionContext:
+def make_context(
+    aws: Callable[[str], Any],
+    probe_healthy: Callable[[str], bool | None],
+    record: Callable[[str, str, dict[str, Any]], None] | None = None,
+    notify: Any = None,
+    variables: dict[str, Any] | None = None,
+) -> ActionContext:
     """A context for runs outside the controller (the CLI's `playbook run`)."""
 
     async def _no_notify(summary: str, details: dict[str, Any]) -> None:
         log.info("notify", summary=summary)
 
-    return ActionContext(aws=aws, probe_healthy=probe_healthy,
-                         record=record or (lambda kind, msg, data: log.info(msg, kind=kind)),
-                         notify=notify or _no_notify, variables=variables or {})
+    return ActionContext(
+        aws=aws,
+        probe_healthy=probe_healthy,
+        record=record or (lambda kind, msg, data: log.info(msg, kind=kind)),
+        notify=notify or _no_notify,
+        variables=variables or {},
+    )

@@ -153,7 +153,9 @@ class Expect(Strict):
         alias="json",
         description="JSON field paths (dotted, e.g. items.0.id) and the values they must equal.",
     )
-    headers: dict[str, str] | None = Field(default=None, description="Headers whose values must contain these.")
+    headers: dict[str, str] | None = Field(
+        default=None, description="Headers whose values must contain these."
+    )
 
 
 @dataclass(frozen=True)
@@ -209,7 +211,9 @@ def evaluate(expect: Expect, obs: Observed) -> tuple[Check, ...]:
     )
     if expect.latency_ms is not None:
         ms = obs.latency * 1000
-        checks.append(Check("latency_ms", expect.latency_ms.holds(ms), expect.latency_ms.describe(), f"{ms:.0f}"))
+        checks.append(
+            Check("latency_ms", expect.latency_ms.holds(ms), expect.latency_ms.describe(), f"{ms:.0f}")
+        )
     if expect.body_contains is not None:
         checks.append(
             Check(
@@ -244,7 +248,9 @@ def evaluate(expect: Expect, obs: Observed) -> tuple[Check, ...]:
             for path, value in expect.json_fields.items():
                 got = json_get(doc, path)
                 found = "no such field" if got is _MISSING else _short(got)
-                checks.append(Check(f"json {path}", got is not _MISSING and got == value, _short(value), found))
+                checks.append(
+                    Check(f"json {path}", got is not _MISSING and got == value, _short(value), found)
+                )
     return tuple(checks)
 
 

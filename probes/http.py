@@ -137,9 +137,7 @@ async def _exchange(
     return StepResult(step.name, ok, obs.latency, checks, request=request, status=obs.status), obs
 
 
-async def run_journey(
-    name: str, steps: list[Step], variables: dict[str, Any], timeout: float
-) -> ProbeResult:
+async def run_journey(name: str, steps: list[Step], variables: dict[str, Any], timeout: float) -> ProbeResult:
     """Run steps in order in one session; stop at the first failing step.
 
     The whole journey is bounded by `timeout`, so a target that accepts the connection and then
@@ -164,8 +162,13 @@ async def run_journey(
                                 ctx[var] = extract(spec, obs)
                         except LookupError as exc:
                             result = StepResult(
-                                step.name, False, result.latency, result.checks,
-                                error=str(exc), request=result.request, status=result.status,
+                                step.name,
+                                False,
+                                result.latency,
+                                result.checks,
+                                error=str(exc),
+                                request=result.request,
+                                status=result.status,
                             )
                     done.append(result)
                     if not result.ok:
@@ -174,7 +177,9 @@ async def run_journey(
     except TimeoutError:
         if current:
             done.append(
-                StepResult(current[0].name, False, 0.0, error=f"timed out: the probe's {timeout:g}s deadline passed")
+                StepResult(
+                    current[0].name, False, 0.0, error=f"timed out: the probe's {timeout:g}s deadline passed"
+                )
             )
     latency = time.perf_counter() - t0
     ok = bool(done) and len(done) == len(steps) and all(s.ok for s in done)

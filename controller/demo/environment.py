@@ -43,8 +43,13 @@ class DemoEnvironment:
     # ---------------------------------------------------------------- AWS
 
     def aws(self, service: str) -> Any:
-        return boto3.client(service, endpoint_url=self.moto_url, region_name="eu-west-1",
-                            aws_access_key_id="demo", aws_secret_access_key="demo")
+        return boto3.client(
+            service,
+            endpoint_url=self.moto_url,
+            region_name="eu-west-1",
+            aws_access_key_id="demo",
+            aws_secret_access_key="demo",
+        )
 
     def _start_moto(self) -> None:
         from moto.server import ThreadedMotoServer
@@ -62,27 +67,50 @@ class DemoEnvironment:
         r53 = self.aws("route53")
         zone_id = r53.create_hosted_zone(Name=ZONE, CallerReference="continuity-demo")["HostedZone"]["Id"]
         self.zone_id = zone_id
-        r53.change_resource_record_sets(HostedZoneId=zone_id, ChangeBatch={"Changes": [{
-            "Action": "CREATE", "ResourceRecordSet": {
-                "Name": ZONE, "Type": "A", "TTL": 1, "ResourceRecords": [{"Value": PRIMARY_IP}]}}]})
+        r53.change_resource_record_sets(
+            HostedZoneId=zone_id,
+            ChangeBatch={
+                "Changes": [
+                    {
+                        "Action": "CREATE",
+                        "ResourceRecordSet": {
+                            "Name": ZONE,
+                            "Type": "A",
+                            "TTL": 1,
+                            "ResourceRecords": [{"Value": PRIMARY_IP}],
+                        },
+                    }
+                ]
+            },
+        )
         rds = self.aws("rds")
-        rds.create_db_cluster(DBClusterIdentifier=CLUSTER, Engine="aurora-postgresql",
-                              MasterUsername="shop", MasterUserPassword="demo-password-1")
+        rds.create_db_cluster(
+            DBClusterIdentifier=CLUSTER,
+            Engine="aurora-postgresql",
+            MasterUsername="shop",
+            MasterUserPassword="demo-password-1",
+        )
         for ident in (WRITER, STANDBY):
-            rds.create_db_instance(DBInstanceIdentifier=ident, DBClusterIdentifier=CLUSTER,
-                                   Engine="aurora-postgresql", DBInstanceClass="db.r6g.large")
+            rds.create_db_instance(
+                DBInstanceIdentifier=ident,
+                DBClusterIdentifier=CLUSTER,
+                Engine="aurora-postgresql",
+                DBInstanceClass="db.r6g.large",
+            )
 
     def record(self) -> tuple[str, int]:
         """What a shopper's resolver gets for the shop's name right now: (address, TTL)."""
-        sets = self.aws("route53").list_resource_record_sets(HostedZoneId=self.zone_id, StartRecordName=ZONE,
-                                                             StartRecordType="A")["ResourceRecordSets"]
+        sets = self.aws("route53").list_resource_record_sets(
+            HostedZoneId=self.zone_id, StartRecordName=ZONE, StartRecordType="A"
+        )["ResourceRecordSets"]
         rr = next(r for r in sets if r["Name"] == ZONE and r["Type"] == "A")
         return rr["ResourceRecords"][0]["Value"], int(rr.get("TTL", 60))
 
     def writer(self) -> str | None:
         cluster = self.aws("rds").describe_db_clusters(DBClusterIdentifier=CLUSTER)["DBClusters"][0]
-        return next((m["DBInstanceIdentifier"] for m in cluster["DBClusterMembers"] if m["IsClusterWriter"]),
-                    None)
+        return next(
+            (m["DBInstanceIdentifier"] for m in cluster["DBClusterMembers"] if m["IsClusterWriter"]), None
+        )
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -102,8 +130,12 @@ class DemoEnvironment:
         self.config_path = self.workdir / "continuity-demo.yaml"
         template = resources.files("controller.demo").joinpath("config.yaml").read_text(encoding="utf-8")
         text = string.Template(template).safe_substitute(
-            edge_port=self.edge_port, region_port=self.region_port, pd_port=self.pd_port,
-            moto_port=self.moto_port, data_dir=str(self.workdir / "state"))
+            edge_port=self.edge_port,
+            region_port=self.region_port,
+            pd_port=self.pd_port,
+            moto_port=self.moto_port,
+            data_dir=str(self.workdir / "state"),
+        )
         self.config_path.write_text(text, encoding="utf-8")
         self.config: Config = load_config(self.config_path)
         return self

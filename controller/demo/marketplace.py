@@ -40,13 +40,15 @@ class Region:
 
     def app(self) -> web.Application:
         app = web.Application()
-        app.add_routes([
-            web.get("/health", self.health),
-            web.get("/products", self.products),
-            web.post("/cart", self.new_cart),
-            web.post("/checkout", self.checkout),
-            web.post("/__chaos", self.chaos),
-        ])
+        app.add_routes(
+            [
+                web.get("/health", self.health),
+                web.get("/products", self.products),
+                web.post("/cart", self.new_cart),
+                web.post("/checkout", self.checkout),
+                web.post("/__chaos", self.chaos),
+            ]
+        )
         return app
 
     def _fail(self, feature: str) -> web.Response | None:
@@ -112,11 +114,19 @@ class Edge:
         ip = await self.address()
         body = await request.read()
         try:
-            async with self.session.request(request.method, f"http://{ip}:{self.port}{request.rel_url}",
-                                            data=body or None, headers={"Content-Type": "application/json"},
-                                            timeout=aiohttp.ClientTimeout(total=5)) as resp:
-                return web.Response(status=resp.status, body=await resp.read(),
-                                    content_type=resp.content_type, headers={"X-Served-By": ip})
+            async with self.session.request(
+                request.method,
+                f"http://{ip}:{self.port}{request.rel_url}",
+                data=body or None,
+                headers={"Content-Type": "application/json"},
+                timeout=aiohttp.ClientTimeout(total=5),
+            ) as resp:
+                return web.Response(
+                    status=resp.status,
+                    body=await resp.read(),
+                    content_type=resp.content_type,
+                    headers={"X-Served-By": ip},
+                )
         except (aiohttp.ClientError, TimeoutError) as exc:
             return web.json_response({"error": f"edge cannot reach {ip}: {exc}"}, status=502)
 

@@ -88,17 +88,27 @@ class PagerDutyReceiver:
     async def enqueue(self, request: web.Request) -> web.Response:
         body = await self._read(request)
         if self.fail_with is not None:
-            return web.json_response({"status": "error", "message": "injected failure"}, status=self.fail_with)
+            return web.json_response(
+                {"status": "error", "message": "injected failure"}, status=self.fail_with
+            )
         errors = validate_event(body)
         if errors:
             self.rejected.append((body, errors))
-            return web.json_response({"status": "invalid event", "message": "Event object is invalid",
-                                      "errors": errors}, status=400)
+            return web.json_response(
+                {"status": "invalid event", "message": "Event object is invalid", "errors": errors},
+                status=400,
+            )
         self.events.append(body)
         if self.on_event:
             self.on_event(body)
-        return web.json_response({"status": "success", "message": "Event processed",
-                                  "dedup_key": body.get("dedup_key") or "generated"}, status=202)
+        return web.json_response(
+            {
+                "status": "success",
+                "message": "Event processed",
+                "dedup_key": body.get("dedup_key") or "generated",
+            },
+            status=202,
+        )
 
     async def change(self, request: web.Request) -> web.Response:
         body = await self._read(request)

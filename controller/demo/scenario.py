@@ -57,7 +57,18 @@ async def _shopper_checkout(env: DemoEnvironment) -> tuple[bool, str]:
         async with s.post(f"{base}/checkout", json={"cart_id": cart}) as r:
             body = await r.json()
             ok = r.status == 200 and body.get("status") == "confirmed"
-    return ok, f"{ZONE} -> {ip}; order {body.get('order_id', '?')} {body.get('status', body)} in {body.get('region')}"
+    return (
+        ok,
+        f"{ZONE} -> {ip}; order {body.get('order_id', '?')} {body.get('status', body)} "
+        f"in {body.get('region')}",
+    )
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(event.wait(), timeout=seconds)
+    except TimeoutError:
+        pass
 
 
 async def run_demo(out: TextIO = sys.stdout, deadline: float = 50.0) -> DemoResult:
@@ -65,19 +76,28 @@ async def run_demo(out: TextIO = sys.stdout, deadline: float = 50.0) -> DemoResu
     async with DemoEnvironment() as env:
         cfg = env.config
         rto = cfg.services["checkout"].rto
-        p.line(f"simulated marketplace up: eu-west-1 at {env.primary.host}, eu-central-1 at "
-               f"{env.secondary.host} (port {env.region_port}); edge on 127.0.0.1:{env.edge_port}")
-        p.line(f"moto on 127.0.0.1:{env.moto_port}: {ZONE} A -> {env.record()[0]}, "
-               f"Aurora writer {env.writer()}; PagerDuty receiver on 127.0.0.1:{env.pd_port}")
+        p.line(
+            f"simulated marketplace up: eu-west-1 at {env.primary.host}, eu-central-1 at "
+            f"{env.secondary.host} (port {env.region_port}); edge on 127.0.0.1:{env.edge_port}"
+        )
+        p.line(
+            f"moto on 127.0.0.1:{env.moto_port}: {ZONE} A -> {env.record()[0]}, "
+            f"Aurora writer {env.writer()}; PagerDuty receiver on 127.0.0.1:{env.pd_port}"
+        )
         store = SQLiteStore(cfg.controller.data_dir)
         controller = Controller(cfg, store)
         marks: dict[str, float] = {}
+        resolved, resolve_paged = asyncio.Event(), asyncio.Event()
 
         def listen(kind: str, facts: dict[str, Any]) -> None:
             if p.outage_at is None:
                 return
             now = time.monotonic()
-            if kind == "probe_failed" and facts["probe"] == "checkout-journey" and "first_failure" not in marks:
+            if (
+                kind == "probe_failed"
+                and facts["probe"] == "checkout-journey"
+                and "first_failure" not in marks
+            ):
                 marks["first_failure"] = now
                 p.line(f"first failed probe: {facts['probe']}: {facts['reason']}")
             elif kind == "probe_verdict":
@@ -91,6 +111,7 @@ async def run_demo(out: TextIO = sys.stdout, deadline: float = 50.0) -> DemoResu
                     marks["traffic_moved"] = now
             elif kind == "incident_resolved":
                 marks["resolved"] = now
+                resolved.set()
                 p.line(f"incident {facts['incident']} resolved")
             elif kind == "notification" and facts["outcome"] != "delivered":
                 p.line(f"notification {facts['key']}: {facts['outcome']}")
@@ -99,9 +120,12 @@ async def run_demo(out: TextIO = sys.stdout, deadline: float = 50.0) -> DemoResu
             if p.outage_at is None:
                 return
             action = event.get("event_action")
+            if action == "resolve":
+                resolve_paged.set()
             extra = f", severity {event['payload']['severity']}" if action == "trigger" else ""
             summary = event.get("payload", {}).get("summary", "") if action == "change" else ""
-            p.line(f"PagerDuty received {action}{extra} (dedup_key {event.get('dedup_key', '-')}) {summary}".rstrip())
+            key = event.get("dedup_key", "-")
+            p.line(f"PagerDuty received {action}{extra} (dedup_key {key}) {summary}".rstrip())
 
         controller.listeners.append(listen)
         env.pagerduty.on_event = on_page
@@ -118,13 +142,8 @@ async def run_demo(out: TextIO = sys.stdout, deadline: float = 50.0) -> DemoResu
             p.outage_at = time.monotonic()
             env.primary.broken = {"checkout"}
             p.line("OUTAGE INJECTED: checkout returns 503 in eu-west-1")
-            while "resolved" not in marks and time.monotonic() - p.outage_at < deadline:
-                await asyncio.sleep(0.1)
-            # Let the resolve notification go out (the outbox sends it at once).
-            settle = time.monotonic()
-            while time.monotonic() - settle < 5 and not any(
-                    e.get("event_action") == "resolve" for e in env.pagerduty.events):
-                await asyncio.sleep(0.1)
+            await _wait(resolved, deadline)
+            await _wait(resolve_paged, 5.0)  # the outbox sends a resolution at once
         finally:
             await controller.stop()
 
@@ -137,27 +156,49 @@ async def run_demo(out: TextIO = sys.stdout, deadline: float = 50.0) -> DemoResu
         dedup = incident.dedup_key if incident else None
         shopper_ok, shopper_text = await _shopper_checkout(env)
         result.checks = [
-            ("incident opened as critical", bool(incident and incident.data.get("tier") == "critical"
-                                                 and triggers and triggers[0]["payload"]["severity"] == "critical"),
-             f"{incident.id} ({incident.title})" if incident else "no incident"),
+            (
+                "incident opened as critical",
+                bool(
+                    incident
+                    and incident.data.get("tier") == "critical"
+                    and triggers
+                    and triggers[0]["payload"]["severity"] == "critical"
+                ),
+                f"{incident.id} ({incident.title})" if incident else "no incident",
+            ),
             ("Route 53 record points at the secondary", ip == SECONDARY_IP, f"{ZONE} A -> {ip}"),
             ("Aurora writer moved", writer == STANDBY, f"writer is {writer}"),
-            ("PagerDuty trigger received", bool(triggers) and triggers[0].get("dedup_key") == dedup,
-             f"{len(triggers)} trigger(s), dedup_key {triggers[0].get('dedup_key') if triggers else '-'}"),
+            (
+                "PagerDuty trigger received",
+                bool(triggers) and triggers[0].get("dedup_key") == dedup,
+                f"{len(triggers)} trigger(s), dedup_key {triggers[0].get('dedup_key') if triggers else '-'}",
+            ),
             ("shopper checkout through the record", shopper_ok, shopper_text),
-            ("incident resolved", bool(incident and incident.status == "resolved"),
-             incident.status if incident else "no incident"),
-            ("PagerDuty resolve received", bool(resolves) and resolves[0].get("dedup_key") == dedup,
-             f"{len(resolves)} resolve(s)"),
-            ("nothing rejected by PagerDuty", not env.pagerduty.rejected,
-             f"{len(env.pagerduty.rejected)} rejected"),
+            (
+                "incident resolved",
+                bool(incident and incident.status == "resolved"),
+                incident.status if incident else "no incident",
+            ),
+            (
+                "PagerDuty resolve received",
+                bool(resolves) and resolves[0].get("dedup_key") == dedup,
+                f"{len(resolves)} resolve(s)",
+            ),
+            (
+                "nothing rejected by PagerDuty",
+                not env.pagerduty.rejected,
+                f"{len(env.pagerduty.rejected)} rejected",
+            ),
         ]
         if "opened" in marks and p.outage_at is not None:
             result.time_to_detect = marks["opened"] - p.outage_at
         if "resolved" in marks and p.outage_at is not None:
             result.time_to_recover = marks["resolved"] - p.outage_at
-        result.ok = all(ok for _, ok, _ in result.checks) and result.time_to_recover is not None \
+        result.ok = (
+            all(ok for _, ok, _ in result.checks)
+            and result.time_to_recover is not None
             and result.time_to_recover <= rto
+        )
 
         out.write("\nChecks (read back from the systems themselves):\n")
         for name, ok, detail in result.checks:
@@ -172,13 +213,19 @@ async def run_demo(out: TextIO = sys.stdout, deadline: float = 50.0) -> DemoResu
         low, high = (n - 1) * journey.interval, n * journey.interval
         ttd = format_duration(result.time_to_detect) if result.time_to_detect is not None else "never"
         ttr = format_duration(result.time_to_recover) if result.time_to_recover is not None else "never"
-        out.write(f"\nTime to detect:  {ttd} (expected {format_duration(low)} to {format_duration(high)} plus "
-                  f"probe time: failure_threshold {n} x interval {format_duration(journey.interval)}, less "
-                  "the wait for the first probe after the outage)\n")
+        out.write(
+            f"\nTime to detect:  {ttd} (expected {format_duration(low)} to {format_duration(high)} plus "
+            f"probe time: failure_threshold {n} x interval {format_duration(journey.interval)}, less "
+            "the wait for the first probe after the outage)\n"
+        )
         if "traffic_moved" in marks and p.outage_at is not None:
-            out.write(f"Traffic moved:   {format_duration(marks['traffic_moved'] - p.outage_at)} after the outage\n")
+            out.write(
+                f"Traffic moved:   {format_duration(marks['traffic_moved'] - p.outage_at)} after the outage\n"
+            )
         out.write(f"Time to recover: {ttr} against an RTO of {format_duration(rto)}\n")
-        out.write(f"\nDemo {'PASSED' if result.ok else 'FAILED'}: "
-                  f"{'the whole chain worked' if result.ok else 'see the checks above'}.\n")
+        out.write(
+            f"\nDemo {'PASSED' if result.ok else 'FAILED'}: "
+            f"{'the whole chain worked' if result.ok else 'see the checks above'}.\n"
+        )
         store.close()
         return result

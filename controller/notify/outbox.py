@@ -52,8 +52,9 @@ def post_json(url: str, body: dict[str, Any], timeout: float) -> requests.Respon
         raise Transient(f"network error: {type(exc).__name__}: {exc}") from None
     if resp.status_code == 429 or resp.status_code >= 500:
         after = resp.headers.get("Retry-After")
-        raise Transient(f"HTTP {resp.status_code}: {resp.text[:200]}",
-                        float(after) if after and after.isdigit() else None)
+        raise Transient(
+            f"HTTP {resp.status_code}: {resp.text[:200]}", float(after) if after and after.isdigit() else None
+        )
     if resp.status_code >= 400:
         raise Permanent(f"HTTP {resp.status_code}: {resp.text[:300]}")
     return resp
@@ -62,9 +63,16 @@ def post_json(url: str, body: dict[str, Any], timeout: float) -> requests.Respon
 class Dispatcher:
     """Drains the outbox. Call `drain()` periodically (the controller does), or `run()` as a task."""
 
-    def __init__(self, store: Store, channels: dict[str, Channel], clock: Callable[[], float],
-                 on_event: Callable[[OutboxMessage, str, str], None] | None = None,
-                 first_retry: float = 5.0, max_retry: float = 300.0, quick_attempts: int = 3) -> None:
+    def __init__(
+        self,
+        store: Store,
+        channels: dict[str, Channel],
+        clock: Callable[[], float],
+        on_event: Callable[[OutboxMessage, str, str], None] | None = None,
+        first_retry: float = 5.0,
+        max_retry: float = 300.0,
+        quick_attempts: int = 3,
+    ) -> None:
         self.store = store
         self.channels = channels
         self.clock = clock
@@ -107,8 +115,13 @@ class Dispatcher:
             except Transient as exc:
                 delay = self.backoff(msg.attempts + 1, exc.retry_after)
                 self.store.retry_later(msg.id, self.clock() + delay, str(exc))
-                log.warning("notification not delivered, will retry", channel=msg.channel, key=msg.key,
-                            error=str(exc), retry_in_s=round(delay, 1))
+                log.warning(
+                    "notification not delivered, will retry",
+                    channel=msg.channel,
+                    key=msg.key,
+                    error=str(exc),
+                    retry_in_s=round(delay, 1),
+                )
                 self.on_event(msg, "retrying", f"{exc}; retry in {delay:.0f}s")
             else:
                 self.store.delivered(msg.id, self.clock())

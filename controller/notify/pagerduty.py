@@ -19,8 +19,17 @@ def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
 
 
-def trigger(cfg: PagerDuty, *, dedup_key: str, summary: str, severity: str, service: str, tier: str,
-            ts: float, details: dict[str, Any]) -> dict[str, Any]:
+def trigger(
+    cfg: PagerDuty,
+    *,
+    dedup_key: str,
+    summary: str,
+    severity: str,
+    service: str,
+    tier: str,
+    ts: float,
+    details: dict[str, Any],
+) -> dict[str, Any]:
     return {
         "kind": "event",
         "body": {
@@ -48,8 +57,17 @@ def resolve(dedup_key: str) -> dict[str, Any]:
 def change(cfg: PagerDuty, *, summary: str, ts: float, details: dict[str, Any]) -> dict[str, Any]:
     """A change event (`/v2/change/enqueue`): 'traffic moved to the secondary' belongs on the service's
     timeline in PagerDuty, not as another alert."""
-    return {"kind": "change", "body": {"payload": {"summary": summary[:1024], "timestamp": _iso(ts),
-                                                   "source": cfg.source, "custom_details": details}}}
+    return {
+        "kind": "change",
+        "body": {
+            "payload": {
+                "summary": summary[:1024],
+                "timestamp": _iso(ts),
+                "source": cfg.source,
+                "custom_details": details,
+            }
+        },
+    }
 
 
 def url_for(cfg: PagerDuty, kind: str) -> str:

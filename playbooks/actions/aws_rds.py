@@ -33,8 +33,9 @@ def _cluster(rds: Any, cluster: str) -> dict[str, Any]:
 
 
 def _writer(cluster: dict[str, Any]) -> str | None:
-    return next((m["DBInstanceIdentifier"] for m in cluster.get("DBClusterMembers", []) if m["IsClusterWriter"]),
-                None)
+    return next(
+        (m["DBInstanceIdentifier"] for m in cluster.get("DBClusterMembers", []) if m["IsClusterWriter"]), None
+    )
 
 
 class FailoverDbCluster(Action):
@@ -47,12 +48,20 @@ class FailoverDbCluster(Action):
 
     def plan(self) -> list[PlannedCall]:
         return [
-            PlannedCall("rds", "describe_db_clusters", {"DBClusterIdentifier": self.p.cluster},
-                        "read: current writer"),
-            PlannedCall("rds", "failover_db_cluster", {"DBClusterIdentifier": self.p.cluster,
-                                                       "TargetDBInstanceIdentifier": self.p.target_instance}),
-            PlannedCall("rds", "describe_db_clusters", {"DBClusterIdentifier": self.p.cluster},
-                        f"poll until {self.p.target_instance} is the writer and the cluster is available"),
+            PlannedCall(
+                "rds", "describe_db_clusters", {"DBClusterIdentifier": self.p.cluster}, "read: current writer"
+            ),
+            PlannedCall(
+                "rds",
+                "failover_db_cluster",
+                {"DBClusterIdentifier": self.p.cluster, "TargetDBInstanceIdentifier": self.p.target_instance},
+            ),
+            PlannedCall(
+                "rds",
+                "describe_db_clusters",
+                {"DBClusterIdentifier": self.p.cluster},
+                f"poll until {self.p.target_instance} is the writer and the cluster is available",
+            ),
         ]
 
     async def check(self, ctx: ActionContext) -> bool:
@@ -64,24 +73,35 @@ class FailoverDbCluster(Action):
         cluster = _cluster(rds, self.p.cluster)
         members = [m["DBInstanceIdentifier"] for m in cluster.get("DBClusterMembers", [])]
         if self.p.target_instance not in members:
-            raise ActionError(f"{self.p.target_instance} is not a member of {self.p.cluster} "
-                              f"(members: {', '.join(members) or 'none'})", retryable=False)
+            raise ActionError(
+                f"{self.p.target_instance} is not a member of {self.p.cluster} "
+                f"(members: {', '.join(members) or 'none'})",
+                retryable=False,
+            )
         before = _writer(cluster)
-        ctx.record("api_call", "rds.failover_db_cluster",
-                   {"cluster": self.p.cluster, "target": self.p.target_instance, "writer_before": before})
-        rds.failover_db_cluster(DBClusterIdentifier=self.p.cluster,
-                                TargetDBInstanceIdentifier=self.p.target_instance)
+        ctx.record(
+            "api_call",
+            "rds.failover_db_cluster",
+            {"cluster": self.p.cluster, "target": self.p.target_instance, "writer_before": before},
+        )
+        rds.failover_db_cluster(
+            DBClusterIdentifier=self.p.cluster, TargetDBInstanceIdentifier=self.p.target_instance
+        )
         start = time.monotonic()
         while True:
             cluster = _cluster(rds, self.p.cluster)
             if _writer(cluster) == self.p.target_instance and cluster.get("Status") == "available":
                 break
             if time.monotonic() - start > self.p.wait_timeout:
-                raise ActionError(f"{self.p.target_instance} not the writer of {self.p.cluster} after "
-                                  f"{self.p.wait_timeout:g}s (status {cluster.get('Status')})")
+                raise ActionError(
+                    f"{self.p.target_instance} not the writer of {self.p.cluster} after "
+                    f"{self.p.wait_timeout:g}s (status {cluster.get('Status')})"
+                )
             time.sleep(ctx.poll_interval)
-        return (f"writer of {self.p.cluster} moved {before} -> {self.p.target_instance} "
-                f"in {time.monotonic() - start:.1f}s")
+        return (
+            f"writer of {self.p.cluster} moved {before} -> {self.p.target_instance} "
+            f"in {time.monotonic() - start:.1f}s"
+        )
 
     async def apply(self, ctx: ActionContext) -> str:
         return await asyncio.to_thread(self._apply, ctx)
@@ -108,8 +128,12 @@ class PromoteReadReplica(Action):
 
     def plan(self) -> list[PlannedCall]:
         return [
-            PlannedCall("rds", "describe_db_instances", {"DBInstanceIdentifier": self.p.instance},
-                        "read: is it still a replica?"),
+            PlannedCall(
+                "rds",
+                "describe_db_instances",
+                {"DBInstanceIdentifier": self.p.instance},
+                "read: is it still a replica?",
+            ),
             PlannedCall("rds", "promote_read_replica", self._kwargs()),
         ]
 
@@ -129,8 +153,10 @@ class PromoteReadReplica(Action):
         source = inst.get("ReadReplicaSourceDBInstanceIdentifier") or "none"
         ctx.record("api_call", "rds.promote_read_replica", self._kwargs())
         resp = ctx.aws("rds").promote_read_replica(**self._kwargs())["DBInstance"]
-        return (f"promotion of {self.p.instance} (replica of {source}) accepted; "
-                f"status {resp.get('DBInstanceStatus', 'unknown')}")
+        return (
+            f"promotion of {self.p.instance} (replica of {source}) accepted; "
+            f"status {resp.get('DBInstanceStatus', 'unknown')}"
+        )
 
     async def apply(self, ctx: ActionContext) -> str:
         return await asyncio.to_thread(self._apply, ctx)

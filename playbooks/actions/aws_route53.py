@@ -35,8 +35,14 @@ class _Route53(Action):
     def _zone_lookup_call(self) -> list[PlannedCall]:
         if self._zone_is_id():
             return []
-        return [PlannedCall("route53", "list_hosted_zones_by_name", {"DNSName": _fqdn(self.p.zone)},
-                            "read: find the zone id")]
+        return [
+            PlannedCall(
+                "route53",
+                "list_hosted_zones_by_name",
+                {"DNSName": _fqdn(self.p.zone)},
+                "read: find the zone id",
+            )
+        ]
 
     def _zone_is_id(self) -> bool:
         return not self.p.zone.endswith(".") and "." not in self.p.zone
@@ -92,8 +98,9 @@ class SwitchRecord(_Route53):
     def _new(self, current: dict[str, Any] | None) -> dict[str, Any]:
         rrset: dict[str, Any] = dict(current or {})
         rrset.pop("AliasTarget", None)  # the record now names explicit values
-        rrset.update(Name=_fqdn(self.p.record), Type=self.p.type,
-                     ResourceRecords=[{"Value": v} for v in self.p.values])
+        rrset.update(
+            Name=_fqdn(self.p.record), Type=self.p.type, ResourceRecords=[{"Value": v} for v in self.p.values]
+        )
         rrset["TTL"] = self.p.ttl if self.p.ttl is not None else rrset.get("TTL", 60)
         if self.p.set_identifier:
             rrset["SetIdentifier"] = self.p.set_identifier
@@ -103,12 +110,24 @@ class SwitchRecord(_Route53):
         zone = self.p.zone if self._zone_is_id() else f"<id of {_fqdn(self.p.zone)}>"
         return [
             *self._zone_lookup_call(),
-            PlannedCall("route53", "list_resource_record_sets",
-                        {"HostedZoneId": zone, "StartRecordName": _fqdn(self.p.record),
-                         "StartRecordType": self.p.type}, "read: keep the record's routing fields"),
-            PlannedCall("route53", "change_resource_record_sets",
-                        {"HostedZoneId": zone, "ChangeBatch": {"Changes": [
-                            {"Action": "UPSERT", "ResourceRecordSet": self._new(None)}]}}),
+            PlannedCall(
+                "route53",
+                "list_resource_record_sets",
+                {
+                    "HostedZoneId": zone,
+                    "StartRecordName": _fqdn(self.p.record),
+                    "StartRecordType": self.p.type,
+                },
+                "read: keep the record's routing fields",
+            ),
+            PlannedCall(
+                "route53",
+                "change_resource_record_sets",
+                {
+                    "HostedZoneId": zone,
+                    "ChangeBatch": {"Changes": [{"Action": "UPSERT", "ResourceRecordSet": self._new(None)}]},
+                },
+            ),
             PlannedCall("route53", "get_change", {"Id": "<change id>"}, "poll until INSYNC"),
         ]
 
@@ -128,19 +147,26 @@ class SwitchRecord(_Route53):
         if cur is None and self.p.set_identifier:
             raise ActionError(
                 f"record {_fqdn(self.p.record)} {self.p.type} with set identifier "
-                f"{self.p.set_identifier!r} not found in zone {zone_id}", retryable=False)
+                f"{self.p.set_identifier!r} not found in zone {zone_id}",
+                retryable=False,
+            )
         was = ", ".join(r["Value"] for r in (cur or {}).get("ResourceRecords", [])) or "absent"
         rrset = self._new(cur)
-        ctx.record("api_call", "route53.change_resource_record_sets UPSERT",
-                   {"zone": zone_id, "rrset": rrset})
+        ctx.record(
+            "api_call", "route53.change_resource_record_sets UPSERT", {"zone": zone_id, "rrset": rrset}
+        )
         change = r53.change_resource_record_sets(
             HostedZoneId=zone_id,
-            ChangeBatch={"Comment": f"continuity {ctx.variables.get('incident_id', 'manual')}",
-                         "Changes": [{"Action": "UPSERT", "ResourceRecordSet": rrset}]},
+            ChangeBatch={
+                "Comment": f"continuity {ctx.variables.get('incident_id', 'manual')}",
+                "Changes": [{"Action": "UPSERT", "ResourceRecordSet": rrset}],
+            },
         )["ChangeInfo"]
         took = self.wait_insync(r53, change["Id"])
-        return (f"{_fqdn(self.p.record)} {self.p.type} now {', '.join(self.p.values)} (was {was}); "
-                f"change {change['Id']} INSYNC after {took:.1f}s")
+        return (
+            f"{_fqdn(self.p.record)} {self.p.type} now {', '.join(self.p.values)} (was {was}); "
+            f"change {change['Id']} INSYNC after {took:.1f}s"
+        )
 
     async def apply(self, ctx: ActionContext) -> str:
         return await asyncio.to_thread(self._apply, ctx)
@@ -160,15 +186,32 @@ class SetWeights(_Route53):
 
     def plan(self) -> list[PlannedCall]:
         zone = self.p.zone if self._zone_is_id() else f"<id of {_fqdn(self.p.zone)}>"
-        changes = [{"Action": "UPSERT", "ResourceRecordSet": {
-            "Name": _fqdn(self.p.record), "Type": self.p.type, "SetIdentifier": sid, "Weight": w,
-            "ResourceRecords": "<unchanged>"}} for sid, w in self.p.weights.items()]
+        changes = [
+            {
+                "Action": "UPSERT",
+                "ResourceRecordSet": {
+                    "Name": _fqdn(self.p.record),
+                    "Type": self.p.type,
+                    "SetIdentifier": sid,
+                    "Weight": w,
+                    "ResourceRecords": "<unchanged>",
+                },
+            }
+            for sid, w in self.p.weights.items()
+        ]
         return [
             *self._zone_lookup_call(),
-            PlannedCall("route53", "list_resource_record_sets",
-                        {"HostedZoneId": zone, "StartRecordName": _fqdn(self.p.record)}, "read"),
-            PlannedCall("route53", "change_resource_record_sets",
-                        {"HostedZoneId": zone, "ChangeBatch": {"Changes": changes}}),
+            PlannedCall(
+                "route53",
+                "list_resource_record_sets",
+                {"HostedZoneId": zone, "StartRecordName": _fqdn(self.p.record)},
+                "read",
+            ),
+            PlannedCall(
+                "route53",
+                "change_resource_record_sets",
+                {"HostedZoneId": zone, "ChangeBatch": {"Changes": changes}},
+            ),
             PlannedCall("route53", "get_change", {"Id": "<change id>"}, "poll until INSYNC"),
         ]
 
@@ -192,8 +235,11 @@ class SetWeights(_Route53):
             rrset = dict(sets[sid])
             rrset["Weight"] = weight
             changes.append({"Action": "UPSERT", "ResourceRecordSet": rrset})
-        ctx.record("api_call", "route53.change_resource_record_sets UPSERT weights",
-                   {"zone": zone_id, "weights": self.p.weights})
+        ctx.record(
+            "api_call",
+            "route53.change_resource_record_sets UPSERT weights",
+            {"zone": zone_id, "weights": self.p.weights},
+        )
         change = r53.change_resource_record_sets(HostedZoneId=zone_id, ChangeBatch={"Changes": changes})
         took = self.wait_insync(r53, change["ChangeInfo"]["Id"])
         before = ", ".join(f"{sid}={sets[sid].get('Weight')}" for sid in self.p.weights)

@@ -32,8 +32,13 @@ class WaitHealthy(Action):
     p: WaitHealthyParams
 
     def plan(self) -> list[PlannedCall]:
-        return [PlannedCall("detection", "wait_until_up", {"probes": self.p.probes,
-                                                          "within": format_duration(self.p.within)})]
+        return [
+            PlannedCall(
+                "detection",
+                "wait_until_up",
+                {"probes": self.p.probes, "within": format_duration(self.p.within)},
+            )
+        ]
 
     def _down(self, ctx: ActionContext) -> list[str]:
         return [p for p in self.p.probes if ctx.probe_healthy(p) is not True]
@@ -49,8 +54,9 @@ class WaitHealthy(Action):
             if not down:
                 return f"{', '.join(self.p.probes)} up after {format_duration(time.monotonic() - start)}"
             if time.monotonic() - start >= self.p.within:
-                raise ActionError(f"still not up after {format_duration(self.p.within)}: {', '.join(down)}",
-                                  retryable=False)
+                raise ActionError(
+                    f"still not up after {format_duration(self.p.within)}: {', '.join(down)}", retryable=False
+                )
             await sleep(ctx.poll_interval)
 
     @classmethod
