@@ -22,9 +22,11 @@ and assert on what was sent.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import re
+import socket
 import threading
 import time
 import uuid
@@ -150,6 +152,13 @@ class _Fault:
     until: float | None  # monotonic deadline, or None
     remaining: int | None  # requests left to fail, or None
     match: Callable[[str, str], bool] | None
+    user_agent: str | None  # only requests whose User-Agent contains this
+
+
+def _matches(
+    match: Callable[[str, str], bool] | None, user_agent: str | None, method: str, path: str, agent: str
+) -> bool:
+    return (match is None or match(method, path)) and (user_agent is None or user_agent in agent)
 
 
 class FakeKubeAPI:
@@ -166,9 +175,10 @@ class FakeKubeAPI:
         self._custom_kinds: dict[tuple[str, str, str], str] = {}
         self._rv = 1000
         self._faults: list[_Fault] = []
-        self._delay = 0.0
+        self._delays: list[tuple[float, Callable[[str, str], bool] | None, str | None]] = []
         self.requests: list[tuple[str, str]] = []
         self._server: ThreadingHTTPServer | None = None
+        self._connections: set[socket.socket] = set()
         self._thread: threading.Thread | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -181,15 +191,24 @@ class FakeKubeAPI:
         server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         server.daemon_threads = True
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, name="fake-kubeapi", daemon=True)
+        self._thread = threading.Thread(
+            target=server.serve_forever, args=(0.05,), name="fake-kubeapi", daemon=True
+        )
         self._thread.start()
         return self
 
     def stop(self) -> None:
+        """Stop listening *and* cut open keep-alive connections: otherwise a client with a pooled
+        connection would keep talking to a server that is supposed to be gone."""
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        with self._lock:
+            connections, self._connections = list(self._connections), set()
+        for conn in connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
@@ -212,12 +231,18 @@ class FakeKubeAPI:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def api_client(self, retries: int | bool | None = False) -> kubernetes.client.ApiClient:
+    def api_client(
+        self, user_agent: str | None = None, retries: int | bool | None = False
+    ) -> kubernetes.client.ApiClient:
         """A real client pointed at this server. urllib3's own retries are off by default so that a
-        test's timeout means one attempt, as the caller's ``_request_timeout`` says."""
+        test's timeout means one attempt, as the caller's ``_request_timeout`` says; ``user_agent``
+        names the client for ``fail(user_agent=...)``."""
         config = kubernetes.client.Configuration(host=self.url)
         config.retries = retries
-        return kubernetes.client.ApiClient(configuration=config)
+        client = kubernetes.client.ApiClient(configuration=config)
+        if user_agent is not None:
+            client.user_agent = user_agent
+        return client
 
     # ---- faults and log --------------------------------------------------------------------
     def fail(
@@ -227,29 +252,42 @@ class FakeKubeAPI:
         seconds: float | None = None,
         count: int | None = None,
         match: Callable[[str, str], bool] | None = None,
+        user_agent: str | None = None,
     ) -> None:
-        """Answer matching requests (``match(method, path)``; all by default) with ``status`` for
-        ``seconds`` or for ``count`` requests, or until ``clear_faults()`` if neither is given."""
+        """Answer matching requests (``match(method, path)`` and a User-Agent containing
+        ``user_agent``; all by default) with ``status`` for ``seconds`` or for ``count`` requests,
+        or until ``clear_faults()`` if neither is given. ``user_agent`` lets a test cut off one
+        client (a partitioned leader) while others still get through."""
         until = time.monotonic() + seconds if seconds is not None else None
         with self._lock:
-            self._faults.append(_Fault(status, until, count, match))
+            self._faults.append(_Fault(status, until, count, match, user_agent))
 
-    def delay(self, seconds: float) -> None:
-        """Hold every request this long before handling it; 0 turns it off. The request still takes
-        effect after the delay, as on a real server where the client gave up waiting."""
+    def delay(
+        self,
+        seconds: float,
+        *,
+        match: Callable[[str, str], bool] | None = None,
+        user_agent: str | None = None,
+    ) -> None:
+        """Hold matching requests (all by default) this long before handling them; ``delay(0)``
+        removes every delay. The request still takes effect after the delay, as on a real server
+        whose client gave up waiting — which is what makes timeouts ambiguous."""
         with self._lock:
-            self._delay = seconds
+            if seconds <= 0:
+                self._delays.clear()
+            else:
+                self._delays.append((seconds, match, user_agent))
 
     def clear_faults(self) -> None:
         with self._lock:
             self._faults.clear()
-            self._delay = 0.0
+            self._delays.clear()
 
     def clear_log(self) -> None:
         with self._lock:
             self.requests.clear()
 
-    def _fault_for(self, method: str, path: str) -> int | None:
+    def _fault_for(self, method: str, path: str, agent: str) -> int | None:
         now = time.monotonic()
         with self._lock:
             self._faults = [
@@ -258,7 +296,7 @@ class FakeKubeAPI:
                 if (f.until is None or f.until > now) and (f.remaining is None or f.remaining > 0)
             ]
             for f in self._faults:
-                if f.match is None or f.match(method, path):
+                if _matches(f.match, f.user_agent, method, path, agent):
                     if f.remaining is not None:
                         f.remaining -= 1
                     return f.status
@@ -279,12 +317,13 @@ class FakeKubeAPI:
     def handle(self, method: str, raw_path: str, headers: dict[str, str], body: bytes) -> tuple[int, JSON]:
         split = urlsplit(raw_path)
         path, query = split.path, parse_qs(split.query)
+        agent = headers.get("user-agent", "")
         with self._lock:
             self.requests.append((method, path))
-            delay = self._delay
+            delay = sum(s for s, m, ua in self._delays if _matches(m, ua, method, path, agent))
         if delay:
             time.sleep(delay)
-        fault = self._fault_for(method, path)
+        fault = self._fault_for(method, path, agent)
         if fault is not None:
             reason = _REASONS.get(fault, "InternalError")
             return fault, status_body(fault, f"injected fault {fault}", reason)
@@ -605,6 +644,19 @@ class _Handler(BaseHTTPRequestHandler):
 
     api: FakeKubeAPI
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in separate writes; with Nagle on, delayed ACKs add ~40 ms to each.
+    disable_nagle_algorithm = True
+
+    def setup(self) -> None:
+        super().setup()
+        with self.api._lock:
+            self.api._connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.api._lock:
+            self.api._connections.discard(self.connection)
+        with contextlib.suppress(OSError):
+            super().finish()
 
     def _serve(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
