@@ -1,0 +1,680 @@
+"""A fake Kubernetes API server for tests.
+
+No real API server can run where our tests run, yet the code under test talks to Kubernetes through
+the real ``kubernetes`` Python client. Mocking the client would test our assumptions about it rather
+than the client itself, so this module serves the real REST paths and JSON shapes over loopback HTTP
+and lets the real client (de)serialise them. It covers only what Continuity uses: Leases, ConfigMaps,
+Deployments (with the ``scale`` subresource), generic namespaced custom objects and ``/version``.
+
+What it keeps faithful, because our correctness depends on it:
+
+- optimistic concurrency: one global resourceVersion bumped by every write; a PUT, or a PATCH that
+  carries ``metadata.resourceVersion``, at a stale version is refused with 409 ``Conflict``; a POST
+  of an existing name with 409 ``AlreadyExists``;
+- errors as ``Status`` objects with ``reason`` and ``code``, as the client expects in ``e.body``;
+- Lease ``acquireTime``/``renewTime`` as MicroTime: exactly six fractional digits, as the real
+  server's ``time.Parse(RFC3339Micro, ...)`` demands, so a client sending ``isoformat()`` of a
+  datetime whose microseconds happen to be zero is caught here rather than in production.
+
+Faults (``fail``, ``delay``) and a request log let tests simulate an unreachable or sick API server
+and assert on what was sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import re
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import kubernetes.client
+
+JSON = dict[str, Any]
+
+# (group, version, plural) -> kind, for the built-in types whose kind the server knows without a body.
+BUILTIN_KINDS: dict[tuple[str, str, str], str] = {
+    ("", "v1", "configmaps"): "ConfigMap",
+    ("coordination.k8s.io", "v1", "leases"): "Lease",
+    ("apps", "v1", "deployments"): "Deployment",
+}
+
+_MICROTIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}(Z|[+-]\d\d:\d\d)$")
+
+_PATH = re.compile(
+    r"^/(?:api/(?P<core_version>v1)|apis/(?P<group>[^/]+)/(?P<version>[^/]+))"
+    r"/namespaces/(?P<namespace>[^/]+)/(?P<plural>[^/]+)"
+    r"(?:/(?P<name>[^/]+)(?:/(?P<subresource>[^/]+))?)?/?$"
+)
+
+_REASONS: dict[int, str] = {
+    400: "BadRequest",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "NotFound",
+    405: "MethodNotAllowed",
+    409: "Conflict",
+    415: "UnsupportedMediaType",
+    422: "Invalid",
+    429: "TooManyRequests",
+    500: "InternalError",
+    503: "ServiceUnavailable",
+    504: "Timeout",
+}
+
+
+class ApiError(Exception):
+    """Carries an HTTP status and a Kubernetes ``reason`` up to the handler, which renders a Status."""
+
+    def __init__(self, code: int, message: str, reason: str | None = None, details: JSON | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.reason = reason or _REASONS.get(code, "Unknown")
+        self.details = details or {}
+
+
+def status_body(code: int, message: str, reason: str, details: JSON | None = None) -> JSON:
+    """Build the ``Status`` object real servers send, so clients parse ``reason`` the same way."""
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Success" if code < 400 else "Failure",
+        "message": message,
+        "reason": reason if code >= 400 else "",
+        "details": details or {},
+        "code": code,
+    }
+
+
+def _now_time() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch. Strategic merge is treated the same: our objects have no lists
+    whose merge keys would make a difference."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def _parse_selector(selector: str) -> list[Callable[[dict[str, str]], bool]]:
+    """Parse the common label selector forms (``a=b``, ``a==b``, ``a!=b``, ``a``, ``!a``,
+    ``a in (x,y)``, ``a notin (x,y)``) into predicates; an unparseable term is a 400, as on a real
+    server, rather than a silent match-all."""
+    terms = [t.strip() for t in re.split(r",(?![^()]*\))", selector) if t.strip()]
+    preds: list[Callable[[dict[str, str]], bool]] = []
+    for term in terms:
+        if m := re.fullmatch(r"([\w./-]+)\s+(in|notin)\s+\(([^)]*)\)", term):
+            key, op, values = m.group(1), m.group(2), {v.strip() for v in m.group(3).split(",")}
+            if op == "in":
+                preds.append(lambda lb, k=key, vs=values: lb.get(k) in vs)
+            else:
+                preds.append(lambda lb, k=key, vs=values: lb.get(k) not in vs)
+        elif m := re.fullmatch(r"([\w./-]+)\s*(==|=|!=)\s*([\w./-]*)", term):
+            key, op, value = m.group(1), m.group(2), m.group(3)
+            if op == "!=":
+                preds.append(lambda lb, k=key, v=value: lb.get(k) != v)
+            else:
+                preds.append(lambda lb, k=key, v=value: lb.get(k) == v)
+        elif m := re.fullmatch(r"!\s*([\w./-]+)", term):
+            absent = m.group(1)
+            preds.append(lambda lb, k=absent: k not in lb)
+        elif re.fullmatch(r"[\w./-]+", term):
+            preds.append(lambda lb, k=term: k in lb)
+        else:
+            raise ApiError(400, f"unable to parse requirement: {term!r}")
+    return preds
+
+
+@dataclass
+class _Fault:
+    status: int
+    until: float | None  # monotonic deadline, or None
+    remaining: int | None  # requests left to fail, or None
+    match: Callable[[str, str], bool] | None
+    user_agent: str | None  # only requests whose User-Agent contains this
+
+
+def _matches(
+    match: Callable[[str, str], bool] | None, user_agent: str | None, method: str, path: str, agent: str
+) -> bool:
+    return (match is None or match(method, path)) and (user_agent is None or user_agent in agent)
+
+
+class FakeKubeAPI:
+    """In-process fake API server on 127.0.0.1 with an ephemeral port.
+
+    Use as a context manager, or ``start()``/``stop()``. State lives in memory and is shared by
+    all clients, which is what makes two electors in one test see the same Lease.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._objects: dict[tuple[str, str, str, str, str], JSON] = {}
+        # Kinds of custom resources, learnt from the first create (a real server reads the CRD).
+        self._custom_kinds: dict[tuple[str, str, str], str] = {}
+        self._rv = 1000
+        self._faults: list[_Fault] = []
+        self._delays: list[tuple[float, Callable[[str, str], bool] | None, str | None]] = []
+        self.requests: list[tuple[str, str]] = []
+        self._server: ThreadingHTTPServer | None = None
+        self._connections: set[socket.socket] = set()
+        self._thread: threading.Thread | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def start(self) -> FakeKubeAPI:
+        fake = self
+
+        class Handler(_Handler):
+            api = fake
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server.daemon_threads = True
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, args=(0.05,), name="fake-kubeapi", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop listening *and* cut open keep-alive connections: otherwise a client with a pooled
+        connection would keep talking to a server that is supposed to be gone."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        with self._lock:
+            connections, self._connections = list(self._connections), set()
+        for conn in connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def __enter__(self) -> FakeKubeAPI:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("fake API server is not running")
+        return int(self._server.server_address[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def api_client(
+        self, user_agent: str | None = None, retries: int | bool | None = False
+    ) -> kubernetes.client.ApiClient:
+        """A real client pointed at this server. urllib3's own retries are off by default so that a
+        test's timeout means one attempt, as the caller's ``_request_timeout`` says; ``user_agent``
+        names the client for ``fail(user_agent=...)``."""
+        config = kubernetes.client.Configuration(host=self.url)
+        config.retries = retries
+        client = kubernetes.client.ApiClient(configuration=config)
+        if user_agent is not None:
+            client.user_agent = user_agent
+        return client
+
+    # ---- faults and log --------------------------------------------------------------------
+    def fail(
+        self,
+        status: int = 500,
+        *,
+        seconds: float | None = None,
+        count: int | None = None,
+        match: Callable[[str, str], bool] | None = None,
+        user_agent: str | None = None,
+    ) -> None:
+        """Answer matching requests (``match(method, path)`` and a User-Agent containing
+        ``user_agent``; all by default) with ``status`` for ``seconds`` or for ``count`` requests,
+        or until ``clear_faults()`` if neither is given. ``user_agent`` lets a test cut off one
+        client (a partitioned leader) while others still get through."""
+        until = time.monotonic() + seconds if seconds is not None else None
+        with self._lock:
+            self._faults.append(_Fault(status, until, count, match, user_agent))
+
+    def delay(
+        self,
+        seconds: float,
+        *,
+        match: Callable[[str, str], bool] | None = None,
+        user_agent: str | None = None,
+    ) -> None:
+        """Hold matching requests (all by default) this long before handling them; ``delay(0)``
+        removes every delay. The request still takes effect after the delay, as on a real server
+        whose client gave up waiting — which is what makes timeouts ambiguous."""
+        with self._lock:
+            if seconds <= 0:
+                self._delays.clear()
+            else:
+                self._delays.append((seconds, match, user_agent))
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._faults.clear()
+            self._delays.clear()
+
+    def clear_log(self) -> None:
+        with self._lock:
+            self.requests.clear()
+
+    def _fault_for(self, method: str, path: str, agent: str) -> int | None:
+        now = time.monotonic()
+        with self._lock:
+            self._faults = [
+                f
+                for f in self._faults
+                if (f.until is None or f.until > now) and (f.remaining is None or f.remaining > 0)
+            ]
+            for f in self._faults:
+                if _matches(f.match, f.user_agent, method, path, agent):
+                    if f.remaining is not None:
+                        f.remaining -= 1
+                    return f.status
+        return None
+
+    # ---- direct access for tests -----------------------------------------------------------
+    def get_object(self, group: str, version: str, namespace: str, plural: str, name: str) -> JSON | None:
+        with self._lock:
+            obj = self._objects.get((group, version, namespace, plural, name))
+            return copy.deepcopy(obj) if obj is not None else None
+
+    @property
+    def resource_version(self) -> int:
+        with self._lock:
+            return self._rv
+
+    # ---- request handling ------------------------------------------------------------------
+    def handle(self, method: str, raw_path: str, headers: dict[str, str], body: bytes) -> tuple[int, JSON]:
+        split = urlsplit(raw_path)
+        path, query = split.path, parse_qs(split.query)
+        agent = headers.get("user-agent", "")
+        with self._lock:
+            self.requests.append((method, path))
+            delay = sum(s for s, m, ua in self._delays if _matches(m, ua, method, path, agent))
+        if delay:
+            time.sleep(delay)
+        fault = self._fault_for(method, path, agent)
+        if fault is not None:
+            reason = _REASONS.get(fault, "InternalError")
+            return fault, status_body(fault, f"injected fault {fault}", reason)
+        try:
+            if path in ("/version", "/version/"):
+                if method != "GET":
+                    raise ApiError(405, "method not allowed")
+                return 200, {
+                    "major": "1",
+                    "minor": "30",
+                    "gitVersion": "v1.30.0-continuity-fake",
+                    "gitCommit": "0" * 40,
+                    "gitTreeState": "clean",
+                    "buildDate": "2026-01-01T00:00:00Z",
+                    "goVersion": "go1.22.0",
+                    "compiler": "gc",
+                    "platform": "linux/amd64",
+                }
+            m = _PATH.match(path)
+            if not m:
+                raise ApiError(404, f"the server could not find the requested resource ({path})")
+            group = m.group("group") or ""
+            version = m.group("core_version") or m.group("version")
+            payload: Any = None
+            if body:
+                try:
+                    payload = json.loads(body)
+                except ValueError as e:
+                    raise ApiError(400, f"invalid JSON body: {e}") from e
+            with self._lock:
+                return self._dispatch(
+                    method,
+                    group,
+                    version,
+                    m.group("namespace"),
+                    m.group("plural"),
+                    m.group("name"),
+                    m.group("subresource"),
+                    query,
+                    headers.get("content-type", ""),
+                    payload,
+                )
+        except ApiError as e:
+            return e.code, status_body(e.code, e.message, e.reason, e.details)
+
+    def _dispatch(
+        self,
+        method: str,
+        group: str,
+        version: str,
+        namespace: str,
+        plural: str,
+        name: str | None,
+        subresource: str | None,
+        query: dict[str, list[str]],
+        content_type: str,
+        payload: Any,
+    ) -> tuple[int, JSON]:
+        res = _Resource(group, version, plural)
+        if name is None:
+            if method == "GET":
+                return 200, self._list(res, namespace, query)
+            if method == "POST":
+                return 201, self._create(res, namespace, payload)
+            raise ApiError(405, f"method {method} not allowed on a collection")
+        if subresource is not None:
+            if subresource == "scale" and res.key == ("apps", "v1", "deployments"):
+                return self._scale(method, res, namespace, name, content_type, payload)
+            if subresource == "status" and method in ("GET", "PUT", "PATCH"):
+                return self._item(method, res, namespace, name, content_type, payload)
+            raise ApiError(404, f"the server could not find the requested resource ({subresource})")
+        return self._item(method, res, namespace, name, content_type, payload)
+
+    def _list(self, res: _Resource, namespace: str, query: dict[str, list[str]]) -> JSON:
+        preds = _parse_selector(query.get("labelSelector", [""])[0])
+        items = []
+        for (g, v, ns, p, _), obj in sorted(self._objects.items()):
+            if (g, v, p) != res.key or ns != namespace:
+                continue
+            labels = obj.get("metadata", {}).get("labels") or {}
+            if all(pred(labels) for pred in preds):
+                items.append(copy.deepcopy(obj))
+        return {
+            "apiVersion": res.api_version,
+            "kind": f"{res.kind or self._custom_kinds.get(res.key, 'Object')}List",
+            "metadata": {"resourceVersion": str(self._rv)},
+            "items": items,
+        }
+
+    def _create(self, res: _Resource, namespace: str, payload: Any) -> JSON:
+        if not isinstance(payload, dict):
+            raise ApiError(400, "request body must be an object")
+        obj = copy.deepcopy(payload)
+        meta = obj.setdefault("metadata", {}) or {}
+        obj["metadata"] = meta
+        name = meta.get("name")
+        if not name and meta.get("generateName"):
+            name = meta["generateName"] + uuid.uuid4().hex[:5]
+        if not name:
+            raise ApiError(422, "metadata.name: Required value: name or generateName is required")
+        if meta.get("namespace") not in (None, namespace):
+            raise ApiError(400, "the namespace of the provided object does not match the request")
+        key = res.storage_key(namespace, name)
+        if key in self._objects:
+            raise ApiError(
+                409,
+                f'{res.resource_name} "{name}" already exists',
+                "AlreadyExists",
+                {"name": name, "group": res.group, "kind": res.plural},
+            )
+        obj["apiVersion"] = res.api_version
+        obj["kind"] = res.kind or obj.get("kind")
+        if not obj["kind"]:
+            raise ApiError(400, "Object 'Kind' is missing")
+        if res.kind is None:
+            self._custom_kinds.setdefault(res.key, obj["kind"])
+        meta.update(
+            name=name,
+            namespace=namespace,
+            uid=str(uuid.uuid4()),
+            creationTimestamp=_now_time(),
+            generation=1,
+        )
+        meta.pop("resourceVersion", None)
+        self._validate(res, obj)
+        self._write(key, obj)
+        return copy.deepcopy(obj)
+
+    def _get(self, res: _Resource, namespace: str, name: str) -> JSON:
+        obj = self._objects.get(res.storage_key(namespace, name))
+        if obj is None:
+            raise ApiError(
+                404,
+                f'{res.resource_name} "{name}" not found',
+                "NotFound",
+                {"name": name, "group": res.group, "kind": res.plural},
+            )
+        return obj
+
+    def _item(
+        self, method: str, res: _Resource, namespace: str, name: str, content_type: str, payload: Any
+    ) -> tuple[int, JSON]:
+        current = self._get(res, namespace, name)
+        if method == "GET":
+            return 200, copy.deepcopy(current)
+        if method == "DELETE":
+            del self._objects[res.storage_key(namespace, name)]
+            self._rv += 1
+            uid = current["metadata"]["uid"]
+            details = {"name": name, "group": res.group, "kind": res.plural, "uid": uid}
+            return 200, status_body(200, "", "", details)
+        if method == "PUT":
+            if not isinstance(payload, dict):
+                raise ApiError(400, "request body must be an object")
+            new = copy.deepcopy(payload)
+        elif method == "PATCH":
+            new = self._apply_patch(current, content_type, payload)
+        else:
+            raise ApiError(405, f"method {method} not allowed")
+        meta = new.setdefault("metadata", {}) or {}
+        new["metadata"] = meta
+        if meta.get("name", name) != name:
+            raise ApiError(400, "the name of the object does not match the name on the URL")
+        self._check_rv(res, name, current, meta.get("resourceVersion"))
+        for field in ("uid", "creationTimestamp", "name", "namespace"):
+            meta[field] = current["metadata"][field]
+        new["apiVersion"] = current["apiVersion"]
+        new["kind"] = current["kind"]
+        meta["generation"] = current["metadata"].get("generation", 1) + (
+            1 if new.get("spec") != current.get("spec") else 0
+        )
+        self._validate(res, new)
+        self._write(res.storage_key(namespace, name), new)
+        return 200, copy.deepcopy(new)
+
+    def _apply_patch(self, current: JSON, content_type: str, payload: Any) -> JSON:
+        ctype = content_type.split(";")[0].strip()
+        if ctype not in ("application/merge-patch+json", "application/strategic-merge-patch+json"):
+            raise ApiError(415, f"the fake API server does not support patch type {ctype!r}")
+        if not isinstance(payload, dict):
+            raise ApiError(400, "a merge patch must be an object")
+        return merge_patch(current, payload)
+
+    def _check_rv(self, res: _Resource, name: str, current: JSON, sent_rv: Any) -> None:
+        if sent_rv is not None and str(sent_rv) != current["metadata"]["resourceVersion"]:
+            raise ApiError(
+                409,
+                f'Operation cannot be fulfilled on {res.resource_name} "{name}": the object has been '
+                "modified; please apply your changes to the latest version and try again",
+                "Conflict",
+                {"name": name, "group": res.group, "kind": res.plural},
+            )
+
+    def _scale(
+        self, method: str, res: _Resource, namespace: str, name: str, content_type: str, payload: Any
+    ) -> tuple[int, JSON]:
+        current = self._get(res, namespace, name)
+        if method in ("PUT", "PATCH"):
+            if method == "PUT":
+                if not isinstance(payload, dict):
+                    raise ApiError(400, "request body must be an object")
+                scale = payload
+            else:
+                scale = self._apply_patch(self._scale_of(current), content_type, payload)
+            self._check_rv(res, name, current, (scale.get("metadata") or {}).get("resourceVersion"))
+            replicas = (scale.get("spec") or {}).get("replicas")
+            if not isinstance(replicas, int) or replicas < 0:
+                raise ApiError(422, "spec.replicas: Invalid value: must be a non-negative integer")
+            new = copy.deepcopy(current)
+            if new.get("spec", {}).get("replicas") != replicas:
+                new.setdefault("spec", {})["replicas"] = replicas
+                new["metadata"]["generation"] = new["metadata"].get("generation", 1) + 1
+            self._validate(res, new)
+            self._write(res.storage_key(namespace, name), new)
+            current = new
+        elif method != "GET":
+            raise ApiError(405, f"method {method} not allowed on scale")
+        return 200, self._scale_of(current)
+
+    @staticmethod
+    def _scale_of(deployment: JSON) -> JSON:
+        meta = deployment["metadata"]
+        labels = ((deployment.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+        replicas = deployment["spec"]["replicas"]
+        return {
+            "apiVersion": "autoscaling/v1",
+            "kind": "Scale",
+            "metadata": {
+                k: meta[k] for k in ("name", "namespace", "uid", "resourceVersion", "creationTimestamp")
+            },
+            "spec": {"replicas": replicas},
+            "status": {"replicas": replicas, "selector": ",".join(f"{k}={v}" for k, v in labels.items())},
+        }
+
+    def _validate(self, res: _Resource, obj: JSON) -> None:
+        """Enforce the few server-side rules a client could get wrong and never notice against a
+        lenient fake: MicroTime precision, positive lease durations, defaults and mirrored status."""
+        if res.kind == "Lease":
+            spec = obj.setdefault("spec", {}) or {}
+            obj["spec"] = spec
+            for field in ("acquireTime", "renewTime"):
+                value = spec.get(field)
+                if value is None:
+                    continue
+                if not isinstance(value, str) or not _MICROTIME.match(value):
+                    raise ApiError(
+                        400,
+                        f"spec.{field}: {value!r} is not a MicroTime "
+                        "(RFC 3339 with exactly 6 fractional digits)",
+                    )
+                spec[field] = datetime.fromisoformat(value).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            for field in ("leaseDurationSeconds", "leaseTransitions"):
+                value = spec.get(field)
+                if value is None:
+                    continue
+                minimum = 1 if field == "leaseDurationSeconds" else 0
+                if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                    raise ApiError(
+                        422, f"spec.{field}: Invalid value: {value!r}: must be an integer >= {minimum}"
+                    )
+        elif res.kind == "Deployment":
+            spec = obj.setdefault("spec", {}) or {}
+            obj["spec"] = spec
+            spec.setdefault("replicas", 1)
+            if not isinstance(spec["replicas"], int) or spec["replicas"] < 0:
+                raise ApiError(422, "spec.replicas: Invalid value: must be a non-negative integer")
+            n = spec["replicas"]
+            obj["status"] = {
+                "observedGeneration": obj["metadata"].get("generation", 1),
+                "replicas": n,
+                "readyReplicas": n,
+                "availableReplicas": n,
+                "updatedReplicas": n,
+            }
+
+    def _write(self, key: tuple[str, str, str, str, str], obj: JSON) -> None:
+        self._rv += 1
+        obj["metadata"]["resourceVersion"] = str(self._rv)
+        self._objects[key] = obj
+
+
+@dataclass(frozen=True)
+class _Resource:
+    group: str
+    version: str
+    plural: str
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.group, self.version, self.plural)
+
+    @property
+    def kind(self) -> str | None:
+        return BUILTIN_KINDS.get(self.key)
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+    @property
+    def resource_name(self) -> str:
+        return f"{self.plural}.{self.group}" if self.group else self.plural
+
+    def storage_key(self, namespace: str, name: str) -> tuple[str, str, str, str, str]:
+        return (self.group, self.version, namespace, self.plural, name)
+
+
+def _phrase(code: int) -> str | None:
+    try:
+        return HTTPStatus(code).phrase
+    except ValueError:
+        return None
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Thin HTTP shell around ``FakeKubeAPI.handle``; keep-alive so urllib3 pools connections like
+    it does against a real server."""
+
+    api: FakeKubeAPI
+    protocol_version = "HTTP/1.1"
+    # Headers and body go out in separate writes; with Nagle on, delayed ACKs add ~40 ms to each.
+    disable_nagle_algorithm = True
+
+    def setup(self) -> None:
+        super().setup()
+        with self.api._lock:
+            self.api._connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.api._lock:
+            self.api._connections.discard(self.connection)
+        with contextlib.suppress(OSError):
+            super().finish()
+
+    def _serve(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        code, payload = self.api.handle(self.command, self.path, headers, body)
+        data = json.dumps(payload).encode()
+        try:
+            self.send_response(code, _phrase(code))
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            # The client gave up (its timeout was shorter than our injected delay).
+            self.close_connection = True
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _serve
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet: pytest output stays readable
+        pass
