@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from controller.durations import Duration
 from probes.base import Strict
@@ -49,7 +49,77 @@ class Service(Strict):
     playbook: str | None = Field(default=None, description="Playbook run when the service is DOWN.")
 
 
-class PlaybookStep(Strict):
+class Bound(Strict):
+    """A numeric condition on a guard's value: `{lt: 0.02}`."""
+
+    lt: float | None = None
+    le: float | None = None
+    gt: float | None = None
+    ge: float | None = None
+
+    def holds(self, value: float) -> bool:
+        return (
+            (self.lt is None or value < self.lt)
+            and (self.le is None or value <= self.le)
+            and (self.gt is None or value > self.gt)
+            and (self.ge is None or value >= self.ge)
+        )
+
+    def describe(self) -> str:
+        words = {"lt": "<", "le": "<=", "gt": ">", "ge": ">="}
+        return " and ".join(f"{words[k]} {getattr(self, k):g}" for k in words if getattr(self, k) is not None)
+
+
+class PromQuery(Strict):
+    url: str = Field(description="Prometheus base URL, e.g. http://prometheus:9090.")
+    query: str = Field(description="An instant PromQL query; the first series' value is used.")
+
+
+class CloudWatchMetric(Strict):
+    namespace: str = "AWS/RDS"
+    metric: str = "ReplicaLag"
+    dimensions: dict[str, str] = Field(default_factory=dict, description="e.g. {DBInstanceIdentifier: db-2}.")
+    statistic: Literal["Average", "Maximum", "Minimum", "Sum"] = "Maximum"
+    period: Duration = Field(default=60.0, gt=0)
+    window: Duration = Field(default=300.0, gt=0, description="How far back to look for datapoints.")
+
+
+class ReplicaLagGuard(Strict):
+    """Replica lag in seconds must be under `max` (default: the service's RPO)."""
+
+    prometheus: PromQuery | None = None
+    cloudwatch: CloudWatchMetric | None = None
+    max: Duration | None = Field(default=None, description="Lag limit; by default the service's RPO.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ReplicaLagGuard:
+        if (self.prometheus is None) == (self.cloudwatch is None):
+            raise ValueError("exactly one of prometheus or cloudwatch as the source of the lag")
+        return self
+
+
+class PromGuard(PromQuery, Bound):
+    """A custom PromQL condition that must hold, e.g. the secondary's error ratio {lt: 0.01}."""
+
+
+class Guard(Strict):
+    """One condition checked from live data before a step; exactly one kind per entry."""
+
+    probes_healthy: list[str] | None = Field(
+        default=None, description="Probes that must be UP: never fail over into a dead region."
+    )
+    replica_lag: ReplicaLagGuard | None = None
+    prometheus: PromGuard | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Guard:
+        given = [k for k in ("probes_healthy", "replica_lag", "prometheus") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("exactly one of probes_healthy, replica_lag or prometheus per guard")
+        return self
+
+
+class StepSpec(Strict):
     name: str = Field(min_length=1)
     action: str = Field(description="An action name, e.g. aws.route53.switch_record.")
     params: dict[str, Any] = Field(default_factory=dict, alias="with", description="The action's parameters.")
@@ -57,11 +127,35 @@ class PlaybookStep(Strict):
     retries: int = Field(default=2, ge=0, le=20, description="Extra attempts, with exponential backoff.")
 
 
+class PlaybookStep(StepSpec):
+    guards: list[Guard] = Field(
+        default_factory=list, description="Checked before the step; one failing stops the run."
+    )
+    rollback: str | None = Field(
+        default=None, description="Name of a rollback_steps entry that undoes this step."
+    )
+    group: str | None = Field(default=None, description="Adjacent steps with the same group run in parallel.")
+
+
 class Playbook(Strict):
     description: str = ""
     steps: list[PlaybookStep] = Field(min_length=1)
     cooldown: Duration = Field(default=1800.0, ge=0, description="No second automatic run within this.")
-    approval: Literal["auto", "manual"] = "auto"
+    approval: Literal["auto", "manual"] = Field(
+        default="auto", description="manual: a human approves each run."
+    )
+    auto_approve: list[Literal["critical", "moderate", "low"]] = Field(
+        default_factory=list, description="With approval: manual, severities approved without a human."
+    )
+    approval_timeout: Duration = Field(default=1800.0, gt=0, description="An unanswered approval expires.")
+    escalate_after: Duration = Field(default=600.0, gt=0, description="Page again if nobody has answered.")
+    on_failure: Literal["stop", "rollback"] = Field(
+        default="stop", description="rollback: undo the completed steps in reverse order."
+    )
+    rollback_steps: list[StepSpec] = Field(default_factory=list, description="Undo actions, named by steps.")
+
+    def needs_approval(self, severity: str | None) -> bool:
+        return self.approval == "manual" and severity not in self.auto_approve
 
 
 class PagerDuty(Strict):
@@ -103,6 +197,13 @@ class ControllerSettings(Strict):
     tick: Duration = Field(default=1.0, gt=0, description="How often the decision loop runs.")
     outbox_retry: Duration = Field(
         default=5.0, gt=0, description="First retry delay for undelivered messages."
+    )
+    max_runs_per_hour: int = Field(
+        default=3, ge=1, description="Cap on automatic playbook runs per hour, all services together."
+    )
+    api_token_env: str = Field(
+        default="CONTINUITY_API_TOKEN",
+        description="Env var holding the bearer token for the API's write calls.",
     )
 
 
@@ -319,7 +420,6 @@ def load_raw(path: str | Path) -> tuple[dict[str, Any], dict[tuple[str, str], Pa
 
 def _cross_references(raw: dict[str, Any]) -> list[tuple[list[Any], str]]:
     """Checks pydantic cannot do alone: names that point across sections, and action parameters."""
-    from playbooks.actions import ACTIONS
 
     found: list[tuple[list[Any], str]] = []
     probes = raw.get("probes") if isinstance(raw.get("probes"), dict) else {}
@@ -345,48 +445,65 @@ def _cross_references(raw: dict[str, Any]) -> list[tuple[list[Any], str]]:
                 )
             )
     for pbname, pb in playbooks.items():
-        steps = pb.get("steps") if isinstance(pb, dict) else None
-        if not isinstance(steps, list):
+        if not isinstance(pb, dict):
             continue
-        names: set[str] = set()
-        for i, step in enumerate(steps):
-            if not isinstance(step, dict):
-                continue
-            if isinstance(step.get("name"), str):
-                if step["name"] in names:
-                    found.append(
-                        (
-                            ["playbooks", pbname, "steps", i, "name"],
-                            f"expected a unique step name, found {step['name']!r} twice",
-                        )
-                    )
-                names.add(step["name"])
-            action = step.get("action")
-            if not isinstance(action, str):
-                continue
-            if action not in ACTIONS:
-                found.append(
-                    (
-                        ["playbooks", pbname, "steps", i, "action"],
-                        f"expected one of {', '.join(sorted(ACTIONS))}, found {action!r}",
-                    )
-                )
-                continue
-            params = step.get("with", {})
-            try:
-                ACTIONS[action].Params.model_validate(params if params is not None else {})
-            except ValidationError as exc:
-                for err in exc.errors():
-                    loc = ["playbooks", pbname, "steps", i, "with", *err["loc"]]
-                    found.append((loc, _sentence(err)))
-            for ref in ACTIONS[action].probe_refs(params if isinstance(params, dict) else {}):
+        rollback_names = (
+            {r.get("name") for r in pb.get("rollback_steps") or [] if isinstance(r, dict)}
+            if isinstance(pb.get("rollback_steps"), list)
+            else set()
+        )
+        for section in ("steps", "rollback_steps"):
+            steps = pb.get(section)
+            if isinstance(steps, list):
+                found.extend(_check_steps(["playbooks", pbname, section], steps, probes, rollback_names))
+    return found
+
+
+def _check_steps(
+    where: list[Any], steps: list[Any], probes: dict[str, Any], rollback_names: set[Any]
+) -> list[tuple[list[Any], str]]:
+    """Step names unique, actions known, parameters valid for their action, references resolved."""
+    from playbooks.actions import ACTIONS
+
+    found: list[tuple[list[Any], str]] = []
+    names: set[str] = set()
+    for i, step in enumerate(steps):
+        if not isinstance(step, dict):
+            continue
+        at = [*where, i]
+        if isinstance(step.get("name"), str):
+            if step["name"] in names:
+                found.append(([*at, "name"], f"expected a unique step name, found {step['name']!r} twice"))
+            names.add(step["name"])
+        rollback = step.get("rollback")
+        if isinstance(rollback, str) and rollback not in rollback_names:
+            known = ", ".join(sorted(str(n) for n in rollback_names)) or "none are defined"
+            found.append(
+                ([*at, "rollback"], f"expected a step of rollback_steps ({known}), found {rollback!r}")
+            )
+        for g, guard in enumerate(step.get("guards") or [] if isinstance(step.get("guards"), list) else []):
+            refs = guard.get("probes_healthy") if isinstance(guard, dict) else None
+            for ref in refs if isinstance(refs, list) else []:
                 if ref not in probes:
                     found.append(
-                        (
-                            ["playbooks", pbname, "steps", i, "with", "probes"],
-                            f"expected the name of a defined probe, found {ref!r}",
-                        )
+                        ([*at, "guards", g, "probes_healthy"], f"expected a defined probe, found {ref!r}")
                     )
+        action = step.get("action")
+        if not isinstance(action, str):
+            continue
+        if action not in ACTIONS:
+            found.append(([*at, "action"], f"expected one of {', '.join(sorted(ACTIONS))}, found {action!r}"))
+            continue
+        params = step.get("with", {})
+        try:
+            ACTIONS[action].Params.model_validate(params if params is not None else {})
+        except ValidationError as exc:
+            found.extend(([*at, "with", *err["loc"]], _sentence(err)) for err in exc.errors())
+        for ref in ACTIONS[action].probe_refs(params if isinstance(params, dict) else {}):
+            if ref not in probes:
+                found.append(
+                    ([*at, "with", "probes"], f"expected the name of a defined probe, found {ref!r}")
+                )
     return found
 
 

@@ -63,6 +63,10 @@ CREATE TABLE IF NOT EXISTS steps (
     detail TEXT,
     PRIMARY KEY (run_id, idx)
 );
+CREATE TABLE IF NOT EXISTS flags (
+    name TEXT PRIMARY KEY,           -- paused, frozen:SERVICE, approval:RUN_ID ...
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     channel TEXT NOT NULL,
@@ -177,6 +181,11 @@ class Store(Protocol):
     ) -> Run: ...
     def update_run(self, run_id: str, **changes: Any) -> None: ...
     def update_step(self, run_id: str, idx: int, **changes: Any) -> None: ...
+    def add_step(self, run_id: str, idx: int, name: str) -> None: ...
+    def get_run(self, run_id: str) -> Run | None: ...
+    def get_flag(self, name: str) -> str | None: ...
+    def set_flag(self, name: str, value: str | None) -> None: ...
+    def flags(self, prefix: str = "") -> dict[str, str]: ...
     def runs(self, service: str | None = None, playbook: str | None = None) -> list[Run]: ...
     def steps(self, run_id: str) -> list[StepRecord]: ...
     def enqueue(
@@ -337,6 +346,16 @@ class SQLiteStore:
         cols = ", ".join(f"{k}=?" for k in changes)
         self._exec(f"UPDATE runs SET {cols} WHERE id=?", (*changes.values(), run_id))
 
+    def add_step(self, run_id: str, idx: int, name: str) -> None:
+        self._exec(
+            "INSERT OR IGNORE INTO steps (run_id, idx, name, state) VALUES (?,?,?,?)",
+            (run_id, idx, name, "pending"),
+        )
+
+    def get_run(self, run_id: str) -> Run | None:
+        row = self._exec("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone()
+        return Run(**{**dict(row), "dry_run": bool(row["dry_run"])}) if row else None
+
     def update_step(self, run_id: str, idx: int, **changes: Any) -> None:
         cols = ", ".join(f"{k}=?" for k in changes)
         self._exec(f"UPDATE steps SET {cols} WHERE run_id=? AND idx=?", (*changes.values(), run_id, idx))
@@ -355,6 +374,26 @@ class SQLiteStore:
     def steps(self, run_id: str) -> list[StepRecord]:
         rows = self._exec("SELECT * FROM steps WHERE run_id=? ORDER BY idx", (run_id,)).fetchall()
         return [StepRecord(**dict(r)) for r in rows]
+
+    # ---------------------------------------------------------------- flags
+
+    def get_flag(self, name: str) -> str | None:
+        row = self._exec("SELECT value FROM flags WHERE name=?", (name,)).fetchone()
+        return row["value"] if row else None
+
+    def set_flag(self, name: str, value: str | None) -> None:
+        """Small durable switches humans flip: pause, a frozen playbook, an approval decision."""
+        if value is None:
+            self._exec("DELETE FROM flags WHERE name=?", (name,))
+        else:
+            self._exec(
+                "INSERT INTO flags (name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value=?",
+                (name, value, value),
+            )
+
+    def flags(self, prefix: str = "") -> dict[str, str]:
+        rows = self._exec("SELECT name, value FROM flags WHERE name LIKE ?", (prefix + "%",)).fetchall()
+        return {r["name"]: r["value"] for r in rows}
 
     # ---------------------------------------------------------------- outbox
 

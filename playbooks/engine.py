@@ -18,10 +18,11 @@ import structlog
 from botocore.exceptions import BotoCoreError, ClientError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_exponential
 
-from controller.config import Playbook
+from controller.config import Playbook, PlaybookStep
 from controller.durations import format_duration
 from controller.metrics import Metrics
-from controller.store import Store
+from controller.store import Run, Store
+from playbooks import guards
 from playbooks.actions import ACTIONS, Action, ActionContext, ActionError, PlannedCall
 
 log = structlog.get_logger("continuity.playbook")
@@ -75,6 +76,10 @@ class RunResult:
     error: str = ""
     steps: list[StepOutcome] = field(default_factory=list)
     duration: float = 0.0
+    blocked: bool = False
+    """A guard stopped the run before it changed anything in that step."""
+    rolled_back: bool = False
+    state: str = ""
 
 
 def plan(pb: Playbook) -> list[tuple[str, list[PlannedCall]]]:
@@ -94,6 +99,8 @@ def render_plan(name: str, pb: Playbook) -> str:
 
 
 class Engine:
+    """Runs playbooks from the journal: what the store says is done is never done again."""
+
     def __init__(
         self,
         store: Store,
@@ -106,6 +113,24 @@ class Engine:
         self.clock = clock
         self.backoff = backoff
 
+    def create(
+        self,
+        name: str,
+        pb: Playbook,
+        *,
+        incident_id: str | None = None,
+        service: str | None = None,
+        dry_run: bool = False,
+        state: str = "running",
+    ) -> Run:
+        run = self.store.create_run(
+            name, incident_id, service, dry_run, self.clock(), [s.name for s in pb.steps]
+        )
+        if state != "running":
+            self.store.update_run(run.id, state=state)
+            run.state = state
+        return run
+
     async def run(
         self,
         name: str,
@@ -116,38 +141,131 @@ class Engine:
         service: str | None = None,
         dry_run: bool = False,
     ) -> RunResult:
+        run = self.create(name, pb, incident_id=incident_id, service=service, dry_run=dry_run)
+        return await self.execute(run.id, name, pb, ctx, dry_run=dry_run)
+
+    async def execute(
+        self, run_id: str, name: str, pb: Playbook, ctx: ActionContext, *, dry_run: bool = False
+    ) -> RunResult:
+        """Run (or resume) a journaled run: steps already done are skipped, the rest run in order."""
         started = time.monotonic()
-        run = self.store.create_run(
-            name, incident_id, service, dry_run, self.clock(), [s.name for s in pb.steps]
-        )
+        journal = {r.idx: r for r in self.store.steps(run_id)}
+        resumed = any(r.state != "pending" for r in journal.values())
+        self.store.update_run(run_id, state="running")
         mode = " (dry run: nothing will change)" if dry_run else ""
-        ctx.record("playbook", f"playbook {name} started as {run.id}{mode}", {"run_id": run.id})
-        result = RunResult(run.id, ok=True)
-        for idx, step in enumerate(pb.steps):
-            action = ACTIONS[step.action](step.params)
-            outcome = await self._step(
-                name, run.id, idx, step.name, step.timeout, step.retries, action, ctx, dry_run
+        verb = "resumed" if resumed else "started"
+        ctx.record("playbook", f"playbook {name} {verb} as {run_id}{mode}", {"run_id": run_id})
+        result = RunResult(run_id, ok=True)
+        done: list[int] = []
+        for group in _groups(pb):
+            todo = [i for i in group if journal.get(i) is None or journal[i].state not in ("done", "skipped")]
+            for i in group:
+                if i not in todo:
+                    done.append(i)
+                    ctx.record(
+                        "step",
+                        f"step {pb.steps[i].name} already done in an earlier attempt of this run",
+                        {"run_id": run_id, "step": pb.steps[i].name},
+                    )
+            outcomes = await asyncio.gather(
+                *(self._step(name, run_id, i, pb.steps[i], ctx, dry_run) for i in todo)
             )
-            result.steps.append(outcome)
-            if outcome.state == "failed":
+            for i, outcome in zip(todo, outcomes, strict=True):
+                result.steps.append(outcome)
+                if outcome.state in ("done", "skipped"):
+                    done.append(i)
+            failed = [o for o in outcomes if o.state in ("failed", "blocked")]
+            if failed:
                 result.ok = False
-                result.error = f"step {step.name} failed: {outcome.detail}"
-                for later in range(idx + 1, len(pb.steps)):
-                    self.store.update_step(run.id, later, state="skipped")
+                result.blocked = all(o.state == "blocked" for o in failed)
+                result.error = "; ".join(f"step {o.name} {o.state}: {o.detail}" for o in failed)
+                later = [i for i in range(len(pb.steps)) if i > max(group)]
+                for i in later:
+                    self.store.update_step(
+                        run_id, i, state="skipped", detail="not run: an earlier step failed"
+                    )
                 break
+        if not result.ok and pb.on_failure == "rollback" and not dry_run:
+            result.rolled_back = await self._rollback(name, run_id, pb, ctx, done)
         result.duration = time.monotonic() - started
-        outcome_word = "succeeded" if result.ok else "failed"
-        self.store.update_run(run.id, state=outcome_word, ended_at=self.clock(), error=result.error or None)
-        self.metrics.playbook_runs.labels(name, "dry_run" if dry_run else outcome_word).inc()
+        if result.ok:
+            state = "succeeded"
+        elif result.blocked:
+            state = "blocked"
+        else:
+            state = "rolled_back" if result.rolled_back else "failed"
+        result.state = state
+        self.store.update_run(run_id, state=state, ended_at=self.clock(), error=result.error or None)
+        self.metrics.playbook_runs.labels(name, "dry_run" if dry_run else state).inc()
         ctx.record(
             "playbook",
-            f"playbook {name} {outcome_word} in {format_duration(result.duration)}"
+            f"playbook {name} {state} in {format_duration(result.duration)}"
             + (f": {result.error}" if result.error else ""),
-            {"run_id": run.id, "ok": result.ok, "duration_s": round(result.duration, 3)},
+            {"run_id": run_id, "ok": result.ok, "state": state, "duration_s": round(result.duration, 3)},
         )
         return result
 
+    async def _rollback(
+        self, name: str, run_id: str, pb: Playbook, ctx: ActionContext, done: list[int]
+    ) -> bool:
+        """Undo completed steps in reverse order; True when every declared rollback succeeded."""
+        specs = {r.name: r for r in pb.rollback_steps}
+        ok = True
+        base = len(pb.steps)
+        for n, i in enumerate(sorted(done, reverse=True)):
+            step = pb.steps[i]
+            if step.rollback is None:
+                continue
+            spec = specs[step.rollback]
+            idx = base + n
+            self.store.add_step(run_id, idx, f"rollback:{spec.name}")
+            ctx.record("rollback", f"rolling back step {step.name} with {spec.name}", {"run_id": run_id})
+            outcome = await self._attempts(
+                name,
+                run_id,
+                idx,
+                spec.name,
+                spec.timeout,
+                spec.retries,
+                ACTIONS[spec.action](spec.params),
+                ctx,
+            )
+            if outcome.state == "done":
+                self.store.update_step(run_id, i, state="rolled_back")
+            else:
+                ok = False
+        return ok
+
     async def _step(
+        self, playbook: str, run_id: str, idx: int, step: PlaybookStep, ctx: ActionContext, dry_run: bool
+    ) -> StepOutcome:
+        action = ACTIONS[step.action](step.params)
+        if step.guards:
+            results = [(g, await guards.evaluate(g, ctx)) for g in step.guards]
+            for g, r in results:
+                ctx.record(
+                    "guard",
+                    f"guard before {step.name}: {guards.describe(g)}: "
+                    f"{'passed' if r.ok else 'FAILED'}: {r.text}",
+                    {"run_id": run_id, "step": step.name, "ok": r.ok, "value": r.value},
+                )
+            failed = [r.text for _, r in results if not r.ok]
+            if failed:
+                why = "guard failed: " + "; ".join(failed)
+                self.store.update_step(run_id, idx, state="blocked", ended_at=self.clock(), detail=why)
+                return StepOutcome(step.name, "blocked", why, 0.0, 0)
+        if dry_run:
+            self.store.update_step(run_id, idx, state="running", started_at=self.clock())
+            calls = [c.render() for c in action.plan()]
+            detail = "dry run: would call " + "; ".join(calls) if calls else "dry run"
+            self.store.update_step(run_id, idx, state="skipped", ended_at=self.clock(), detail=detail)
+            ctx.record(
+                "step", f"step {step.name}: {detail}", {"run_id": run_id, "step": step.name, "calls": calls}
+            )
+            return StepOutcome(step.name, "skipped", detail, 0.0, 0)
+        return await self._attempts(playbook, run_id, idx, step.name, step.timeout, step.retries, action, ctx)
+
+    async def _attempts(
         self,
         playbook: str,
         run_id: str,
@@ -157,18 +275,10 @@ class Engine:
         retries: int,
         action: Action,
         ctx: ActionContext,
-        dry_run: bool,
     ) -> StepOutcome:
         t0 = time.monotonic()
         self.store.update_step(run_id, idx, state="running", started_at=self.clock())
         ctx.record("step", f"step {name} ({action.name}) started", {"run_id": run_id, "step": name})
-        if dry_run:
-            calls = [c.render() for c in action.plan()]
-            detail = "dry run: would call " + "; ".join(calls) if calls else "dry run"
-            self.store.update_step(run_id, idx, state="skipped", ended_at=self.clock(), detail=detail)
-            ctx.record("step", f"step {name}: {detail}", {"run_id": run_id, "step": name, "calls": calls})
-            return StepOutcome(name, "skipped", detail, time.monotonic() - t0, 0)
-
         attempts = 0
 
         def before_sleep(state: RetryCallState) -> None:
@@ -184,6 +294,7 @@ class Engine:
         async def attempt() -> str:
             nonlocal attempts
             attempts += 1
+            self.store.update_step(run_id, idx, attempts=attempts)
             if await asyncio.wait_for(action.check(ctx), timeout):
                 return action.already
             return await asyncio.wait_for(action.apply(ctx), timeout)
@@ -227,6 +338,17 @@ class Engine:
         )
         log.info("playbook step done", playbook=playbook, step=name, duration_s=round(took, 3), detail=detail)
         return StepOutcome(name, "done", detail, took, attempts)
+
+
+def _groups(pb: Playbook) -> list[list[int]]:
+    """Adjacent steps sharing a `group` run together; every other step is a group of one."""
+    out: list[list[int]] = []
+    for i, step in enumerate(pb.steps):
+        if out and step.group is not None and pb.steps[out[-1][0]].group == step.group:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
 
 
 def make_context(
