@@ -86,7 +86,8 @@ def test_service_names_missing_probe(tmp_path: Path) -> None:
 def test_typo_key_gets_did_you_mean(tmp_path: Path) -> None:
     path, problems = problems_for(tmp_path, BASE.replace("rto: 5m", "rto: 5m\n    ownrs: [x]"))
     assert problems == [
-        f"{path}: services.shop.ownrs: expected a known key (did you mean 'owners'?), found unknown key 'ownrs'"
+        f"{path}: services.shop.ownrs: expected a known key (did you mean 'owners'?), "
+        "found unknown key 'ownrs'"
     ]
 
 
