@@ -10,7 +10,7 @@ import difflib
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
@@ -258,14 +258,24 @@ def _vocabulary() -> set[str]:
 
     seen: set[str] = set()
     todo: list[Any] = [Config, *(a.Params for a in ACTIONS.values())]
+    done: set[Any] = set(todo)
     while todo:
         model = todo.pop()
         for name, field in model.model_fields.items():
             seen.add(field.alias or name)
-            for sub in (*getattr(field.annotation, "__args__", ()), field.annotation):
-                if isinstance(sub, type) and issubclass(sub, Strict) and sub not in todo:
+            for sub in _annotation_types(field.annotation):
+                if issubclass(sub, Strict) and sub not in done:
+                    done.add(sub)
                     todo.append(sub)
     return seen
+
+
+def _annotation_types(annotation: Any) -> Iterable[type]:
+    """Every class inside an annotation: dict[str, Annotated[A | B, ...]] -> A, B (and str)."""
+    if isinstance(annotation, type) and not get_args(annotation):
+        yield annotation
+    for arg in get_args(annotation):
+        yield from _annotation_types(arg)
 
 
 def _sentence(err: dict[str, Any]) -> str:
