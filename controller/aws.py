@@ -23,7 +23,8 @@ def client_factory(cfg: Aws) -> Callable[[str], Any]:
         region_name=cfg.region,
         connect_timeout=cfg.connect_timeout,
         read_timeout=cfg.read_timeout,
-        retries={"max_attempts": 1, "mode": "standard"},
+        # total_max_attempts counts the first request; botocore's max_attempts counts retries only.
+        retries={"total_max_attempts": 1, "mode": "standard"},
     )
 
     def get(service: str) -> Any:

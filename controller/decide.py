@@ -53,6 +53,9 @@ class Hold:
     service: str
     incident_id: str | None
     reason: str
+    key: str = field(default="", compare=False)
+    """What stays the same while the same hold lasts (the reason may carry a countdown); the
+    controller records a hold on the timeline once per key, not on every tick."""
 
 
 Decision = OpenIncident | ChangeSeverity | ResolveIncident | StartPlaybook | Hold
@@ -128,6 +131,7 @@ def _failover(
                 incident_id,
                 f"not running {playbook}: it ran {format_duration(obs.now - last)} ago, "
                 f"inside its {format_duration(cooldown)} cooldown ({left} left)",
+                key=f"cooldown:{playbook}:{last}",
             )
         ]
     if config.playbooks[playbook].approval == "manual":

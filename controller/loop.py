@@ -192,8 +192,9 @@ class Controller:
         elif isinstance(decision, d.StartPlaybook):
             self._start_playbook(decision, now)
         elif isinstance(decision, d.Hold):
-            if self._held.get(decision.service) != decision.reason and decision.incident_id:
-                self._held[decision.service] = decision.reason
+            key = decision.key or decision.reason
+            if self._held.get(decision.service) != key and decision.incident_id:
+                self._held[decision.service] = key
                 self.store.append(decision.incident_id, now, "decision", decision.reason)
                 log.info("holding", service=decision.service, reason=decision.reason)
 
