@@ -7,11 +7,14 @@ issues, behind a bearer token.
 from __future__ import annotations
 
 import dataclasses
+import hmac
+import os
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from controller import commands
 from controller.loop import Controller
 from controller.store import StoreError
 
@@ -51,7 +54,81 @@ def app(controller: Controller) -> web.Application:
             }
         )
 
+    token = os.environ.get(controller.config.controller.api_token_env, "")
+
+    def authorised(request: web.Request) -> web.Response | None:
+        """Writes need the bearer token; with no token configured, writes are off (never open)."""
+        if not token:
+            return web.json_response(
+                {"error": f"API writes are disabled: set {controller.config.controller.api_token_env}"},
+                status=403,
+            )
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return web.json_response(
+                {"error": "a valid bearer token is required"},
+                status=401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        return None
+
+    async def by(request: web.Request) -> tuple[str, str]:
+        try:
+            body = await request.json() if request.can_read_body else {}
+        except ValueError:
+            body = {}
+        body = body if isinstance(body, dict) else {}
+        return str(body.get("by") or "api"), str(body.get("reason") or "")
+
+    def command(fn: Any) -> Any:
+        async def handler(request: web.Request) -> web.Response:
+            if (denied := authorised(request)) is not None:
+                return denied
+            who, reason = await by(request)
+            try:
+                text = fn(request, who, reason)
+            except commands.CommandError as exc:
+                return web.json_response({"error": str(exc)}, status=409)
+            controller.kick()
+            return web.json_response({"result": text})
+
+        return handler
+
+    def ack(request: web.Request, who: str, _: str) -> str:
+        service = request.match_info["service"]
+        if service not in controller.config.services:
+            raise commands.CommandError(f"no service named {service!r}")
+        return commands.ack(controller.store, service, who)
+
+    async def runs(_: web.Request) -> web.Response:
+        return web.json_response([dataclasses.asdict(r) for r in controller.store.runs()])
+
+    async def run(request: web.Request) -> web.Response:
+        found = controller.store.get_run(request.match_info["id"])
+        if found is None:
+            return web.json_response({"error": "no such run"}, status=404)
+        body = dataclasses.asdict(found)
+        body["steps"] = [dataclasses.asdict(s) for s in controller.store.steps(found.id)]
+        return web.json_response(body)
+
     application = web.Application()
+    application.add_routes(
+        [
+            web.get("/runs", runs),
+            web.get("/runs/{id}", run),
+            web.post(
+                "/runs/{id}/approve",
+                command(lambda r, w, _: commands.approve(controller.store, r.match_info["id"], w)),
+            ),
+            web.post(
+                "/runs/{id}/reject",
+                command(lambda r, w, why: commands.reject(controller.store, r.match_info["id"], w, why)),
+            ),
+            web.post("/pause", command(lambda r, w, why: commands.pause(controller.store, w, why))),
+            web.post("/resume", command(lambda r, w, _: commands.resume(controller.store, w))),
+            web.post("/services/{service}/ack", command(ack)),
+        ]
+    )
     application.add_routes(
         [
             web.get("/healthz", healthz),

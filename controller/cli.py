@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 import time
@@ -74,6 +75,29 @@ def _parser() -> argparse.ArgumentParser:
     show = with_config(one_sub.add_parser("show", help="an incident and its timeline"))
     show.add_argument("id")
     show.add_argument("--data-dir")
+
+    for verb, text in (
+        ("approve", "approve a playbook run that awaits approval"),
+        ("reject", "reject a playbook run that awaits approval"),
+    ):
+        sp = with_config(sub.add_parser(verb, help=text))
+        sp.add_argument("run_id")
+        sp.add_argument("--by", default=os.environ.get("USER", "cli"), help="who decides (default: $USER)")
+        sp.add_argument("--reason", default="")
+        sp.add_argument("--data-dir")
+    sp = with_config(
+        sub.add_parser("pause", help="stop all automatic playbook runs (incidents still open and page)")
+    )
+    sp.add_argument("--by", default=os.environ.get("USER", "cli"))
+    sp.add_argument("--reason", default="")
+    sp.add_argument("--data-dir")
+    sp = with_config(sub.add_parser("resume", help="allow automatic playbook runs again"))
+    sp.add_argument("--by", default=os.environ.get("USER", "cli"))
+    sp.add_argument("--data-dir")
+    sp = with_config(sub.add_parser("ack", help="unfreeze a service's playbook after a failed run"))
+    sp.add_argument("service")
+    sp.add_argument("--by", default=os.environ.get("USER", "cli"))
+    sp.add_argument("--data-dir")
 
     sub.add_parser("demo", help="run the simulated two-region marketplace and a failover, end to end")
     return p
@@ -261,6 +285,35 @@ def cmd_demo(_: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def cmd_human(args: argparse.Namespace) -> int:
+    from controller import commands
+
+    cfg = _load(args.config)
+    store = _store(cfg, args.data_dir)
+    try:
+        if args.command == "approve":
+            text = commands.approve(store, args.run_id, args.by)
+        elif args.command == "reject":
+            text = commands.reject(store, args.run_id, args.by, args.reason)
+        elif args.command == "pause":
+            text = commands.pause(store, args.by, args.reason)
+        elif args.command == "resume":
+            text = commands.resume(store, args.by)
+        else:
+            if args.service not in cfg.services:
+                raise UsageError(
+                    f"no service named {args.service!r} (known: {', '.join(sorted(cfg.services))})"
+                )
+            text = commands.ack(store, args.service, args.by)
+    except commands.CommandError as exc:
+        print(f"continuity: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    print(text)
+    return 0
+
+
 class UsageError(Exception):
     """A problem with how the command was called (exit 2)."""
 
@@ -271,6 +324,11 @@ COMMANDS: dict[str, Any] = {
     "schema": cmd_schema,
     "probe": cmd_probe,
     "incidents": cmd_incidents,
+    "approve": cmd_human,
+    "reject": cmd_human,
+    "pause": cmd_human,
+    "resume": cmd_human,
+    "ack": cmd_human,
     "demo": cmd_demo,
 }
 

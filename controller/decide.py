@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from controller.classify import higher, severity
-from controller.config import Config
+from controller.config import Config, Playbook
 from controller.detect import ServiceHealth, ServiceState
 from controller.durations import format_duration
 
@@ -44,6 +44,8 @@ class StartPlaybook:
     playbook: str
     incident_id: str | None
     reason: str
+    approval: bool = False
+    """True: create the run, show its plan and wait for a human to approve it."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,12 @@ class Observation:
     """Services with a playbook run in progress."""
     last_run_started: dict[str, float] = field(default_factory=dict)
     """Service -> when its playbook last started (any incident), for the cooldown."""
+    runs_last_hour: int = 0
+    """Automatic runs started in the last hour, all services together."""
+    paused: str | None = None
+    """Why a human paused all automatic actions, or None."""
+    frozen: dict[str, str] = field(default_factory=dict)
+    """Service -> the failed run that froze its playbook until a human acknowledges it."""
 
 
 def decide(obs: Observation, config: Config) -> list[Decision]:
@@ -109,37 +117,75 @@ def decide(obs: Observation, config: Config) -> list[Decision]:
         elif health.state is ServiceState.UP and incident is not None and name not in obs.running:
             out.append(ResolveIncident(incident.id, name, f"{name} is up again: all probes pass"))
         if health.state is ServiceState.DOWN and svc.playbook:
-            out.extend(_failover(obs, config, name, svc.playbook, incident))
+            out.extend(_failover(obs, config, name, svc.playbook, incident, wanted))
     return out
 
 
 def _failover(
-    obs: Observation, config: Config, service: str, playbook: str, incident: OpenIncidentView | None
+    obs: Observation,
+    config: Config,
+    service: str,
+    playbook: str,
+    incident: OpenIncidentView | None,
+    wanted: str | None,
 ) -> list[Decision]:
     incident_id = incident.id if incident else None
     if service in obs.running:
         return []
     if incident is not None and incident.runs > 0:
         return []  # one automatic run per incident; a failed run waits for a human
-    cooldown = config.playbooks[playbook].cooldown
+    if obs.paused is not None:
+        return [
+            Hold(
+                service,
+                incident_id,
+                f"not running {playbook}: automatic actions are paused "
+                f"({obs.paused}); `continuity resume` lifts the pause",
+                key=f"paused:{obs.paused}",
+            )
+        ]
+    if service in obs.frozen:
+        return [
+            Hold(
+                service,
+                incident_id,
+                f"not running {playbook}: frozen since run {obs.frozen[service]} "
+                f"failed; `continuity ack {service}` after a human has looked",
+                key=f"frozen:{obs.frozen[service]}",
+            )
+        ]
+    pb = config.playbooks[playbook]
     last = obs.last_run_started.get(service)
-    if last is not None and obs.now - last < cooldown:
-        left = format_duration(cooldown - (obs.now - last))
+    if last is not None and obs.now - last < pb.cooldown:
+        left = format_duration(pb.cooldown - (obs.now - last))
         return [
             Hold(
                 service,
                 incident_id,
                 f"not running {playbook}: it ran {format_duration(obs.now - last)} ago, "
-                f"inside its {format_duration(cooldown)} cooldown ({left} left)",
+                f"inside its {format_duration(pb.cooldown)} cooldown ({left} left)",
                 key=f"cooldown:{playbook}:{last}",
             )
         ]
-    if config.playbooks[playbook].approval == "manual":
+    cap = config.controller.max_runs_per_hour
+    if obs.runs_last_hour >= cap:
         return [
             Hold(
                 service,
                 incident_id,
-                f"{playbook} needs manual approval: run `continuity playbook run {playbook}` to start it",
+                f"not running {playbook}: {obs.runs_last_hour} automatic runs in the "
+                f"last hour already (cap {cap}); something larger is wrong, a human must decide",
+                key=f"cap:{cap}",
+            )
+        ]
+    if pb.needs_approval(incident.severity if incident is not None else wanted):
+        return [
+            StartPlaybook(
+                service,
+                playbook,
+                incident_id,
+                f"{service} is down: {playbook} needs approval; asking a human",
+                approval=True,
             )
         ]
     return [
@@ -147,3 +193,14 @@ def _failover(
             service, playbook, incident_id, f"{service} is down and {playbook} is automatic: starting it"
         )
     ]
+
+
+def approval_state(waited: float, answer: str | None, escalated: bool, pb: Playbook) -> str:
+    """What to do with a run awaiting approval: approve, reject, expire, escalate or wait."""
+    if answer is not None:
+        return "approve" if answer.startswith("approved") else "reject"
+    if waited >= pb.approval_timeout:
+        return "expire"
+    if waited >= pb.escalate_after and not escalated:
+        return "escalate"
+    return "wait"

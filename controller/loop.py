@@ -23,9 +23,9 @@ from controller.durations import format_duration
 from controller.metrics import Metrics
 from controller.notify import pagerduty
 from controller.notify.outbox import Channel, Dispatcher
-from controller.store import Incident, OutboxMessage, Store
+from controller.store import Incident, OutboxMessage, Run, Store
 from playbooks.actions import ActionContext
-from playbooks.engine import Engine, RunResult
+from playbooks.engine import Engine, RunResult, render_plan
 from probes.base import ProbeResult
 from probes.runner import run_probe
 
@@ -54,6 +54,8 @@ class Controller:
         self.running: dict[str, asyncio.Task[RunResult]] = {}
         self.last_run_started: dict[str, float] = {}
         self.incident_runs: dict[str, int] = {}
+        self.run_starts: list[float] = []
+        """When automatic runs started, for the cap on runs per hour."""
         self.floors: dict[str, str] = {}
         self._held: dict[str, str] = {}
         self._tasks: list[asyncio.Task[Any]] = []
@@ -80,29 +82,18 @@ class Controller:
     # ------------------------------------------------------------------ start-up
 
     def _recover_from_restart(self) -> None:
-        """Pick up where a previous process stopped: cooldowns, runs per incident, interrupted runs."""
+        """Pick up where a previous process stopped: cooldowns, runs per incident, runs to resume."""
+        self._resume: list[Run] = []
         for run in self.store.runs():
-            if run.service:
+            if run.service and run.service != "manual":
                 self.last_run_started[run.service] = max(
                     self.last_run_started.get(run.service, 0), run.started_at
                 )
+                self.run_starts.append(run.started_at)
             if run.incident_id:
                 self.incident_runs[run.incident_id] = self.incident_runs.get(run.incident_id, 0) + 1
             if run.state == "running":
-                self.store.update_run(
-                    run.id,
-                    state="interrupted",
-                    ended_at=self.clock(),
-                    error="the controller stopped during the run",
-                )
-                if run.incident_id:
-                    self.store.append(
-                        run.incident_id,
-                        self.clock(),
-                        "error",
-                        f"playbook {run.playbook} run {run.id} was interrupted by a controller "
-                        "restart; it will not be restarted automatically: a human must decide",
-                    )
+                self._resume.append(run)
         for inc in self.store.list_incidents(status="open"):
             floor = inc.data.get("severity_floor")
             if floor:
@@ -158,7 +149,17 @@ class Controller:
                     inc.id, inc.severity, self.floors.get(inc.id), self.incident_runs.get(inc.id, 0)
                 )
         running = frozenset(s for s, t in self.running.items() if not t.done())
-        return d.Observation(self.clock(), self.health(), incidents, running, dict(self.last_run_started))
+        now = self.clock()
+        return d.Observation(
+            now,
+            self.health(),
+            incidents,
+            running,
+            dict(self.last_run_started),
+            runs_last_hour=sum(1 for t in self.run_starts if now - t < 3600),
+            paused=self.store.get_flag("paused"),
+            frozen={k.removeprefix("frozen:"): v for k, v in self.store.flags("frozen:").items()},
+        )
 
     # ------------------------------------------------------------------ decide + act
 
@@ -166,9 +167,11 @@ class Controller:
         obs = self.observation()
         for name, h in obs.health.items():
             self.metrics.service_state.labels(name).set(SERVICE_STATE_VALUE[h.state])
+        self.metrics.paused.set(1 if obs.paused is not None else 0)
         decisions = d.decide(obs, self.config)
         for decision in decisions:
             await self._act(decision, obs)
+        self._approvals(obs.now)
         self.metrics.last_tick.set(self.clock())
         self._update_incident_gauge()
         return decisions
@@ -252,7 +255,7 @@ class Controller:
             started_at=started,
         )
 
-    def _page(self, inc: Incident, event: str) -> None:
+    def _page(self, inc: Incident, event: str, note: str = "") -> None:
         pd = self.config.notifiers.pagerduty
         if pd is None:
             return
@@ -269,7 +272,7 @@ class Controller:
         payload = pagerduty.trigger(
             pd,
             dedup_key=inc.dedup_key,
-            summary=f"[{inc.severity}] {inc.title}",
+            summary=f"[{inc.severity}] {note + ': ' if note else ''}{inc.title}",
             severity=inc.severity,
             service=inc.service,
             tier=svc.tier,
@@ -317,14 +320,91 @@ class Controller:
         if dec.incident_id is None:  # decided in the same cycle that opened the incident
             inc = self.store.open_incident_for(dec.service)
             if inc is not None:
-                dec = d.StartPlaybook(dec.service, dec.playbook, inc.id, dec.reason)
+                dec = d.StartPlaybook(dec.service, dec.playbook, inc.id, dec.reason, dec.approval)
         self.last_run_started[dec.service] = now
+        self.run_starts.append(now)
         if dec.incident_id:
             self.incident_runs[dec.incident_id] = self.incident_runs.get(dec.incident_id, 0) + 1
             self.store.append(dec.incident_id, now, "decision", dec.reason)
+        pb = self.config.playbooks[dec.playbook]
+        if dec.approval:
+            run = self.engine.create(
+                dec.playbook,
+                pb,
+                incident_id=dec.incident_id,
+                service=dec.service,
+                dry_run=self.config.controller.dry_run,
+                state="awaiting_approval",
+            )
+            plan = render_plan(dec.playbook, pb)
+            if dec.incident_id:
+                self.store.append(
+                    dec.incident_id,
+                    now,
+                    "approval",
+                    f"run {run.id} of {dec.playbook} awaits approval: `continuity approve {run.id}` "
+                    f"or `continuity reject {run.id}` (expires in {format_duration(pb.approval_timeout)})",
+                    {"run_id": run.id, "plan": plan},
+                )
+                self._page_incident(
+                    dec.incident_id,
+                    f"approval-{run.id}",
+                    f"approval needed for {dec.playbook} (run {run.id})",
+                )
+            log.warning("playbook awaits approval", service=dec.service, playbook=dec.playbook, run=run.id)
+            self._emit("approval_requested", run_id=run.id, playbook=dec.playbook, plan=plan)
+            return
         log.warning("starting playbook", service=dec.service, playbook=dec.playbook, reason=dec.reason)
-        task = asyncio.create_task(self._run_playbook(dec))
-        self.running[dec.service] = task
+        self._launch(dec.service, dec.playbook, dec.incident_id, None)
+
+    def _launch(self, service: str, playbook: str, incident_id: str | None, run_id: str | None) -> None:
+        self.running[service] = asyncio.create_task(
+            self._run_playbook(service, playbook, incident_id, run_id)
+        )
+
+    def _approvals(self, now: float) -> None:
+        """Act on humans' answers to approval requests, and on their silence."""
+        for run in self.store.runs():
+            if run.state != "awaiting_approval" or run.playbook not in self.config.playbooks:
+                continue
+            pb = self.config.playbooks[run.playbook]
+            answer = self.store.get_flag(f"approval:{run.id}")
+            escalated = self.store.get_flag(f"escalated:{run.id}") is not None
+            verdict = d.approval_state(now - run.started_at, answer, escalated, pb)
+            note = run.incident_id
+            if verdict == "approve":
+                self.store.update_run(run.id, state="running")
+                if note:
+                    self.store.append(note, now, "approval", f"run {run.id} {answer}; starting it")
+                self._launch(run.service or "manual", run.playbook, run.incident_id, run.id)
+            elif verdict == "reject":
+                self.store.update_run(run.id, state="rejected", ended_at=now, error=answer)
+                if note:
+                    self.store.append(note, now, "approval", f"run {run.id} {answer}; nothing was changed")
+            elif verdict == "expire":
+                self.store.update_run(run.id, state="expired", ended_at=now, error="nobody approved in time")
+                if note:
+                    self.store.append(
+                        note,
+                        now,
+                        "approval",
+                        f"run {run.id} expired: nobody answered within "
+                        f"{format_duration(pb.approval_timeout)}; nothing was changed",
+                    )
+                    self._page_incident(note, f"expired-{run.id}", f"approval for {run.playbook} expired")
+            elif verdict == "escalate":
+                self.store.set_flag(f"escalated:{run.id}", str(now))
+                if note:
+                    self.store.append(
+                        note,
+                        now,
+                        "approval",
+                        f"run {run.id} still unanswered after "
+                        f"{format_duration(pb.escalate_after)}: paging again",
+                    )
+                    self._page_incident(
+                        note, f"escalate-{run.id}", f"STILL waiting for approval of {run.playbook}"
+                    )
 
     def _context(self, incident_id: str | None, service: str) -> ActionContext:
         def record(kind: str, message: str, data: dict[str, Any]) -> None:
@@ -364,44 +444,57 @@ class Controller:
             },
         )
 
-    async def _run_playbook(self, dec: d.StartPlaybook) -> RunResult:
-        pb = self.config.playbooks[dec.playbook]
-        ctx = self._context(dec.incident_id, dec.service)
-        result = await self.engine.run(
-            dec.playbook,
-            pb,
-            ctx,
-            incident_id=dec.incident_id,
-            service=dec.service,
-            dry_run=self.config.controller.dry_run,
-        )
-        if not result.ok and dec.incident_id:
-            self.floors[dec.incident_id] = "critical"
-            inc = self.store.get_incident(dec.incident_id)
-            if inc is not None:
-                self.store.update_incident(
-                    inc.id,
-                    severity="critical",
-                    data={**inc.data, "severity_floor": "critical", "playbook_error": result.error},
-                )
-                self.store.append(
-                    inc.id,
-                    self.clock(),
-                    "incident",
-                    f"raised to critical: automatic recovery failed ({result.error}); a human must take over",
-                    {"severity": "critical"},
-                )
-                inc.severity = "critical"
-                self._page(inc, "playbook-failed")
+    async def _run_playbook(
+        self, service: str, playbook: str, incident_id: str | None, run_id: str | None
+    ) -> RunResult:
+        pb = self.config.playbooks[playbook]
+        ctx = self._context(incident_id, service)
+        dry = self.config.controller.dry_run
+        if run_id is None:
+            result = await self.engine.run(
+                playbook, pb, ctx, incident_id=incident_id, service=service, dry_run=dry
+            )
+        else:
+            result = await self.engine.execute(run_id, playbook, pb, ctx, dry_run=dry)
+        inc = self.store.get_incident(incident_id) if incident_id else None
+        if result.ok and inc is not None and not dry:
+            took = self.clock() - inc.opened_at
+            self.metrics.failover_seconds.labels(playbook).observe(took)
+            self.store.append(
+                inc.id,
+                self.clock(),
+                "playbook",
+                f"recovery done {format_duration(took)} after the incident opened",
+            )
+        if not result.ok and not dry:
+            self.store.set_flag(f"frozen:{service}", result.run_id)
+        if not result.ok and inc is not None:
+            self.floors[inc.id] = "critical"
+            what = "a guard stopped the recovery" if result.blocked else "automatic recovery failed"
+            self.store.update_incident(
+                inc.id,
+                severity="critical",
+                data={**inc.data, "severity_floor": "critical", "playbook_error": result.error},
+            )
+            self.store.append(
+                inc.id,
+                self.clock(),
+                "incident",
+                f"raised to critical: {what} ({result.error}); {playbook} is frozen for {service} "
+                f"until `continuity ack {service}`; a human must take over",
+                {"severity": "critical"},
+            )
+            self._page_incident(inc.id, "blocked" if result.blocked else "playbook-failed", what)
         self._emit(
-            "playbook_done",
-            playbook=dec.playbook,
-            ok=result.ok,
-            error=result.error,
-            duration_s=result.duration,
+            "playbook_done", playbook=playbook, ok=result.ok, error=result.error, duration_s=result.duration
         )
         self._kick.set()
         return result
+
+    def _page_incident(self, incident_id: str, event: str, note: str) -> None:
+        inc = self.store.get_incident(incident_id)
+        if inc is not None:
+            self._page(inc, event, note)
 
     async def run_playbook_by_hand(self, playbook: str) -> RunResult:
         """A human started this run: no incident, no cooldown check, same journal and engine."""
@@ -438,6 +531,10 @@ class Controller:
                 depth[msg.channel] = depth.get(msg.channel, 0) + 1
         for channel in self.dispatcher.channels:
             self.metrics.outbox_depth.labels(channel).set(depth.get(channel, 0))
+
+    def kick(self) -> None:
+        """Re-evaluate now (a human answered an approval, paused, acknowledged)."""
+        self._kick.set()
 
     def _emit(self, kind: str, **facts: Any) -> None:
         for listener in self.listeners:
@@ -481,12 +578,31 @@ class Controller:
         self._tasks.append(
             asyncio.create_task(self.dispatcher.run(self.stop_event, period=0.5), name="outbox")
         )
+        if decide:
+            self._resume_interrupted()
         log.info(
             "controller started",
             probes=len(self.config.probes),
             services=len(self.config.services),
             dry_run=self.config.controller.dry_run,
         )
+
+    def _resume_interrupted(self) -> None:
+        """Runs the previous process left `running` continue from their journal: done steps are not
+        repeated, and the step in hand is `check`ed before it is applied again."""
+        for run in self._resume:
+            if run.playbook not in self.config.playbooks:
+                continue
+            if run.incident_id:
+                self.store.append(
+                    run.incident_id,
+                    self.clock(),
+                    "playbook",
+                    f"resuming run {run.id} of {run.playbook} after a controller restart",
+                )
+            log.warning("resuming playbook run", run=run.id, playbook=run.playbook)
+            self._launch(run.service or "manual", run.playbook, run.incident_id, run.id)
+        self._resume = []
 
     async def stop(self) -> None:
         self.stop_event.set()

@@ -50,4 +50,12 @@ class Metrics:
         self.last_tick = Gauge(
             "continuity_loop_last_tick_timestamp_seconds", "When the decision loop last ran.", registry=r
         )
+        self.paused = Gauge("continuity_paused", "1 while automatic actions are paused.", registry=r)
+        self.failover_seconds = Histogram(
+            "continuity_failover_seconds",
+            "From incident opened to its playbook's success.",
+            ["playbook"],
+            registry=r,
+            buckets=(1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800),
+        )
         self.leader = Gauge("continuity_leader", "1 when this replica leads.", registry=r)

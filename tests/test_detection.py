@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from controller.decide import (
     OpenIncidentView,
     ResolveIncident,
     StartPlaybook,
+    approval_state,
     decide,
 )
 from controller.detect import Health, ProbeState, ServiceHealth, ServiceState, observe, service_health
@@ -268,14 +270,46 @@ def test_respects_cooldown() -> None:
     assert [type(d) for d in later] == [StartPlaybook]
 
 
-def test_manual_approval_holds() -> None:
+def test_manual_approval_asks_a_human() -> None:
     out = decide(
         obs(ServiceState.DOWN, incidents={"checkout": OpenIncidentView("i1", "critical")}), config("manual")
     )
     assert len(out) == 1
-    assert isinstance(out[0], Hold)
-    assert "needs manual approval" in out[0].reason
-    assert "continuity playbook run fo" in out[0].reason
+    assert isinstance(out[0], StartPlaybook)
+    assert out[0].approval is True
+    assert "needs approval" in out[0].reason
+
+
+def test_auto_approve_for_some_severities() -> None:
+    cfg = config("manual")
+    cfg.playbooks["fo"].auto_approve = ["critical"]
+    crit = decide(obs(ServiceState.DOWN, incidents={"checkout": OpenIncidentView("i1", "critical")}), cfg)
+    assert isinstance(crit[0], StartPlaybook) and crit[0].approval is False
+    mod = decide(obs(ServiceState.DOWN, incidents={"checkout": OpenIncidentView("i1", "moderate")}), cfg)
+    assert isinstance(mod[-1], StartPlaybook) and mod[-1].approval is True
+
+
+def test_pause_freeze_and_hourly_cap_hold() -> None:
+    inc = {"checkout": OpenIncidentView("i1", "critical")}
+    base = obs(ServiceState.DOWN, incidents=inc)
+    paused = decide(dataclasses.replace(base, paused="maintenance by alice"), config())
+    assert isinstance(paused[0], Hold) and "paused (maintenance by alice)" in paused[0].reason
+    frozen = decide(dataclasses.replace(base, frozen={"checkout": "RUN-1"}), config())
+    assert isinstance(frozen[0], Hold) and "continuity ack checkout" in frozen[0].reason
+    capped = decide(dataclasses.replace(base, runs_last_hour=3), config())
+    assert isinstance(capped[0], Hold) and "cap 3" in capped[0].reason
+    free = decide(dataclasses.replace(base, runs_last_hour=2), config())
+    assert isinstance(free[0], StartPlaybook)
+
+
+def test_approval_state_machine() -> None:
+    pb = config("manual").playbooks["fo"]  # escalate after 10m, expire after 30m
+    assert approval_state(5, None, False, pb) == "wait"
+    assert approval_state(601, None, False, pb) == "escalate"
+    assert approval_state(601, None, True, pb) == "wait"
+    assert approval_state(1801, None, True, pb) == "expire"
+    assert approval_state(1801, "approved by alice", True, pb) == "approve"
+    assert approval_state(5, "rejected by bob", False, pb) == "reject"
 
 
 def test_degraded_service_never_starts_a_playbook() -> None:
