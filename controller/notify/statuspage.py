@@ -108,7 +108,9 @@ def channel(cfg: Statuspage, store: Store, name: str = "statuspage", timeout: fl
             try:
                 theirs = resp.json()["id"]
             except (ValueError, KeyError, TypeError):
-                raise Transient(f"create answered without an incident id: {resp.text[:200]}") from None
+                # It may well exist now: re-sending could open a second one. A human decides.
+                store.set_ref(name, ours, REFUSED)
+                raise Permanent(f"create answered without an incident id: {resp.text[:200]}") from None
             store.set_ref(name, ours, str(theirs))
             return
         if ref is None:
