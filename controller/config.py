@@ -162,10 +162,84 @@ class PagerDuty(Strict):
     routing_key_env: str = Field(description="Environment variable holding the integration key.")
     events_url: str = "https://events.pagerduty.com/v2/enqueue"
     source: str = Field(default="continuity", description="payload.source of every event.")
+    rate_per_minute: int = Field(default=120, ge=1, description="Pacing: PagerDuty takes ~120 a minute.")
+
+
+class Slack(Strict):
+    """Slack incoming webhook; the URL is the secret."""
+
+    webhook_url_env: str = Field(description="Environment variable holding the incoming-webhook URL.")
+    rate_per_minute: int = Field(default=60, ge=1, description="Slack allows about one a second.")
+
+
+class Teams(Strict):
+    """Microsoft Teams incoming webhook (a Workflows 'post to a channel' URL); the URL is the secret."""
+
+    webhook_url_env: str = Field(description="Environment variable holding the webhook URL.")
+    rate_per_minute: int = Field(default=30, ge=1)
+
+
+class Webhook(Strict):
+    """A generic JSON webhook, signed with HMAC-SHA256 so the receiver can tell it is us."""
+
+    url: str = Field(pattern=r"^https?://", description="Where to POST the events.")
+    secret_env: str = Field(description="Environment variable holding the shared signing secret.")
+    timeout: Duration = Field(default=10.0, gt=0)
+    rate_per_minute: int = Field(default=120, ge=1)
+
+
+class Audiences(Strict):
+    customers: list[str] = Field(default_factory=list)
+    internal: list[str] = Field(default_factory=list)
+    executives: list[str] = Field(default_factory=list)
+
+
+class Email(Strict):
+    """SMTP submission with STARTTLS (port 587). Implicit TLS (port 465) is not supported."""
+
+    host: str = Field(min_length=1)
+    port: int = Field(default=587, ge=1, le=65535)
+    starttls: bool = Field(
+        default=True, description="Upgrade to TLS before anything else; refuse if not offered."
+    )
+    username_env: str | None = Field(default=None, description="Environment variable holding the SMTP user.")
+    password_env: str | None = Field(default=None, description="Environment variable holding its password.")
+    from_: str = Field(alias="from", pattern=r"^[^@\s]+@[^@\s]+$", description="Sender address.")
+    to: Audiences = Field(default_factory=Audiences, description="Recipients per audience.")
+    ca_file: str | None = Field(default=None, description="Extra CA bundle to trust (a private relay).")
+    timeout: Duration = Field(default=30.0, gt=0)
+    rate_per_minute: int = Field(default=60, ge=1)
+
+    @model_validator(mode="after")
+    def _credentials(self) -> Email:
+        if (self.username_env is None) != (self.password_env is None):
+            raise ValueError("both username_env and password_env, or neither, found only one")
+        if self.username_env and not self.starttls:
+            raise ValueError(
+                "starttls: true when credentials are set (never send them in clear), found false"
+            )
+        return self
+
+
+class Statuspage(Strict):
+    """Atlassian Statuspage REST API v1."""
+
+    page_id: str = Field(min_length=1)
+    api_key_env: str = Field(description="Environment variable holding the API key.")
+    base_url: str = Field(default="https://api.statuspage.io/v1", pattern=r"^https?://")
+    components: dict[str, str] = Field(
+        default_factory=dict, description="Our service name -> Statuspage component id."
+    )
+    rate_per_minute: int = Field(default=60, ge=1, description="Statuspage allows about 60 a minute.")
 
 
 class Notifiers(Strict):
     pagerduty: PagerDuty | None = None
+    slack: Slack | None = None
+    teams: Teams | None = None
+    webhook: Webhook | None = None
+    email: Email | None = None
+    statuspage: Statuspage | None = None
 
 
 class Aws(Strict):

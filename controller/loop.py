@@ -73,6 +73,7 @@ class Controller:
                     pagerduty.url_for(pd, p["kind"]),
                     {"routing_key": key, **p["body"]},
                 ),
+                rate_per_minute=pd.rate_per_minute,
             )
         self.dispatcher = Dispatcher(
             store, channels, clock, on_event=self._delivery_event, first_retry=config.controller.outbox_retry

@@ -81,6 +81,12 @@ CREATE TABLE IF NOT EXISTS outbox (
     last_error TEXT
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox(delivered_at, dead, next_attempt_at);
+CREATE TABLE IF NOT EXISTS channel_refs (
+    channel TEXT NOT NULL,           -- e.g. statuspage
+    incident_id TEXT NOT NULL,       -- ours
+    ref TEXT NOT NULL,               -- theirs: the id the channel gave the incident
+    PRIMARY KEY (channel, incident_id)
+);
 """
 
 
@@ -196,6 +202,8 @@ class Store(Protocol):
     def retry_later(self, msg_id: int, next_at: float, error: str) -> None: ...
     def give_up(self, msg_id: int, error: str) -> None: ...
     def outbox(self, include_delivered: bool = False) -> list[OutboxMessage]: ...
+    def set_ref(self, channel: str, incident_id: str, ref: str) -> None: ...
+    def get_ref(self, channel: str, incident_id: str) -> str | None: ...
     def close(self) -> None: ...
 
 
@@ -444,3 +452,19 @@ class SQLiteStore:
             + " ORDER BY id"
         )
         return [self._message(r) for r in self._exec(sql).fetchall()]
+
+    # ---------------------------------------------------------------- channel refs
+
+    def set_ref(self, channel: str, incident_id: str, ref: str) -> None:
+        """Remember a channel's own id for our incident (Statuspage's incident id), for later updates."""
+        self._exec(
+            "INSERT INTO channel_refs (channel, incident_id, ref) VALUES (?,?,?) "
+            "ON CONFLICT(channel, incident_id) DO UPDATE SET ref=excluded.ref",
+            (channel, incident_id, ref),
+        )
+
+    def get_ref(self, channel: str, incident_id: str) -> str | None:
+        row = self._exec(
+            "SELECT ref FROM channel_refs WHERE channel=? AND incident_id=?", (channel, incident_id)
+        ).fetchone()
+        return str(row["ref"]) if row else None

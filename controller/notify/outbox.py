@@ -4,13 +4,19 @@ A message is written to the store before anyone tries to send it (the outbox pat
 crash, a PagerDuty outage or a network cut loses nothing: the dispatcher picks it up again.
 Only a 4xx other than 429 gives up, because resending a message the receiver calls invalid
 will never succeed; that is recorded on the incident's timeline for a human.
+
+A channel is either JSON over HTTP (`request` builds the URL and body; `post_json` sends it) or
+has its own `send(payload, key)` (email, Statuspage, signed webhooks) raising Transient or
+Permanent. Each channel may be paced (`rate_per_minute`): a token bucket in the dispatcher leaves
+the excess due for a later drain, never dropped; a `Retry-After` pauses the whole channel.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,12 +43,69 @@ class Transient(Exception):
 
 @dataclass
 class Channel:
-    """Where one channel's messages go: a function building the HTTP request from a stored payload."""
+    """Where one channel's messages go: an HTTP request built from a stored payload, or a sender."""
 
     name: str
-    request: Callable[[dict[str, Any]], tuple[str, dict[str, Any]]]
+    request: Callable[[dict[str, Any]], tuple[str, dict[str, Any]]] | None = None
     """payload -> (url, json body); secrets are added here, at send time."""
     timeout: float = 10.0
+    send: Callable[[dict[str, Any], str], Awaitable[None] | None] | None = None
+    """(payload, idempotency key) -> None, raising Transient or Permanent. A plain function runs in
+    a thread; a coroutine function on the loop. Used instead of `request` when set."""
+    rate_per_minute: float | None = None
+    """At most this many sends a minute (token bucket); None: unpaced."""
+    burst: int | None = None
+    """Bucket size: sends allowed back to back. Default: a tenth of a minute's worth, at least 1."""
+
+    def __post_init__(self) -> None:
+        if (self.request is None) == (self.send is None):
+            raise ValueError(f"channel {self.name}: give exactly one of request or send")
+
+
+class TokenBucket:
+    """`rate_per_minute` tokens a minute, at most `capacity` saved up; time from the caller's clock."""
+
+    def __init__(self, rate_per_minute: float, capacity: int, now: float) -> None:
+        self.rate = rate_per_minute / 60.0
+        self.capacity = float(capacity)
+        self.tokens = float(capacity)
+        self.at = now
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.capacity, self.tokens + max(now - self.at, 0.0) * self.rate)
+        self.at = max(self.at, now)
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return max(float(value), 0.0) if value else None
+    except ValueError:
+        return None  # an HTTP date: fall back to our own backoff
+
+
+def http_post(
+    url: str, data: bytes, headers: dict[str, str], timeout: float, method: str = "POST"
+) -> requests.Response:
+    """Send raw bytes; map the answer to Transient (network, 429, 5xx) or Permanent (other 4xx)."""
+    try:
+        resp = requests.request(method, url, data=data, headers=headers, timeout=timeout)
+    except requests.RequestException as exc:
+        raise Transient(f"network error: {type(exc).__name__}: {exc}") from None
+    return check_response(resp)
+
+
+def check_response(resp: requests.Response) -> requests.Response:
+    if resp.status_code == 429 or resp.status_code >= 500:
+        raise Transient(
+            f"HTTP {resp.status_code}: {resp.text[:200]}", _retry_after(resp.headers.get("Retry-After"))
+        )
+    if resp.status_code >= 400:
+        raise Permanent(f"HTTP {resp.status_code}: {resp.text[:300]}")
+    return resp
 
 
 def post_json(url: str, body: dict[str, Any], timeout: float) -> requests.Response:
@@ -50,14 +113,7 @@ def post_json(url: str, body: dict[str, Any], timeout: float) -> requests.Respon
         resp = requests.post(url, json=body, timeout=timeout)
     except requests.RequestException as exc:
         raise Transient(f"network error: {type(exc).__name__}: {exc}") from None
-    if resp.status_code == 429 or resp.status_code >= 500:
-        after = resp.headers.get("Retry-After")
-        raise Transient(
-            f"HTTP {resp.status_code}: {resp.text[:200]}", float(after) if after and after.isdigit() else None
-        )
-    if resp.status_code >= 400:
-        raise Permanent(f"HTTP {resp.status_code}: {resp.text[:300]}")
-    return resp
+    return check_response(resp)
 
 
 class Dispatcher:
@@ -81,9 +137,33 @@ class Dispatcher:
         self.max_retry = max_retry
         self.quick_attempts = quick_attempts
         self.wake = asyncio.Event()
+        self.buckets: dict[str, TokenBucket] = {}
+        self.paused_until: dict[str, float] = {}
+        """A channel that answered Retry-After sends nothing more until then."""
+
+    def _may_send(self, channel: Channel, now: float) -> bool:
+        if self.paused_until.get(channel.name, 0.0) > now:
+            return False
+        if channel.rate_per_minute is None:
+            return True
+        bucket = self.buckets.get(channel.name)
+        if bucket is None:
+            burst = channel.burst or max(1, int(channel.rate_per_minute // 10))
+            bucket = self.buckets[channel.name] = TokenBucket(channel.rate_per_minute, burst, now)
+        return bucket.take(now)
+
+    async def _attempt(self, channel: Channel, msg: OutboxMessage) -> None:
+        if channel.send is not None:
+            if inspect.iscoroutinefunction(channel.send):
+                await channel.send(msg.payload, msg.key)
+            else:
+                await asyncio.to_thread(channel.send, msg.payload, msg.key)
+            return
+        assert channel.request is not None
+        url, body = channel.request(msg.payload)
+        await asyncio.to_thread(post_json, url, body, channel.timeout)
 
     async def _send(self, channel: Channel, msg: OutboxMessage) -> None:
-        url, body = channel.request(msg.payload)
         async for attempt in AsyncRetrying(
             stop=stop_after_attempt(self.quick_attempts),
             wait=wait_exponential(multiplier=0.2, max=2.0),
@@ -91,7 +171,7 @@ class Dispatcher:
             reraise=True,
         ):
             with attempt:
-                await asyncio.to_thread(post_json, url, body, channel.timeout)
+                await self._attempt(channel, msg)
 
     def backoff(self, attempts: int, retry_after: float | None) -> float:
         if retry_after is not None:
@@ -106,6 +186,8 @@ class Dispatcher:
             channel = self.channels.get(msg.channel)
             if channel is None:
                 continue  # a channel removed from config: keep the message for when it returns
+            if not self._may_send(channel, self.clock()):
+                continue  # paced or paused: still due, the next drain takes it
             try:
                 await self._send(channel, msg)
             except Permanent as exc:
@@ -114,6 +196,8 @@ class Dispatcher:
                 self.on_event(msg, "refused", str(exc))
             except Transient as exc:
                 delay = self.backoff(msg.attempts + 1, exc.retry_after)
+                if exc.retry_after is not None:
+                    self.paused_until[channel.name] = self.clock() + exc.retry_after
                 self.store.retry_later(msg.id, self.clock() + delay, str(exc))
                 log.warning(
                     "notification not delivered, will retry",
