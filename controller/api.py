@@ -46,6 +46,16 @@ def app(controller: Controller) -> web.Application:
         body["timeline"] = [dataclasses.asdict(e) for e in controller.store.timeline(inc.id)]
         return web.json_response(body)
 
+    async def leader(_: web.Request) -> web.Response:
+        elector = controller.elector
+        return web.json_response(
+            {
+                "leader": controller.may_act(),
+                "identity": getattr(elector, "identity", None),
+                "backend": controller.config.leader.backend,
+            }
+        )
+
     async def services(_: web.Request) -> web.Response:
         return web.json_response(
             {
@@ -137,6 +147,7 @@ def app(controller: Controller) -> web.Application:
             web.get("/incidents", incidents),
             web.get("/incidents/{id}", incident),
             web.get("/services", services),
+            web.get("/leader", leader),
         ]
     )
     return application

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from controller.config import Config, ConfigError, json_schema, load_config
@@ -236,7 +239,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     store = _store(cfg, args.data_dir)
     try:
         _event_loop_policy()
-        asyncio.run(_serve(cfg, store))
+        asyncio.run(_serve(cfg, store, args.config))
     finally:
         store.close()
     return 0
@@ -250,13 +253,78 @@ def _event_loop_policy() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def _serve(cfg: Config, store: SQLiteStore) -> None:
+def _identity(cfg: Config) -> str:
+    return cfg.leader.identity or os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _elector(cfg: Config, registry: Any) -> Any:
+    """The leadership lock the config asks for; None means this process always leads."""
+    from controller import leader
+
+    lc = cfg.leader
+    if lc.backend == "none":
+        return None
+    if lc.backend == "file":
+        Path(cfg.controller.data_dir).mkdir(parents=True, exist_ok=True)
+        path = Path(cfg.controller.data_dir) / f"{lc.lease_name}.lock"
+        return leader.FileLockElector(path, _identity(cfg), lc.retry_period, registry=registry)
+    from kubernetes import client
+    from kubernetes import config as kube_config
+
+    try:
+        if os.environ.get("KUBERNETES_SERVICE_HOST"):
+            kube_config.load_incluster_config()
+        else:
+            kube_config.load_kube_config()
+    except Exception as exc:  # no cluster to talk to is a configuration problem, said plainly
+        raise UsageError(f"leader.backend is kubernetes but no cluster is reachable: {exc}") from None
+    namespace = lc.namespace or os.environ.get("POD_NAMESPACE") or _pod_namespace()
+    try:
+        return leader.LeaseElector(
+            client.ApiClient(),
+            namespace,
+            os.environ.get("CONTINUITY_LEASE_NAME", lc.lease_name),
+            _identity(cfg),
+            lc.lease_duration,
+            lc.renew_deadline,
+            lc.retry_period,
+            registry=registry,
+        )
+    except ValueError as exc:
+        raise ConfigError(
+            [f"leader: expected lease_duration > renew_deadline > 1.2 x retry_period, found {exc}"]
+        ) from None
+
+
+def _pod_namespace() -> str:
+    try:
+        return Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace").read_text().strip()
+    except OSError:
+        return "default"
+
+
+def _fingerprint(path: str) -> str:
+    """What the config looks like on disk now (a ConfigMap update swaps a symlink; content tells)."""
+    p = Path(path)
+    files = sorted([*p.glob("*.yaml"), *p.glob("*.yml")]) if p.is_dir() else [p]
+    digest = hashlib.sha256()
+    for f in files:
+        try:
+            digest.update(f.read_bytes())
+        except OSError:
+            digest.update(b"<unreadable>")
+    return digest.hexdigest()
+
+
+async def _serve(cfg: Config, store: SQLiteStore, config_path: str) -> None:
     from aiohttp import web
 
     from controller.api import app
     from controller.loop import Controller
+    from controller.metrics import Metrics
 
-    controller = Controller(cfg, store)
+    metrics = Metrics()
+    controller = Controller(cfg, store, metrics=metrics, elector=_elector(cfg, metrics.registry))
     host, _, port = cfg.controller.listen.rpartition(":")
     runner = web.AppRunner(app(controller), access_log=None)
     await runner.setup()
@@ -266,14 +334,52 @@ async def _serve(cfg: Config, store: SQLiteStore) -> None:
         await runner.cleanup()
         raise UsageError(f"cannot listen on {cfg.controller.listen}: {exc.strerror or exc}") from None
     stop = asyncio.Event()
+    reload_now = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload_now.set)
     await controller.start()
-    controller.metrics.leader.set(1)
+    if controller.elector is None:
+        from controller.leader import leader_gauge
+
+        gauge = leader_gauge(metrics.registry)
+        if gauge is not None:
+            gauge.labels("none").set(1)
+    watcher = asyncio.create_task(_watch_config(controller, config_path, reload_now, stop))
     await stop.wait()
+    watcher.cancel()
     await controller.stop()
     await runner.cleanup()
+
+
+async def _watch_config(controller: Any, path: str, reload_now: asyncio.Event, stop: asyncio.Event) -> None:
+    """Reload on SIGHUP or when the file changes; a bad new config is refused, the old one keeps running."""
+    from controller import logs
+
+    log = logs.get("continuity.config")
+    seen = _fingerprint(path)
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(reload_now.wait(), timeout=controller.config.controller.config_poll)
+        except TimeoutError:
+            pass
+        signalled = reload_now.is_set()
+        reload_now.clear()
+        now = _fingerprint(path)
+        if not signalled and now == seen:
+            continue
+        seen = now
+        try:
+            new = await asyncio.to_thread(load_config, path)
+        except ConfigError as exc:
+            controller.metrics.reloads.labels("rejected").inc()
+            for problem in exc.problems:
+                log.error("config reload rejected; the previous config keeps running", problem=problem)
+            continue
+        await controller.reload(new)
+        controller.metrics.reloads.labels("applied").inc()
+        log.info("config reloaded", services=len(new.services), probes=len(new.probes))
 
 
 def cmd_demo(_: argparse.Namespace) -> int:

@@ -272,6 +272,9 @@ class ControllerSettings(Strict):
     outbox_retry: Duration = Field(
         default=5.0, gt=0, description="First retry delay for undelivered messages."
     )
+    config_poll: Duration = Field(
+        default=10.0, gt=0, description="How often `run` checks the config file for changes."
+    )
     max_runs_per_hour: int = Field(
         default=3, ge=1, description="Cap on automatic playbook runs per hour, all services together."
     )
@@ -279,6 +282,23 @@ class ControllerSettings(Strict):
         default="CONTINUITY_API_TOKEN",
         description="Env var holding the bearer token for the API's write calls.",
     )
+
+
+class Leader(Strict):
+    """Only the leader decides and acts; every replica probes. Timings are client-go's defaults."""
+
+    backend: Literal["none", "file", "kubernetes"] = Field(
+        default="file",
+        description="file: a lock in data_dir; kubernetes: a coordination.k8s.io Lease; none: always lead.",
+    )
+    lease_name: str = Field(default="continuity-leader", description="Lease (or lock file) name.")
+    namespace: str | None = Field(default=None, description="Lease namespace; default: the pod's own.")
+    identity: str | None = Field(
+        default=None, description="This replica's name; default: POD_NAME or host-pid."
+    )
+    lease_duration: Duration = Field(default=15.0, gt=0)
+    renew_deadline: Duration = Field(default=10.0, gt=0)
+    retry_period: Duration = Field(default=2.0, gt=0)
 
 
 class Config(Strict):
@@ -290,6 +310,7 @@ class Config(Strict):
     notifiers: Notifiers = Field(default_factory=Notifiers)
     aws: Aws = Field(default_factory=Aws)
     controller: ControllerSettings = Field(default_factory=ControllerSettings)
+    leader: Leader = Field(default_factory=Leader)
 
     def thresholds(self, probe: str) -> tuple[int, int]:
         p = self.probes[probe]

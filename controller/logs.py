@@ -38,3 +38,7 @@ def configure(fmt: str = "auto", level: str = "info", stream: Any = None) -> Non
         logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
+
+
+def get(name: str) -> Any:
+    return structlog.get_logger(name)

@@ -20,6 +20,7 @@ from controller.aws import client_factory
 from controller.config import Config, resolve_secret
 from controller.detect import SERVICE_STATE_VALUE, Health, ProbeState, ServiceHealth, observe, service_health
 from controller.durations import format_duration
+from controller.leader import Elector
 from controller.metrics import Metrics
 from controller.notify import pagerduty
 from controller.notify.outbox import Channel, Dispatcher
@@ -42,8 +43,11 @@ class Controller:
         metrics: Metrics | None = None,
         aws: Callable[[str], Any] | None = None,
         env: Callable[[str], str] = resolve_secret,
+        elector: Elector | None = None,
     ) -> None:
         self.config = config
+        self.elector = elector
+        self._elector_stop = asyncio.Event()
         self.store = store
         self.clock = clock
         self.metrics = metrics or Metrics()
@@ -59,6 +63,7 @@ class Controller:
         self.floors: dict[str, str] = {}
         self._held: dict[str, str] = {}
         self._tasks: list[asyncio.Task[Any]] = []
+        self._probe_tasks: list[asyncio.Task[Any]] = []
         self._kick = asyncio.Event()
         self.stop_event = asyncio.Event()
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
@@ -78,6 +83,7 @@ class Controller:
         self.dispatcher = Dispatcher(
             store, channels, clock, on_event=self._delivery_event, first_retry=config.controller.outbox_retry
         )
+        self.dispatcher.may_send = self.may_act
         self._recover_from_restart()
 
     # ------------------------------------------------------------------ start-up
@@ -436,6 +442,7 @@ class Controller:
         return ActionContext(
             aws=self.aws,
             probe_healthy=self.probe_healthy,
+            may_act=self.may_act,
             record=record,
             notify=notify,
             variables={
@@ -457,6 +464,11 @@ class Controller:
             )
         else:
             result = await self.engine.execute(run_id, playbook, pb, ctx, dry_run=dry)
+        if result.state == "handed_over":
+            self._emit(
+                "playbook_done", playbook=playbook, ok=False, error=result.error, duration_s=result.duration
+            )
+            return result
         inc = self.store.get_incident(incident_id) if incident_id else None
         if result.ok and inc is not None and not dry:
             took = self.clock() - inc.opened_at
@@ -557,10 +569,24 @@ class Controller:
             if late > 0:  # a run longer than the interval skips the slots it missed
                 next_at += (late // cfg.interval + 1) * cfg.interval
 
+    def may_act(self) -> bool:
+        """Only the leader decides, runs playbooks and sends notifications; standbys only probe."""
+        return self.elector is None or self.elector.is_leader()
+
     async def _tick_loop(self) -> None:
+        was_leader = False
         while not self.stop_event.is_set():
             try:
-                await self.reconcile()
+                leader = self.may_act()
+                if leader and not was_leader and self.elector is not None:
+                    self._became_leader()
+                was_leader = leader
+                if leader:
+                    await self.reconcile()
+                else:
+                    for name, h in self.health().items():
+                        self.metrics.service_state.labels(name).set(SERVICE_STATE_VALUE[h.state])
+                    self.metrics.last_tick.set(self.clock())
             except Exception:  # a bug in one cycle must not stop the controller
                 log.exception("reconcile failed")
             self._kick.clear()
@@ -571,15 +597,17 @@ class Controller:
 
     async def start(self, decide: bool = True) -> None:
         """Start probing; with `decide=False` (a run by hand) nothing is decided automatically."""
-        self._tasks = [
-            asyncio.create_task(self._probe_loop(name), name=f"probe:{name}") for name in self.config.probes
-        ]
+        self._start_probes()
+        self._tasks = []
         if decide:
             self._tasks.append(asyncio.create_task(self._tick_loop(), name="reconcile"))
         self._tasks.append(
             asyncio.create_task(self.dispatcher.run(self.stop_event, period=0.5), name="outbox")
         )
-        if decide:
+        if self.elector is not None:
+            # Its own stop event: the lease is released only after the step in hand has finished.
+            self._elector = asyncio.create_task(self.elector.run(self._elector_stop), name="leader")
+        elif decide:
             self._resume_interrupted()
         log.info(
             "controller started",
@@ -587,6 +615,39 @@ class Controller:
             services=len(self.config.services),
             dry_run=self.config.controller.dry_run,
         )
+
+    def _became_leader(self) -> None:
+        """A new leader reads what the previous one left: cooldowns, runs per incident, runs to resume."""
+        log.warning("became leader", identity=getattr(self.elector, "identity", None))
+        self.last_run_started.clear()
+        self.incident_runs.clear()
+        self.run_starts.clear()
+        self.floors.clear()
+        self._recover_from_restart()
+        mine = {t for t in self.running.values() if not t.done()}
+        if not mine:
+            self._resume_interrupted()
+
+    async def reload(self, new: Config) -> None:
+        """Swap in a validated config. Probes whose settings did not change keep their history, so a
+        reload never resets a failure streak; runs in progress finish with the playbook they started."""
+        old = self.config
+        for t in self._probe_tasks:
+            t.cancel()
+        await asyncio.gather(*self._probe_tasks, return_exceptions=True)
+        self.config = new
+        self.states = {
+            name: self.states[name] if name in old.probes and old.probes[name] == cfg else ProbeState()
+            for name, cfg in new.probes.items()
+        }
+        self.impact = {name: p.impact for name, p in new.probes.items()}
+        self._start_probes()
+        self._kick.set()
+
+    def _start_probes(self) -> None:
+        self._probe_tasks = [
+            asyncio.create_task(self._probe_loop(name), name=f"probe:{name}") for name in self.config.probes
+        ]
 
     def _resume_interrupted(self) -> None:
         """Runs the previous process left `running` continue from their journal: done steps are not
@@ -611,7 +672,10 @@ class Controller:
         running = [t for t in self.running.values() if not t.done()]
         if running:  # let a playbook step in hand finish rather than cut it in half
             await asyncio.wait(running, timeout=30)
-        for t in self._tasks:
+        for t in [*self._probe_tasks, *self._tasks]:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._probe_tasks, *self._tasks, return_exceptions=True)
+        if self.elector is not None:
+            self._elector_stop.set()  # the elector releases the lease so a standby takes over at once
+            await asyncio.gather(self._elector, return_exceptions=True)
         log.info("controller stopped")

@@ -58,4 +58,10 @@ class Metrics:
             registry=r,
             buckets=(1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800),
         )
-        self.leader = Gauge("continuity_leader", "1 when this replica leads.", registry=r)
+        self.reloads = Counter(
+            "continuity_config_reloads_total",
+            "Config reloads by outcome (applied, rejected).",
+            ["outcome"],
+            registry=r,
+        )
+        # continuity_leader{lock} is registered by controller.leader on this same registry.

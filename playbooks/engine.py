@@ -158,6 +158,17 @@ class Engine:
         result = RunResult(run_id, ok=True)
         done: list[int] = []
         for group in _groups(pb):
+            if not ctx.may_act() and not dry_run:
+                result.ok, result.state = False, "handed_over"
+                result.error = (
+                    "this replica lost the leadership; the next leader resumes the run from its journal"
+                )
+                ctx.record(
+                    "playbook",
+                    f"playbook {name} paused at step {pb.steps[group[0]].name}: {result.error}",
+                    {"run_id": run_id},
+                )
+                return result
             todo = [i for i in group if journal.get(i) is None or journal[i].state not in ("done", "skipped")]
             for i in group:
                 if i not in todo:

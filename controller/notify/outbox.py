@@ -129,6 +129,8 @@ class Dispatcher:
         max_retry: float = 300.0,
         quick_attempts: int = 3,
     ) -> None:
+        self.may_send: Callable[[], bool] = lambda: True
+        """Set by the controller: only the leader delivers."""
         self.store = store
         self.channels = channels
         self.clock = clock
@@ -182,6 +184,8 @@ class Dispatcher:
     async def drain(self) -> int:
         """Try every due message once (with a few quick retries); return how many were delivered."""
         sent = 0
+        if not self.may_send():
+            return 0  # a standby never sends: the leader owns the outbox
         for msg in self.store.due(self.clock()):
             channel = self.channels.get(msg.channel)
             if channel is None:

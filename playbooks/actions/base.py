@@ -55,6 +55,8 @@ class ActionContext:
     """Incident facts for templated parameters: incident_id, service, severity."""
     sleep: Callable[[float], Awaitable[None]] | None = None
     poll_interval: float = 0.5
+    may_act: Callable[[], bool] = lambda: True
+    """False once this replica is no longer the leader: the run stops at the next step boundary."""
 
 
 class Action:
