@@ -124,13 +124,15 @@ def single_step(
     checks: tuple[Check, ...] = (),
     error: str = "",
     details: dict[str, Any] | None = None,
+    latency: float | None = None,
 ) -> ProbeResult:
     """The result of a one-exchange probe (tcp, dns, tls, prometheus).
 
     Shaped like an HTTP probe's result (one step, named after the probe), so the CLI, the
-    timeline and the detector read every kind the same way. `t0` is the perf_counter at start.
+    timeline and the detector read every kind the same way. `t0` is the perf_counter at start;
+    `latency`, when given, is the measured exchange (e.g. without the connection's close).
     """
-    took = time.perf_counter() - t0
+    took = time.perf_counter() - t0 if latency is None else latency
     ok = not error and all(c.ok for c in checks)
     step = StepResult(name, ok, took, checks, error=error, request=request)
     return ProbeResult(

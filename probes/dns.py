@@ -185,7 +185,7 @@ async def run(name: str, cfg: DnsProbe) -> ProbeResult:
     took = time.perf_counter() - t0
     rdtype = dns.rdatatype.from_text(cfg.record_type)
     answers = [rd for rrset in response.answer if rrset.rdtype == rdtype for rd in rrset]
-    shown = [rd.to_text() for rd in answers]
+    shown = sorted(rd.to_text() for rd in answers)  # rrsets are unordered; sorted reads stably
     rcode = dns.rcode.to_text(response.rcode())
     details: dict[str, Any] = {
         "probe_dns_lookup_time_seconds": round(took, 6),

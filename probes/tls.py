@@ -183,18 +183,23 @@ async def run(name: str, cfg: TlsProbe) -> ProbeResult:
         why = getattr(exc, "strerror", None) or str(exc)
         return single_step(name, started_at, t0, request, error=f"cannot load ca_file {cfg.ca_file}: {why}")
     stage = "connecting"
+    writer: asyncio.StreamWriter | None = None
     try:
-        async with asyncio.timeout(cfg.timeout):
-            _, writer = await asyncio.open_connection(cfg.host, cfg.port)
-            details["connect_seconds"] = round(time.perf_counter() - t0, 6)
-            try:
+        try:
+            async with asyncio.timeout(cfg.timeout):
+                _, writer = await asyncio.open_connection(cfg.host, cfg.port)
+                details["connect_seconds"] = round(time.perf_counter() - t0, 6)
                 stage = "in the TLS handshake"
                 await writer.start_tls(ctx, server_hostname=sni)
                 peer = writer.get_extra_info("peercert") or {}
                 obj = writer.get_extra_info("ssl_object")
                 details["tls_version"] = obj.version() if obj is not None else None
-            finally:
-                await close_quietly(writer)
+        except BaseException:
+            if writer is not None:
+                writer.transport.abort()  # failed or out of time: no polite close
+            raise
+        took = time.perf_counter() - t0
+        await close_quietly(writer)  # outside the deadline: a slow close must not fail a good handshake
     except ssl.SSLCertVerificationError as exc:
         left = cfg.timeout - (time.perf_counter() - t0)
         why = await _explain(cfg, sni, exc, left, details)
@@ -205,9 +210,8 @@ async def run(name: str, cfg: TlsProbe) -> ProbeResult:
             name, started_at, t0, request, error=f"TLS handshake failed: {why}", details=details
         )
     except TimeoutError:
-        took = time.perf_counter() - t0
         return single_step(
-            name, started_at, t0, request, error=f"timed out after {took:.1f}s {stage}", details=details
+            name, started_at, t0, request, error=f"timed out after {cfg.timeout:g}s {stage}", details=details
         )
     except OSError as exc:
         where = "" if stage == "connecting" else f" {stage}"
@@ -226,4 +230,4 @@ async def run(name: str, cfg: TlsProbe) -> ProbeResult:
         "days_remaining", bound.holds(days), bound.describe(), f"{days} (not_after {_iso(not_after)})"
     )
     details["degraded"] = not check.ok  # valid today, expiring soon: degraded, never down
-    return single_step(name, started_at, t0, request, (check,), details=details)
+    return single_step(name, started_at, t0, request, (check,), details=details, latency=took)
