@@ -437,7 +437,7 @@ async def fake_prometheus() -> tuple[web.AppRunner, str]:
     async def query(request: web.Request) -> web.StreamResponse:
         q = request.query.get("query", "")
         if q == "slow":
-            await asyncio.sleep(5)
+            await asyncio.sleep(1)  # past the probe's 500ms, short enough not to slow cleanup
         status, body = ANSWERS.get(q, (404, None))
         return web.json_response(body, status=status)
 
