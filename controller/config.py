@@ -17,13 +17,20 @@ from pydantic import Field, ValidationError, model_validator
 
 from controller.durations import Duration
 from probes.base import Strict
+from probes.dns import DnsProbe
 from probes.http import HttpProbe, TransactionProbe
+from probes.prometheus import PrometheusProbe
+from probes.tcp import TcpProbe
+from probes.tls import TlsProbe
 
 Tier = Literal["critical", "important", "supporting"]
 Severity = Literal["critical", "moderate", "low"]
 
-ProbeConfig = Annotated[HttpProbe | TransactionProbe, Field(discriminator="kind")]
-PROBE_KINDS = ("http", "transaction")
+ProbeConfig = Annotated[
+    HttpProbe | TransactionProbe | TcpProbe | DnsProbe | TlsProbe | PrometheusProbe,
+    Field(discriminator="kind"),
+]
+PROBE_KINDS = ("http", "transaction", "tcp", "dns", "tls", "prometheus")
 
 
 class Detection(Strict):

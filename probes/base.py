@@ -92,6 +92,7 @@ class ProbeResult:
             "latency_ms": round(self.latency * 1000, 1),
             "reason": self.reason,
             "vantage": self.vantage,
+            "details": self.details,
             "steps": [
                 {
                     "name": s.name,
@@ -113,6 +114,30 @@ def failure(probe: str, started_at: float, latency: float, error: str) -> ProbeR
 
 def now() -> float:
     return time.time()
+
+
+def single_step(
+    name: str,
+    started_at: float,
+    t0: float,
+    request: str,
+    checks: tuple[Check, ...] = (),
+    error: str = "",
+    details: dict[str, Any] | None = None,
+    latency: float | None = None,
+) -> ProbeResult:
+    """The result of a one-exchange probe (tcp, dns, tls, prometheus).
+
+    Shaped like an HTTP probe's result (one step, named after the probe), so the CLI, the
+    timeline and the detector read every kind the same way. `t0` is the perf_counter at start;
+    `latency`, when given, is the measured exchange (e.g. without the connection's close).
+    """
+    took = time.perf_counter() - t0 if latency is None else latency
+    ok = not error and all(c.ok for c in checks)
+    step = StepResult(name, ok, took, checks, error=error, request=request)
+    return ProbeResult(
+        name, ok, started_at, took, (step,), error="" if ok else (error or "failed"), details=details or {}
+    )
 
 
 # ---------------------------------------------------------------- expectations
@@ -139,6 +164,12 @@ class Comparison(Strict):
     def describe(self) -> str:
         words = {"lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "=="}
         return " and ".join(f"{words[k]} {v:g}" for k, v in self.model_dump().items() if v is not None)
+
+
+def latency_check(bound: Comparison, seconds: float) -> Check:
+    """`latency_ms` reads the same for every kind: the bound, and the milliseconds it took."""
+    ms = seconds * 1000
+    return Check("latency_ms", bound.holds(ms), bound.describe(), f"{ms:.0f}")
 
 
 class Expect(Strict):

@@ -1,0 +1,214 @@
+"""DNS probes: does this name resolve, at this server, to what we expect?
+
+Failover moves traffic by changing DNS records, so DNS must be checked at the server that
+answers shoppers, not through the prober's cache: each run sends one query (dnspython's asyncio
+`udp_with_fallback`, TCP if the answer is truncated) straight to `server` and reports the rcode,
+the answers and the lookup time (`probe_dns_lookup_time_seconds` in `details`, as blackbox_exporter
+names it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import time
+from typing import Any, Literal
+
+import dns.asyncquery
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.rcode
+import dns.rdata
+import dns.rdatatype
+import dns.resolver
+from pydantic import Field, field_validator
+
+from probes.base import Check, Comparison, ProbeResult, Strict, latency_check, single_step
+from probes.http import ProbeCommon
+from probes.tcp import describe_os_error
+
+RecordType = Literal["A", "AAAA", "CNAME", "MX", "TXT", "NS", "SRV"]
+Rcode = Literal["NOERROR", "NXDOMAIN", "SERVFAIL", "REFUSED", "FORMERR", "NOTIMP"]
+
+
+def parse_server(text: str) -> tuple[str, int]:
+    """`10.0.0.2`, `10.0.0.2:5353`, `::1`, `[::1]:5353` -> (ip, port). Raise ValueError if not."""
+    text = text.strip()
+    host, port = text, 53
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            if not rest.startswith(":") or not rest[1:].isdigit():
+                raise ValueError(f"an IP address with an optional :port, found {text!r}")
+            port = int(rest[1:])
+    elif text.count(":") == 1:
+        host, _, raw = text.partition(":")
+        if not raw.isdigit():
+            raise ValueError(f"an IP address with an optional :port, found {text!r}")
+        port = int(raw)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(
+            f"an IP address with an optional :port (e.g. 10.0.0.2:53 or [::1]:53), found {text!r}"
+        ) from None
+    if not 1 <= port <= 65535:
+        raise ValueError(f"a port between 1 and 65535, found {port}")
+    return host, port
+
+
+class DnsExpect(Strict):
+    """What the answer must look like; every field optional."""
+
+    rcode: Rcode = Field(default="NOERROR", description="Expected response code.")
+    answers_min: int | None = Field(
+        default=None,
+        ge=0,
+        description="Fewest records of `record_type` in the answer (default 1 when rcode is NOERROR, "
+        "else 0).",
+    )
+    contains: str | None = Field(
+        default=None,
+        description="A value that must be among the answers: an address for A/AAAA, a name for "
+        "CNAME/NS (trailing dot optional), the exchange or '10 mx.example' for MX, the text for TXT, "
+        "the target or '0 5 443 host' for SRV.",
+    )
+    latency_ms: Comparison | None = Field(default=None, description="Bound on the lookup time.")
+
+    def minimum(self) -> int:
+        if self.answers_min is not None:
+            return self.answers_min
+        return 1 if self.rcode == "NOERROR" else 0
+
+
+class DnsProbe(ProbeCommon):
+    """One query for `name`/`record_type` sent to `server`."""
+
+    kind: Literal["dns"]
+    name: str = Field(min_length=1, description="The name to look up, e.g. shop.example.")
+    server: str | None = Field(
+        default=None,
+        description="IP address of the DNS server, with an optional :port ([v6]:port for IPv6); "
+        "default: the first nameserver in /etc/resolv.conf.",
+    )
+    record_type: RecordType = Field(default="A", description="Record type to ask for.")
+    expect: DnsExpect = Field(default_factory=DnsExpect, description="Expectations on the answer.")
+
+    @field_validator("server")
+    @classmethod
+    def _server(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_server(value)
+        return value
+
+
+def _norm_name(text: str) -> str:
+    return text.strip().lower().rstrip(".")
+
+
+def _forms(rdata: dns.rdata.Rdata) -> set[str]:
+    """Every spelling of one answer an SRE might write in `contains`, normalised."""
+    forms = {rdata.to_text().lower()}
+    rtype = rdata.rdtype
+    if rtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+        forms.add(str(ipaddress.ip_address(rdata.to_text())))
+    elif rtype in (dns.rdatatype.CNAME, dns.rdatatype.NS):
+        forms.add(_norm_name(rdata.to_text()))
+    elif rtype == dns.rdatatype.MX:
+        exchange = _norm_name(rdata.exchange.to_text())  # type: ignore[attr-defined]
+        forms |= {exchange, f"{rdata.preference} {exchange}"}  # type: ignore[attr-defined]
+    elif rtype == dns.rdatatype.SRV:
+        target = _norm_name(rdata.target.to_text())  # type: ignore[attr-defined]
+        forms |= {target, f"{rdata.priority} {rdata.weight} {rdata.port} {target}"}  # type: ignore[attr-defined]
+    elif rtype == dns.rdatatype.TXT:
+        forms.add(b"".join(rdata.strings).decode("utf-8", errors="replace").lower())  # type: ignore[attr-defined]
+    return forms
+
+
+def _wanted(text: str) -> set[str]:
+    """The spellings of `contains` to look for among `_forms` of the answers."""
+    text = text.strip().lower()
+    forms = {text, text.rstrip(".")}
+    with contextlib.suppress(ValueError):
+        forms.add(str(ipaddress.ip_address(text)))
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        forms.add(text[1:-1])
+    return forms
+
+
+def _system_server() -> tuple[str, int]:
+    """The resolver the machine uses (resolv.conf), for probes that name no server."""
+    try:
+        servers = dns.resolver.Resolver().nameservers
+    except dns.exception.DNSException as exc:
+        raise LookupError(f"no system resolver to ask ({exc}); set `server`") from None
+    if not servers:
+        raise LookupError("no nameserver in /etc/resolv.conf; set `server`")
+    first = servers[0]
+    return (first, 53) if isinstance(first, str) else (first.address, first.port)
+
+
+async def run(name: str, cfg: DnsProbe) -> ProbeResult:
+    """One DNS query, bounded by cfg.timeout; never raises."""
+    started_at = time.time()
+    t0 = time.perf_counter()
+    try:
+        host, port = parse_server(cfg.server) if cfg.server else _system_server()
+    except (LookupError, ValueError) as exc:
+        return single_step(name, started_at, t0, f"DNS {cfg.record_type} {cfg.name}", error=str(exc))
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    request = f"DNS {cfg.record_type} {cfg.name} @{where}"
+    try:
+        query = dns.message.make_query(cfg.name, cfg.record_type)
+    except dns.exception.DNSException as exc:
+        return single_step(name, started_at, t0, request, error=f"cannot ask for {cfg.name!r}: {exc}")
+    try:
+        async with asyncio.timeout(cfg.timeout):
+            response, _ = await dns.asyncquery.udp_with_fallback(
+                query, host, timeout=cfg.timeout, port=port, ignore_unexpected=True
+            )
+    except (TimeoutError, dns.exception.Timeout):
+        took = time.perf_counter() - t0
+        return single_step(
+            name, started_at, t0, request, error=f"timed out after {took:.1f}s: no answer from {where}"
+        )
+    except OSError as exc:
+        msg = describe_os_error(exc, host, port)
+        if isinstance(exc, ConnectionRefusedError):
+            msg = f"connection refused by {where} (no DNS server on that port?)"
+        return single_step(name, started_at, t0, request, error=msg)
+    except dns.exception.DNSException as exc:
+        return single_step(name, started_at, t0, request, error=f"bad answer from {where}: {exc}")
+    took = time.perf_counter() - t0
+    rdtype = dns.rdatatype.from_text(cfg.record_type)
+    answers = [rd for rrset in response.answer if rrset.rdtype == rdtype for rd in rrset]
+    shown = sorted(rd.to_text() for rd in answers)  # rrsets are unordered; sorted reads stably
+    rcode = dns.rcode.to_text(response.rcode())
+    details: dict[str, Any] = {
+        "probe_dns_lookup_time_seconds": round(took, 6),
+        "rcode": rcode,
+        "answers": shown,
+    }
+    checks = [Check("rcode", rcode == cfg.expect.rcode, cfg.expect.rcode, rcode)]
+    if rcode == cfg.expect.rcode:  # a wrong rcode says it all; counting answers would only add noise
+        need = cfg.expect.minimum()
+        checks.append(
+            Check(f"{cfg.record_type} answers", len(answers) >= need, f">= {need}", str(len(answers)))
+        )
+        if cfg.expect.contains is not None:
+            wanted = _wanted(cfg.expect.contains)
+            ok = any(wanted & _forms(rd) for rd in answers)
+            checks.append(
+                Check(
+                    f"{cfg.record_type} answers",
+                    ok,
+                    f"to include {cfg.expect.contains!r}",
+                    ", ".join(shown) or "none",
+                )
+            )
+    if cfg.expect.latency_ms is not None:
+        checks.append(latency_check(cfg.expect.latency_ms, took))
+    return single_step(name, started_at, t0, request, tuple(checks), details=details)
