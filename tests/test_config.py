@@ -60,7 +60,9 @@ def test_malformed_yaml_names_line_and_column(tmp_path: Path) -> None:
 
 def test_unknown_probe_kind(tmp_path: Path) -> None:
     path, problems = problems_for(tmp_path, BASE.replace("kind: http", "kind: gopher"))
-    assert problems == [f"{path}: probes.home.kind: expected one of 'http', 'transaction', found 'gopher'"]
+    assert problems == [
+        f"{path}: probes.home.kind: expected one of 'http', 'transaction', 'tcp', 'dns', 'tls', 'prometheus', found 'gopher'"
+    ]
 
 
 def test_negative_threshold(tmp_path: Path) -> None:
