@@ -9,16 +9,18 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Iterable
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from controller.detect import Rules
 from controller.durations import Duration
 from probes.base import Strict
 from probes.dns import DnsProbe
-from probes.http import HttpProbe, TransactionProbe
+from probes.http import HttpProbe, TransactionProbe, Window
 from probes.prometheus import PrometheusProbe
 from probes.tcp import TcpProbe
 from probes.tls import TlsProbe
@@ -33,6 +35,37 @@ ProbeConfig = Annotated[
 PROBE_KINDS = ("http", "transaction", "tcp", "dns", "tls", "prometheus")
 
 
+class Confirm(Strict):
+    """The burst that turns SUSPECT into DOWN: every run must fail. probes: 0 turns it off."""
+
+    probes: int = Field(default=5, ge=0, le=20, description="Runs in the burst; all must fail to confirm.")
+    spacing: Duration = Field(default=0.25, ge=0, description="Pause between burst runs.")
+
+
+class Flapping(Strict):
+    changes: int = Field(
+        default=4, ge=2, description="Verdict changes (into or out of DOWN) that mean flapping."
+    )
+    within: Duration = Field(default=600.0, gt=0)
+
+
+class Maintenance(Strict):
+    """A scheduled window during which named services raise no incident and trigger no action."""
+
+    services: list[str] = Field(min_length=1)
+    start: datetime
+    end: datetime
+    reason: str = ""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Maintenance:
+        if self.start.tzinfo is None or self.end.tzinfo is None:
+            raise ValueError("start and end with a timezone (e.g. 2026-12-01T02:00:00Z)")
+        if self.end <= self.start:
+            raise ValueError(f"end after start, found {self.start.isoformat()} .. {self.end.isoformat()}")
+        return self
+
+
 class Detection(Strict):
     """Hysteresis defaults; each probe may override them. Gatus's defaults: 3 down, 2 up."""
 
@@ -41,6 +74,21 @@ class Detection(Strict):
     )
     success_threshold: int = Field(
         default=2, ge=1, description="Consecutive successes before it is UP again."
+    )
+    window: Window | None = Field(
+        default=None, description="Also SUSPECT on `failures` of the last `of` results."
+    )
+    confirm: Confirm = Field(default_factory=Confirm)
+    quorum: int = Field(default=1, ge=1, description="Vantage points that must agree a target is DOWN.")
+    freshness: Duration | None = Field(
+        default=None,
+        gt=0,
+        description="Results older than this do not vote (default: 3 x interval + timeout).",
+    )
+    flapping: Flapping = Field(default_factory=Flapping)
+    reference_probes: list[str] = Field(
+        default_factory=list,
+        description="Targets that should always be up; if all fail, the controller is the one cut off.",
     )
 
 
@@ -54,6 +102,10 @@ class Service(Strict):
     owners: list[str] = Field(default_factory=list)
     probes: list[str] = Field(min_length=1, description="Names of probes in the probes section.")
     playbook: str | None = Field(default=None, description="Playbook run when the service is DOWN.")
+    depends_on: list[str] = Field(
+        default_factory=list,
+        description="Services this one needs: their outage's incident absorbs this one's.",
+    )
 
 
 class Bound(Strict):
@@ -317,7 +369,28 @@ class Config(Strict):
     notifiers: Notifiers = Field(default_factory=Notifiers)
     aws: Aws = Field(default_factory=Aws)
     controller: ControllerSettings = Field(default_factory=ControllerSettings)
+    maintenance: list[Maintenance] = Field(default_factory=list, description="Scheduled quiet windows.")
     leader: Leader = Field(default_factory=Leader)
+
+    def rules(self, probe: str, confirm: bool = True) -> Rules:
+        p = self.probes[probe]
+        d = self.detection
+        window = p.window or d.window
+        return Rules(
+            failure_threshold=p.failure_threshold or d.failure_threshold,
+            success_threshold=p.success_threshold or d.success_threshold,
+            window_failures=window.failures if window else None,
+            window_size=window.of if window else None,
+            confirm=confirm and d.confirm.probes > 0,
+            flap_changes=d.flapping.changes,
+            flap_window=d.flapping.within,
+        )
+
+    def freshness(self, probe: str) -> float:
+        return self.detection.freshness or 3 * self.probes[probe].interval + self.probes[probe].timeout
+
+    def quorum(self, probe: str) -> int:
+        return self.probes[probe].quorum or self.detection.quorum
 
     def thresholds(self, probe: str) -> tuple[int, int]:
         p = self.probes[probe]

@@ -60,7 +60,16 @@ class Hold:
     controller records a hold on the timeline once per key, not on every tick."""
 
 
-Decision = OpenIncident | ChangeSeverity | ResolveIncident | StartPlaybook | Hold
+@dataclass(frozen=True)
+class JoinIncident:
+    """A dependent service's failure recorded on its dependency's incident: one outage pages once."""
+
+    incident_id: str
+    service: str
+    reason: str
+
+
+Decision = OpenIncident | ChangeSeverity | ResolveIncident | StartPlaybook | Hold | JoinIncident
 
 
 @dataclass(frozen=True)
@@ -89,6 +98,11 @@ class Observation:
     """Why a human paused all automatic actions, or None."""
     frozen: dict[str, str] = field(default_factory=dict)
     """Service -> the failed run that froze its playbook until a human acknowledges it."""
+    silenced: dict[str, str] = field(default_factory=dict)
+    """Service -> why it is silenced (an ad-hoc silence or a maintenance window)."""
+    references_ok: bool = True
+    """False while any reference target fails: the controller may be the one cut off."""
+    references_note: str = ""
 
 
 def decide(obs: Observation, config: Config) -> list[Decision]:
@@ -98,7 +112,46 @@ def decide(obs: Observation, config: Config) -> list[Decision]:
         if health is None:
             continue
         incident = obs.incidents.get(name)
+        iid = incident.id if incident else None
         wanted = severity(svc.tier, health, config.classification)
+        if name in obs.silenced:
+            if wanted is not None:
+                out.append(
+                    Hold(
+                        name,
+                        iid,
+                        f"{name} is {health.state} but silenced ({obs.silenced[name]}): "
+                        "no incident, no action",
+                        key=f"silence:{obs.silenced[name]}",
+                    )
+                )
+            continue
+        if wanted is not None and not obs.references_ok:
+            # If the reference targets fail too, the controller may be the one cut off: wait.
+            out.append(
+                Hold(
+                    name,
+                    iid,
+                    f"{name} looks {health.state}, but the reference targets are failing "
+                    f"too ({obs.references_note}): not acting until the controller's own view is "
+                    "trusted again",
+                    key="references",
+                )
+            )
+            continue
+        parent = _failing_dependency(obs, svc.depends_on)
+        if wanted is not None and parent is not None and incident is None:
+            dep, dep_incident = parent
+            if dep_incident is not None:
+                out.append(
+                    JoinIncident(
+                        dep_incident,
+                        name,
+                        f"{health.summary()}; it depends on {dep}, which is "
+                        f"down: part of {dep}'s incident, not a new one",
+                    )
+                )
+            continue  # the dependency's incident (or the one it is about to open) covers this
         if wanted is not None:
             if incident is None:
                 out.append(OpenIncident(name, wanted, health, health.summary()))
@@ -115,10 +168,41 @@ def decide(obs: Observation, config: Config) -> list[Decision]:
                         )
                     )
         elif health.state is ServiceState.UP and incident is not None and name not in obs.running:
-            out.append(ResolveIncident(incident.id, name, f"{name} is up again: all probes pass"))
+            if health.flapping:
+                out.append(
+                    Hold(
+                        name,
+                        iid,
+                        f"{name} passes now but {', '.join(health.flapping)} is flapping: "
+                        "the incident stays open until it is stable",
+                        key="flapping-open",
+                    )
+                )
+            else:
+                out.append(ResolveIncident(incident.id, name, f"{name} is up again: all probes pass"))
         if health.state is ServiceState.DOWN and svc.playbook:
-            out.extend(_failover(obs, config, name, svc.playbook, incident, wanted))
+            if health.flapping:
+                out.append(
+                    Hold(
+                        name,
+                        iid,
+                        f"not running {svc.playbook}: {', '.join(health.flapping)} is "
+                        "flapping; waiting until it is stable",
+                        key="flapping",
+                    )
+                )
+            else:
+                out.extend(_failover(obs, config, name, svc.playbook, incident, wanted))
     return out
+
+
+def _failing_dependency(obs: Observation, depends_on: list[str]) -> tuple[str, str | None] | None:
+    for dep in depends_on:
+        h = obs.health.get(dep)
+        dep_incident = obs.incidents.get(dep)
+        if (h is not None and h.state is ServiceState.DOWN) or dep_incident is not None:
+            return dep, dep_incident.id if dep_incident else None
+    return None
 
 
 def _failover(

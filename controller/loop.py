@@ -18,7 +18,17 @@ import structlog
 from controller import decide as d
 from controller.aws import client_factory
 from controller.config import Config, resolve_secret
-from controller.detect import SERVICE_STATE_VALUE, Health, ProbeState, ServiceHealth, observe, service_health
+from controller.detect import (
+    SERVICE_STATE_VALUE,
+    Health,
+    ProbeState,
+    ServiceHealth,
+    combine,
+    confirm,
+    flapping,
+    observe,
+    service_health,
+)
 from controller.durations import format_duration
 from controller.leader import Elector
 from controller.metrics import Metrics
@@ -54,6 +64,12 @@ class Controller:
         self.aws = aws or client_factory(config.aws)
         self.engine = Engine(store, self.metrics, clock)
         self.states: dict[str, ProbeState] = {name: ProbeState() for name in config.probes}
+        """The verdict per probe, all vantage points combined under the quorum."""
+        self.vstates: dict[str, dict[str, ProbeState]] = {name: {} for name in config.probes}
+        self._bursting: set[str] = set()
+        self._burst_tasks: set[asyncio.Task[None]] = set()
+        self.burst_notes: dict[str, tuple[float, str]] = {}
+        self.isolated_since: float | None = None
         self.impact = {name: p.impact for name, p in config.probes.items()}
         self.running: dict[str, asyncio.Task[RunResult]] = {}
         self.last_run_started: dict[str, float] = {}
@@ -109,43 +125,167 @@ class Controller:
     # ------------------------------------------------------------------ observe
 
     def ingest(self, result: ProbeResult) -> None:
-        """Fold a probe result into detection state; a change of verdict triggers a reconcile at once."""
+        """Fold a probe result (local or from an agent) into detection state.
+
+        Local results that make a probe SUSPECT start a confirmation burst; the per-vantage verdicts
+        are then combined under the quorum, and a change of verdict triggers a reconcile at once.
+        """
         name = result.probe
         if name not in self.states:
             return
-        fail_t, ok_t = self.config.thresholds(name)
-        before = self.states[name]
-        after = observe(before, result, fail_t, ok_t)
-        self.states[name] = after
-        self.metrics.probe_success.labels(name, result.vantage).set(1 if result.ok else 0)
-        self.metrics.probe_duration.labels(name, result.vantage).observe(result.latency)
-        if not result.ok and before.failures == 0:
-            self._emit("probe_failed", probe=name, reason=result.reason, at=result.started_at)
-        if after.status is not before.status:
-            verdict = f"probe {name} is {after.status.value.upper()}" + (
-                f" after {after.failures} consecutive failures: {result.reason}"
-                if after.status is Health.DOWN
-                else f" after {after.successes} consecutive successes"
-                if before.status is Health.DOWN
-                else ""
+        vantage = result.vantage
+        local = vantage == "local"
+        rules = self.config.rules(name, confirm=local)
+        before = self.vstates[name].get(vantage, ProbeState())
+        after = observe(before, result, rules=rules)
+        self.vstates[name][vantage] = after
+        self.metrics.probe_success.labels(name, vantage).set(1 if result.ok else 0)
+        self.metrics.probe_duration.labels(name, vantage).observe(result.latency)
+        if not result.ok and before.failures == 0 and before.degraded == 0:
+            self._emit(
+                "probe_failed", probe=name, reason=result.reason, at=result.started_at, vantage=vantage
             )
-            log.info("probe verdict", probe=name, status=after.status.value, reason=result.reason)
-            self._emit("probe_verdict", probe=name, status=after.status.value, at=result.started_at)
-            for svc, cfg in self.config.services.items():
-                inc = self.store.open_incident_for(svc) if name in cfg.probes else None
-                if inc is not None:
-                    self.store.append(inc.id, result.started_at, "probe", verdict, result.to_dict())
-            self._kick.set()
+        if local and after.status is Health.SUSPECT and before.status is not Health.SUSPECT:
+            if name not in self._bursting:
+                self._bursting.add(name)
+                self._burst_tasks.add(asyncio.create_task(self._confirm(name)))
+        self._recombine(name, result)
+
+    def _recombine(self, name: str, result: ProbeResult) -> None:
+        before = self.states[name]
+        after = combine(
+            self.vstates[name].values(), self.config.quorum(name), self.config.freshness(name), self.clock()
+        )
+        self.states[name] = after
+        if after.status is before.status:
+            return
+        rules = self.config.rules(name)
+        self.metrics.probe_flapping.labels(name).set(1 if flapping(after, self.clock(), rules) else 0)
+        votes = {v: s.status.value for v, s in self.vstates[name].items()}
+        verdict = f"probe {name} is {after.status.value.upper()}"
+        if after.status is Health.DOWN:
+            verdict += f" after {after.failures} consecutive failures: {result.reason}"
+        elif before.status is Health.DOWN:
+            verdict += f" after {after.successes} consecutive successes"
+        if len(votes) > 1:
+            verdict += f" (vantage points: {', '.join(f'{v} {s}' for v, s in sorted(votes.items()))})"
+        log.info("probe verdict", probe=name, status=after.status.value, reason=result.reason, votes=votes)
+        self._emit("probe_verdict", probe=name, status=after.status.value, at=result.started_at)
+        for svc, cfg in self.config.services.items():
+            inc = self.store.open_incident_for(svc) if name in cfg.probes else None
+            if inc is not None:
+                self.store.append(inc.id, result.started_at, "probe", verdict, result.to_dict())
+        self._kick.set()
+
+    async def _confirm(self, name: str) -> None:
+        """Re-probe a SUSPECT target at once, a few times: only a burst that fails throughout is DOWN."""
+        try:
+            cfg = self.config.probes[name]
+            spec = self.config.detection.confirm
+            burst: list[ProbeResult] = []
+            for i in range(spec.probes):
+                if i:
+                    await asyncio.sleep(spec.spacing)
+                burst.append(await run_probe(name, cfg))
+                if burst[-1].ok:
+                    break  # one pass is enough to disprove the outage
+            state = self.vstates[name].get("local", ProbeState())
+            if state.status is not Health.SUSPECT or not burst:
+                return  # a scheduled run already cleared the suspicion
+            new = confirm(state, burst, self.config.rules(name))
+            self.vstates[name]["local"] = new
+            failed = sum(1 for b in burst if not b.ok)
+            outcome = "confirmed: DOWN" if new.status is Health.DOWN else "not confirmed, back to UP"
+            note = f"confirmation burst for {name}: {failed} of {len(burst)} runs failed, {outcome}"
+            self.burst_notes[name] = (burst[-1].started_at, note)
+            log.info(
+                "confirmation burst",
+                probe=name,
+                failed=failed,
+                runs=len(burst),
+                down=new.status is Health.DOWN,
+            )
+            self._emit("burst", probe=name, message=note)
+            self._recombine(name, burst[-1])
+        finally:
+            self._bursting.discard(name)
 
     def probe_healthy(self, name: str) -> bool | None:
         status = self.states[name].status if name in self.states else Health.UNKNOWN
         return None if status is Health.UNKNOWN else status is Health.UP
 
     def health(self) -> dict[str, ServiceHealth]:
+        now = self.clock()
+        flaps = [p for p, st in self.states.items() if flapping(st, now, self.config.rules(p))]
         return {
-            name: service_health(name, svc.probes, self.states, self.impact)
+            name: service_health(name, svc.probes, self.states, self.impact, flaps)
             for name, svc in self.config.services.items()
         }
+
+    def references(self) -> tuple[bool, bool, str]:
+        """(ok, isolated, note): ok while every reference target passes; isolated when all are DOWN."""
+        refs = self.config.detection.reference_probes
+        if not refs:
+            return True, False, ""
+        bad = {
+            r: self.states[r]
+            for r in refs
+            if self.states[r].status is not Health.UP or self.states[r].failures
+        }
+        isolated = all(self.states[r].status is Health.DOWN for r in refs)
+        note = ", ".join(f"{r} {s.status.value}" for r, s in bad.items())
+        return not bad, isolated, note
+
+    def _isolation(self, isolated: bool, note: str, now: float) -> None:
+        """One 'controller isolated' alert while every reference target is down; resolved when one is back."""
+        self.metrics.isolated.set(1 if isolated else 0)
+        pd = self.config.notifiers.pagerduty
+        if isolated and self.isolated_since is None:
+            self.isolated_since = now
+            log.error(
+                "controller isolated: every reference target is down; no failover will start", refs=note
+            )
+            self._emit("isolated", message=f"controller isolated: {note}")
+            if pd is not None:
+                key = f"continuity/isolated/{int(now)}"
+                self.store.set_flag("isolation_key", key)
+                body = pagerduty.trigger(
+                    pd,
+                    dedup_key=key,
+                    summary=f"Continuity controller isolated: reference targets down ({note}); "
+                    "automatic failover is suspended",
+                    severity="critical",
+                    service="continuity",
+                    tier="critical",
+                    ts=now,
+                    details={"reference_probes": self.config.detection.reference_probes, "note": note},
+                )
+                self._enqueue(None, f"{key}/trigger", body, "isolation alert")
+        elif not isolated and self.isolated_since is not None:
+            log.warning("controller no longer isolated", after_s=round(now - self.isolated_since, 1))
+            self._emit("isolated", message="controller no longer isolated")
+            self.isolated_since = None
+            key = self.store.get_flag("isolation_key")
+            if pd is not None and key:
+                self._enqueue(None, f"{key}/resolve", pagerduty.resolve(key), "isolation resolved")
+                self.store.set_flag("isolation_key", None)
+
+    def silenced(self, now: float) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for window in self.config.maintenance:
+            if window.start.timestamp() <= now < window.end.timestamp():
+                for svc in window.services:
+                    out[svc] = f"maintenance until {window.end.isoformat()}" + (
+                        f": {window.reason}" if window.reason else ""
+                    )
+        for key, value in self.store.flags("silence:").items():
+            until, _, reason = value.partition("|")
+            if float(until) > now:
+                out[key.removeprefix("silence:")] = (
+                    f"silenced until {time.strftime('%H:%M:%S UTC', time.gmtime(float(until)))}"
+                    + (f": {reason}" if reason else "")
+                )
+        return out
 
     def observation(self) -> d.Observation:
         incidents = {}
@@ -157,6 +297,8 @@ class Controller:
                 )
         running = frozenset(s for s, t in self.running.items() if not t.done())
         now = self.clock()
+        refs_ok, isolated, refs_note = self.references()
+        self._isolation(isolated, refs_note, now)
         return d.Observation(
             now,
             self.health(),
@@ -166,6 +308,9 @@ class Controller:
             runs_last_hour=sum(1 for t in self.run_starts if now - t < 3600),
             paused=self.store.get_flag("paused"),
             frozen={k.removeprefix("frozen:"): v for k, v in self.store.flags("frozen:").items()},
+            silenced=self.silenced(now),
+            references_ok=refs_ok,
+            references_note=refs_note,
         )
 
     # ------------------------------------------------------------------ decide + act
@@ -175,6 +320,8 @@ class Controller:
         for name, h in obs.health.items():
             self.metrics.service_state.labels(name).set(SERVICE_STATE_VALUE[h.state])
         self.metrics.paused.set(1 if obs.paused is not None else 0)
+        for name in self.config.services:
+            self.metrics.silenced.labels(name).set(1 if name in obs.silenced else 0)
         decisions = d.decide(obs, self.config)
         for decision in decisions:
             await self._act(decision, obs)
@@ -201,6 +348,17 @@ class Controller:
             self._resolve(decision, now)
         elif isinstance(decision, d.StartPlaybook):
             self._start_playbook(decision, now)
+        elif isinstance(decision, d.JoinIncident):
+            if self._held.get(decision.service) != f"join:{decision.incident_id}":
+                self._held[decision.service] = f"join:{decision.incident_id}"
+                self.store.append(
+                    decision.incident_id,
+                    now,
+                    "decision",
+                    decision.reason,
+                    {"joined_service": decision.service},
+                )
+                log.info("joined incident", service=decision.service, incident=decision.incident_id)
         elif isinstance(decision, d.Hold):
             key = decision.key or decision.reason
             if self._held.get(decision.service) != key and decision.incident_id:
@@ -224,6 +382,9 @@ class Controller:
         inc = self.store.open_incident(dec.service, dec.severity, title[:500], now, started, data)
         for probe in h.failing:
             st = self.states[probe]
+            if probe in self.burst_notes:
+                at, note = self.burst_notes[probe]
+                self.store.append(inc.id, at, "probe", note, {"probe": probe})
             if st.first_failure_at is not None:
                 self.store.append(
                     inc.id,
@@ -636,10 +797,9 @@ class Controller:
             t.cancel()
         await asyncio.gather(*self._probe_tasks, return_exceptions=True)
         self.config = new
-        self.states = {
-            name: self.states[name] if name in old.probes and old.probes[name] == cfg else ProbeState()
-            for name, cfg in new.probes.items()
-        }
+        same = {name for name, cfg in new.probes.items() if name in old.probes and old.probes[name] == cfg}
+        self.states = {name: self.states[name] if name in same else ProbeState() for name in new.probes}
+        self.vstates = {name: self.vstates[name] if name in same else {} for name in new.probes}
         self.impact = {name: p.impact for name, p in new.probes.items()}
         self._start_probes()
         self._kick.set()
@@ -672,9 +832,9 @@ class Controller:
         running = [t for t in self.running.values() if not t.done()]
         if running:  # let a playbook step in hand finish rather than cut it in half
             await asyncio.wait(running, timeout=30)
-        for t in [*self._probe_tasks, *self._tasks]:
+        for t in [*self._probe_tasks, *self._tasks, *self._burst_tasks]:
             t.cancel()
-        await asyncio.gather(*self._probe_tasks, *self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._probe_tasks, *self._tasks, *self._burst_tasks, return_exceptions=True)
         if self.elector is not None:
             self._elector_stop.set()  # the elector releases the lease so a standby takes over at once
             await asyncio.gather(self._elector, return_exceptions=True)

@@ -50,6 +50,13 @@ class Metrics:
         self.last_tick = Gauge(
             "continuity_loop_last_tick_timestamp_seconds", "When the decision loop last ran.", registry=r
         )
+        self.isolated = Gauge("continuity_isolated", "1 while every reference target is down.", registry=r)
+        self.probe_flapping = Gauge(
+            "continuity_probe_flapping", "1 while a probe flaps.", ["probe"], registry=r
+        )
+        self.silenced = Gauge(
+            "continuity_silenced", "1 while a service is silenced or in maintenance.", ["service"], registry=r
+        )
         self.paused = Gauge("continuity_paused", "1 while automatic actions are paused.", registry=r)
         self.failover_seconds = Histogram(
             "continuity_failover_seconds",

@@ -291,6 +291,7 @@ class Extract(Strict):
     json_path: str | None = Field(default=None, alias="json", description="Dotted JSON path in the body.")
     header: str | None = Field(default=None, description="Response header name.")
     regex: str | None = Field(default=None, description="Regex over the body; group 1 if present.")
+    secret: bool = Field(default=False, description="Mask the value in logs, timelines and notifications.")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Extract:

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from typing import Any, Literal
 
 import aiohttp
 from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import SandboxedEnvironment
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from controller.durations import Duration
 from probes.base import (
+    Check,
     Expect,
     Extract,
     Observed,
@@ -29,6 +31,19 @@ from probes.base import (
 )
 
 _TEMPLATES = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
+
+
+class Window(Strict):
+    """`failures: 3, of: 5`: three failures among the last five results, consecutive or not."""
+
+    failures: int = Field(ge=1)
+    of: int = Field(ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _fits(self) -> Window:
+        if self.failures > self.of:
+            raise ValueError(f"failures <= of, found {self.failures} of {self.of}")
+        return self
 
 
 class ProbeCommon(Strict):
@@ -46,6 +61,11 @@ class ProbeCommon(Strict):
     impact: Literal["down", "degraded"] = Field(
         default="down", description="What this probe failing means for its services."
     )
+    window: Window | None = Field(default=None, description="Per-probe `failures: F, of: N` window.")
+    quorum: int | None = Field(default=None, ge=1, description="Vantage points that must agree (per probe).")
+    latency_slo: Duration | None = Field(
+        default=None, gt=0, description="A passing run slower than this counts as degraded, not down."
+    )
 
 
 class RequestSpec(Strict):
@@ -62,6 +82,12 @@ class RequestSpec(Strict):
 class Step(RequestSpec):
     name: str
     extract: dict[str, Extract] = Field(default_factory=dict, description="Values for later steps.")
+    allow_failure: bool = Field(
+        default=False, description="Its failure means degraded (the journey goes on), not down."
+    )
+    always_run: bool = Field(
+        default=False, description="Cleanup (empty the test cart): runs even after an earlier step failed."
+    )
     timeout: Duration | None = Field(default=None, gt=0, description="Per-step deadline.")
 
 
@@ -137,42 +163,56 @@ async def _exchange(
     return StepResult(step.name, ok, obs.latency, checks, request=request, status=obs.status), obs
 
 
+def _mask(step: StepResult, secrets: list[str]) -> StepResult:
+    """Values extracted with `secret: true` never reach logs, timelines or notifications."""
+    if not secrets:
+        return step
+
+    def hide(text: str) -> str:
+        for value in secrets:
+            text = text.replace(value, "***")
+        return text
+
+    checks = tuple(Check(c.name, c.ok, hide(c.expected), hide(c.found)) for c in step.checks)
+    return replace(step, request=hide(step.request), error=hide(step.error), checks=checks)
+
+
 async def run_journey(name: str, steps: list[Step], variables: dict[str, Any], timeout: float) -> ProbeResult:
-    """Run steps in order in one session; stop at the first failing step.
+    """Run steps in order in one session; the first failing critical step ends the journey, except
+    for `always_run` cleanup steps, which run anyway.
 
     The whole journey is bounded by `timeout`, so a target that accepts the connection and then
-    hangs is reported as a timeout of the step in hand, never a stuck loop.
+    hangs is reported as a timeout of the step in hand, never a stuck loop. A failing
+    `allow_failure` step makes the result degraded (details.degraded) instead of failed.
     """
     started_at = time.time()
     t0 = time.perf_counter()
     done: list[StepResult] = []
     ctx: dict[str, Any] = dict(variables)
+    secrets: list[str] = []
     current: list[Step] = []
+    broken = False
     connector = aiohttp.TCPConnector(force_close=True, limit=0)
     jar = aiohttp.CookieJar(unsafe=True)  # cookies on IP-address targets too
     try:
         async with asyncio.timeout(timeout):
             async with aiohttp.ClientSession(connector=connector, cookie_jar=jar) as session:
                 for step in steps:
+                    if broken and not step.always_run:
+                        continue
                     current[:] = [step]
                     result, obs = await _exchange(session, step, ctx, step.timeout)
                     if result.ok and obs is not None and step.extract:
                         try:
                             for var, spec in step.extract.items():
                                 ctx[var] = extract(spec, obs)
+                                if spec.secret and str(ctx[var]):
+                                    secrets.append(str(ctx[var]))
                         except LookupError as exc:
-                            result = StepResult(
-                                step.name,
-                                False,
-                                result.latency,
-                                result.checks,
-                                error=str(exc),
-                                request=result.request,
-                                status=result.status,
-                            )
-                    done.append(result)
-                    if not result.ok:
-                        break
+                            result = replace(result, ok=False, error=str(exc))
+                    done.append(_mask(result, secrets))
+                    if not result.ok and not step.allow_failure and not step.always_run:
+                        broken = True
                 current.clear()
     except TimeoutError:
         if current:
@@ -181,6 +221,15 @@ async def run_journey(name: str, steps: list[Step], variables: dict[str, Any], t
                     current[0].name, False, 0.0, error=f"timed out: the probe's {timeout:g}s deadline passed"
                 )
             )
+            broken = broken or not current[0].allow_failure
     latency = time.perf_counter() - t0
-    ok = bool(done) and len(done) == len(steps) and all(s.ok for s in done)
-    return ProbeResult(name, ok, started_at, latency, tuple(done), error="" if ok else "journey incomplete")
+    by_name = {s.name: s for s in steps}
+    hard = [s for s in done if not s.ok and not by_name[s.name].allow_failure]
+    soft = [s for s in done if not s.ok and by_name[s.name].allow_failure]
+    ran_all = {s.name for s in done} >= {s.name for s in steps if not s.always_run}
+    ok = bool(done) and ran_all and not hard and not soft
+    details: dict[str, Any] = {}
+    if not hard and soft and ran_all:
+        details["degraded"] = True
+    error = "" if ok else ("non-critical step failed" if details else "journey incomplete")
+    return ProbeResult(name, ok, started_at, latency, tuple(done), error=error, details=details)

@@ -44,6 +44,14 @@ async def run_probe(name: str, cfg: Any, vantage: str = "local") -> ProbeResult:
         return failure(name, started, time.perf_counter() - t0, f"timed out after {cfg.timeout:g}s")
     except Exception as exc:
         return failure(name, started, time.perf_counter() - t0, f"probe error: {type(exc).__name__}: {exc}")
+    slo = getattr(cfg, "latency_slo", None)
+    if result.ok and slo is not None and result.latency > slo:
+        result = replace(
+            result,
+            ok=False,
+            error=f"slower than its latency SLO: {result.latency * 1000:.0f}ms > {slo * 1000:.0f}ms",
+            details={**result.details, "degraded": True},
+        )
     if vantage != "local":
         result = replace(result, vantage=vantage)
     return result
