@@ -610,6 +610,8 @@ class Controller:
                 "incident_id": incident_id,
                 "service": service,
                 "severity": inc.severity if inc else None,
+                # replica_lag guards without `max` use the service's RPO as their limit
+                "rpo_s": svc.rpo if (svc := self.config.services.get(service)) else None,
             },
         )
 
