@@ -43,8 +43,11 @@ creation order: ``creationTimestamp`` has one-second resolution.)
 
 **Concurrency.** Every write to an existing object is read-modify-write: GET, apply the change,
 PUT (replace) carrying the read ``resourceVersion``; a 409 Conflict means someone wrote in
-between, so re-read and re-apply, up to ``CONFLICT_RETRIES`` times. Two appends to one timeline
-from two threads therefore both land.
+between, so re-read and re-apply, up to ``CONFLICT_RETRIES`` (8) times with a short jittered
+pause, then `StoreError`. Two appends to one timeline from two threads therefore both land.
+Within one store instance, writes to the same object also take a per-object lock, so the
+controller's own threads never conflict with each other; 409s then only come from another
+replica (a leader handover) or a human's ``kubectl edit``.
 
 **Failures.** 5xx, 429, timeouts and connection errors are retried with exponential backoff
 (tenacity) a few times; then, as for any other API error, a `StoreError` naming the API call is
@@ -59,8 +62,10 @@ import copy
 import functools
 import hashlib
 import json
+import random
 import re
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -84,7 +89,7 @@ STATES = "continuitystates"
 STATE_NAME = "continuity"
 
 TIMELINE_CAP = 500
-CONFLICT_RETRIES = 5
+CONFLICT_RETRIES = 8
 
 L_ID = "continuity.dev/id"
 L_SERVICE = "continuity.dev/service"
@@ -244,6 +249,7 @@ class KubernetesStore:
         self._where = f"{api_client.configuration.host}, namespace {namespace}"
         self._outbox_names: dict[int, str] = {}  # id -> object name; immutable once created
         self._lock = threading.Lock()
+        self._object_locks: dict[tuple[str, str], threading.Lock] = {}
 
     def close(self) -> None:
         self._client.close()
@@ -326,7 +332,15 @@ class KubernetesStore:
         """Read-modify-write with optimistic concurrency: GET, ``change(obj)`` in place, PUT with the
         read resourceVersion; on 409 re-read and re-apply. ``change`` returns False for "nothing to
         do". Returns False when the object does not exist."""
-        for _ in range(CONFLICT_RETRIES):
+        with self._lock:
+            lock = self._object_locks.setdefault((plural, name), threading.Lock())
+        with lock:
+            return self._mutate_locked(plural, name, change)
+
+    def _mutate_locked(self, plural: str, name: str, change: Callable[[dict[str, Any]], bool | None]) -> bool:
+        for attempt in range(CONFLICT_RETRIES):
+            if attempt:  # de-synchronise from the other writer before re-reading
+                time.sleep(random.uniform(0, min(self.max_backoff, self.backoff * 2**attempt)))
             obj = self._get(plural, name)
             if obj is None:
                 return False
