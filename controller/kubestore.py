@@ -328,6 +328,20 @@ class KubernetesStore:
             body,
         )
 
+    def _create_own(
+        self, plural: str, kind: str, name: str, labels: dict[str, str], spec: dict[str, Any]
+    ) -> None:
+        """Create an object under a fresh random id. AlreadyExists can then only be our own earlier
+        attempt whose response was lost (a timeout after the server acted) and was retried."""
+        try:
+            self._create(plural, kind, name, labels, spec)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            existing = self._get(plural, name)
+            if existing is None or existing["spec"].get("id") != spec["id"]:
+                raise
+
     def _mutate(self, plural: str, name: str, change: Callable[[dict[str, Any]], bool | None]) -> bool:
         """Read-modify-write with optimistic concurrency: GET, ``change(obj)`` in place, PUT with the
         read resourceVersion; on 409 re-read and re-apply. ``change`` returns False for "nothing to
@@ -422,7 +436,7 @@ class KubernetesStore:
         _set(spec, "startedAt", started_at, True)
         spec["publicStatus"] = self._public_status(spec)
         labels = {L_ID: label_value(inc.id), L_SERVICE: label_value(service), L_STATUS: "open"}
-        self._create(INCIDENTS, "Incident", object_name(inc.id), labels, spec)
+        self._create_own(INCIDENTS, "Incident", object_name(inc.id), labels, spec)
         return inc
 
     @_guarded
@@ -550,7 +564,7 @@ class KubernetesStore:
             labels[L_SERVICE] = label_value(service)
         if incident_id is not None:
             labels[L_INCIDENT] = label_value(incident_id)
-        self._create(RUNS, "PlaybookRun", object_name(run.id), labels, spec)
+        self._create_own(RUNS, "PlaybookRun", object_name(run.id), labels, spec)
         return run
 
     @_guarded

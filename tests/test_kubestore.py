@@ -481,3 +481,19 @@ def test_store_section_and_kubernetes_without_credentials(
     monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
     with pytest.raises(StoreError, match="no usable cluster credentials"):
         open_store(cfg, None)
+
+
+def test_a_create_whose_response_was_lost_is_not_an_error(kube: FakeKubeAPI) -> None:
+    """The server created the Incident but the client timed out and retried: AlreadyExists."""
+    s = kstore(kube, request_timeout=0.3)
+    posts: list[str] = []
+
+    def first_post(method: str, path: str) -> bool:  # only the first POST is slow
+        if method == "POST":
+            posts.append(path)
+        return method == "POST" and len(posts) == 1
+
+    kube.delay(0.5, match=first_post)
+    inc = s.open_incident("checkout", "low", "t", 1000.0, 1000.0, {})
+    kube.clear_faults()
+    assert s.get_incident(inc.id) == inc and len(posts) == 2
