@@ -360,6 +360,32 @@ class Leader(Strict):
     retry_period: Duration = Field(default=2.0, gt=0)
 
 
+SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+class StoreSettings(Strict):
+    """Where state lives: SQLite in `controller.data_dir`, or Kubernetes objects in a cluster."""
+
+    backend: Literal["sqlite", "kubernetes"] = Field(
+        default="sqlite",
+        description="sqlite: one file in controller.data_dir; kubernetes: continuity.dev objects.",
+    )
+    namespace: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Namespace of the kubernetes backend's objects; by default the pod's own, else default.",
+    )
+
+    def resolved_namespace(self, sa_file: str | Path = SERVICE_ACCOUNT_NAMESPACE) -> str:
+        """The configured namespace, else the pod's (from its service account), else ``default``."""
+        if self.namespace:
+            return self.namespace
+        try:
+            return Path(sa_file).read_text().strip() or "default"
+        except OSError:
+            return "default"
+
+
 class Config(Strict):
     services: dict[str, Service]
     probes: dict[str, ProbeConfig]
@@ -391,6 +417,8 @@ class Config(Strict):
 
     def quorum(self, probe: str) -> int:
         return self.probes[probe].quorum or self.detection.quorum
+
+    store: StoreSettings = Field(default_factory=StoreSettings)
 
     def thresholds(self, probe: str) -> tuple[int, int]:
         p = self.probes[probe]

@@ -15,7 +15,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from controller.config import Config
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS incidents (
@@ -468,3 +471,28 @@ class SQLiteStore:
             "SELECT ref FROM channel_refs WHERE channel=? AND incident_id=?", (channel, incident_id)
         ).fetchone()
         return str(row["ref"]) if row else None
+
+
+def open_store(cfg: Config, data_dir_override: str | None = None) -> Store:
+    """The store the config asks for: SQLite in the data directory (``data_dir_override`` wins over
+    ``controller.data_dir``), or Kubernetes objects in ``store.namespace`` with the in-cluster
+    service account when running in a pod (KUBERNETES_SERVICE_HOST set), else the kubeconfig."""
+    if cfg.store.backend == "sqlite":
+        return SQLiteStore(data_dir_override or cfg.controller.data_dir)
+
+    import os
+
+    from kubernetes import client, config
+
+    from controller.kubestore import KubernetesStore
+
+    try:
+        if os.environ.get("KUBERNETES_SERVICE_HOST"):
+            configuration = client.Configuration()
+            config.load_incluster_config(client_configuration=configuration)
+            api = client.ApiClient(configuration)
+        else:
+            api = config.new_client_from_config()
+    except (config.ConfigException, OSError) as exc:
+        raise StoreError(f"kubernetes store: no usable cluster credentials: {exc}") from None
+    return KubernetesStore(api, cfg.store.resolved_namespace())

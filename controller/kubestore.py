@@ -1,0 +1,839 @@
+"""The state store as Kubernetes objects, so that a new leader resumes exactly where the old one stopped.
+
+`KubernetesStore` implements the same `Store` protocol as `SQLiteStore`, with the same results (a
+contract test suite runs the same assertions against both). Everything is a namespaced object of
+group ``continuity.dev/v1alpha1`` and readable with ``kubectl get incidents,playbookruns,...``:
+
+- **Incident** (one per incident). Name: the id lowercased (``INC-20261124-ab12cd`` ->
+  ``inc-20261124-ab12cd``, DNS-1123); the original id is ``spec.id`` and the ``continuity.dev/id``
+  label. Labels ``continuity.dev/service`` and ``continuity.dev/status`` make
+  ``open_incident_for(service)`` one label-selector list. Times are RFC 3339 (``openedAt``,
+  ``startedAt``, ``resolvedAt``) for humans and printer columns, and also kept as the exact floats
+  the controller recorded in ``spec.epoch`` (RFC 3339 with microseconds would round them; the
+  floats feed cooldowns and durations). ``publicStatus`` is ``investigating`` while open and
+  ``resolved`` after, unless ``data.public_status`` says otherwise.
+- **The timeline** lives in the Incident, ``spec.timeline``, kept sorted by (ts, insertion seq)
+  as ``timeline()`` returns it. It is capped at ``TIMELINE_CAP`` (500) entries: beyond that the
+  *oldest* entries are dropped and counted in ``spec.timelineDropped``, so the object stays well
+  under etcd's 1.5 MiB object limit (an entry is typically < 1 KiB). Why not overflow into
+  numbered ConfigMaps: it would need write access to every ConfigMap in the namespace (the chart's
+  Role grants only read of its own) and a multi-object write that can half-fail; 500 entries is
+  far more than an incident's useful story (probe entries are written only on verdict changes).
+  Dropping is therefore the documented, visible trade-off: ``kubectl get inc X -o yaml`` shows
+  the count.
+- **PlaybookRun** (one per run): name the run id lowercased; ``spec.steps`` is the step journal
+  ``[{idx, name, state, attempts, startedAt, endedAt, detail}]``; ``spec.step`` names the current
+  step for the printer column.
+- **OutboxMessage** (one per message, a kind added for this store): the name is
+  ``msg-`` + sha256 of the idempotency key, so a second ``enqueue`` of the same key is a 409
+  AlreadyExists from the server itself, atomically, with no read-then-write race.
+- **ContinuityState** (one object, ``continuity``): the flags (``spec.flags``, a map) and the
+  outbox id counter (``spec.outboxSeq``). A third kind rather than ConfigMaps because the chart's
+  Role then needs only ``continuity.dev`` resources; write access to ConfigMaps would reach every
+  ConfigMap in the namespace.
+
+**Outbox message ids stay ints**, as in SQLite: `controller.notify.outbox` passes ``msg.id`` back
+to ``delivered``/``retry_later``/``give_up`` and humans see it in ``continuity outbox``. The id is
+a monotonic counter: ``enqueue`` increments ``ContinuityState.spec.outboxSeq`` (optimistic
+concurrency, so two writers never get the same number) and stores it in ``spec.id`` and the
+``continuity.dev/outbox-id`` label; ``due`` orders by it, which is creation order, exactly like
+SQLite's AUTOINCREMENT. A crash between the increment and the create leaves a gap, which is
+harmless. (A stable int derived from the name hash would need no counter but could not give
+creation order: ``creationTimestamp`` has one-second resolution.)
+
+**Concurrency.** Every write to an existing object is read-modify-write: GET, apply the change,
+PUT (replace) carrying the read ``resourceVersion``; a 409 Conflict means someone wrote in
+between, so re-read and re-apply, up to ``CONFLICT_RETRIES`` (8) times with a short jittered
+pause, then `StoreError`. Two appends to one timeline from two threads therefore both land.
+Within one store instance, writes to the same object also take a per-object lock, so the
+controller's own threads never conflict with each other; 409s then only come from another
+replica (a leader handover) or a human's ``kubectl edit``.
+
+**Failures.** 5xx, 429, timeouts and connection errors are retried with exponential backoff
+(tenacity) a few times; then, as for any other API error, a `StoreError` naming the API call is
+raised. No ``ApiException`` leaves this module. The methods are synchronous, like SQLiteStore's:
+every call carries ``_request_timeout`` so a hung API server cannot hang the caller for longer
+than ``attempts * (request_timeout + backoff)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import json
+import random
+import re
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import structlog
+import urllib3
+from kubernetes.client import ApiClient, CustomObjectsApi
+from kubernetes.client.rest import ApiException
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+from controller.store import Event, Incident, OutboxMessage, Run, StepRecord, StoreError, new_id
+
+log = structlog.get_logger(__name__)
+
+GROUP = "continuity.dev"
+VERSION = "v1alpha1"
+INCIDENTS = "incidents"
+RUNS = "playbookruns"
+OUTBOX = "outboxmessages"
+STATES = "continuitystates"
+STATE_NAME = "continuity"
+
+TIMELINE_CAP = 500
+CONFLICT_RETRIES = 8
+
+L_ID = "continuity.dev/id"
+L_SERVICE = "continuity.dev/service"
+L_STATUS = "continuity.dev/status"
+L_PLAYBOOK = "continuity.dev/playbook"
+L_INCIDENT = "continuity.dev/incident"
+L_CHANNEL = "continuity.dev/channel"
+L_STATE = "continuity.dev/state"
+L_OUTBOX_ID = "continuity.dev/outbox-id"
+MANAGED = {"app.kubernetes.io/managed-by": "continuity"}
+
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+T = TypeVar("T")
+
+# Python field -> (spec field, is a time). Times are written as RFC 3339 and as exact epoch floats.
+_INCIDENT_FIELDS = {
+    "severity": ("severity", False),
+    "status": ("status", False),
+    "title": ("title", False),
+    "resolved_at": ("resolvedAt", True),
+    "data": ("data", False),
+}
+_RUN_FIELDS = {
+    "playbook": ("playbook", False),
+    "incident_id": ("incident", False),
+    "service": ("service", False),
+    "state": ("state", False),
+    "dry_run": ("dryRun", False),
+    "started_at": ("startedAt", True),
+    "ended_at": ("endedAt", True),
+    "error": ("error", False),
+}
+_STEP_FIELDS = {
+    "name": ("name", False),
+    "state": ("state", False),
+    "attempts": ("attempts", False),
+    "started_at": ("startedAt", True),
+    "ended_at": ("endedAt", True),
+    "detail": ("detail", False),
+}
+
+
+def rfc3339(ts: float) -> str:
+    """RFC 3339 in UTC with microseconds, as ``kubectl`` and the printer columns read it."""
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _from_rfc3339(value: str) -> float:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def object_name(id_: str) -> str:
+    """A DNS-1123 name for one of our ids (``INC-20261124-ab12cd`` -> ``inc-20261124-ab12cd``)."""
+    name = re.sub(r"[^a-z0-9.-]", "-", id_.lower()).strip("-.")
+    if not name or len(name) > 253:
+        raise ValueError(f"{id_!r} cannot be made a Kubernetes object name")
+    return name
+
+
+def label_value(value: str) -> str:
+    """The value itself when it is a valid label value; otherwise a stable hash of it. Lookups by
+    label are always re-checked against the spec, so a hashed value only costs readability."""
+    if len(value) <= 63 and _LABEL_VALUE.match(value):
+        return value
+    return "h-" + hashlib.sha256(value.encode()).hexdigest()[:40]
+
+
+def outbox_name(key: str) -> str:
+    return "msg-" + hashlib.sha256(key.encode()).hexdigest()
+
+
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, ApiException):
+        return exc.status == 0 or exc.status is None or exc.status == 429 or exc.status >= 500
+    return isinstance(exc, urllib3.exceptions.HTTPError | OSError | TimeoutError)
+
+
+def _reason(exc: ApiException) -> str:
+    try:
+        body = json.loads(exc.body or "{}")
+        return str(body.get("reason") or exc.reason or "")
+    except (ValueError, AttributeError):
+        return str(exc.reason or "")
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ApiException):
+        return f"HTTP {exc.status} {_reason(exc)}".strip()
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _spec_time(spec: dict[str, Any], field: str) -> float | None:
+    exact = (spec.get("epoch") or {}).get(field)
+    if exact is not None:
+        return float(exact)
+    text = spec.get(field)
+    return _from_rfc3339(text) if text else None
+
+
+def _set(spec: dict[str, Any], field: str, value: Any, is_time: bool) -> None:
+    """Set a spec field, omitting it when None (a real API server prunes nulls not declared
+    nullable); times go in twice, RFC 3339 for humans and the exact float under ``epoch``."""
+    if is_time:
+        epoch = spec.setdefault("epoch", {})
+        if value is None:
+            spec.pop(field, None)
+            epoch.pop(field, None)
+        else:
+            spec[field] = rfc3339(value)
+            epoch[field] = float(value)
+    elif value is None:
+        spec.pop(field, None)
+    else:
+        spec[field] = value
+
+
+def _guarded(fn: Callable[..., T]) -> Callable[..., T]:
+    """Last line of defence: no ApiException (nor urllib3 error) escapes a Store method."""
+
+    @functools.wraps(fn)
+    def wrapper(self: KubernetesStore, *args: Any, **kwargs: Any) -> T:
+        try:
+            return fn(self, *args, **kwargs)
+        except StoreError:
+            raise
+        except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise StoreError(
+                f"Kubernetes API ({self._where}): {fn.__name__} failed: {_describe(exc)}"
+            ) from None
+
+    return wrapper
+
+
+class KubernetesStore:
+    """The `Store` protocol on Kubernetes custom objects in one namespace (see the module doc)."""
+
+    def __init__(
+        self,
+        api_client: ApiClient,
+        namespace: str,
+        *,
+        request_timeout: float = 5.0,
+        attempts: int = 4,
+        backoff: float = 0.25,
+        max_backoff: float = 2.0,
+        timeline_cap: int = TIMELINE_CAP,
+    ) -> None:
+        self.api = CustomObjectsApi(api_client)
+        self._client = api_client
+        self.namespace = namespace
+        self.request_timeout = request_timeout
+        self.attempts = attempts
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.timeline_cap = timeline_cap
+        self._where = f"{api_client.configuration.host}, namespace {namespace}"
+        self._outbox_names: dict[int, str] = {}  # id -> object name; immutable once created
+        self._lock = threading.Lock()
+        self._object_locks: dict[tuple[str, str], threading.Lock] = {}
+
+    def close(self) -> None:
+        self._client.close()
+
+    # ---------------------------------------------------------------- API plumbing
+
+    def _call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """One API call with a request timeout, retried with backoff on 5xx/429/timeouts/connection
+        errors; after the last attempt, a StoreError naming the call. Other ApiExceptions (404, 409,
+        422...) go to the caller, which knows what they mean."""
+        retrying = Retrying(
+            retry=retry_if_exception(_retryable),
+            stop=stop_after_attempt(self.attempts),
+            wait=wait_exponential(multiplier=self.backoff, max=self.max_backoff),
+            reraise=True,
+        )
+        try:
+            return retrying(fn, *args, _request_timeout=self.request_timeout, **kwargs)
+        except Exception as exc:
+            if _retryable(exc):
+                raise StoreError(
+                    f"Kubernetes API ({self._where}): {what} failed after {self.attempts} attempts: "
+                    f"{_describe(exc)}"
+                ) from None
+            raise
+
+    def _get(self, plural: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self._call(
+                f"get {plural}/{name}",
+                self.api.get_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                self.namespace,
+                plural,
+                name,
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def _list(self, plural: str, selector: dict[str, str] | str | None = None) -> list[dict[str, Any]]:
+        if isinstance(selector, dict):
+            selector = ",".join(f"{k}={v}" for k, v in selector.items())
+        kwargs = {"label_selector": selector} if selector else {}
+        result = self._call(
+            f"list {plural}",
+            self.api.list_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            self.namespace,
+            plural,
+            **kwargs,
+        )
+        return list(result.get("items") or [])
+
+    def _create(
+        self, plural: str, kind: str, name: str, labels: dict[str, str], spec: dict[str, Any]
+    ) -> None:
+        """Create; a 409 AlreadyExists goes to the caller. A create that timed out but landed is
+        retried and then reports AlreadyExists: callers treat that as "it is there"."""
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": kind,
+            "metadata": {"name": name, "labels": {**MANAGED, **labels}},
+            "spec": spec,
+        }
+        self._call(
+            f"create {plural}/{name}",
+            self.api.create_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            self.namespace,
+            plural,
+            body,
+        )
+
+    def _create_own(
+        self, plural: str, kind: str, name: str, labels: dict[str, str], spec: dict[str, Any]
+    ) -> None:
+        """Create an object under a fresh random id. AlreadyExists can then only be our own earlier
+        attempt whose response was lost (a timeout after the server acted) and was retried."""
+        try:
+            self._create(plural, kind, name, labels, spec)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            existing = self._get(plural, name)
+            if existing is None or existing["spec"].get("id") != spec["id"]:
+                raise
+
+    def _mutate(self, plural: str, name: str, change: Callable[[dict[str, Any]], bool | None]) -> bool:
+        """Read-modify-write with optimistic concurrency: GET, ``change(obj)`` in place, PUT with the
+        read resourceVersion; on 409 re-read and re-apply. ``change`` returns False for "nothing to
+        do". Returns False when the object does not exist."""
+        with self._lock:
+            lock = self._object_locks.setdefault((plural, name), threading.Lock())
+        with lock:
+            return self._mutate_locked(plural, name, change)
+
+    def _mutate_locked(self, plural: str, name: str, change: Callable[[dict[str, Any]], bool | None]) -> bool:
+        for attempt in range(CONFLICT_RETRIES):
+            if attempt:  # de-synchronise from the other writer before re-reading
+                time.sleep(random.uniform(0, min(self.max_backoff, self.backoff * 2**attempt)))
+            obj = self._get(plural, name)
+            if obj is None:
+                return False
+            if change(obj) is False:
+                return True
+            try:
+                self._call(
+                    f"replace {plural}/{name}",
+                    self.api.replace_namespaced_custom_object,
+                    GROUP,
+                    VERSION,
+                    self.namespace,
+                    plural,
+                    name,
+                    obj,
+                )
+                return True
+            except ApiException as exc:
+                if exc.status == 409:
+                    continue
+                if exc.status == 404:
+                    return False
+                raise
+        raise StoreError(
+            f"Kubernetes API ({self._where}): replace {plural}/{name}: still conflicting after "
+            f"{CONFLICT_RETRIES} attempts (too many concurrent writers)"
+        )
+
+    # ---------------------------------------------------------------- incidents
+
+    @staticmethod
+    def _incident(obj: dict[str, Any]) -> Incident:
+        s = obj["spec"]
+        return Incident(
+            id=s["id"],
+            service=s["service"],
+            severity=s["severity"],
+            status=s["status"],
+            title=s.get("title", ""),
+            opened_at=_spec_time(s, "openedAt") or 0.0,
+            started_at=_spec_time(s, "startedAt") or 0.0,
+            resolved_at=_spec_time(s, "resolvedAt"),
+            dedup_key=s.get("dedupKey", ""),
+            data=copy.deepcopy(s.get("data") or {}),
+        )
+
+    @staticmethod
+    def _public_status(spec: dict[str, Any]) -> str:
+        return str(
+            (spec.get("data") or {}).get("public_status")
+            or ("resolved" if spec.get("status") == "resolved" else "investigating")
+        )
+
+    @_guarded
+    def open_incident(
+        self,
+        service: str,
+        severity: str,
+        title: str,
+        opened_at: float,
+        started_at: float,
+        data: dict[str, Any],
+    ) -> Incident:
+        inc = Incident(new_id("INC"), service, severity, "open", title, opened_at, started_at, None, "", data)
+        inc.dedup_key = f"continuity/{inc.id}"
+        spec: dict[str, Any] = {
+            "id": inc.id,
+            "service": service,
+            "severity": severity,
+            "status": "open",
+            "title": title,
+            "dedupKey": inc.dedup_key,
+            "data": json.loads(json.dumps(data)),
+            "timeline": [],
+            "timelineSeq": 0,
+            "timelineDropped": 0,
+        }
+        _set(spec, "openedAt", opened_at, True)
+        _set(spec, "startedAt", started_at, True)
+        spec["publicStatus"] = self._public_status(spec)
+        labels = {L_ID: label_value(inc.id), L_SERVICE: label_value(service), L_STATUS: "open"}
+        self._create_own(INCIDENTS, "Incident", object_name(inc.id), labels, spec)
+        return inc
+
+    @_guarded
+    def open_incident_for(self, service: str) -> Incident | None:
+        items = self._list(INCIDENTS, {L_SERVICE: label_value(service), L_STATUS: "open"})
+        found = [
+            self._incident(o)
+            for o in items
+            if o["spec"].get("service") == service and o["spec"].get("status") == "open"
+        ]
+        found.sort(key=lambda i: i.opened_at, reverse=True)
+        return found[0] if found else None
+
+    @_guarded
+    def get_incident(self, incident_id: str) -> Incident | None:
+        obj = self._get(INCIDENTS, object_name(incident_id))
+        return self._incident(obj) if obj is not None and obj["spec"].get("id") == incident_id else None
+
+    @_guarded
+    def list_incidents(self, status: str | None = None, limit: int = 100) -> list[Incident]:
+        items = self._list(INCIDENTS, {L_STATUS: label_value(status)} if status else None)
+        found = [self._incident(o) for o in items if not status or o["spec"].get("status") == status]
+        found.sort(key=lambda i: i.opened_at, reverse=True)
+        return found[:limit]
+
+    @_guarded
+    def update_incident(self, incident_id: str, **changes: Any) -> None:
+        if not changes.keys() <= _INCIDENT_FIELDS.keys():
+            raise ValueError(f"cannot update {sorted(changes.keys() - _INCIDENT_FIELDS.keys())}")
+        if "data" in changes:
+            changes["data"] = json.loads(json.dumps(changes["data"]))
+
+        def change(obj: dict[str, Any]) -> None:
+            spec = obj["spec"]
+            for key, value in changes.items():
+                field, is_time = _INCIDENT_FIELDS[key]
+                _set(spec, field, value, is_time)
+            spec["publicStatus"] = self._public_status(spec)
+            obj["metadata"].setdefault("labels", {})[L_STATUS] = label_value(spec["status"])
+
+        self._mutate(INCIDENTS, object_name(incident_id), change)
+
+    @_guarded
+    def append(
+        self, incident_id: str, ts: float, kind: str, message: str, data: dict[str, Any] | None = None
+    ) -> None:
+        payload = json.loads(json.dumps(data or {}, default=str))
+
+        def change(obj: dict[str, Any]) -> None:
+            spec = obj["spec"]
+            seq = int(spec.get("timelineSeq") or 0) + 1
+            spec["timelineSeq"] = seq
+            entry = {"ts": float(ts), "at": rfc3339(ts), "seq": seq, "kind": kind, "message": message}
+            if payload:
+                entry["data"] = payload
+            timeline = list(spec.get("timeline") or [])
+            timeline.append(entry)
+            timeline.sort(key=lambda e: (float(e["ts"]), int(e["seq"])))
+            over = len(timeline) - self.timeline_cap
+            if over > 0:
+                timeline = timeline[over:]
+                spec["timelineDropped"] = int(spec.get("timelineDropped") or 0) + over
+            spec["timeline"] = timeline
+
+        if not self._mutate(INCIDENTS, object_name(incident_id), change):
+            log.warning("timeline entry for an unknown incident dropped", incident=incident_id, kind=kind)
+
+    @_guarded
+    def timeline(self, incident_id: str) -> list[Event]:
+        obj = self._get(INCIDENTS, object_name(incident_id))
+        if obj is None:
+            return []
+        entries = sorted(obj["spec"].get("timeline") or [], key=lambda e: (float(e["ts"]), int(e["seq"])))
+        return [
+            Event(incident_id, float(e["ts"]), e["kind"], e["message"], copy.deepcopy(e.get("data") or {}))
+            for e in entries
+        ]
+
+    # ---------------------------------------------------------------- runs
+
+    @staticmethod
+    def _run(obj: dict[str, Any]) -> Run:
+        s = obj["spec"]
+        return Run(
+            id=s["id"],
+            incident_id=s.get("incident"),
+            service=s.get("service"),
+            playbook=s["playbook"],
+            state=s["state"],
+            dry_run=bool(s.get("dryRun", False)),
+            started_at=_spec_time(s, "startedAt") or 0.0,
+            ended_at=_spec_time(s, "endedAt"),
+            error=s.get("error"),
+        )
+
+    @staticmethod
+    def _current_step(spec: dict[str, Any]) -> None:
+        """``spec.step`` for the printer column: the running step, else the last one that moved."""
+        steps = spec.get("steps") or []
+        running = [s for s in steps if s.get("state") == "running"]
+        moved = [s for s in steps if s.get("state") != "pending"]
+        current = (running or moved or [None])[-1]
+        _set(spec, "step", current["name"] if current else None, False)
+
+    @_guarded
+    def create_run(
+        self,
+        playbook: str,
+        incident_id: str | None,
+        service: str | None,
+        dry_run: bool,
+        started_at: float,
+        steps: list[str],
+    ) -> Run:
+        run = Run(new_id("RUN"), incident_id, service, playbook, "running", dry_run, started_at, None, None)
+        spec: dict[str, Any] = {"id": run.id, "playbook": playbook, "state": "running", "dryRun": dry_run}
+        _set(spec, "incident", incident_id, False)
+        _set(spec, "service", service, False)
+        _set(spec, "startedAt", started_at, True)
+        spec["steps"] = [
+            {"idx": i, "name": n, "state": "pending", "attempts": 0} for i, n in enumerate(steps)
+        ]
+        labels = {L_ID: label_value(run.id), L_PLAYBOOK: label_value(playbook)}
+        if service is not None:
+            labels[L_SERVICE] = label_value(service)
+        if incident_id is not None:
+            labels[L_INCIDENT] = label_value(incident_id)
+        self._create_own(RUNS, "PlaybookRun", object_name(run.id), labels, spec)
+        return run
+
+    @_guarded
+    def update_run(self, run_id: str, **changes: Any) -> None:
+        unknown = changes.keys() - _RUN_FIELDS.keys()
+        if unknown:
+            raise ValueError(f"cannot update {sorted(unknown)}")
+
+        def change(obj: dict[str, Any]) -> None:
+            for key, value in changes.items():
+                field, is_time = _RUN_FIELDS[key]
+                _set(obj["spec"], field, bool(value) if key == "dry_run" else value, is_time)
+
+        self._mutate(RUNS, object_name(run_id), change)
+
+    @_guarded
+    def add_step(self, run_id: str, idx: int, name: str) -> None:
+        def change(obj: dict[str, Any]) -> bool:
+            steps = obj["spec"].setdefault("steps", [])
+            if any(int(s["idx"]) == idx for s in steps):
+                return False  # INSERT OR IGNORE
+            steps.append({"idx": idx, "name": name, "state": "pending", "attempts": 0})
+            steps.sort(key=lambda s: int(s["idx"]))
+            return True
+
+        self._mutate(RUNS, object_name(run_id), change)
+
+    @_guarded
+    def get_run(self, run_id: str) -> Run | None:
+        obj = self._get(RUNS, object_name(run_id))
+        return self._run(obj) if obj is not None and obj["spec"].get("id") == run_id else None
+
+    @_guarded
+    def update_step(self, run_id: str, idx: int, **changes: Any) -> None:
+        unknown = changes.keys() - _STEP_FIELDS.keys()
+        if unknown:
+            raise ValueError(f"cannot update {sorted(unknown)}")
+
+        def change(obj: dict[str, Any]) -> bool:
+            for step in obj["spec"].get("steps") or []:
+                if int(step["idx"]) == idx:
+                    for key, value in changes.items():
+                        field, is_time = _STEP_FIELDS[key]
+                        _set(step, field, value, is_time)
+                    if not step.get("epoch"):
+                        step.pop("epoch", None)
+                    self._current_step(obj["spec"])
+                    return True
+            return False
+
+        self._mutate(RUNS, object_name(run_id), change)
+
+    @_guarded
+    def runs(self, service: str | None = None, playbook: str | None = None) -> list[Run]:
+        selector = {}
+        if service is not None:
+            selector[L_SERVICE] = label_value(service)
+        if playbook is not None:
+            selector[L_PLAYBOOK] = label_value(playbook)
+        found = [
+            self._run(o)
+            for o in self._list(RUNS, selector or None)
+            if (service is None or o["spec"].get("service") == service)
+            and (playbook is None or o["spec"].get("playbook") == playbook)
+        ]
+        found.sort(key=lambda r: r.started_at)
+        return found
+
+    @_guarded
+    def steps(self, run_id: str) -> list[StepRecord]:
+        obj = self._get(RUNS, object_name(run_id))
+        if obj is None:
+            return []
+        return [
+            StepRecord(
+                run_id=run_id,
+                idx=int(s["idx"]),
+                name=s["name"],
+                state=s["state"],
+                attempts=int(s.get("attempts") or 0),
+                started_at=_spec_time(s, "startedAt"),
+                ended_at=_spec_time(s, "endedAt"),
+                detail=s.get("detail"),
+            )
+            for s in sorted(obj["spec"].get("steps") or [], key=lambda s: int(s["idx"]))
+        ]
+
+    # ---------------------------------------------------------------- flags and the id counter
+
+    def _state(self) -> dict[str, Any]:
+        """The ContinuityState object, created on first use."""
+        obj = self._get(STATES, STATE_NAME)
+        if obj is not None:
+            return obj
+        try:
+            self._create(STATES, "ContinuityState", STATE_NAME, {}, {"flags": {}, "outboxSeq": 0})
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+        obj = self._get(STATES, STATE_NAME)
+        if obj is None:
+            raise StoreError(f"Kubernetes API ({self._where}): {STATES}/{STATE_NAME} vanished after create")
+        return obj
+
+    def _mutate_state(self, change: Callable[[dict[str, Any]], bool | None]) -> None:
+        self._state()
+        if not self._mutate(STATES, STATE_NAME, change):
+            raise StoreError(f"Kubernetes API ({self._where}): {STATES}/{STATE_NAME} was deleted meanwhile")
+
+    def set_ref(self, channel: str, incident_id: str, ref: str) -> None:
+        """A channel's own id for our incident (Statuspage's), kept beside the flags."""
+        self.set_flag(f"ref:{channel}:{incident_id}", ref)
+
+    def get_ref(self, channel: str, incident_id: str) -> str | None:
+        return self.get_flag(f"ref:{channel}:{incident_id}")
+
+    @_guarded
+    def get_flag(self, name: str) -> str | None:
+        obj = self._get(STATES, STATE_NAME)
+        return None if obj is None else (obj["spec"].get("flags") or {}).get(name)
+
+    @_guarded
+    def set_flag(self, name: str, value: str | None) -> None:
+        """Small durable switches humans flip: pause, a frozen playbook, an approval decision."""
+
+        def change(obj: dict[str, Any]) -> bool:
+            flags = obj["spec"].setdefault("flags", {})
+            if flags.get(name) == value:
+                return False
+            if value is None:
+                flags.pop(name, None)
+            else:
+                flags[name] = value
+            return True
+
+        if value is None and self._get(STATES, STATE_NAME) is None:
+            return
+        self._mutate_state(change)
+
+    @_guarded
+    def flags(self, prefix: str = "") -> dict[str, str]:
+        obj = self._get(STATES, STATE_NAME)
+        flags = {} if obj is None else obj["spec"].get("flags") or {}
+        return {k: v for k, v in flags.items() if k.startswith(prefix)}
+
+    def _next_outbox_id(self) -> int:
+        allocated: list[int] = []
+
+        def change(obj: dict[str, Any]) -> None:
+            allocated.clear()
+            allocated.append(int(obj["spec"].get("outboxSeq") or 0) + 1)
+            obj["spec"]["outboxSeq"] = allocated[0]
+
+        self._mutate_state(change)
+        return allocated[0]
+
+    # ---------------------------------------------------------------- outbox
+
+    def _message(self, obj: dict[str, Any]) -> OutboxMessage:
+        s = obj["spec"]
+        msg = OutboxMessage(
+            id=int(s["id"]),
+            channel=s["channel"],
+            key=s["key"],
+            incident_id=s.get("incident"),
+            payload=copy.deepcopy(s.get("payload") or {}),
+            created_at=_spec_time(s, "createdAt") or 0.0,
+            attempts=int(s.get("attempts") or 0),
+            next_attempt_at=_spec_time(s, "nextAttemptAt") or 0.0,
+            delivered_at=_spec_time(s, "deliveredAt"),
+            dead=bool(s.get("dead", False)),
+            last_error=s.get("lastError"),
+        )
+        with self._lock:
+            self._outbox_names[msg.id] = obj["metadata"]["name"]
+        return msg
+
+    @_guarded
+    def enqueue(
+        self, channel: str, key: str, payload: dict[str, Any], incident_id: str | None, now: float
+    ) -> bool:
+        """Queue a message once; a second enqueue with the same key is a no-op (returns False)."""
+        name = outbox_name(key)
+        if self._get(OUTBOX, name) is not None:
+            return False  # the common duplicate, without spending an id
+        msg_id = self._next_outbox_id()
+        spec: dict[str, Any] = {
+            "id": msg_id,
+            "channel": channel,
+            "key": key,
+            "payload": json.loads(json.dumps(payload)),
+            "attempts": 0,
+            "dead": False,
+            "state": "pending",
+        }
+        _set(spec, "incident", incident_id, False)
+        _set(spec, "createdAt", now, True)
+        _set(spec, "nextAttemptAt", now, True)
+        labels = {L_OUTBOX_ID: str(msg_id), L_CHANNEL: label_value(channel), L_STATE: "pending"}
+        if incident_id is not None:
+            labels[L_INCIDENT] = label_value(incident_id)
+        try:
+            self._create(OUTBOX, "OutboxMessage", name, labels, spec)
+        except ApiException as exc:
+            if exc.status == 409 and _reason(exc) == "AlreadyExists":
+                return False
+            raise
+        with self._lock:
+            self._outbox_names[msg_id] = name
+        return True
+
+    @_guarded
+    def due(self, now: float, limit: int = 50) -> list[OutboxMessage]:
+        msgs = [self._message(o) for o in self._list(OUTBOX, {L_STATE: "pending"})]
+        msgs = [m for m in msgs if m.delivered_at is None and not m.dead and m.next_attempt_at <= now]
+        msgs.sort(key=lambda m: m.id)
+        return msgs[:limit]
+
+    def _update_message(self, msg_id: int, change: Callable[[dict[str, Any]], None]) -> None:
+        with self._lock:
+            name = self._outbox_names.get(msg_id)
+        if name is None:
+            items = self._list(OUTBOX, {L_OUTBOX_ID: str(msg_id)})
+            if not items:
+                return  # as SQLite: an UPDATE of no row
+            name = items[0]["metadata"]["name"]
+            with self._lock:
+                self._outbox_names[msg_id] = name
+
+        def apply(obj: dict[str, Any]) -> None:
+            change(obj["spec"])
+            spec = obj["spec"]
+            spec["attempts"] = int(spec.get("attempts") or 0) + 1
+            spec["state"] = (
+                "delivered" if spec.get("deliveredAt") else "dead" if spec.get("dead") else "pending"
+            )
+            obj["metadata"].setdefault("labels", {})[L_STATE] = spec["state"]
+
+        self._mutate(OUTBOX, name, apply)
+
+    @_guarded
+    def delivered(self, msg_id: int, now: float) -> None:
+        def change(spec: dict[str, Any]) -> None:
+            _set(spec, "deliveredAt", now, True)
+            spec.pop("lastError", None)
+
+        self._update_message(msg_id, change)
+
+    @_guarded
+    def retry_later(self, msg_id: int, next_at: float, error: str) -> None:
+        def change(spec: dict[str, Any]) -> None:
+            _set(spec, "nextAttemptAt", next_at, True)
+            spec["lastError"] = error
+
+        self._update_message(msg_id, change)
+
+    @_guarded
+    def give_up(self, msg_id: int, error: str) -> None:
+        def change(spec: dict[str, Any]) -> None:
+            spec["dead"] = True
+            spec["lastError"] = error
+
+        self._update_message(msg_id, change)
+
+    @_guarded
+    def outbox(self, include_delivered: bool = False) -> list[OutboxMessage]:
+        selector = None if include_delivered else f"{L_STATE}!=delivered"
+        msgs = [self._message(o) for o in self._list(OUTBOX, selector)]
+        if not include_delivered:
+            msgs = [m for m in msgs if m.delivered_at is None]
+        msgs.sort(key=lambda m: m.id)
+        return msgs
