@@ -11,9 +11,12 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from probes.base import Strict
+
+if TYPE_CHECKING:
+    import kubernetes.client
 
 
 class ActionError(Exception):
@@ -55,6 +58,9 @@ class ActionContext:
     """Incident facts for templated parameters: incident_id, service, severity."""
     sleep: Callable[[float], Awaitable[None]] | None = None
     poll_interval: float = 0.5
+    kube: Callable[[], kubernetes.client.ApiClient] | None = None
+    """Returns a kubernetes ApiClient (owned by the caller). None: the kubernetes actions build one
+    from the in-cluster config when KUBERNETES_SERVICE_HOST is set, else from kubeconfig."""
 
 
 class Action:
