@@ -584,3 +584,33 @@ def test_config_validation_names_each_bad_step_param(tmp_path: Path) -> None:
     assert any(p.startswith(f"{path}: playbooks.P.steps[3].with.kind: expected one of") for p in problems)
     assert not any("steps[2]" in p for p in problems)  # the http step is valid (json alias, env header)
     assert len(problems) == 3
+
+
+def test_dry_run_of_every_new_action_calls_nothing(tmp_path: Path, kube: FakeKubeAPI) -> None:
+    pb = Playbook.model_validate(
+        {
+            "steps": [
+                {"name": "lb", "action": "aws.elbv2.set_listener_weights",
+                 "with": {"listener_arn": "arn:l", "weights": {"green": 100}}},
+                {"name": "scale", "action": "kubernetes.scale",
+                 "with": {"namespace": NS, "deployment": "web", "replicas": 5}},
+                {"name": "flag", "action": "kubernetes.patch",
+                 "with": {"api_version": "v1", "kind": "ConfigMap", "namespace": NS, "name": "flags",
+                          "patch": {"data": {"region": "secondary"}}}},
+                {"name": "restart", "action": "kubernetes.rollout_restart",
+                 "with": {"namespace": NS, "deployment": "web"}},
+                {"name": "hook", "action": "http", "with": {**HOOK, "url": "http://127.0.0.1:1/h"}},
+            ]
+        }
+    )  # fmt: skip
+    store, api = SQLiteStore(tmp_path / "state"), kube.api_client()
+    try:
+        result = asyncio.run(Engine(store).run("P", pb, make_ctx(Recorder(), kube=api), dry_run=True))
+        details = [s.detail or "" for s in store.steps(result.run_id)]
+    finally:
+        store.close()
+        api.close()
+    assert result.ok and kube.requests == []
+    assert "modify_listener" in details[0] and "patch_namespaced_deployment_scale" in details[1]
+    assert '"region": "secondary"' in details[2] and RESTARTED_AT in details[3]
+    assert "Bearer <$HOOK_TOKEN>" in details[4] and "{{ service }}" in details[4]
