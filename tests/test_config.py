@@ -61,7 +61,8 @@ def test_malformed_yaml_names_line_and_column(tmp_path: Path) -> None:
 def test_unknown_probe_kind(tmp_path: Path) -> None:
     path, problems = problems_for(tmp_path, BASE.replace("kind: http", "kind: gopher"))
     assert problems == [
-        f"{path}: probes.home.kind: expected one of 'http', 'transaction', 'tcp', 'dns', 'tls', 'prometheus', found 'gopher'"
+        f"{path}: probes.home.kind: expected one of 'http', 'transaction', 'tcp', 'dns', 'tls', "
+        f"'prometheus', found 'gopher'"
     ]
 
 
@@ -127,9 +128,10 @@ def test_duplicate_yaml_keys(tmp_path: Path) -> None:
 def test_unknown_playbook_action(tmp_path: Path) -> None:
     path, problems = problems_for(tmp_path, BASE.replace("aws.route53.switch_record", "aws.route53.flip"))
     assert problems == [
-        f"{path}: playbooks.fo.steps[0].action: expected one of aws.rds.failover_db_cluster, "
-        "aws.rds.promote_read_replica, aws.route53.set_weights, aws.route53.switch_record, notify, "
-        "wait, wait_healthy, found 'aws.route53.flip'"
+        f"{path}: playbooks.fo.steps[0].action: expected one of aws.elbv2.set_listener_weights, "
+        "aws.rds.failover_db_cluster, aws.rds.promote_read_replica, aws.route53.set_weights, "
+        "aws.route53.switch_record, http, kubernetes.patch, kubernetes.rollout_restart, kubernetes.scale, "
+        "notify, wait, wait_healthy, found 'aws.route53.flip'"
     ]
 
 

@@ -11,9 +11,12 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from probes.base import Strict
+
+if TYPE_CHECKING:
+    import kubernetes.client
 
 
 class ActionError(Exception):
@@ -57,6 +60,9 @@ class ActionContext:
     poll_interval: float = 0.5
     may_act: Callable[[], bool] = lambda: True
     """False once this replica is no longer the leader: the run stops at the next step boundary."""
+    kube: Callable[[], kubernetes.client.ApiClient] | None = None
+    """Returns a kubernetes ApiClient (owned by the caller). None: the kubernetes actions build one
+    from the in-cluster config when KUBERNETES_SERVICE_HOST is set, else from kubeconfig."""
 
 
 class Action:

@@ -4,7 +4,8 @@ No real API server can run where our tests run, yet the code under test talks to
 the real ``kubernetes`` Python client. Mocking the client would test our assumptions about it rather
 than the client itself, so this module serves the real REST paths and JSON shapes over loopback HTTP
 and lets the real client (de)serialise them. It covers only what Continuity uses: Leases, ConfigMaps,
-Deployments (with the ``scale`` subresource), generic namespaced custom objects and ``/version``.
+Services, Deployments (with the ``scale`` subresource), StatefulSets, generic namespaced custom
+objects and ``/version``.
 
 What it keeps faithful, because our correctness depends on it:
 
@@ -48,6 +49,8 @@ BUILTIN_KINDS: dict[tuple[str, str, str], str] = {
     ("", "v1", "configmaps"): "ConfigMap",
     ("coordination.k8s.io", "v1", "leases"): "Lease",
     ("apps", "v1", "deployments"): "Deployment",
+    ("apps", "v1", "statefulsets"): "StatefulSet",
+    ("", "v1", "services"): "Service",
 }
 
 _MICROTIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}(Z|[+-]\d\d:\d\d)$")
@@ -584,7 +587,17 @@ class FakeKubeAPI:
                     raise ApiError(
                         422, f"spec.{field}: Invalid value: {value!r}: must be an integer >= {minimum}"
                     )
-        elif res.kind == "Deployment":
+        elif res.kind == "Service":
+            # As a real server: a ClusterIP service gets a type and keeps its selector a string map.
+            spec = obj.setdefault("spec", {}) or {}
+            obj["spec"] = spec
+            spec.setdefault("type", "ClusterIP")
+            selector = spec.get("selector") or {}
+            if not isinstance(selector, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in selector.items()
+            ):
+                raise ApiError(422, "spec.selector: Invalid value: must be a map of strings")
+        elif res.kind in ("Deployment", "StatefulSet"):
             spec = obj.setdefault("spec", {}) or {}
             obj["spec"] = spec
             spec.setdefault("replicas", 1)
