@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import socket
 import time
 import zlib
 from dataclasses import dataclass
@@ -114,7 +116,17 @@ def build_plan(cfg: HttpProbe) -> Plan:
 class _Response:
     """httptools callbacks: collect one response, keeping at most `cap` bytes of body."""
 
-    __slots__ = ("body", "complete", "cap", "headers", "headers_done", "parser", "size", "status", "truncated")
+    __slots__ = (
+        "body",
+        "cap",
+        "complete",
+        "headers",
+        "headers_done",
+        "parser",
+        "size",
+        "status",
+        "truncated",
+    )
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
@@ -168,6 +180,13 @@ def _decode(body: bytes, encoding: str, cap: int) -> bytes:
     except zlib.error:
         return body
     return body
+
+
+def _os_error(exc: OSError) -> str:
+    """'Connection refused' rather than asyncio's 'Connect call failed (...)', which hides why."""
+    if isinstance(exc, socket.gaierror) or not exc.errno or exc.errno < 0:
+        return str(exc) or type(exc).__name__
+    return os.strerror(exc.errno)
 
 
 class _BadResponse(Exception):
@@ -229,7 +248,7 @@ async def run_fast(
     except _BadResponse as exc:
         error = f"bad response: {exc}"
     except OSError as exc:  # refused, reset, unreachable, name not resolved
-        error = f"connection failed: cannot connect to {plan.host}:{plan.port}: {exc.strerror or exc}"
+        error = f"connection failed: cannot connect to {plan.host}:{plan.port}: {_os_error(exc)}"
     took = time.perf_counter() - t0
     if resp is None:
         step = StepResult(name, False, took, error=error, request=request)
