@@ -50,7 +50,7 @@ def test_live_starts_are_spread_over_the_interval() -> None:
             return result(name)
 
         stop = asyncio.Event()
-        sched = Scheduler(probes, run, lambda r: None)
+        sched = Scheduler(probes, run, lambda r: None, quantum=0)  # each start at its own offset
         task = asyncio.create_task(sched.run(stop))
         await asyncio.sleep(1.0)
         stop.set()
@@ -62,6 +62,34 @@ def test_live_starts_are_spread_over_the_interval() -> None:
     assert len(first_round) >= 950
     buckets = Counter(int(s * 10) for s in first_round)
     assert max(buckets.values()) <= 115  # fair share is 100 a tenth
+
+
+def test_runs_start_in_batches_on_the_quantum_grid() -> None:
+    probes = {f"p-{i}": Cfg("http://a/", 1.0) for i in range(200)}
+    starts: list[float] = []
+
+    async def main() -> Scheduler:
+        loop = asyncio.get_running_loop()
+
+        async def run(name: str, cfg: Cfg) -> ProbeResult:
+            starts.append(loop.time())
+            return result(name)
+
+        stop = asyncio.Event()
+        sched = Scheduler(probes, run, lambda r: None, quantum=0.1)
+        task = asyncio.create_task(sched.run(stop))
+        await asyncio.sleep(1.5)
+        stop.set()
+        await task
+        return sched
+
+    sched = asyncio.run(main())
+    assert len(starts) >= 200
+    batches = sorted(starts)
+    distinct = 1 + sum(1 for a, b in zip(batches, batches[1:], strict=False) if b - a > 0.02)
+    assert distinct <= 17  # about one batch per 0.1 s over 1.5 s, not 200 separate wake-ups
+    assert max(sched.jitter_samples) < 0.1 + 0.05
+    assert min(sched.jitter_samples) >= 0
 
 
 def test_per_host_cap_is_honoured() -> None:
