@@ -160,7 +160,7 @@ def test_a_probe_slower_than_its_interval_never_overlaps_itself() -> None:
 
     async def main() -> Scheduler:
         stop = asyncio.Event()
-        sched = Scheduler(probes, run, lambda r: results.append(r.probe))
+        sched = Scheduler(probes, run, lambda r: results.append(r.probe), quantum=0)
         task = asyncio.create_task(sched.run(stop))
         await asyncio.sleep(1.0)
         stop.set()
@@ -188,7 +188,7 @@ def test_stop_is_prompt_and_cancels_runs_in_flight() -> None:
 
     async def main() -> float:
         stop = asyncio.Event()
-        sched = Scheduler(probes, run, lambda r: None)
+        sched = Scheduler(probes, run, lambda r: None, quantum=0)
         task = asyncio.create_task(sched.run(stop))
         await asyncio.sleep(0.1)
         t0 = time.perf_counter()
@@ -230,7 +230,9 @@ def test_a_raising_run_or_callback_does_not_stop_the_scheduler() -> None:
 
     async def main() -> None:
         stop = asyncio.Event()
-        sched = Scheduler({"bad": Cfg("http://a/", 0.05), "good": Cfg("http://a/", 0.05)}, run, on_result)
+        sched = Scheduler(
+            {"bad": Cfg("http://a/", 0.05), "good": Cfg("http://a/", 0.05)}, run, on_result, quantum=0
+        )
         task = asyncio.create_task(sched.run(stop))
         await asyncio.sleep(0.3)
         stop.set()
