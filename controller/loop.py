@@ -39,6 +39,7 @@ from playbooks.actions import ActionContext
 from playbooks.engine import Engine, RunResult, render_plan
 from probes.base import ProbeResult
 from probes.runner import run_probe
+from probes.scheduler import Scheduler
 
 log = structlog.get_logger("continuity.controller")
 
@@ -80,6 +81,7 @@ class Controller:
         self._held: dict[str, str] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self._probe_tasks: list[asyncio.Task[Any]] = []
+        self._probe_stop = asyncio.Event()
         self._kick = asyncio.Event()
         self.stop_event = asyncio.Event()
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
@@ -718,20 +720,6 @@ class Controller:
 
     # ------------------------------------------------------------------ the loop
 
-    async def _probe_loop(self, name: str) -> None:
-        cfg = self.config.probes[name]
-        loop = asyncio.get_running_loop()
-        # A stable offset per probe spreads starts over the interval instead of all in one second.
-        offset = (zlib.crc32(name.encode()) % 1000) / 1000 * cfg.interval
-        next_at = loop.time() + offset
-        while not self.stop_event.is_set():
-            await asyncio.sleep(max(0.0, next_at - loop.time()))
-            self.ingest(await run_probe(name, cfg))
-            next_at += cfg.interval
-            late = loop.time() - next_at
-            if late > 0:  # a run longer than the interval skips the slots it missed
-                next_at += (late // cfg.interval + 1) * cfg.interval
-
     def may_act(self) -> bool:
         """Only the leader decides, runs playbooks and sends notifications; standbys only probe."""
         return self.elector is None or self.elector.is_leader()
@@ -795,6 +783,7 @@ class Controller:
         """Swap in a validated config. Probes whose settings did not change keep their history, so a
         reload never resets a failure streak; runs in progress finish with the playbook they started."""
         old = self.config
+        self._probe_stop.set()
         for t in self._probe_tasks:
             t.cancel()
         await asyncio.gather(*self._probe_tasks, return_exceptions=True)
@@ -807,9 +796,11 @@ class Controller:
         self._kick.set()
 
     def _start_probes(self) -> None:
-        self._probe_tasks = [
-            asyncio.create_task(self._probe_loop(name), name=f"probe:{name}") for name in self.config.probes
-        ]
+        """One scheduler for every probe: stable offsets spread over each interval, per-host limits,
+        and never two runs of the same probe at once (probes/scheduler.py)."""
+        self._probe_stop = asyncio.Event()
+        self.scheduler = Scheduler(dict(self.config.probes), run_probe, self.ingest)
+        self._probe_tasks = [asyncio.create_task(self.scheduler.run(self._probe_stop), name="probes")]
 
     def _resume_interrupted(self) -> None:
         """Runs the previous process left `running` continue from their journal: done steps are not
@@ -834,6 +825,7 @@ class Controller:
         running = [t for t in self.running.values() if not t.done()]
         if running:  # let a playbook step in hand finish rather than cut it in half
             await asyncio.wait(running, timeout=30)
+        self._probe_stop.set()
         for t in [*self._probe_tasks, *self._tasks, *self._burst_tasks]:
             t.cancel()
         await asyncio.gather(*self._probe_tasks, *self._tasks, *self._burst_tasks, return_exceptions=True)

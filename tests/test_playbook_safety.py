@@ -108,7 +108,8 @@ services:
     probes: [primary]
     playbook: recover
 probes:{probes}
-detection: {{failure_threshold: {failure_threshold}, success_threshold: 1, confirm: {{probes: 2, spacing: 50ms}}}}
+detection:
+  {{failure_threshold: {failure_threshold}, success_threshold: 1, confirm: {{probes: 2, spacing: 50ms}}}}
 playbooks:
   recover:
     cooldown: 0s{playbook_extra}
@@ -797,7 +798,8 @@ playbooks:
     [
         (
             "    steps:\n      - {name: s, action: dance}\n",
-            "playbooks.P.steps[0].action: expected one of aws.elbv2.set_listener_weights, aws.rds.failover_db_cluster, ",
+            "playbooks.P.steps[0].action: expected one of aws.elbv2.set_listener_weights, "
+            "aws.rds.failover_db_cluster, ",
         ),
         (
             "    steps:\n      - {name: s, action: aws.route53.switch_record,\n"

@@ -1,0 +1,207 @@
+"""One scheduler for every probe, instead of one sleeping task per probe.
+
+Why: at 20,000 probes a task per probe means 20,000 timers re-armed every interval, no way to cap
+how many connections are open at once, and nothing that stops a thousand probes of the same
+backend from opening a thousand connections to it in the same instant. A single heap of due
+times gives all three: starts spread over the interval by a stable per-probe offset, a global cap
+and a per-host cap on runs in flight, and one place that measures how late each run started.
+
+Rules:
+- A probe's slots are a fixed grid, `offset + k * interval` on the scheduler's clock: a late run
+  never shifts later ones (no drift). Offsets come from the names (crc32 order, evenly spaced;
+  see `offsets`), so they are the same across restarts and every second gets its fair share.
+- A probe is never run twice at once: a slot that comes due while the previous run is still in
+  flight (running, or waiting for a cap) is skipped and counted.
+- Runs start on a grid of `quantum` seconds (100 ms by default), in batches: see DEFAULT_QUANTUM.
+- Start-time jitter is measured when the run actually starts, after waiting for the caps, because
+  that is the lateness a user sees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import math
+import time
+import zlib
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import structlog
+
+from probes.base import ProbeResult, failure
+
+log = structlog.get_logger("continuity.scheduler")
+
+#: Per host:port, how many runs may be in flight at once; 50 keeps us a polite client of any one
+#: backend even when hundreds of probes point at it.
+DEFAULT_PER_HOST = 50
+#: Across all probes: 20,000 probes at 30 s with a 3 s timeout against hung targets would be about
+#: 2,000 in flight; more than that means the controller itself is the bottleneck.
+DEFAULT_MAX_IN_FLIGHT = 2000
+#: Runs are dispatched on a grid of this many seconds: everything due within one quantum starts
+#: together. Measured (uvloop, 667 probes/s to a local nginx, CPU per probe): about 390 us waking
+#: for each probe alone, 200 us on a 50 ms grid, 190 us on a 100 ms grid, because the event loop's
+#: per-iteration cost (epoll_wait, timers) is shared by the batch. It adds at most 100 ms of start
+#: jitter, well inside the 1 s budget.
+DEFAULT_QUANTUM = 0.1
+#: Jitter samples kept for metrics (a ring: the latest ones).
+DEFAULT_SAMPLES = 100_000
+
+
+def offsets(intervals: dict[str, float]) -> dict[str, float]:
+    """Start offset of each probe in [0, its interval): crc32 order, evenly spaced.
+
+    Why not `crc32(name) / 2**32 * interval` alone: a hash spreads names only statistically, and
+    names like `probe-1..probe-1000` are far from random for crc32 (which is linear): measured,
+    1,000 such probes at 10 s put 133 starts in the busiest second and 64 in the quietest. Ranking
+    the probes of one interval by crc32 and spacing them evenly gives every second its fair share
+    exactly, while keeping each offset a function of the names alone: the same across restarts,
+    and adding or removing k probes moves the others by at most k * interval / n.
+    """
+    groups: dict[float, list[tuple[int, str]]] = {}
+    for name, interval in intervals.items():
+        groups.setdefault(interval, []).append((zlib.crc32(name.encode()), name))
+    out: dict[str, float] = {}
+    for interval, members in groups.items():
+        members.sort()
+        n = len(members)
+        for rank, (_, name) in enumerate(members):
+            out[name] = rank / n * interval
+    return out
+
+
+def host_key(cfg: Any) -> str:
+    """`host:port` a probe talks to (its URL, or its first step's), for the per-host cap."""
+    url = getattr(cfg, "url", None)
+    if url is None:
+        steps = getattr(cfg, "steps", None) or []
+        url = getattr(steps[0], "url", None) if steps else None
+    if not isinstance(url, str) or "{{" in url:
+        return ""  # unknown until templated: only the global cap applies
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return ""
+    return f"{(parts.hostname or '').lower()}:{port}"
+
+
+class Scheduler:
+    """Runs many probes from one heap; see the module docstring for the rules."""
+
+    def __init__(
+        self,
+        probes: dict[str, Any],
+        run: Callable[[str, Any], Awaitable[ProbeResult]],
+        on_result: Callable[[ProbeResult], None],
+        clock: Callable[[], float] | None = None,
+        *,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        per_host: int = DEFAULT_PER_HOST,
+        samples: int = DEFAULT_SAMPLES,
+        quantum: float = DEFAULT_QUANTUM,
+    ) -> None:
+        self.probes = probes
+        self._run = run
+        self._on_result = on_result
+        self._clock = clock
+        self._global = asyncio.Semaphore(max_in_flight)
+        self._per_host_limit = per_host
+        self._quantum = quantum
+        self._hosts: dict[str, asyncio.Semaphore] = {}
+        self._host_of = {name: host_key(cfg) for name, cfg in probes.items()}
+        self._heap: list[tuple[float, int, str]] = []
+        self._in_flight: dict[str, asyncio.Task[None]] = {}
+        #: Actual start minus scheduled start, in seconds, of the latest runs.
+        self.jitter_samples: deque[float] = deque(maxlen=samples)
+        self.started = 0
+        self.completed = 0
+        self.skipped = 0  # slots skipped because the probe's previous run was still in flight
+
+    def _host_sem(self, name: str) -> asyncio.Semaphore | None:
+        key = self._host_of.get(name, "")
+        if not key:
+            return None
+        sem = self._hosts.get(key)
+        if sem is None:
+            sem = self._hosts[key] = asyncio.Semaphore(self._per_host_limit)
+        return sem
+
+    async def _one(self, name: str, cfg: Any, due: float, clock: Callable[[], float]) -> None:
+        host = self._host_sem(name)
+        try:
+            async with self._global:
+                if host is not None:
+                    await host.acquire()
+                try:
+                    self.jitter_samples.append(clock() - due)
+                    self.started += 1
+                    try:
+                        result = await self._run(name, cfg)
+                    except Exception as exc:  # the runner should never raise; if it does, it is a failure
+                        log.exception("probe run raised", probe=name)
+                        result = failure(name, time.time(), 0.0, f"probe error: {type(exc).__name__}: {exc}")
+                finally:
+                    if host is not None:
+                        host.release()
+            self.completed += 1
+            try:
+                self._on_result(result)
+            except Exception:  # a bug downstream must not stop the probing
+                log.exception("on_result raised", probe=name)
+        finally:
+            self._in_flight.pop(name, None)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Dispatch due runs until `stop` is set; then cancel the runs in flight and return."""
+        loop = asyncio.get_running_loop()
+        clock = self._clock or loop.time
+        now = clock()
+        spread = offsets({n: c.interval for n, c in self.probes.items()})
+        self._heap = [(now + spread[n], i, n) for i, n in enumerate(self.probes)]
+        heapq.heapify(self._heap)
+        wake: asyncio.Future[None] | None = None
+
+        def _wake(_: object = None) -> None:
+            if wake is not None and not wake.done():
+                wake.set_result(None)
+
+        stopper = loop.create_task(stop.wait())
+        stopper.add_done_callback(_wake)
+        heap = self._heap
+        try:
+            while not stop.is_set():
+                now = clock()
+                while heap and heap[0][0] <= now:
+                    due, seq, name = heapq.heappop(heap)
+                    cfg = self.probes[name]
+                    interval = cfg.interval
+                    if name in self._in_flight:
+                        self.skipped += 1
+                    else:
+                        self._in_flight[name] = loop.create_task(self._one(name, cfg, due, clock))
+                    nxt = due + interval
+                    if nxt <= now:  # the scheduler itself fell a whole interval behind: skip ahead
+                        missed = int((now - nxt) // interval) + 1
+                        self.skipped += missed
+                        nxt += missed * interval
+                    heapq.heappush(heap, (nxt, seq, name))
+                if not heap:
+                    await stop.wait()
+                    break
+                wake = loop.create_future()
+                due = heap[0][0]
+                if self._quantum > 0:  # round up to the dispatch grid (see DEFAULT_QUANTUM)
+                    due = math.ceil(due / self._quantum) * self._quantum
+                timer = loop.call_at(loop.time() + max(0.0, due - clock()), _wake)
+                await wake
+                timer.cancel()
+        finally:
+            stopper.cancel()
+            tasks = list(self._in_flight.values())
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(stopper, *tasks, return_exceptions=True)
