@@ -100,6 +100,8 @@ async def run_demo(out: TextIO = sys.stdout, deadline: float = 50.0) -> DemoResu
             ):
                 marks["first_failure"] = now
                 p.line(f"first failed probe: {facts['probe']}: {facts['reason']}")
+            elif kind in ("burst", "isolated"):
+                p.line(facts["message"])
             elif kind == "probe_verdict":
                 p.line(f"probe {facts['probe']} is {facts['status'].upper()}")
             elif kind == "incident_opened":
@@ -210,13 +212,14 @@ async def run_demo(out: TextIO = sys.stdout, deadline: float = 50.0) -> DemoResu
                 out.write(f"  {rel:+6.1f}s  {ev.kind:<12} {ev.message}\n")
         journey = cfg.probes["checkout-journey"]
         n = journey.failure_threshold or cfg.detection.failure_threshold
+        burst = cfg.detection.confirm
         low, high = (n - 1) * journey.interval, n * journey.interval
         ttd = format_duration(result.time_to_detect) if result.time_to_detect is not None else "never"
         ttr = format_duration(result.time_to_recover) if result.time_to_recover is not None else "never"
         out.write(
-            f"\nTime to detect:  {ttd} (expected {format_duration(low)} to {format_duration(high)} plus "
-            f"probe time: failure_threshold {n} x interval {format_duration(journey.interval)}, less "
-            "the wait for the first probe after the outage)\n"
+            f"\nTime to detect:  {ttd} (expected {format_duration(low)} to {format_duration(high)} for "
+            f"failure_threshold {n} x interval {format_duration(journey.interval)}, plus the confirmation "
+            f"burst of {burst.probes} runs {format_duration(burst.spacing)} apart, plus probe time)\n"
         )
         if "traffic_moved" in marks and p.outage_at is not None:
             out.write(
