@@ -14,9 +14,10 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from controller import commands
+from controller import commands, remote
 from controller.loop import Controller
 from controller.store import StoreError
+from probes import passive
 
 
 def app(controller: Controller) -> web.Application:
@@ -121,6 +122,50 @@ def app(controller: Controller) -> web.Application:
         body["steps"] = [dataclasses.asdict(s) for s in controller.store.steps(found.id)]
         return web.json_response(body)
 
+    async def heartbeat(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        cfg = controller.config.probes.get(name)
+        if cfg is None or cfg.kind != "heartbeat":
+            return web.json_response({"error": f"no heartbeat probe named {name!r}"}, status=404)
+        if cfg.token_env:
+            want = os.environ.get(cfg.token_env, "")
+            given = request.headers.get("Authorization", "")
+            if not want or not hmac.compare_digest(given.encode(), f"Bearer {want}".encode()):
+                return web.json_response({"error": "a valid bearer token is required"}, status=401)
+        controller.heartbeat(name)
+        return web.json_response({"result": f"heartbeat for {name} recorded"})
+
+    async def alertmanager(request: web.Request) -> web.Response:
+        if token and (denied := authorised(request)) is not None:
+            return denied
+        try:
+            payload = await request.json()
+        except ValueError:
+            return web.json_response(
+                {"error": "body: expected JSON (Alertmanager webhook payload v4)"}, status=400
+            )
+        try:
+            applied, dupes = controller.alertmanager(payload)
+        except passive.PayloadError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        return web.json_response({"applied": applied, "duplicates": dupes})
+
+    async def results(request: web.Request) -> web.Response:
+        """Results from `continuity agent` at another vantage point; agents must authenticate."""
+        if (denied := authorised(request)) is not None:
+            return denied
+        try:
+            body = await request.json()
+            batch = remote.parse_results(body)
+        except (ValueError, remote.ResultError) as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        accepted = 0
+        for result in batch:
+            if result.probe in controller.config.probes and result.vantage != "local":
+                controller.ingest(result)
+                accepted += 1
+        return web.json_response({"accepted": accepted, "ignored": len(batch) - accepted})
+
     application = web.Application()
     application.add_routes(
         [
@@ -148,6 +193,9 @@ def app(controller: Controller) -> web.Application:
             web.get("/incidents/{id}", incident),
             web.get("/services", services),
             web.get("/leader", leader),
+            web.post("/heartbeat/{name}", heartbeat),
+            web.post("/alertmanager", alertmanager),
+            web.post("/results", results),
         ]
     )
     return application

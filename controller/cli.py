@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from controller.config import Config, ConfigError, json_schema, load_config
-from controller.durations import format_duration
+from controller.durations import format_duration, parse_duration
 from controller.store import SQLiteStore, StoreError
 
 DEFAULT_CONFIG = "continuity.yaml"
@@ -102,6 +102,31 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--by", default=os.environ.get("USER", "cli"))
     sp.add_argument("--data-dir")
 
+    sp = with_config(
+        sub.add_parser("silence", help="suppress incidents and actions for a service for a while")
+    )
+    sp.add_argument("service")
+    sp.add_argument("--for", dest="duration", required=True, help="how long, e.g. 30m")
+    sp.add_argument("--reason", default="")
+    sp.add_argument("--by", default=os.environ.get("USER", "cli"))
+    sp.add_argument("--data-dir")
+    sp = with_config(sub.add_parser("unsilence", help="lift a silence before it expires"))
+    sp.add_argument("service")
+    sp.add_argument("--by", default=os.environ.get("USER", "cli"))
+    sp.add_argument("--data-dir")
+
+    ag = with_config(
+        sub.add_parser("agent", help="probe from another vantage point and push results to a controller")
+    )
+    ag.add_argument(
+        "--controller", required=True, help="the controller's base URL, e.g. http://continuity:8080"
+    )
+    ag.add_argument("--vantage", required=True, help="this vantage point's name, e.g. eu-central-1")
+    ag.add_argument("--probes", default="", help="comma-separated probe names (default: every polled probe)")
+    ag.add_argument(
+        "--token-env", default="CONTINUITY_API_TOKEN", help="env var holding the controller's token"
+    )
+
     sub.add_parser("demo", help="run the simulated two-region marketplace and a failover, end to end")
     return p
 
@@ -135,6 +160,13 @@ def cmd_probe(args: argparse.Namespace) -> int:
     if args.name not in cfg.probes:
         known = ", ".join(sorted(cfg.probes)) or "none"
         print(f"continuity: no probe named {args.name!r} (known: {known})", file=sys.stderr)
+        return 2
+    if cfg.probes[args.name].kind in ("heartbeat", "alertmanager"):
+        print(
+            f"continuity: probe {args.name!r} is passive ({cfg.probes[args.name].kind}): the running "
+            "controller evaluates it from what is pushed to it; see GET /services",
+            file=sys.stderr,
+        )
         return 2
     result = asyncio.run(run_probe(args.name, cfg.probes[args.name]))
     if args.json:
@@ -405,6 +437,19 @@ def cmd_human(args: argparse.Namespace) -> int:
             text = commands.pause(store, args.by, args.reason)
         elif args.command == "resume":
             text = commands.resume(store, args.by)
+        elif args.command in ("silence", "unsilence"):
+            if args.service not in cfg.services:
+                raise UsageError(
+                    f"no service named {args.service!r} (known: {', '.join(sorted(cfg.services))})"
+                )
+            if args.command == "unsilence":
+                text = commands.unsilence(store, args.service, args.by)
+            else:
+                try:
+                    seconds = parse_duration(args.duration)
+                except ValueError as exc:
+                    raise UsageError(f"--for: expected {exc}") from None
+                text = commands.silence(store, args.service, seconds, args.by, args.reason)
         else:
             if args.service not in cfg.services:
                 raise UsageError(
@@ -417,6 +462,33 @@ def cmd_human(args: argparse.Namespace) -> int:
     finally:
         store.close()
     print(text)
+    return 0
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from controller import logs
+    from controller.remote import Agent
+
+    logs.configure("auto")
+    cfg = _load(args.config)
+    names = [n.strip() for n in args.probes.split(",") if n.strip()]
+    unknown = [n for n in names if n not in cfg.probes]
+    if unknown:
+        raise UsageError(f"--probes: no probe named {', '.join(map(repr, unknown))}")
+    token = os.environ.get(args.token_env, "")
+    if not token:
+        raise UsageError(f"{args.token_env} is not set: the controller only accepts authenticated agents")
+    agent = Agent(cfg, args.controller, args.vantage, token, names or None)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await agent.run(stop)
+
+    _event_loop_policy()
+    asyncio.run(main())
     return 0
 
 
@@ -435,6 +507,9 @@ COMMANDS: dict[str, Any] = {
     "pause": cmd_human,
     "resume": cmd_human,
     "ack": cmd_human,
+    "silence": cmd_human,
+    "unsilence": cmd_human,
+    "agent": cmd_agent,
     "demo": cmd_demo,
 }
 

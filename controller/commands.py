@@ -59,3 +59,19 @@ def ack(store: Store, service: str, by: str) -> str:
         raise CommandError(f"nothing is frozen for {service}")
     store.set_flag(f"frozen:{service}", None)
     return f"{service}: freeze from failed run {run} acknowledged by {by}; automatic runs allowed again"
+
+
+def silence(store: Store, service: str, seconds: float, by: str, reason: str = "") -> str:
+    """Suppress incidents and actions for a service for a while (an ad-hoc maintenance)."""
+    if seconds <= 0:
+        raise CommandError("a silence needs a positive duration")
+    until = time.time() + seconds
+    store.set_flag(f"silence:{service}", f"{until}|{reason or 'silenced'} (by {by})")
+    return f"{service} silenced until {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(until))}"
+
+
+def unsilence(store: Store, service: str, by: str) -> str:
+    if store.get_flag(f"silence:{service}") is None:
+        raise CommandError(f"{service} is not silenced")
+    store.set_flag(f"silence:{service}", None)
+    return f"silence on {service} lifted by {by}"

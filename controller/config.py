@@ -21,6 +21,7 @@ from controller.durations import Duration
 from probes.base import Strict
 from probes.dns import DnsProbe
 from probes.http import HttpProbe, TransactionProbe, Window
+from probes.passive import AlertmanagerProbe, HeartbeatProbe
 from probes.prometheus import PrometheusProbe
 from probes.tcp import TcpProbe
 from probes.tls import TlsProbe
@@ -29,10 +30,17 @@ Tier = Literal["critical", "important", "supporting"]
 Severity = Literal["critical", "moderate", "low"]
 
 ProbeConfig = Annotated[
-    HttpProbe | TransactionProbe | TcpProbe | DnsProbe | TlsProbe | PrometheusProbe,
+    HttpProbe
+    | TransactionProbe
+    | TcpProbe
+    | DnsProbe
+    | TlsProbe
+    | PrometheusProbe
+    | HeartbeatProbe
+    | AlertmanagerProbe,
     Field(discriminator="kind"),
 ]
-PROBE_KINDS = ("http", "transaction", "tcp", "dns", "tls", "prometheus")
+PROBE_KINDS = ("http", "transaction", "tcp", "dns", "tls", "prometheus", "heartbeat", "alertmanager")
 
 
 class Confirm(Strict):

@@ -37,7 +37,9 @@ from controller.notify.outbox import Channel, Dispatcher
 from controller.store import Incident, OutboxMessage, Run, Store
 from playbooks.actions import ActionContext
 from playbooks.engine import Engine, RunResult, render_plan
+from probes import passive
 from probes.base import ProbeResult
+from probes.passive import PASSIVE_KINDS, Signals
 from probes.runner import run_probe
 from probes.scheduler import Scheduler
 
@@ -71,6 +73,9 @@ class Controller:
         self._burst_tasks: set[asyncio.Task[None]] = set()
         self.burst_notes: dict[str, tuple[float, str]] = {}
         self.isolated_since: float | None = None
+        self.signals = Signals(started_at=clock())
+        for key, value in store.flags("heartbeat:").items():  # a restart keeps what jobs told us
+            self.signals.heartbeats[key.removeprefix("heartbeat:")] = float(value)
         self.impact = {name: p.impact for name, p in config.probes.items()}
         self.running: dict[str, asyncio.Task[RunResult]] = {}
         self.last_run_started: dict[str, float] = {}
@@ -179,6 +184,26 @@ class Controller:
                 self.store.append(inc.id, result.started_at, "probe", verdict, result.to_dict())
         self._kick.set()
 
+    async def run_once(self, name: str, cfg: Any) -> ProbeResult:
+        """Run a probe once: polled kinds go out on the network, passive ones read pushed signals."""
+        if cfg.kind in PASSIVE_KINDS:
+            return passive.evaluate(name, cfg, self.signals, self.clock())
+        return await run_probe(name, cfg)
+
+    def heartbeat(self, name: str) -> None:
+        now = self.clock()
+        self.signals.heartbeats[name] = now
+        self.store.set_flag(f"heartbeat:{name}", repr(now))
+
+    def alertmanager(self, payload: Any) -> tuple[int, int]:
+        """Apply an Alertmanager webhook; matching probes are re-evaluated at once."""
+        applied, dupes = passive.apply_alertmanager(self.signals, payload, self.clock())
+        if applied:
+            for name, cfg in self.config.probes.items():
+                if cfg.kind == "alertmanager":
+                    self.ingest(passive.evaluate(name, cfg, self.signals, self.clock()))
+        return applied, dupes
+
     async def _confirm(self, name: str) -> None:
         """Re-probe a SUSPECT target at once, a few times: only a burst that fails throughout is DOWN."""
         try:
@@ -188,7 +213,7 @@ class Controller:
             for i in range(spec.probes):
                 if i:
                     await asyncio.sleep(spec.spacing)
-                burst.append(await run_probe(name, cfg))
+                burst.append(await self.run_once(name, cfg))
                 if burst[-1].ok:
                     break  # one pass is enough to disprove the outage
             state = self.vstates[name].get("local", ProbeState())
@@ -799,7 +824,7 @@ class Controller:
         """One scheduler for every probe: stable offsets spread over each interval, per-host limits,
         and never two runs of the same probe at once (probes/scheduler.py)."""
         self._probe_stop = asyncio.Event()
-        self.scheduler = Scheduler(dict(self.config.probes), run_probe, self.ingest)
+        self.scheduler = Scheduler(dict(self.config.probes), self.run_once, self.ingest)
         self._probe_tasks = [asyncio.create_task(self.scheduler.run(self._probe_stop), name="probes")]
 
     def _resume_interrupted(self) -> None:

@@ -154,7 +154,7 @@ def test_validate_bad_config_reports_every_problem(tmp_path: Path) -> None:
             f"{path}: services.shop.rto: expected a duration with a unit (e.g. '5s'), "
             "found the bare number 5",
             f"{path}: probes.journey.kind: expected one of 'http', 'transaction', 'tcp', 'dns', 'tls', "
-            f"'prometheus', found 'gopher'",
+            f"'prometheus', 'heartbeat', 'alertmanager', found 'gopher'",
             f"{path}: services.shop.playbook: expected a playbook defined under playbooks (known: fo), "
             "found 'nope'",
         ]

@@ -62,7 +62,7 @@ def test_unknown_probe_kind(tmp_path: Path) -> None:
     path, problems = problems_for(tmp_path, BASE.replace("kind: http", "kind: gopher"))
     assert problems == [
         f"{path}: probes.home.kind: expected one of 'http', 'transaction', 'tcp', 'dns', 'tls', "
-        f"'prometheus', found 'gopher'"
+        f"'prometheus', 'heartbeat', 'alertmanager', found 'gopher'"
     ]
 
 

@@ -34,6 +34,7 @@ from cryptography.x509.oid import NameOID
 from controller.config import ConfigError, json_schema, load_config
 from probes.base import ProbeResult
 from probes.dns import DnsProbe
+from probes.passive import PASSIVE_KINDS
 from probes.prometheus import PrometheusProbe
 from probes.runner import RUNNERS, run_probe
 from probes.tcp import TcpProbe
@@ -621,7 +622,9 @@ probes:
     kinds = {
         v["properties"]["kind"]["const"] for k, v in json_schema()["$defs"].items() if k.endswith("Probe")
     }
-    assert kinds == set(RUNNERS)
+    # Every kind is either polled (a runner) or passive (evaluated from pushed signals by the controller).
+    assert kinds == set(RUNNERS) | set(PASSIVE_KINDS)
+    assert not set(RUNNERS) & set(PASSIVE_KINDS)
 
 
 def test_config_errors_name_the_field_without_the_kind_tag(tmp_path: Path) -> None:
@@ -636,7 +639,7 @@ def test_config_errors_name_the_field_without_the_kind_tag(tmp_path: Path) -> No
     (unknown,) = _problems(tmp_path, "  x: {kind: icmp, host: 127.0.0.1}\n")
     assert unknown == (
         "probes.x.kind: expected one of 'http', 'transaction', 'tcp', 'dns', 'tls', 'prometheus', "
-        "found 'icmp'"
+        "'heartbeat', 'alertmanager', found 'icmp'"
     )
     (extra,) = _problems(tmp_path, "  x: {kind: tls, host: a.example, sni: b.example}\n")
     assert extra.startswith("probes.x.sni: expected a known key")

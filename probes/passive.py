@@ -1,0 +1,189 @@
+"""Passive probes: signals pushed to the controller instead of polled by it.
+
+- `heartbeat`: a job POSTs /heartbeat/NAME after each run; silence longer than period + grace
+  fails the probe. Heartbeats are kept in the store so a controller restart does not forget them.
+- `alertmanager`: Prometheus alerts that SREs already have, received on POST /alertmanager
+  (webhook payload version 4). While an alert matching the probe's labels is firing, the probe
+  fails; when Alertmanager sends it resolved, the probe passes again.
+
+Both go through the same detection as polled probes (thresholds, windows, flapping), so an
+alert that flaps or a job that misses one beat never pages on its own.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import Field
+
+from controller.durations import Duration, format_duration
+from probes.base import Check, ProbeResult, StepResult
+from probes.http import ProbeCommon
+
+
+class HeartbeatProbe(ProbeCommon):
+    """A job that must check in at least every `period` (plus `grace`)."""
+
+    kind: Literal["heartbeat"]
+    period: Duration = Field(gt=0, description="How often the job is expected to POST /heartbeat/NAME.")
+    grace: Duration = Field(default=0.0, ge=0, description="Extra slack before silence counts as a failure.")
+    token_env: str | None = Field(
+        default=None, description="If set, pushes need `Authorization: Bearer` with it."
+    )
+    interval: Duration = Field(default=10.0, gt=0, description="How often the silence is checked.")
+
+
+class AlertmanagerProbe(ProbeCommon):
+    """Fails while an Alertmanager alert whose labels match is firing."""
+
+    kind: Literal["alertmanager"]
+    matchers: dict[str, str] = Field(
+        min_length=1, description="Label name -> value; `=~regex` for a regular expression match."
+    )
+    interval: Duration = Field(default=5.0, gt=0, description="How often firing alerts are re-evaluated.")
+
+
+PASSIVE_KINDS = ("heartbeat", "alertmanager")
+
+
+@dataclass
+class Alert:
+    fingerprint: str
+    status: str
+    labels: dict[str, str]
+    annotations: dict[str, str]
+    starts_at: str
+    received_at: float
+
+
+@dataclass
+class Signals:
+    """What has been pushed: heartbeats by probe name, alerts by fingerprint."""
+
+    started_at: float = field(default_factory=time.time)
+    heartbeats: dict[str, float] = field(default_factory=dict)
+    alerts: dict[str, Alert] = field(default_factory=dict)
+    seen: set[tuple[str, str, str]] = field(default_factory=set)
+    """(fingerprint, startsAt, status) already applied: Alertmanager retries, we stay idempotent."""
+
+
+class PayloadError(ValueError):
+    """A payload that does not follow the wire format; the message says what and where."""
+
+
+def _matches(matchers: dict[str, str], labels: dict[str, str]) -> bool:
+    for name, want in matchers.items():
+        got = labels.get(name)
+        if got is None:
+            return False
+        if want.startswith("=~"):
+            if re.fullmatch(want[2:], got) is None:
+                return False
+        elif got != want:
+            return False
+    return True
+
+
+def _rfc3339(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise PayloadError(f"{where}: expected an RFC 3339 time, found {value!r}")
+    try:
+        datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise PayloadError(f"{where}: expected an RFC 3339 time, found {value!r}") from None
+    return value
+
+
+def apply_alertmanager(signals: Signals, payload: Any, now: float) -> tuple[int, int]:
+    """Validate a version 4 webhook payload completely, then apply it. Returns (applied, duplicates).
+
+    Nothing changes unless the whole payload is valid, so a malformed request is a 400 with its
+    reason and never half an update.
+    """
+    if not isinstance(payload, dict):
+        raise PayloadError("body: expected a JSON object (Alertmanager webhook payload)")
+    if str(payload.get("version")) != "4":
+        raise PayloadError(f'version: expected "4", found {payload.get("version")!r}')
+    alerts = payload.get("alerts")
+    if not isinstance(alerts, list):
+        raise PayloadError(f"alerts: expected a list, found {type(alerts).__name__}")
+    parsed: list[Alert] = []
+    for i, a in enumerate(alerts):
+        where = f"alerts[{i}]"
+        if not isinstance(a, dict):
+            raise PayloadError(f"{where}: expected an object")
+        status = a.get("status")
+        if status not in ("firing", "resolved"):
+            raise PayloadError(f"{where}.status: expected firing or resolved, found {status!r}")
+        labels = a.get("labels")
+        if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
+            raise PayloadError(f"{where}.labels: expected an object of strings")
+        annotations = a.get("annotations") or {}
+        if not isinstance(annotations, dict):
+            raise PayloadError(f"{where}.annotations: expected an object")
+        fingerprint = a.get("fingerprint")
+        if not isinstance(fingerprint, str) or not fingerprint:
+            raise PayloadError(f"{where}.fingerprint: expected a non-empty string")
+        starts = _rfc3339(a.get("startsAt"), f"{where}.startsAt")
+        parsed.append(
+            Alert(fingerprint, status, dict(labels), {k: str(v) for k, v in annotations.items()}, starts, now)
+        )
+    applied = dupes = 0
+    for alert in parsed:
+        key = (alert.fingerprint, alert.starts_at, alert.status)
+        if key in signals.seen:
+            dupes += 1
+            continue
+        signals.seen.add(key)
+        current = signals.alerts.get(alert.fingerprint)
+        if alert.status == "resolved" and current is not None and current.starts_at != alert.starts_at:
+            dupes += 1  # a resolve for an older firing of this alert: the newer one stands
+            continue
+        signals.alerts[alert.fingerprint] = alert
+        applied += 1
+    return applied, dupes
+
+
+def _result(name: str, ok: bool, check: Check, now: float, details: dict[str, Any]) -> ProbeResult:
+    step = StepResult(name, ok, 0.0, (check,))
+    return ProbeResult(name, ok, now, 0.0, (step,), details=details)
+
+
+def evaluate(name: str, cfg: HeartbeatProbe | AlertmanagerProbe, signals: Signals, now: float) -> ProbeResult:
+    if isinstance(cfg, HeartbeatProbe):
+        last = signals.heartbeats.get(name)
+        allowed = cfg.period + cfg.grace
+        if last is None:
+            waited = now - signals.started_at
+            ok = waited <= allowed  # give a job one period after our start before calling it silent
+            found = "no heartbeat yet" + ("" if ok else f" in {format_duration(waited)}")
+            return _result(
+                name,
+                ok,
+                Check("heartbeat", ok, f"within {format_duration(allowed)}", found),
+                now,
+                {"last_heartbeat": None},
+            )
+        age = now - last
+        ok = age <= allowed
+        check = Check(
+            "heartbeat", ok, f"within {format_duration(allowed)}", f"last {format_duration(age)} ago"
+        )
+        return _result(name, ok, check, now, {"last_heartbeat": last, "age_seconds": age})
+    firing = [a for a in signals.alerts.values() if a.status == "firing" and _matches(cfg.matchers, a.labels)]
+    ok = not firing
+    found = (
+        "none firing"
+        if ok
+        else "; ".join(
+            f"{a.labels.get('alertname', a.fingerprint)} firing since {a.starts_at}"
+            + (f": {a.annotations['summary']}" if "summary" in a.annotations else "")
+            for a in firing
+        )
+    )
+    check = Check("alerts", ok, f"no firing alert matching {cfg.matchers}", found)
+    return _result(name, ok, check, now, {"firing": [a.fingerprint for a in firing]})
