@@ -14,7 +14,6 @@ from controller.comms import lifecycle as lc
 from controller.comms.settings import Cadence
 from controller.config import ConfigError
 from controller.report import write_report
-from controller.statuspage_site import render_html, snapshot
 from controller.store import SQLiteStore
 from tests.comms_env import (
     FakeClock,
@@ -204,6 +203,99 @@ def test_incident_from_opening_to_report_on_every_channel(
                 assert section in md, section
             assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[2].stat().st_size > 5000
             assert "<h2>Timeline</h2>" in paths[1].read_text()
+            ctrl.store.close()
+
+    asyncio.run(main())
+
+
+def test_receivers_down_restart_then_back_every_message_once_and_429_honoured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def main() -> None:
+        async with receivers(tmp_path, monkeypatch) as r:
+            cfg = load(write_config(tmp_path, r))
+            clock = FakeClock()
+            ctrl = controller(cfg, clock)
+            r.slack.fail_with = r.webhook.fail_with = r.pd.fail_with = 503
+            r.statuspage.fail_with, r.statuspage.retry_after = 429, 120
+            feed(ctrl, False, clock)
+            await cycle(ctrl)
+            inc = ctrl.store.list_incidents(status="open")[0]
+            commands.update(ctrl.store, inc.id, "alice", "identified", "We know why.")
+            await cycle(ctrl)
+            assert r.slack.accepted == [] and r.webhook.accepted == [] and r.pd.events == []
+            waiting = {m.key for m in ctrl.store.outbox()}
+            assert {f"{inc.id}/slack/internal/opened", f"{inc.id}/webhook/partners/update-1"} <= waiting
+            sp = next(m for m in ctrl.store.outbox() if m.channel == "statuspage")
+            assert sp.next_attempt_at >= clock() + 120  # Retry-After honoured, not our 5 s backoff
+            sp_requests = r.statuspage.requests
+            age = ctrl.metrics.registry.get_sample_value(
+                "continuity_outbox_oldest_age_seconds", {"channel": "slack"}
+            )
+            assert age == 0.0  # measured at the tick; nothing had waited yet
+            clock.advance(60)
+            await ctrl.reconcile()
+            assert (
+                ctrl.metrics.registry.get_sample_value(
+                    "continuity_outbox_oldest_age_seconds", {"channel": "slack"}
+                )
+                == 60.0
+            )
+            await ctrl.dispatcher.drain()
+            assert r.statuspage.requests == sp_requests  # still inside Retry-After: not even tried
+
+            # The controller restarts; the receivers come back.
+            ctrl.store.close()
+            ctrl2 = controller(cfg, clock, SQLiteStore(cfg.controller.data_dir))
+            r.slack.fail_with = r.webhook.fail_with = r.pd.fail_with = r.statuspage.fail_with = None
+            commands.ack(ctrl2.store, inc.id, "alice")  # acknowledged after the restart
+            clock.advance(600)
+            for _ in range(3):
+                await cycle(ctrl2)
+                clock.advance(300)
+            assert ctrl2.store.outbox() == []
+            keys = [m.key for m in ctrl2.store.outbox(include_delivered=True)]
+            assert len(keys) == len(set(keys))
+            # Exactly once on each receiver: as many accepted as queued for that channel.
+            for name, got in (("slack", len(r.slack.accepted)), ("webhook", len(r.webhook.accepted))):
+                assert got == sum(1 for k in keys if f"/{name}/" in k), name
+            assert r.webhook.duplicates == 0
+            assert [a for a, _ in pd_actions(r)] == ["trigger", "acknowledge"]
+            assert {k for _, k in pd_actions(r)} == {inc.dedup_key}  # the stored key, after a restart
+            ops = [m for m, _, _ in r.statuspage.log]
+            assert ops[0] == "POST" and ops.count("POST") == 1
+            ctrl2.store.close()
+
+    asyncio.run(main())
+
+
+def test_unacknowledged_critical_incident_escalates_to_the_next_contact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def main() -> None:
+        async with receivers(tmp_path, monkeypatch) as r:
+            cfg = load(write_config(tmp_path, r, "communications: {escalate_after: 10m}"))
+            clock = FakeClock()
+            ctrl = controller(cfg, clock)
+            feed(ctrl, False, clock)
+            await cycle(ctrl)
+            inc = ctrl.store.list_incidents(status="open")[0]
+            clock.advance(9 * 60)
+            await cycle(ctrl)
+            assert ctrl.store.get_incident(inc.id).data["comms"]["roles"]["incident_commander"] == "alice"
+            clock.advance(61)
+            await cycle(ctrl)
+            assert ctrl.store.get_incident(inc.id).data["comms"]["roles"]["incident_commander"] == "bob"
+            triggers = [e for e in r.pd.events if e["event_action"] == "trigger"]
+            assert len(triggers) == 2 and "ESCALATED to bob" in triggers[1]["payload"]["summary"]
+            assert any("ESCALATED to bob" in m["blocks"][1]["text"]["text"] for m in r.slack.accepted)
+            commands.ack(ctrl.store, inc.id, "bob")
+            commands.assign(ctrl.store, inc.id, "bob", "erin")
+            clock.advance(30 * 60)
+            await cycle(ctrl)
+            comms = ctrl.store.get_incident(inc.id).data["comms"]
+            assert comms["escalation_level"] == 1 and comms["roles"]["incident_commander"] == "erin"
+            assert [e["event_action"] for e in r.pd.events].count("trigger") == 2  # acked: no more
             ctrl.store.close()
 
     asyncio.run(main())
