@@ -202,7 +202,14 @@ class Communicator:
         if level > comms.get("escalation_level", 0):
             self._escalate(inc, comms, level, now)
             changed = True
-        status = lc.advance(comms["public_status"], self._observed_status(inc))
+        # The machine moves the public status only when what it observes changes, so a human who
+        # set a status explicitly is not overruled by the same observation on every cycle.
+        observed = self._observed_status(inc)
+        status = comms["public_status"]
+        if observed != comms.get("observed", "investigating"):
+            comms["observed"] = observed
+            status = lc.advance(status, observed)
+            changed = True
         if inc.severity != comms.get("severity_announced"):
             old = comms.get("severity_announced")
             comms["severity_announced"] = inc.severity
