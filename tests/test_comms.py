@@ -134,6 +134,11 @@ def test_incident_from_opening_to_report_on_every_channel(
             await cycle(ctrl)
             done = ctrl.store.get_incident(inc.id)
             assert done.status == "resolved" and done.data["comms"]["resolved_sent"]
+            clock.advance(3600)  # communications.followup_after: 1h
+            await cycle(ctrl)
+            assert "Post-incident review due" in r.slack.accepted[-1]["blocks"][1]["text"]["text"]
+            await cycle(ctrl)
+            assert sum("review due" in m["blocks"][1]["text"]["text"] for m in r.slack.accepted) == 1
 
             # PagerDuty: trigger, acknowledge, resolve, all with the stored dedup_key.
             actions = pd_actions(r)
@@ -142,9 +147,8 @@ def test_incident_from_opening_to_report_on_every_channel(
             assert r.pd.rejected == []
             # Slack (internal): opened, updates, resolved, in order, all accepted by the Block Kit checks.
             heads = slack_heads(r)
-            assert heads[0].startswith(":red_circle: Incident: checkout") and heads[-1].startswith(
-                ":large_green_circle: Resolved"
-            )
+            assert heads[0].startswith(":red_circle: Incident: checkout")
+            assert heads[-2].startswith(":large_green_circle: Resolved")  # then the follow-up
             assert r.slack.rejected == [] and r.teams.rejected == []
             assert len(r.teams.accepted) == len(r.slack.accepted)
             # Statuspage (customers): one create, then PATCHes; ends resolved and operational.
@@ -162,7 +166,10 @@ def test_incident_from_opening_to_report_on_every_channel(
             assert "checkout-api" not in json.dumps([b for _, _, b in log])  # no jargon for customers
             # Signed webhook (partners): verified, no duplicates, opened first and resolved last.
             events = [m["event"] for m in r.webhook.accepted]
-            assert events[0] == "incident.opened" and events[-1] == "incident.resolved"
+            assert events[0] == "incident.opened" and events[-2:] == [
+                "incident.resolved",
+                "incident.followup",
+            ]
             assert r.webhook.rejected == [] and r.webhook.duplicates == 0
             # Email over STARTTLS: each audience its own list and its own words.
             mails = r.smtp.messages

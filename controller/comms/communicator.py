@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("continuity.comms")
 
 CHAT = ("slack", "teams")
-BUILDER_EVENT = {"opened": "opened", "update": "update", "resolved": "resolved", "followup": "update"}
+BUILDER_EVENT = {"opened": "opened", "update": "update", "resolved": "resolved", "followup": "resolved"}
+"""The channel builders know opened/update/resolved; a follow-up is about a resolved incident."""
 MAX_UPDATES_KEPT = 50
 
 
@@ -59,25 +60,29 @@ class Communicator:
         self._templates_for: str | None = None
         self._templates = Templates(None)
         r = controller.metrics.registry
-        self.mtta = Histogram(
+        self.mtta = _metric(
+            Histogram,
             "continuity_mtta_seconds",
             "From incident opened to a human's acknowledgement.",
             registry=r,
             buckets=(30, 60, 120, 300, 600, 900, 1800, 3600),
         )
-        self.mttr = Histogram(
+        self.mttr = _metric(
+            Histogram,
             "continuity_mttr_seconds",
             "From the outage's start to the incident's resolution.",
             registry=r,
             buckets=(60, 120, 300, 600, 900, 1800, 3600, 7200, 14400),
         )
-        self.updates = Counter(
+        self.updates = _metric(
+            Counter,
             "continuity_incident_updates_total",
             "Incident messages queued, by channel, event and origin (human, automatic).",
             ["channel", "event", "origin"],
             registry=r,
         )
-        self.oldest = Gauge(
+        self.oldest = _metric(
+            Gauge,
             "continuity_outbox_oldest_age_seconds",
             "Age of the oldest undelivered message, by channel (0 when none waits).",
             ["channel"],
@@ -537,6 +542,7 @@ class Communicator:
         if "webhook" in self.c.dispatcher.channels:
             view = self._view(inc, aud.webhook, bevent, words(aud.webhook), next_at)
             payload = webhook.event(view, bevent, now)
+            payload["event"] = f"incident.{event}"  # partners can tell a follow-up from the resolution
             payload["audience"] = aud.webhook
             self._enqueue(
                 inc,
@@ -625,6 +631,19 @@ class Communicator:
                 oldest[msg.channel] = min(oldest.get(msg.channel, msg.created_at), msg.created_at)
         for ch in self.c.dispatcher.channels:
             self.oldest.labels(ch).set(max(now - oldest[ch], 0.0) if ch in oldest else 0.0)
+
+
+def _metric(kind: Any, name: str, doc: str, *args: Any, **kwargs: Any) -> Any:
+    """Register on the controller's registry, or reuse the one already there: two controllers may
+    share a Metrics (a restart inside one process, a test), and a duplicate would raise."""
+    try:
+        return kind(name, doc, *args, **kwargs)
+    except ValueError:
+        registry = kwargs["registry"]
+        found = registry._names_to_collectors.get(name) or registry._names_to_collectors.get(name + "_total")
+        if found is None:
+            raise
+        return found
 
 
 def attach(controller: Controller) -> Communicator:
