@@ -139,13 +139,14 @@ def chart(inc: Incident, events: list[Event], path: Path) -> None:
     comms = inc.data.get("comms") or {}
     if comms.get("acked_at"):
         marks.append(("acknowledged", comms["acked_at"]))
-    marks += [(e.message[:28], e.ts) for e in events if e.kind == "playbook" and "recovery done" in e.message]
+    marks += [("recovered", e.ts) for e in events if e.kind == "playbook" and "recovery done" in e.message]
     if inc.resolved_at:
         marks.append(("resolved", inc.resolved_at))
-    for label, ts in marks:
+    for n, (label, ts) in enumerate(sorted(marks, key=lambda m: m[1])):
         x = (ts - inc.started_at) / 60
         ax.axvline(x, color="grey", linestyle="--", linewidth=0.8)
-        ax.text(x, 1.12, label, rotation=20, fontsize=7, ha="left", va="bottom")
+        # Staggered heights: events seconds apart would otherwise print over each other.
+        ax.text(x, 1.08 + 0.08 * (n % 3), label, fontsize=7, ha="left", va="bottom")
     ax.set_ylim(-0.15, 1.35)
     ax.set_yticks([0, 1], ["down", "up"])
     ax.set_xlabel("minutes since the outage began")
