@@ -167,6 +167,11 @@ def app(controller: Controller) -> web.Application:
         return web.json_response({"accepted": accepted, "ignored": len(batch) - accepted})
 
     application = web.Application()
+    from controller import statuspage_site
+    from controller.comms import api as comms_api
+
+    comms_api.add_routes(application, controller, authorised)
+    statuspage_site.add_routes(application, controller)
     application.add_routes(
         [
             web.get("/runs", runs),

@@ -78,6 +78,14 @@ def _parser() -> argparse.ArgumentParser:
     show = with_config(one_sub.add_parser("show", help="an incident and its timeline"))
     show.add_argument("id")
     show.add_argument("--data-dir")
+    _incident_commands(one_sub, with_config)
+
+    rep = with_config(
+        sub.add_parser("report", help="write the post-incident report (Markdown, HTML and a PNG chart)")
+    )
+    rep.add_argument("id")
+    rep.add_argument("--out", default=".", help="directory for the report files (default: here)")
+    rep.add_argument("--data-dir")
 
     for verb, text in (
         ("approve", "approve a playbook run that awaits approval"),
@@ -129,6 +137,72 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("demo", help="run the simulated two-region marketplace and a failover, end to end")
     return p
+
+
+def _incident_commands(one_sub: Any, with_config: Any) -> None:
+    """`continuity incident ack|update|resolve|assign`: durable requests the controller applies."""
+    who = os.environ.get("USER", "cli")
+    for verb, text in (
+        ("ack", "acknowledge an incident (PagerDuty stops escalating)"),
+        ("update", "post an update to every audience and channel"),
+        ("resolve", "resolve an incident; the resolution goes out at once"),
+        ("assign", "hand the incident commander role to someone else"),
+    ):
+        sp = with_config(one_sub.add_parser(verb, help=text))
+        sp.add_argument("id")
+        sp.add_argument("--by", default=who, help="who does it (default: $USER)")
+        sp.add_argument("--data-dir")
+        if verb == "update":
+            sp.add_argument("--status", choices=["investigating", "identified", "monitoring"])
+            sp.add_argument("--message", required=True, help="what customers and colleagues read")
+            sp.add_argument("--eta", help="expected resolution from now, e.g. 45m")
+        elif verb == "resolve":
+            sp.add_argument("--message", default="")
+        elif verb == "assign":
+            sp.add_argument("--ic", required=True, help="the new incident commander")
+
+
+def cmd_incident(args: argparse.Namespace) -> int:
+    if args.incident_command == "show":
+        return cmd_incident_show(args)
+    from controller import commands as base
+    from controller.comms import commands
+
+    cfg = _load(args.config)
+    store = _store(cfg, args.data_dir)
+    try:
+        if args.incident_command == "ack":
+            text = commands.ack(store, args.id, args.by)
+        elif args.incident_command == "update":
+            text = commands.update(store, args.id, args.by, args.status, args.message, args.eta)
+        elif args.incident_command == "resolve":
+            text = commands.resolve(store, args.id, args.by, args.message)
+        else:
+            text = commands.assign(store, args.id, args.by, args.ic)
+    except base.CommandError as exc:
+        print(f"continuity: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    print(text)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from controller.report import ReportError, write_report
+
+    cfg = _load(args.config)
+    store = _store(cfg, args.data_dir)
+    try:
+        paths = write_report(store, cfg, args.id, Path(args.out))
+    except ReportError as exc:
+        print(f"continuity: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    for path in paths:
+        print(path)
+    return 0
 
 
 def _load(path: str) -> Config:
@@ -511,6 +585,7 @@ COMMANDS: dict[str, Any] = {
     "unsilence": cmd_human,
     "agent": cmd_agent,
     "demo": cmd_demo,
+    "report": cmd_report,
 }
 
 
@@ -519,7 +594,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "playbook":
         handler = cmd_playbook_run
     elif args.command == "incident":
-        handler = cmd_incident_show
+        handler = cmd_incident
     else:
         handler = COMMANDS[args.command]
     try:

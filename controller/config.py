@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, get_args
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from controller.comms.settings import Communications, Roles
 from controller.detect import Rules
 from controller.durations import Duration
 from probes.base import Strict
@@ -114,6 +115,12 @@ class Service(Strict):
         default_factory=list,
         description="Services this one needs: their outage's incident absorbs this one's.",
     )
+    roles: Roles = Field(default_factory=Roles, description="Incident commander, comms lead, owners.")
+    display_name: str | None = Field(
+        default=None, description="What customers call it (status page, notices); default: the name."
+    )
+    impact: str = Field(default="", description="In plain words, what customers cannot do while it is down.")
+    workaround: str = Field(default="", description="What users can do meanwhile, told in every update.")
 
 
 class Bound(Strict):
@@ -405,6 +412,8 @@ class Config(Strict):
     controller: ControllerSettings = Field(default_factory=ControllerSettings)
     maintenance: list[Maintenance] = Field(default_factory=list, description="Scheduled quiet windows.")
     leader: Leader = Field(default_factory=Leader)
+    communications: Communications = Field(default_factory=Communications)
+    store: StoreSettings = Field(default_factory=StoreSettings)
 
     def rules(self, probe: str, confirm: bool = True) -> Rules:
         p = self.probes[probe]
@@ -425,8 +434,6 @@ class Config(Strict):
 
     def quorum(self, probe: str) -> int:
         return self.probes[probe].quorum or self.detection.quorum
-
-    store: StoreSettings = Field(default_factory=StoreSettings)
 
     def thresholds(self, probe: str) -> tuple[int, int]:
         p = self.probes[probe]
@@ -751,6 +758,14 @@ def load_config(path: str | Path) -> Config:
     except ValidationError as exc:
         problems.extend(_format(exc.errors(), where))
     problems.extend(f"{where(loc)}: {_path(loc)}: {msg}" for loc, msg in _cross_references(raw))
+    if config is not None and config.communications.templates_dir:
+        from controller.comms.templates import check_dir
+
+        tdir = Path(config.communications.templates_dir)
+        if not tdir.is_absolute():  # relative to the config, so the repo can carry its templates
+            tdir = (default if default.is_dir() else default.parent) / tdir
+        config.communications.templates_dir = str(tdir)
+        problems.extend(f"{file}: {at}: {msg}" for file, at, msg in check_dir(tdir))
     if problems or config is None:
         raise ConfigError(problems)
     return config

@@ -91,6 +91,8 @@ class Controller:
         self.stop_event = asyncio.Event()
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
         """Observers of what the controller does (the demo prints them): (kind, facts)."""
+        self.tick_hooks: list[Callable[[float], None]] = []
+        """Called with the time at the end of each reconcile (the communicator speaks there)."""
         channels: dict[str, Channel] = {}
         pd = config.notifiers.pagerduty
         if pd is not None:
@@ -108,6 +110,9 @@ class Controller:
         )
         self.dispatcher.may_send = self.may_act
         self._recover_from_restart()
+        from controller.comms.communicator import attach
+
+        self.communicator = attach(self)
 
     # ------------------------------------------------------------------ start-up
 
@@ -353,6 +358,8 @@ class Controller:
         for decision in decisions:
             await self._act(decision, obs)
         self._approvals(obs.now)
+        for hook in self.tick_hooks:
+            hook(self.clock())
         self.metrics.last_tick.set(self.clock())
         self._update_incident_gauge()
         return decisions
@@ -716,8 +723,7 @@ class Controller:
                 msg.incident_id,
                 self.clock(),
                 "notification",
-                f"{msg.channel} {msg.payload.get('body', {}).get('event_action', msg.payload['kind'])}"
-                f" {verb}" + (f": {text}" if text else ""),
+                f"{msg.channel} {_what(msg.payload)} {verb}" + (f": {text}" if text else ""),
                 {"key": msg.key},
             )
         self._emit("notification", channel=msg.channel, outcome=outcome, key=msg.key)
@@ -858,3 +864,10 @@ class Controller:
             self._elector_stop.set()  # the elector releases the lease so a standby takes over at once
             await asyncio.gather(self._elector, return_exceptions=True)
         log.info("controller stopped")
+
+
+def _what(payload: dict[str, Any]) -> str:
+    """A few words for the timeline about a queued message, whatever its channel's shape."""
+    body = payload.get("body")
+    action = body.get("event_action") if isinstance(body, dict) else None
+    return str(action or payload.get("kind") or payload.get("op") or payload.get("event") or "message")

@@ -1,4 +1,5 @@
-"""PagerDuty Events API v2: trigger on open, re-trigger on severity change, resolve on the end.
+"""PagerDuty Events API v2: trigger on open, re-trigger on severity change, acknowledge when a human
+takes it, resolve on the end.
 
 The dedup_key is stored with the incident, so a restarted controller can still resolve the alert
 it opened. The routing key is a secret: it is added at send time and never written to the store.
@@ -52,6 +53,12 @@ def trigger(
 
 def resolve(dedup_key: str) -> dict[str, Any]:
     return {"kind": "event", "body": {"event_action": "resolve", "dedup_key": dedup_key}}
+
+
+def acknowledge(dedup_key: str) -> dict[str, Any]:
+    """A human has it: PagerDuty stops escalating. Same dedup_key as the trigger (stored with the
+    incident), so a restarted controller acknowledges the alert its predecessor opened."""
+    return {"kind": "event", "body": {"event_action": "acknowledge", "dedup_key": dedup_key}}
 
 
 def change(cfg: PagerDuty, *, summary: str, ts: float, details: dict[str, Any]) -> dict[str, Any]:
