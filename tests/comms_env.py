@@ -96,7 +96,8 @@ services:
       escalation: [bob, dave]
 probes:
   checkout-api: {{kind: http, url: "http://127.0.0.1:9/health", interval: 10s, timeout: 1s}}
-detection: {{failure_threshold: 2, success_threshold: 1}}
+# The burst is detection's business (tests/test_detection_trust.py); these tests drive verdicts by hand.
+detection: {{failure_threshold: 2, success_threshold: 1, confirm: {{probes: 0}}}}
 playbooks:
   recover:
     steps:
