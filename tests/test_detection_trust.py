@@ -8,11 +8,22 @@ local aiohttp targets the test flips, with the local PagerDuty receiver checking
 
 from __future__ import annotations
 
+import asyncio
 import random
-from dataclasses import dataclass
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
-from controller.config import Config, Detection
+import yaml
+from aiohttp import web
+
+from controller.config import Config, Detection, load_config
 from controller.decide import (
+    Hold,
     Observation,
     OpenIncident,
     OpenIncidentView,
@@ -20,14 +31,20 @@ from controller.decide import (
     StartPlaybook,
     decide,
 )
+from controller.demo.marketplace import serve
+from controller.demo.pagerduty import PagerDutyReceiver
 from controller.detect import (
     Health,
     ProbeState,
+    Rules,
+    combine,
     confirm,
     flapping,
     observe,
     service_health,
 )
+from controller.loop import Controller
+from controller.store import SQLiteStore
 from probes.base import ProbeResult
 from probes.http import HttpProbe
 
@@ -236,3 +253,446 @@ def test_a_hard_outage_is_declared_down_within_the_bound() -> None:
     print(f"\nhard outage: declared DOWN after {best:.1f}s .. {worst:.1f}s (bound {bound:.1f}s)")
     assert worst <= bound, f"worst detection delay {worst:.2f}s over the bound {bound:.2f}s"
     assert best >= (d.failure_threshold - 1) * probe.interval, "too fast to be the failure streak"
+
+
+# ====================================================================== controller helpers
+
+KEY = "trust0test0routing0key0000000000"  # 32 characters
+
+
+@dataclass
+class Target:
+    """A local HTTP server: every path answers 200 unless the test set another status for it."""
+
+    status: dict[str, int] = field(default_factory=dict)
+    hits: dict[str, int] = field(default_factory=dict)
+    default: int = 200
+
+    def set(self, code: int, *paths: str) -> None:
+        for path in paths:
+            self.status[path] = code
+
+    def app(self) -> web.Application:
+        async def handle(request: web.Request) -> web.Response:
+            name = request.match_info["name"]
+            self.hits[name] = self.hits.get(name, 0) + 1
+            code = self.status.get(name, self.default)
+            return web.json_response({"ok": code == 200}, status=code)
+
+        async def login(request: web.Request) -> web.Response:
+            return web.json_response({"token": SECRET})
+
+        async def cart(request: web.Request) -> web.Response:
+            self.hits["cart"] = self.hits.get("cart", 0) + 1
+            return web.json_response({"error": "cart service down"}, status=self.status.get("cart", 200))
+
+        app = web.Application()
+        app.router.add_get("/login", login)
+        app.router.add_get("/cart/{token}", cart)
+        app.router.add_get("/{name}", handle)
+        return app
+
+
+SECRET = "tok-5ecret-7731"
+
+
+@dataclass
+class Env:
+    target: Target
+    port: int
+    pd: PagerDutyReceiver
+    pd_port: int
+    tmp: Path
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{name}"
+
+    def load(self, text: str) -> Config:
+        text += f"""
+notifiers:
+  pagerduty:
+    routing_key_env: TRUST_TEST_PD_KEY
+    events_url: "http://127.0.0.1:{self.pd_port}/v2/enqueue"
+aws:
+  endpoint_url: "http://127.0.0.1:9"
+controller:
+  data_dir: "{self.tmp / "state"}"
+  tick: 100ms
+  outbox_retry: 300ms
+"""
+        path = self.tmp / "continuity.yaml"
+        path.write_text(text, encoding="utf-8")
+        return load_config(path)
+
+    def triggers(self) -> list[dict[str, Any]]:
+        return [e for e in self.pd.events if e["event_action"] == "trigger"]
+
+    def resolves(self) -> list[dict[str, Any]]:
+        return [e for e in self.pd.events if e["event_action"] == "resolve"]
+
+
+@asynccontextmanager
+async def environment(tmp: Path) -> AsyncIterator[Env]:
+    target, pd = Target(), PagerDutyReceiver()
+    t_runner, t_port = await serve(target.app(), "127.0.0.1", 0)
+    p_runner, p_port = await serve(pd.app(), "127.0.0.1", 0)
+    try:
+        yield Env(target, t_port, pd, p_port, tmp)
+    finally:
+        await t_runner.cleanup()
+        await p_runner.cleanup()
+
+
+def controller(cfg: Config, clock: Callable[[], float] = time.time) -> Controller:
+    return Controller(cfg, SQLiteStore(cfg.controller.data_dir), env=lambda name: KEY, clock=clock)
+
+
+async def until(cond: Callable[[], Any], timeout: float = 8.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.03)
+
+
+def metric(c: Controller, name: str, **labels: str) -> float | None:
+    return c.metrics.registry.get_sample_value(name, labels)
+
+
+def messages(c: Controller, incident_id: str) -> list[str]:
+    return [e.message for e in c.store.timeline(incident_id)]
+
+
+def fake(probe: str, ok: bool, at: float, vantage: str = "local", **details: Any) -> ProbeResult:
+    return ProbeResult(
+        probe,
+        ok,
+        at,
+        0.01,
+        error="" if ok else "expected status 200, found 503",
+        vantage=vantage,
+        details=details,
+    )
+
+
+PLAYBOOK = """
+playbooks:
+  recover:
+    cooldown: 0s
+    steps:
+      - {name: pause, action: wait, with: {duration: 50ms}}
+"""
+
+
+# ====================================================================== quorum
+
+
+def test_quorum_pure_two_of_three_fresh_votes() -> None:
+    rules = Rules(confirm=False)
+
+    def down(at: float) -> ProbeState:
+        s = ProbeState()
+        for i in range(3):
+            s = observe(s, fake("p", False, at + i), rules=rules)
+        return s
+
+    up = observe(ProbeState(), fake("p", True, 100.0), rules=rules)
+    assert down(98.0).status is Health.DOWN and up.status is Health.UP
+    one = combine([up, down(98.0), up], quorum=2, freshness=30.0, now=101.0)
+    assert one.status is Health.UP, "one vantage point cut off is not an outage"
+    two = combine([up, down(98.0), down(90.0)], quorum=2, freshness=30.0, now=101.0)
+    assert two.status is Health.DOWN
+    assert two.first_failure_at == 90.0, "the outage started at the earliest agreeing vantage point"
+    stale = combine([up, down(98.0), down(10.0)], quorum=2, freshness=30.0, now=101.0)
+    assert stale.status is not Health.DOWN, "a result older than freshness does not vote"
+    assert combine([down(10.0)], quorum=1, freshness=30.0, now=101.0).status is Health.UNKNOWN
+
+
+QUORUM = """
+services:
+  shop: {tier: critical, rto: 5m, probes: [web]}
+probes:
+  web: {kind: http, url: "http://127.0.0.1:9/web", interval: 10s, timeout: 1s}
+detection: {quorum: 2, freshness: 30s, confirm: {probes: 0}}
+"""
+
+
+def test_quorum_through_the_controller(tmp_path: Path) -> None:
+    async def main() -> None:
+        now = [1000.0]
+        cfg = Config.model_validate(yaml.safe_load(QUORUM))
+        cfg.controller.data_dir = str(tmp_path / "state")
+        c = controller(cfg, clock=lambda: now[0])
+        try:
+
+            def tick(**votes: bool) -> None:
+                for vantage, ok in votes.items():
+                    c.ingest(fake("web", ok, now[0], vantage=vantage))
+                now[0] += 10
+
+            for _ in range(2):
+                tick(local=True, eu=True, us=True)
+            for _ in range(5):  # eu is cut off: one of three
+                tick(local=True, eu=False, us=True)
+            await c.reconcile()
+            assert c.vstates["web"]["eu"].status is Health.DOWN
+            assert c.states["web"].status is Health.UP
+            assert c.store.list_incidents() == [], "one vantage point failing must not open an incident"
+
+            # us stops reporting after three failures; 30 s later its DOWN is stale and cannot vote
+            for _ in range(3):
+                tick(local=True, eu=False, us=False)
+            assert c.states["web"].status is Health.DOWN
+            assert c.store.list_incidents() == []  # decided on the next reconcile, not yet
+            now[0] += 31
+            tick(local=True, eu=False)
+            assert c.vstates["web"]["us"].status is Health.DOWN, "us last said DOWN ..."
+            assert c.states["web"].status is not Health.DOWN, "... but too long ago to vote"
+            await c.reconcile()
+            assert c.store.list_incidents() == [], "a stale vote must not make the quorum"
+
+            tick(local=True, eu=False, us=False)  # us is back and agrees with eu: two of three
+            assert c.states["web"].status is Health.DOWN
+            await c.reconcile()
+            [inc] = c.store.list_incidents()
+            assert inc.service == "shop" and inc.severity == "critical"
+            assert inc.data["failing"] == ["web"]
+        finally:
+            c.store.close()
+
+    asyncio.run(main())
+
+
+# ====================================================================== isolation
+
+
+def http(env: Env, name: str, interval: str = "100ms") -> str:
+    return f'  {name}: {{kind: http, url: "{env.url(name)}", interval: {interval}, timeout: 500ms}}\n'
+
+
+def test_isolation_holds_every_failover_and_pages_once(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with environment(tmp_path) as env:
+            cfg = env.load(
+                "services:\n"
+                "  shop: {tier: critical, rto: 5m, probes: [web], playbook: recover}\n"
+                "probes:\n"
+                + http(env, "web")
+                + http(env, "ref-a")
+                + http(env, "ref-b")
+                + PLAYBOOK
+                + "detection: {reference_probes: [ref-a, ref-b], confirm: {probes: 2, spacing: 50ms}}\n"
+            )
+            c = controller(cfg)
+            await c.start()
+            try:
+                await until(lambda: all(c.probe_healthy(p) for p in cfg.probes), what="all up")
+                assert metric(c, "continuity_isolated") == 0
+                env.target.set(503, "web", "ref-a", "ref-b")  # the controller's own network is cut
+                await until(lambda: c.isolated_since is not None, what="isolated")
+                await until(lambda: c.states["web"].status is Health.DOWN, what="web down")
+                await until(lambda: env.triggers(), what="isolation alert")
+                await asyncio.sleep(1.0)  # many ticks while cut off
+                assert c.store.runs() == [], "no failover while the controller may be the one cut off"
+                assert c.store.list_incidents() == [], "no incident while the references fail"
+                held = [x for x in decide(c.observation(), c.config) if isinstance(x, Hold)]
+                assert [h.key for h in held] == ["references"]
+                assert "reference targets are failing" in held[0].reason
+                assert metric(c, "continuity_isolated") == 1
+                [alert] = env.triggers()
+                assert "isolated" in alert["payload"]["summary"]
+                assert alert["payload"]["severity"] == "critical"
+
+                env.target.set(200, "ref-a", "ref-b")  # our view is trusted again; web is still down
+                await until(lambda: env.resolves(), what="isolation resolved")
+                assert [r["dedup_key"] for r in env.resolves()] == [alert["dedup_key"]]
+                assert metric(c, "continuity_isolated") == 0
+                inc = await until(lambda: c.store.open_incident_for("shop"), what="the real incident")
+                await until(lambda: c.store.runs(), what="the failover, now trusted")
+                assert [r.incident_id for r in c.store.runs()] == [inc.id]
+                assert len(env.triggers()) == 2 and env.pd.rejected == []
+            finally:
+                await c.stop()
+                c.store.close()
+
+    asyncio.run(main())
+
+
+# ====================================================================== flapping
+
+
+def test_flapping_holds_the_playbook_and_keeps_the_incident_open(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with environment(tmp_path) as env:
+            cfg = env.load(
+                "services:\n"
+                "  shop: {tier: critical, rto: 5m, probes: [web], playbook: recover}\n"
+                "probes:\n"
+                + http(env, "web")
+                + PLAYBOOK
+                + "detection: {confirm: {probes: 2, spacing: 50ms}, flapping: {changes: 3, within: 10m}}\n"
+            )
+            c = controller(cfg)
+            await c.start()
+            try:
+
+                async def flip(code: int, status: Health) -> None:
+                    env.target.set(code, "web")
+                    await until(lambda: c.states["web"].status is status, what=f"web {status}")
+
+                await flip(200, Health.UP)
+                await flip(503, Health.DOWN)  # change 1: incident, failover
+                first = await until(lambda: c.store.open_incident_for("shop"), what="first incident")
+                await until(lambda: [r for r in c.store.runs() if r.state == "succeeded"], what="run")
+                await flip(200, Health.UP)  # change 2: not flapping yet, resolved
+                await until(lambda: c.store.open_incident_for("shop") is None, what="resolved")
+                assert metric(c, "continuity_probe_flapping", probe="web") == 0
+                await flip(503, Health.DOWN)  # change 3: flapping
+                assert metric(c, "continuity_probe_flapping", probe="web") == 1
+                second = await until(lambda: c.store.open_incident_for("shop"), what="second incident")
+                assert second.id != first.id
+                await until(
+                    lambda: any("flapping" in m for m in messages(c, second.id)), what="flapping hold"
+                )
+                assert len(c.store.runs()) == 1, "no second failover while web flaps (cooldown is 0)"
+                await flip(200, Health.UP)  # change 4: passes, but flapping keeps the incident open
+                await until(
+                    lambda: any("stays open until it is stable" in m for m in messages(c, second.id)),
+                    what="stays-open hold",
+                )
+                await asyncio.sleep(0.5)
+                still = c.store.get_incident(second.id)
+                assert still is not None and still.status == "open"
+                assert len(c.store.runs()) == 1
+                holds = [m for m in messages(c, second.id) if "flapping" in m]
+                assert holds[0] == "not running recover: web is flapping; waiting until it is stable"
+                assert len(holds) == 2, f"each hold once on the timeline, not every tick: {holds}"
+            finally:
+                await c.stop()
+                c.store.close()
+
+    asyncio.run(main())
+
+
+# ====================================================================== dependencies
+
+
+def test_a_dependency_outage_is_one_incident_and_one_page(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with environment(tmp_path) as env:
+            cfg = env.load(
+                "services:\n"
+                "  checkout: {tier: critical, rto: 5m, probes: [checkout-api], depends_on: [payments]}\n"
+                "  payments: {tier: critical, rto: 5m, probes: [payments-api]}\n"
+                "probes:\n"
+                + http(env, "checkout-api")
+                + http(env, "payments-api")
+                + "detection: {confirm: {probes: 2, spacing: 50ms}}\n"
+            )
+            c = controller(cfg)
+            await c.start()
+            try:
+                await until(lambda: all(c.probe_healthy(p) for p in cfg.probes), what="all up")
+                env.target.set(503, "checkout-api", "payments-api")
+                inc = await until(lambda: c.store.open_incident_for("payments"), what="payments incident")
+                await until(lambda: c.states["checkout-api"].status is Health.DOWN, what="checkout down")
+                await until(
+                    lambda: any("part of payments's incident" in m for m in messages(c, inc.id)),
+                    what="checkout joined",
+                )
+                await until(lambda: env.triggers(), what="page")
+                await asyncio.sleep(0.6)
+                assert [i.service for i in c.store.list_incidents()] == ["payments"]
+                [joined] = [e for e in c.store.timeline(inc.id) if e.data.get("joined_service")]
+                assert joined.data["joined_service"] == "checkout"
+                assert joined.message.startswith("checkout is down: checkout-api")
+                assert len(env.triggers()) == 1 and env.triggers()[0]["dedup_key"] == inc.dedup_key
+            finally:
+                await c.stop()
+                c.store.close()
+
+    asyncio.run(main())
+
+
+# ====================================================================== silences and maintenance
+
+SILENCE = """
+services:
+  checkout: {{tier: critical, rto: 5m, probes: [web], playbook: recover}}
+probes:
+  web: {{kind: http, url: "http://127.0.0.1:9/web", interval: 10s, timeout: 1s}}
+detection: {{confirm: {{probes: 0}}}}
+maintenance:
+  - {{services: [checkout], start: "{start}", end: "{end}", reason: "db upgrade"}}
+"""
+
+
+def silence_config(tmp: Path, start: datetime, end: datetime) -> Config:
+    text = SILENCE.format(start=start.isoformat(), end=end.isoformat()) + PLAYBOOK
+    cfg = Config.model_validate(yaml.safe_load(text))
+    cfg.controller.data_dir = str(tmp / "state")
+    return cfg
+
+
+def test_maintenance_window_silences_then_the_incident_opens(tmp_path: Path) -> None:
+    async def main() -> None:
+        t0 = datetime(2026, 6, 1, 2, 0, tzinfo=UTC)
+        now = [t0.timestamp()]
+        c = controller(
+            silence_config(tmp_path, t0 - timedelta(minutes=5), t0 + timedelta(minutes=2)),
+            clock=lambda: now[0],
+        )
+        try:
+            for i in range(5):
+                c.ingest(fake("web", i == 0, now[0]))
+                now[0] += 10
+            assert c.states["web"].status is Health.DOWN
+            out = await c.reconcile()
+            assert c.store.list_incidents() == [] and c.store.runs() == []
+            assert [type(x) for x in out] == [Hold] and "maintenance until" in out[0].reason
+            assert "db upgrade" in out[0].reason
+            assert metric(c, "continuity_silenced", service="checkout") == 1
+            now[0] = (t0 + timedelta(minutes=2)).timestamp()  # the window's end is exclusive
+            out = await c.reconcile()
+            assert [type(x) for x in out] == [OpenIncident, StartPlaybook]
+            assert metric(c, "continuity_silenced", service="checkout") == 0
+            assert c.store.open_incident_for("checkout") is not None
+        finally:
+            for task in c.running.values():
+                await task
+            c.store.close()
+
+    asyncio.run(main())
+
+
+def test_a_silence_flag_holds_until_it_expires(tmp_path: Path) -> None:
+    async def main() -> None:
+        now = [1_900_000_000.0]
+        past = datetime(2020, 1, 1, tzinfo=UTC)
+        c = controller(silence_config(tmp_path, past, past + timedelta(hours=1)), clock=lambda: now[0])
+        try:
+            until_at = now[0] + 600
+            c.store.set_flag("silence:checkout", f"{until_at}|rolling the payment keys")  # as the CLI will
+            for _ in range(4):
+                c.ingest(fake("web", False, now[0]))
+                now[0] += 10
+            out = await c.reconcile()
+            assert c.store.list_incidents() == [] and c.store.runs() == []
+            assert [type(x) for x in out] == [Hold]
+            assert "silenced until" in out[0].reason and "rolling the payment keys" in out[0].reason
+            assert metric(c, "continuity_silenced", service="checkout") == 1
+            now[0] = until_at - 1
+            await c.reconcile()
+            assert c.store.list_incidents() == []
+            now[0] = until_at + 1
+            out = await c.reconcile()
+            assert [type(x) for x in out] == [OpenIncident, StartPlaybook]
+            assert metric(c, "continuity_silenced", service="checkout") == 0
+        finally:
+            for task in c.running.values():
+                await task
+            c.store.close()
+
+    asyncio.run(main())
