@@ -37,6 +37,7 @@ from controller.detect import (
     Health,
     ProbeState,
     Rules,
+    ServiceState,
     combine,
     confirm,
     flapping,
@@ -46,7 +47,8 @@ from controller.detect import (
 from controller.loop import Controller
 from controller.store import SQLiteStore
 from probes.base import ProbeResult
-from probes.http import HttpProbe
+from probes.http import HttpProbe, TransactionProbe
+from probes.runner import run_probe
 
 DAY = 86_400.0
 MONTH = 30 * DAY
@@ -694,5 +696,107 @@ def test_a_silence_flag_holds_until_it_expires(tmp_path: Path) -> None:
             for task in c.running.values():
                 await task
             c.store.close()
+
+    asyncio.run(main())
+
+
+# ====================================================================== windows and degraded results
+
+
+def test_a_window_catches_failures_that_are_not_consecutive() -> None:
+    cfg = Config.model_validate(
+        {
+            "services": {"shop": {"tier": "critical", "rto": "5m", "probes": ["web"]}},
+            "probes": {
+                "web": {"kind": "http", "url": "http://127.0.0.1:9/", "window": {"failures": 3, "of": 5}}
+            },
+        }
+    )
+    rules = cfg.rules("web")
+    assert (rules.window_failures, rules.window_size, rules.confirm) == (3, 5, True)
+    state = ProbeState()
+    seen = []
+    for i, ok in enumerate([True, False, True, False, True, False]):
+        state = observe(state, fake("web", ok, 10.0 * i), rules=rules)
+        seen.append(state.status)
+    assert state.failures == 1, "never two failures in a row ..."
+    assert seen[-1] is Health.SUSPECT, "... yet three of the last five failed"
+    assert Health.SUSPECT not in seen[:-1]
+    plain = ProbeState()
+    for i, ok in enumerate([True, False, True, False, True, False]):
+        plain = observe(plain, fake("web", ok, 10.0 * i), rules=Rules(confirm=True))
+    assert plain.status is Health.UP, "without the window the same results are healthy"
+
+
+def test_degraded_results_open_a_moderate_incident_and_never_start_a_playbook(tmp_path: Path) -> None:
+    async def main() -> None:
+        now = [5000.0]
+        past = datetime(2020, 1, 1, tzinfo=UTC)
+        c = controller(silence_config(tmp_path, past, past + timedelta(hours=1)), clock=lambda: now[0])
+        try:
+            for i in range(6):
+                c.ingest(fake("web", i == 0, now[0], degraded=True))
+                now[0] += 10
+                await c.reconcile()
+            assert c.states["web"].status is Health.DEGRADED
+            [inc] = c.store.list_incidents()
+            assert inc.severity == "moderate", "critical tier, degraded -> moderate"
+            assert c.health()["checkout"].state is ServiceState.DEGRADED
+            assert c.store.runs() == [] and c.running == {}, "degraded never starts a failover"
+        finally:
+            c.store.close()
+
+    asyncio.run(main())
+
+
+def test_transaction_allow_failure_always_run_and_secret_masking(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with environment(tmp_path) as env:
+            base = f"http://127.0.0.1:{env.port}"
+
+            def journey(optional_status: int, cart_status: int) -> TransactionProbe:
+                env.target.set(optional_status, "recommendations")
+                env.target.set(cart_status, "cart")
+                return TransactionProbe.model_validate(
+                    {
+                        "kind": "transaction",
+                        "steps": [
+                            {
+                                "name": "login",
+                                "url": f"{base}/login",
+                                "extract": {"token": {"json": "token", "secret": True}},
+                            },
+                            {
+                                "name": "recommendations",
+                                "url": f"{base}/recommendations",
+                                "allow_failure": True,
+                            },
+                            {"name": "cart", "url": f"{base}/cart/{{{{ token }}}}"},
+                            {"name": "cleanup", "url": f"{base}/cleanup", "always_run": True},
+                        ],
+                    }
+                )
+
+            soft = await run_probe("journey", journey(503, 200))
+            assert not soft.ok and soft.details == {"degraded": True}
+            assert [s.name for s in soft.steps] == ["login", "recommendations", "cart", "cleanup"]
+            assert observe(ProbeState(), soft, rules=Rules(failure_threshold=1)).status is Health.DEGRADED
+
+            before = env.target.hits.get("cleanup", 0)
+            hard = await run_probe("journey", journey(200, 500))
+            assert not hard.ok and not hard.details.get("degraded")
+            assert [(s.name, s.ok) for s in hard.steps] == [
+                ("login", True),
+                ("recommendations", True),
+                ("cart", False),
+                ("cleanup", True),
+            ]
+            assert env.target.hits["cleanup"] == before + 1, "the cleanup ran after the failed step"
+            cart = hard.steps[2]
+            assert cart.request == f"GET {base}/cart/***"
+            assert "***" in hard.reason and SECRET not in hard.reason
+            assert SECRET not in repr(hard.to_dict())
+            assert env.target.hits["cart"] >= 1, "the real token did reach the target"
+            assert observe(ProbeState(), hard, rules=Rules(failure_threshold=1)).status is Health.DOWN
 
     asyncio.run(main())
