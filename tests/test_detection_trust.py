@@ -514,7 +514,8 @@ def test_isolation_holds_every_failover_and_pages_once(tmp_path: Path) -> None:
                 inc = await until(lambda: c.store.open_incident_for("shop"), what="the real incident")
                 await until(lambda: c.store.runs(), what="the failover, now trusted")
                 assert [r.incident_id for r in c.store.runs()] == [inc.id]
-                assert len(env.triggers()) == 2 and env.pd.rejected == []
+                await until(lambda: len(env.triggers()) == 2, what="the incident's page")
+                assert env.triggers()[1]["dedup_key"] == inc.dedup_key and env.pd.rejected == []
             finally:
                 await c.stop()
                 c.store.close()
