@@ -197,10 +197,14 @@ def decide(obs: Observation, config: Config) -> list[Decision]:
 
 
 def _failing_dependency(obs: Observation, depends_on: list[str]) -> tuple[str, str | None] | None:
+    """A dependency that is down, has an incident, or is unsettled (suspect or failing, not yet
+    confirmed): in each case the dependent waits, so one outage opens one incident and pages once,
+    whichever of the two probes happens to cross its threshold first."""
     for dep in depends_on:
         h = obs.health.get(dep)
         dep_incident = obs.incidents.get(dep)
-        if (h is not None and h.state is ServiceState.DOWN) or dep_incident is not None:
+        forming = h is not None and (h.state is ServiceState.DOWN or bool(h.unsettled))
+        if forming or dep_incident is not None:
             return dep, dep_incident.id if dep_incident else None
     return None
 

@@ -218,6 +218,8 @@ class ServiceHealth:
     """When the earliest failing probe started failing."""
     flapping: tuple[str, ...] = ()
     """Probes changing verdict too often: no playbook starts while any is listed."""
+    unsettled: tuple[str, ...] = ()
+    """Probes SUSPECT or in a failing streak not yet past the threshold: an outage may be forming."""
 
     def summary(self) -> str:
         if not self.failing:
@@ -257,4 +259,11 @@ def service_health(
     reasons = tuple((p, states[p].last.reason if states[p].last else "") for p in failing)
     starts = [states[p].first_failure_at for p in failing if states[p].first_failure_at is not None]
     flaps = tuple(p for p in probes if p in set(flapping_probes))
-    return ServiceHealth(service, state, tuple(failing), reasons, min(starts) if starts else None, flaps)
+    unsettled = tuple(
+        p
+        for p in probes
+        if status(p) is Health.SUSPECT or (status(p) is Health.UP and states[p].failures > 0)
+    )
+    return ServiceHealth(
+        service, state, tuple(failing), reasons, min(starts) if starts else None, flaps, unsettled
+    )

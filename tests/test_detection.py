@@ -336,3 +336,26 @@ def test_severity_floor_keeps_an_escalated_incident_critical() -> None:
     plain = OpenIncidentView("i1", "critical", runs=1)
     out = decide(obs(ServiceState.DEGRADED, incidents={"checkout": plain}), config())
     assert [(type(d), d.new) for d in out] == [(ChangeSeverity, "moderate")]
+
+
+def test_dependent_waits_while_its_dependency_is_only_suspect() -> None:
+    """checkout confirmed DOWN while payments is still SUSPECT: no second incident, no second page."""
+    cfg = Config.model_validate(
+        {
+            "services": {
+                "checkout": {"tier": "critical", "rto": "5m", "probes": ["c"], "depends_on": ["payments"]},
+                "payments": {"tier": "critical", "rto": "5m", "probes": ["p"]},
+            },
+            "probes": {
+                "c": {"kind": "http", "url": "http://127.0.0.1:1/"},
+                "p": {"kind": "http", "url": "http://127.0.0.1:1/"},
+            },
+        }
+    )
+    checkout = ServiceHealth("checkout", ServiceState.DOWN, ("c",), (("c", "503"),), 100.0)
+    forming = ServiceHealth("payments", ServiceState.UP, unsettled=("p",))
+    out = decide(Observation(now=200.0, health={"checkout": checkout, "payments": forming}), cfg)
+    assert not any(isinstance(d, OpenIncident) for d in out), out
+    settled = ServiceHealth("payments", ServiceState.UP)
+    out = decide(Observation(now=200.0, health={"checkout": checkout, "payments": settled}), cfg)
+    assert [d.service for d in out if isinstance(d, OpenIncident)] == ["checkout"]
