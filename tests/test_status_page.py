@@ -50,7 +50,7 @@ def test_status_page_escapes_incident_text_and_renders_in_chromium(
 ) -> None:
     playwright = pytest.importorskip("playwright.async_api")
     if not Path(CHROMIUM).exists():
-        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
+        pytest.fail("Debian's chromium is not installed (apt-get install -y chromium; .ci/run does)")
 
     async def main_() -> None:
         async with receivers(tmp_path, monkeypatch) as r:
