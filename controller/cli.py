@@ -21,7 +21,7 @@ from typing import Any
 
 from controller.config import Config, ConfigError, json_schema, load_config
 from controller.durations import format_duration, parse_duration
-from controller.store import SQLiteStore, StoreError
+from controller.store import Store, StoreError, open_store
 
 DEFAULT_CONFIG = "continuity.yaml"
 
@@ -209,8 +209,9 @@ def _load(path: str) -> Config:
     return load_config(path)
 
 
-def _store(cfg: Config, data_dir: str | None) -> SQLiteStore:
-    return SQLiteStore(data_dir or cfg.controller.data_dir)
+def _store(cfg: Config, data_dir: str | None) -> Store:
+    """SQLite in the data directory, or Kubernetes objects, as the config's `store` section says."""
+    return open_store(cfg, data_dir)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -422,7 +423,7 @@ def _fingerprint(path: str) -> str:
     return digest.hexdigest()
 
 
-async def _serve(cfg: Config, store: SQLiteStore, config_path: str) -> None:
+async def _serve(cfg: Config, store: Store, config_path: str) -> None:
     from aiohttp import web
 
     from controller.api import app
