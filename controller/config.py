@@ -101,6 +101,15 @@ class Detection(Strict):
     )
 
 
+class Failback(Strict):
+    """Move traffic back once the primary has been healthy long enough; a human approves by default."""
+
+    playbook: str = Field(description="The playbook that moves traffic back (e.g. region-failback).")
+    healthy_probes: list[str] = Field(min_length=1, description="Probes of the primary that must be UP.")
+    healthy_for: Duration = Field(default=600.0, gt=0, description="How long they must have been UP.")
+    approval: Literal["auto", "manual"] = Field(default="manual", description="manual: ask a human first.")
+
+
 class Service(Strict):
     """A business function that must stay up (checkout, login, search)."""
 
@@ -115,6 +124,7 @@ class Service(Strict):
         default_factory=list,
         description="Services this one needs: their outage's incident absorbs this one's.",
     )
+    failback: Failback | None = Field(default=None, description="Move traffic back after a failover.")
     roles: Roles = Field(default_factory=Roles, description="Incident commander, comms lead, owners.")
     display_name: str | None = Field(
         default=None, description="What customers call it (status page, notices); default: the name."
@@ -664,6 +674,26 @@ def _cross_references(raw: dict[str, Any]) -> list[tuple[list[Any], str]]:
                         f"expected a probe defined under probes ({_known(probes)}), found {pname!r}",
                     )
                 )
+        fb = svc.get("failback")
+        if isinstance(fb, dict):
+            if isinstance(fb.get("playbook"), str) and fb["playbook"] not in playbooks:
+                found.append(
+                    (
+                        ["services", sname, "failback", "playbook"],
+                        f"expected a playbook defined under playbooks ({_known(playbooks)}), "
+                        f"found {fb['playbook']!r}",
+                    )
+                )
+            for i, ref in enumerate(
+                fb.get("healthy_probes") or [] if isinstance(fb.get("healthy_probes"), list) else []
+            ):
+                if isinstance(ref, str) and ref not in probes:
+                    found.append(
+                        (
+                            ["services", sname, "failback", "healthy_probes", i],
+                            f"expected a probe defined under probes ({_known(probes)}), found {ref!r}",
+                        )
+                    )
         pb = svc.get("playbook")
         if isinstance(pb, str) and pb not in playbooks:
             found.append(

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from controller.classify import higher, severity
-from controller.config import Config, Playbook
+from controller.config import Config, Failback, Playbook
 from controller.detect import ServiceHealth, ServiceState
 from controller.durations import format_duration
 
@@ -100,6 +100,10 @@ class Observation:
     """Service -> the failed run that froze its playbook until a human acknowledges it."""
     silenced: dict[str, str] = field(default_factory=dict)
     """Service -> why it is silenced (an ad-hoc silence or a maintenance window)."""
+    failed_over: dict[str, str] = field(default_factory=dict)
+    """Service -> the incident whose failover succeeded and has not been failed back yet."""
+    up_since: dict[str, float] = field(default_factory=dict)
+    """Probe -> since when it has been UP (absent when it is not UP)."""
     references_ok: bool = True
     """False while any reference target fails: the controller may be the one cut off."""
     references_note: str = ""
@@ -180,6 +184,8 @@ def decide(obs: Observation, config: Config) -> list[Decision]:
                 )
             else:
                 out.append(ResolveIncident(incident.id, name, f"{name} is up again: all probes pass"))
+        if svc.failback is not None and incident is None and name not in obs.running:
+            out.extend(_failback(obs, name, svc.failback))
         if health.state is ServiceState.DOWN and svc.playbook:
             if health.flapping:
                 out.append(
@@ -194,6 +200,29 @@ def decide(obs: Observation, config: Config) -> list[Decision]:
             else:
                 out.extend(_failover(obs, config, name, svc.playbook, incident, wanted))
     return out
+
+
+def _failback(obs: Observation, service: str, fb: Failback) -> list[Decision]:
+    """After a successful failover, once the primary has been healthy for `healthy_for`, move back."""
+    incident_id = obs.failed_over.get(service)
+    if incident_id is None or obs.paused is not None or service in obs.frozen:
+        return []
+    since = [obs.up_since.get(p) for p in fb.healthy_probes]
+    if any(s is None for s in since):
+        return []
+    healthy = obs.now - max(s for s in since if s is not None)
+    if healthy < fb.healthy_for:
+        return []
+    return [
+        StartPlaybook(
+            service,
+            fb.playbook,
+            incident_id,
+            f"{', '.join(fb.healthy_probes)} healthy for {format_duration(healthy)} "
+            f"(>= {format_duration(fb.healthy_for)}): failing {service} back with {fb.playbook}",
+            approval=fb.approval == "manual",
+        )
+    ]
 
 
 def _failing_dependency(obs: Observation, depends_on: list[str]) -> tuple[str, str | None] | None:

@@ -268,6 +268,26 @@ class Controller:
         note = ", ".join(f"{r} {s.status.value}" for r, s in bad.items())
         return not bad, isolated, note
 
+    def _failed_over(self) -> dict[str, str]:
+        """Services whose failover succeeded and that have not been failed back since."""
+        out: dict[str, str] = {}
+        for name, svc in self.config.services.items():
+            if svc.failback is None or not svc.playbook:
+                continue
+            runs = [r for r in self.store.runs(service=name) if not r.dry_run]
+            forward = [
+                r for r in runs if r.playbook == svc.playbook and r.state == "succeeded" and r.incident_id
+            ]
+            if not forward:
+                continue
+            last = forward[-1]
+            back = [
+                r for r in runs if r.playbook == svc.failback.playbook and r.started_at >= last.started_at
+            ]
+            if not back:
+                out[name] = last.incident_id or ""
+        return out
+
     def _isolation(self, isolated: bool, note: str, now: float) -> None:
         """One 'controller isolated' alert while every reference target is down; resolved when one is back."""
         self.metrics.isolated.set(1 if isolated else 0)
@@ -341,6 +361,8 @@ class Controller:
             paused=self.store.get_flag("paused"),
             frozen={k.removeprefix("frozen:"): v for k, v in self.store.flags("frozen:").items()},
             silenced=self.silenced(now),
+            failed_over=self._failed_over(),
+            up_since={p: s.changed_at or now for p, s in self.states.items() if s.status is Health.UP},
             references_ok=refs_ok,
             references_note=refs_note,
         )
@@ -702,9 +724,22 @@ class Controller:
         return result
 
     def _page_incident(self, incident_id: str, event: str, note: str) -> None:
+        """Page about an open incident; about a resolved one (a failback awaiting approval) send a
+        PagerDuty change event instead, because a trigger with its dedup_key would reopen the alert."""
         inc = self.store.get_incident(incident_id)
-        if inc is not None:
+        if inc is None:
+            return
+        if inc.status == "open":
             self._page(inc, event, note)
+            return
+        pd = self.config.notifiers.pagerduty
+        if pd is not None:
+            body = pagerduty.change(
+                pd, summary=f"{inc.service}: {note}", ts=self.clock(), details={"incident_id": inc.id}
+            )
+            self._enqueue(
+                inc.id, f"{inc.id}/pagerduty/change/{event}", body, f"PagerDuty change event queued: {note}"
+            )
 
     async def run_playbook_by_hand(self, playbook: str) -> RunResult:
         """A human started this run: no incident, no cooldown check, same journal and engine."""

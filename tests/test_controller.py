@@ -47,7 +47,7 @@ class Env:
     pd_port: int
     data_dir: Path
 
-    def config(self, tmp: Path, *, tier: str, probes: int, playbook: str) -> Config:
+    def config(self, tmp: Path, *, tier: str, probes: int, playbook: str, extra: str = "") -> Config:
         probe_names = [f"web-{i}" for i in range(probes)]
         probe_yaml = "".join(
             f"""
@@ -65,13 +65,16 @@ services:
     tier: {tier}
     rto: 5m
     probes: [{", ".join(probe_names)}]
-    playbook: recover
+    playbook: recover{extra}
 probes:{probe_yaml}
 detection: {{failure_threshold: 3, success_threshold: 2}}
 playbooks:
   recover:
     cooldown: 10m
     steps:{playbook}
+  back:
+    steps:
+      - {{name: move-back, action: wait, with: {{duration: 50ms}}}}
 notifiers:
   pagerduty:
     routing_key_env: CONTROLLER_TEST_PD_KEY
@@ -163,6 +166,7 @@ def test_one_incident_per_outage_paged_resolved_and_cooldown_respected(tmp_path:
                 assert trig["payload"]["component"] == "shop"
                 [run] = c.store.runs()
                 assert run.state == "succeeded" and run.incident_id == inc.id
+                await until(lambda: env.pd.changes, what="change event delivered by the outbox")
                 assert [ch["payload"]["summary"] for ch in env.pd.changes] == [f"recovered shop for {inc.id}"]
 
                 env.target.status = 200
@@ -267,5 +271,43 @@ def test_restart_keeps_the_open_incident_and_resolves_it_with_the_same_key(tmp_p
             finally:
                 await c2.stop()
                 c2.store.close()
+
+    asyncio.run(main())
+
+
+def test_failback_after_the_primary_has_been_healthy_long_enough(tmp_path: Path):
+    """A successful failover is followed, once the primary has been UP for `healthy_for`, by the
+    failback playbook (approval auto here; manual is the default), exactly once, on the same incident."""
+    fb = """
+    failback: {playbook: back, healthy_probes: [web-0], healthy_for: 600ms, approval: auto}"""
+
+    async def main() -> None:
+        async with environment(tmp_path) as env:
+            c = controller(
+                env.config(tmp_path, tier="critical", probes=1, playbook=WAIT_AND_NOTIFY, extra=fb)
+            )
+            await c.start()
+            try:
+                await healthy(c)
+                env.target.status = 503
+                inc = await until(lambda: c.store.open_incident_for("shop"), what="incident")
+                await until(lambda: [r for r in c.store.runs() if r.state == "succeeded"], what="failover")
+                assert not [r for r in c.store.runs() if r.playbook == "back"], "no failback while still down"
+                env.target.status = 200
+                back = await until(
+                    lambda: [r for r in c.store.runs() if r.playbook == "back"], what="failback"
+                )
+                resolved_at = c.store.get_incident(inc.id).resolved_at
+                assert resolved_at is not None and back[0].started_at - resolved_at >= 0.5
+                await until(
+                    lambda: [r for r in c.store.runs() if r.playbook == "back" and r.state == "succeeded"],
+                    what="failback done",
+                )
+                await asyncio.sleep(1.0)  # healthy for longer still: no second failback
+                assert [r.playbook for r in c.store.runs()] == ["recover", "back"]
+                assert any("failing shop back with back" in m for m in messages(c, inc.id))
+                assert not [e for e in env.pd.events if e["event_action"] == "trigger"][1:], "no re-page"
+            finally:
+                await c.stop()
 
     asyncio.run(main())

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from controller.classify import severity
-from controller.config import Classification, Config, TierRule
+from controller.config import Classification, Config, Failback, TierRule
 from controller.decide import (
     ChangeSeverity,
     Hold,
@@ -359,3 +359,17 @@ def test_dependent_waits_while_its_dependency_is_only_suspect() -> None:
     settled = ServiceHealth("payments", ServiceState.UP)
     out = decide(Observation(now=200.0, health={"checkout": checkout, "payments": settled}), cfg)
     assert [d.service for d in out if isinstance(d, OpenIncident)] == ["checkout"]
+
+
+def test_failback_waits_for_the_primary_to_be_healthy_long_enough() -> None:
+    cfg = config()
+    cfg.playbooks["back"] = cfg.playbooks["fo"]
+    cfg.services["checkout"].failback = Failback(playbook="back", healthy_probes=["p"], healthy_for="10m")
+    up = obs(ServiceState.UP)
+    early = dataclasses.replace(up, failed_over={"checkout": "i1"}, up_since={"p": up.now - 100})
+    assert not [d for d in decide(early, cfg) if isinstance(d, StartPlaybook)]
+    late = dataclasses.replace(early, up_since={"p": up.now - 601})
+    [start] = [d for d in decide(late, cfg) if isinstance(d, StartPlaybook)]
+    assert (start.playbook, start.incident_id, start.approval) == ("back", "i1", True)  # manual by default
+    done = dataclasses.replace(late, failed_over={})
+    assert not [d for d in decide(done, cfg) if isinstance(d, StartPlaybook)]
