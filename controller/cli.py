@@ -15,7 +15,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -162,30 +162,41 @@ def _incident_commands(one_sub: Any, with_config: Any) -> None:
             sp.add_argument("--ic", required=True, help="the new incident commander")
 
 
-def cmd_incident(args: argparse.Namespace) -> int:
-    if args.incident_command == "show":
-        return cmd_incident_show(args)
-    from controller import commands as base
-    from controller.comms import commands
+def _answer(args: argparse.Namespace, act: Callable[[Config, Store], str]) -> int:
+    """Run one human command against the store: one line on success, one clear line on refusal."""
+    from controller.commands import CommandError
 
     cfg = _load(args.config)
     store = _store(cfg, args.data_dir)
     try:
-        if args.incident_command == "ack":
-            text = commands.ack(store, args.id, args.by)
-        elif args.incident_command == "update":
-            text = commands.update(store, args.id, args.by, args.status, args.message, args.eta)
-        elif args.incident_command == "resolve":
-            text = commands.resolve(store, args.id, args.by, args.message)
-        else:
-            text = commands.assign(store, args.id, args.by, args.ic)
-    except base.CommandError as exc:
+        text = act(cfg, store)
+    except CommandError as exc:
         print(f"continuity: {exc}", file=sys.stderr)
         return 1
     finally:
         store.close()
     print(text)
     return 0
+
+
+def _service(cfg: Config, name: str) -> str:
+    if name not in cfg.services:
+        raise UsageError(f"no service named {name!r} (known: {', '.join(sorted(cfg.services))})")
+    return name
+
+
+def cmd_incident(args: argparse.Namespace) -> int:
+    if args.incident_command == "show":
+        return cmd_incident_show(args)
+    from controller.comms import commands
+
+    acts: dict[str, Callable[[Config, Store], str]] = {
+        "ack": lambda cfg, st: commands.ack(st, args.id, args.by),
+        "update": lambda cfg, st: commands.update(st, args.id, args.by, args.status, args.message, args.eta),
+        "resolve": lambda cfg, st: commands.resolve(st, args.id, args.by, args.message),
+        "assign": lambda cfg, st: commands.assign(st, args.id, args.by, args.ic),
+    }
+    return _answer(args, acts[args.incident_command])
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -501,43 +512,23 @@ def cmd_demo(_: argparse.Namespace) -> int:
 def cmd_human(args: argparse.Namespace) -> int:
     from controller import commands
 
-    cfg = _load(args.config)
-    store = _store(cfg, args.data_dir)
-    try:
-        if args.command == "approve":
-            text = commands.approve(store, args.run_id, args.by)
-        elif args.command == "reject":
-            text = commands.reject(store, args.run_id, args.by, args.reason)
-        elif args.command == "pause":
-            text = commands.pause(store, args.by, args.reason)
-        elif args.command == "resume":
-            text = commands.resume(store, args.by)
-        elif args.command in ("silence", "unsilence"):
-            if args.service not in cfg.services:
-                raise UsageError(
-                    f"no service named {args.service!r} (known: {', '.join(sorted(cfg.services))})"
-                )
-            if args.command == "unsilence":
-                text = commands.unsilence(store, args.service, args.by)
-            else:
-                try:
-                    seconds = parse_duration(args.duration)
-                except ValueError as exc:
-                    raise UsageError(f"--for: expected {exc}") from None
-                text = commands.silence(store, args.service, seconds, args.by, args.reason)
-        else:
-            if args.service not in cfg.services:
-                raise UsageError(
-                    f"no service named {args.service!r} (known: {', '.join(sorted(cfg.services))})"
-                )
-            text = commands.ack(store, args.service, args.by)
-    except commands.CommandError as exc:
-        print(f"continuity: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        store.close()
-    print(text)
-    return 0
+    def silence(cfg: Config, store: Store) -> str:
+        try:
+            seconds = parse_duration(args.duration)
+        except ValueError as exc:
+            raise UsageError(f"--for: expected {exc}") from None
+        return commands.silence(store, _service(cfg, args.service), seconds, args.by, args.reason)
+
+    acts: dict[str, Callable[[Config, Store], str]] = {
+        "approve": lambda cfg, st: commands.approve(st, args.run_id, args.by),
+        "reject": lambda cfg, st: commands.reject(st, args.run_id, args.by, args.reason),
+        "pause": lambda cfg, st: commands.pause(st, args.by, args.reason),
+        "resume": lambda cfg, st: commands.resume(st, args.by),
+        "silence": silence,
+        "unsilence": lambda cfg, st: commands.unsilence(st, _service(cfg, args.service), args.by),
+        "ack": lambda cfg, st: commands.ack(st, _service(cfg, args.service), args.by),
+    }
+    return _answer(args, acts[args.command])
 
 
 def cmd_agent(args: argparse.Namespace) -> int:

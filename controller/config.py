@@ -19,7 +19,7 @@ from pydantic import Field, ValidationError, model_validator
 from controller.comms.settings import Communications, Roles
 from controller.detect import Rules
 from controller.durations import Duration
-from probes.base import Strict
+from probes.base import Comparison, Strict
 from probes.dns import DnsProbe
 from probes.http import HttpProbe, TransactionProbe, Window
 from probes.passive import AlertmanagerProbe, HeartbeatProbe
@@ -133,27 +133,6 @@ class Service(Strict):
     workaround: str = Field(default="", description="What users can do meanwhile, told in every update.")
 
 
-class Bound(Strict):
-    """A numeric condition on a guard's value: `{lt: 0.02}`."""
-
-    lt: float | None = None
-    le: float | None = None
-    gt: float | None = None
-    ge: float | None = None
-
-    def holds(self, value: float) -> bool:
-        return (
-            (self.lt is None or value < self.lt)
-            and (self.le is None or value <= self.le)
-            and (self.gt is None or value > self.gt)
-            and (self.ge is None or value >= self.ge)
-        )
-
-    def describe(self) -> str:
-        words = {"lt": "<", "le": "<=", "gt": ">", "ge": ">="}
-        return " and ".join(f"{words[k]} {getattr(self, k):g}" for k in words if getattr(self, k) is not None)
-
-
 class PromQuery(Strict):
     url: str = Field(description="Prometheus base URL, e.g. http://prometheus:9090.")
     query: str = Field(description="An instant PromQL query; the first series' value is used.")
@@ -182,7 +161,7 @@ class ReplicaLagGuard(Strict):
         return self
 
 
-class PromGuard(PromQuery, Bound):
+class PromGuard(PromQuery, Comparison):
     """A custom PromQL condition that must hold, e.g. the secondary's error ratio {lt: 0.01}."""
 
 
