@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import os
 import signal
 import socket
@@ -574,6 +575,20 @@ def test_agent_pushes_results_with_its_vantage_and_keeps_them_while_refused(
                                 assert (await resp.json())["error"].startswith(field + ":"), field
                         async with http.post(f"{url}/results", data="{not json", headers=headers) as resp:
                             assert resp.status == 400
+                        # Python's json module reads NaN and Infinity: a result stamped Infinity
+                        # would stay "fresh" and vote forever; a NaN latency poisons the histogram.
+                        for key in ("started_at", "latency"):
+                            for raw in ("Infinity", "NaN", "-Infinity"):
+                                body = json.dumps({"results": [{**good, key: "@"}]})
+                                body = body.replace('"@"', raw)
+                                async with http.post(
+                                    f"{url}/results",
+                                    data=body,
+                                    headers={**headers, "Content-Type": "application/json"},
+                                ) as resp:
+                                    answer = await resp.json()
+                                    assert resp.status == 400, (key, raw, answer)
+                                    assert answer["error"].startswith(f"results[0].{key}:"), answer
                         assert got == [] and "us" not in c.vstates["web"]
                         # no token at all: 401 even for a valid body
                         async with http.post(f"{url}/results", json={"results": [good]}) as resp:
