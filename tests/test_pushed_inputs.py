@@ -53,15 +53,15 @@ async def until(cond: Callable[[], Any], timeout: float, what: str) -> Any:
         await asyncio.sleep(0.05)
 
 
-def write_config(tmp: Path, body: str, name: str = "continuity.yaml") -> Path:
-    path = tmp / name
+def write_config(tmp: Path, body: str, confirm: int = 2) -> Path:
+    path = tmp / "continuity.yaml"
     path.write_text(
         body
         + f"""
 detection:
   failure_threshold: 2
   success_threshold: 1
-  confirm: {{probes: 2, spacing: 100ms}}
+  confirm: {{probes: {confirm}, spacing: 100ms}}
 controller:
   data_dir: "{tmp / "state"}"
   tick: 100ms
@@ -475,6 +475,54 @@ def test_alertmanager_receiver_requires_the_api_token_once_one_is_configured(
         finally:
             await c.stop()
             c.store.close()
+
+    asyncio.run(main())
+
+
+def test_a_firing_alert_survives_a_controller_restart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Alertmanager sends a firing alert once (then every repeat_interval, 4h by default): a
+    restarted controller that forgot it would resolve the incident while the alert still fires.
+    (Confirmation off: with it on, the first SUSPECT result after any restart resolves the open
+    incident, a separate problem reported with these tests.)"""
+    monkeypatch.delenv("CONTINUITY_API_TOKEN", raising=False)
+    cfg = load_config(write_config(tmp_path, ALERT_CONFIG, confirm=0))
+
+    async def main() -> None:
+        c = Controller(cfg, SQLiteStore(cfg.controller.data_dir))
+        await c.start()
+        try:
+            async with served(c) as url, aiohttp.ClientSession() as http:
+                async with http.post(f"{url}/alertmanager", json=am_payload(am_alert())) as resp:
+                    assert resp.status == 200
+                inc = await until(lambda: c.store.open_incident_for("checkout"), 8, "incident")
+        finally:
+            await c.stop()
+            c.store.close()
+
+        c2 = Controller(cfg, SQLiteStore(cfg.controller.data_dir))
+        await c2.start()
+        try:
+            assert list(c2.signals.alerts) == ["a1b2c3d4e5f60718"]
+            await until(lambda: c2.states["checkout-alerts"].failures >= 3, 5, "probe evaluated")
+            await asyncio.sleep(0.3)
+            assert c2.store.get_incident(inc.id).status == "open", "the alert still fires"
+            async with served(c2) as url, aiohttp.ClientSession() as http:
+                # Alertmanager's retry of the firing notification is still a duplicate...
+                async with http.post(f"{url}/alertmanager", json=am_payload(am_alert())) as resp:
+                    assert await resp.json() == {"applied": 0, "duplicates": 1}
+                # ...and its resolve, when it comes, resolves the incident.
+                resolved = am_payload(am_alert(status="resolved"), status="resolved")
+                async with http.post(f"{url}/alertmanager", json=resolved) as resp:
+                    assert await resp.json() == {"applied": 1, "duplicates": 0}
+                await until(lambda: c2.store.get_incident(inc.id).status == "resolved", 5, "resolved")
+        finally:
+            await c2.stop()
+            c2.store.close()
+        c3 = Controller(cfg, SQLiteStore(cfg.controller.data_dir))
+        try:
+            assert all(a.status != "firing" for a in c3.signals.alerts.values()), "resolved stays resolved"
+        finally:
+            c3.store.close()
 
     asyncio.run(main())
 
