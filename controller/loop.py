@@ -8,6 +8,8 @@ timeline, the logs and the metrics. Only this module does I/O on behalf of the d
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import time
 import zlib
 from collections.abc import Callable
@@ -76,6 +78,10 @@ class Controller:
         self.signals = Signals(started_at=clock())
         for key, value in store.flags("heartbeat:").items():  # a restart keeps what jobs told us
             self.signals.heartbeats[key.removeprefix("heartbeat:")] = float(value)
+        for value in store.flags("alert:").values():  # and the alerts still firing (sent only once)
+            alert = passive.Alert(**json.loads(value))
+            self.signals.alerts[alert.fingerprint] = alert
+            self.signals.seen.add((alert.fingerprint, alert.starts_at, alert.status))
         self.impact = {name: p.impact for name, p in config.probes.items()}
         self.running: dict[str, asyncio.Task[RunResult]] = {}
         self.last_run_started: dict[str, float] = {}
@@ -202,7 +208,12 @@ class Controller:
 
     def alertmanager(self, payload: Any) -> tuple[int, int]:
         """Apply an Alertmanager webhook; matching probes are re-evaluated at once."""
+        before = dict(self.signals.alerts)
         applied, dupes = passive.apply_alertmanager(self.signals, payload, self.clock())
+        for fp, alert in self.signals.alerts.items():
+            if before.get(fp) is not alert:  # kept while firing: a restart must not forget it
+                firing = alert.status == "firing"
+                self.store.set_flag(f"alert:{fp}", json.dumps(dataclasses.asdict(alert)) if firing else None)
         if applied:
             for name, cfg in self.config.probes.items():
                 if cfg.kind == "alertmanager":

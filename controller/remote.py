@@ -9,6 +9,7 @@ once they are too old to vote anyway (the controller ignores stale ones).
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from typing import Any
@@ -52,8 +53,10 @@ def parse_results(body: Any) -> list[ProbeResult]:
             if not isinstance(r.get(key), kind):
                 raise ResultError(f"{where}.{key}: expected a {kind.__name__}, found {r.get(key)!r}")
         for key in ("started_at", "latency"):
-            if not isinstance(r.get(key), int | float) or isinstance(r.get(key), bool):
-                raise ResultError(f"{where}.{key}: expected a number, found {r.get(key)!r}")
+            value = r.get(key)
+            if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+                # json reads NaN and Infinity: a result stamped Infinity would vote forever
+                raise ResultError(f"{where}.{key}: expected a finite number, found {value!r}")
         details = r.get("details") or {}
         if not isinstance(details, dict):
             raise ResultError(f"{where}.details: expected an object")
