@@ -415,6 +415,29 @@ def test_sigkill_of_the_leader_mid_failover_the_standby_resumes_without_repeatin
         store.close()
 
 
+def test_only_the_leader_writes_probe_verdicts_into_the_incident(
+    tmp_path: Path, target: Target, cluster_factory: Callable[[str], Cluster]
+):
+    """Both replicas probe, but the timeline is the leader's: a standby that appended its own
+    verdicts would double every entry (and block its event loop on the API while it is sick)."""
+    c = cluster_factory(cluster_config(tmp_path, target, WAIT_ONLY))
+    c.start("ctl-a", "ctl-b")
+    c.one_leader()
+    store = c.store()
+    try:
+        target.status["primary"] = 503
+        inc = until(lambda: store.open_incident_for("shop"), 10, "an incident", every=0.1)
+        time.sleep(0.5)
+        target.status["primary"] = 200
+        until(lambda: store.open_incident_for("shop") is None, 10, "the incident to resolve", every=0.1)
+        time.sleep(1.0)  # both replicas have long seen the probe come back
+        verdicts = [e.message for e in store.timeline(inc.id) if e.kind == "probe"]
+        ups = [m for m in verdicts if m.startswith("probe primary is UP")]
+        assert len(ups) == 1, verdicts
+    finally:
+        store.close()
+
+
 # ---------------------------------------------------------------- 3. SIGTERM hands over at once
 
 
