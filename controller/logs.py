@@ -32,6 +32,9 @@ def configure(fmt: str = "auto", level: str = "info", stream: Any = None) -> Non
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             _redact,
+            # JSON has no pretty traceback of its own: without this, log.exception() in a cluster
+            # writes "exc_info": true and the traceback is lost.
+            *([structlog.processors.format_exc_info] if fmt == "json" else []),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper(), logging.INFO)),

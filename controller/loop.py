@@ -189,7 +189,9 @@ class Controller:
             verdict += f" (vantage points: {', '.join(f'{v} {s}' for v, s in sorted(votes.items()))})"
         log.info("probe verdict", probe=name, status=after.status.value, reason=result.reason, votes=votes)
         self._emit("probe_verdict", probe=name, status=after.status.value, at=result.started_at)
-        for svc, cfg in self.config.services.items():
+        # The timeline is the leader's to write: a standby appending its own verdicts would double
+        # every entry, and would block its event loop on the store while the API is sick.
+        for svc, cfg in self.config.services.items() if self.may_act() else ():
             inc = self.store.open_incident_for(svc) if name in cfg.probes else None
             if inc is not None:
                 self.store.append(inc.id, result.started_at, "probe", verdict, result.to_dict())
