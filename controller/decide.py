@@ -172,7 +172,19 @@ def decide(obs: Observation, config: Config) -> list[Decision]:
                         )
                     )
         elif health.state is ServiceState.UP and incident is not None and name not in obs.running:
-            if health.flapping:
+            if health.unsettled:
+                # SUSPECT counts as up for opening, never for closing: after a restart the first
+                # failures make a probe SUSPECT before the burst confirms it still DOWN.
+                out.append(
+                    Hold(
+                        name,
+                        iid,
+                        f"{name} looks up but {', '.join(health.unsettled)} is still "
+                        "failing or unconfirmed: the incident stays open",
+                        key="unsettled",
+                    )
+                )
+            elif health.flapping:
                 out.append(
                     Hold(
                         name,

@@ -262,7 +262,8 @@ def service_health(
     unsettled = tuple(
         p
         for p in probes
-        if status(p) is Health.SUSPECT or (status(p) is Health.UP and states[p].failures > 0)
+        if status(p) is Health.SUSPECT
+        or (status(p) in (Health.UP, Health.UNKNOWN) and states.get(p, ProbeState()).failures > 0)
     )
     return ServiceHealth(
         service, state, tuple(failing), reasons, min(starts) if starts else None, flaps, unsettled

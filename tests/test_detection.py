@@ -373,3 +373,15 @@ def test_failback_waits_for_the_primary_to_be_healthy_long_enough() -> None:
     assert (start.playbook, start.incident_id, start.approval) == ("back", "i1", True)  # manual by default
     done = dataclasses.replace(late, failed_over={})
     assert not [d for d in decide(done, cfg) if isinstance(d, StartPlaybook)]
+
+
+def test_an_open_incident_does_not_resolve_while_a_probe_is_only_suspect() -> None:
+    """After a restart the first failures make a probe SUSPECT (which counts as up for opening):
+    that must never close the incident and page a new one once the burst confirms it DOWN again."""
+    suspect = ServiceHealth("checkout", ServiceState.UP, unsettled=("p",))
+    view = Observation(
+        now=10_000.0, health={"checkout": suspect}, incidents={"checkout": OpenIncidentView("i1", "critical")}
+    )
+    out = decide(view, config())
+    assert not any(isinstance(d, ResolveIncident) for d in out)
+    assert any(isinstance(d, Hold) and "unconfirmed" in d.reason for d in out)
