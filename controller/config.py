@@ -737,7 +737,10 @@ def _check_risks(raw: dict[str, Any], services: dict[str, Any]) -> list[tuple[li
         for i, sname in enumerate(names if isinstance(names, list) else []):
             if isinstance(sname, str) and sname not in services:
                 found.append(
-                    (["risks", rname, "services", i], f"expected a service ({_known(services)}), found {sname!r}")
+                    (
+                        ["risks", rname, "services", i],
+                        f"expected a service ({_known(services)}), found {sname!r}",
+                    )
                 )
     return found
 

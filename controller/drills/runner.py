@@ -35,6 +35,8 @@ from controller.drills.scenarios import BUILTIN, Scenario
 from controller.durations import format_duration
 from controller.store import Incident, SQLiteStore, Store
 
+ROOT = str(Path(__file__).resolve().parents[2])
+"""Where the `controller` package lives: the child processes import it from here."""
 DRILL_PD_KEY = "drill0routing0key000000000000000"  # 32 characters, like a real integration key
 
 
@@ -141,8 +143,9 @@ class Drill:
     async def watch(self) -> None:
         """Read Route 53 and the Aurora writer back from moto, as an outsider would."""
         assert self.env is not None
-        last_ip, last_writer = await asyncio.to_thread(self.env.record), await asyncio.to_thread(
-            self.env.writer
+        last_ip, last_writer = (
+            await asyncio.to_thread(self.env.record),
+            await asyncio.to_thread(self.env.writer),
         )
         while True:
             await asyncio.sleep(0.25)
@@ -247,14 +250,17 @@ async def _run_processes(drill: Drill, path: Path) -> None:
 
     cfg = drill.config
     assert cfg is not None and drill.env is not None
-    root = str(Path(__file__).resolve().parents[2])
-    env_vars = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    root = ROOT
+    env_vars = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+    }
     drill.store = SQLiteStore(cfg.controller.data_dir)
     procs: list[subprocess.Popen[bytes]] = []
 
     def start(n: int) -> tuple[subprocess.Popen[bytes], int]:
         port = _free_port()
-        log = open(drill.env.workdir / f"controller-{n}.log", "wb")  # noqa: SIM115 - the child owns it
+        log = open(drill.env.workdir / f"controller-{n}.log", "wb")
         cmd = [sys.executable, "-m", "controller.cli", "run", "-c", str(path)]
         cmd += ["--listen", f"127.0.0.1:{port}", "--log-format", "json"]
         p = subprocess.Popen(cmd, env=env_vars, stdout=log, stderr=subprocess.STDOUT)
@@ -289,7 +295,9 @@ async def _run_processes(drill: Drill, path: Path) -> None:
         watcher = asyncio.create_task(drill.watch())
         drill.t0 = drill.now()
         await drill.scenario.inject(drill)
-        await drill.wait_until("the drain-connections step running", lambda: step_running("drain-connections"), 30)
+        await drill.wait_until(
+            "the drain-connections step running", lambda: step_running("drain-connections"), 30
+        )
         os.kill(first.pid, signal.SIGKILL)
         await asyncio.to_thread(first.wait, 5)
         drill.extra["killed"] = True
@@ -312,9 +320,10 @@ async def _run_processes(drill: Drill, path: Path) -> None:
 # ------------------------------------------------------------------ target mode
 
 
-async def run_target_drill(scenario: Scenario | str, config_path: str | Path, service: str | None = None) -> DrillResult:
+async def run_target_drill(
+    scenario: Scenario | str, config_path: str | Path, service: str | None = None
+) -> DrillResult:
     """Rehearse a scenario with a staging config in dry run: the fault is injected at the probes."""
-    from aiohttp import web
 
     from controller.demo.marketplace import serve
     from controller.demo.pagerduty import PagerDutyReceiver
@@ -333,7 +342,9 @@ async def run_target_drill(scenario: Scenario | str, config_path: str | Path, se
         next((n for n, s in cfg.services.items() if s.playbook), None),
     )
     if svc_name is None or svc_name not in cfg.services:
-        raise DrillError(f"--service: expected a service with a playbook ({', '.join(cfg.services)}), found {svc_name!r}")
+        raise DrillError(
+            f"--service: expected a service with a playbook ({', '.join(cfg.services)}), found {svc_name!r}"
+        )
     if sc.target_faults == "all" and not cfg.detection.reference_probes:
         raise DrillError(f"scenario {sc.name} needs detection.reference_probes in {config_path}")
     started = time.monotonic()
@@ -442,7 +453,7 @@ def score(drill: Drill, mode: str, wall: float, service: str | None = None) -> D
         record, writer = drill.env.record()[0], drill.env.writer()
         moved_at = drill.record_moves[0][0] if drill.record_moves else None
     else:
-        PRIMARY_IP = SECONDARY_IP = STANDBY = WRITER = record = writer = ""  # noqa: N806
+        PRIMARY_IP = SECONDARY_IP = STANDBY = WRITER = record = writer = ""
         moved_at = drill.marks.get("traffic_moved")
     succeeded = [r for r in runs if r.state == "succeeded"]
     changed = bool(drill.record_moves or drill.writer_moves) if demo else bool(succeeded)
@@ -489,7 +500,9 @@ def score(drill: Drill, mode: str, wall: float, service: str | None = None) -> D
         messages.append(f"+{t - t0:.1f}s PagerDuty {e.get('event_action')}: {what}")
     for inc in incidents:
         for u in (inc.data.get("comms") or {}).get("updates", []):
-            messages.append(f"+{u['at'] - t0:.1f}s customers ({inc.id}, status page): {u['event']}, {u['status']}")
+            messages.append(
+                f"+{u['at'] - t0:.1f}s customers ({inc.id}, status page): {u['event']}, {u['status']}"
+            )
 
     if changed and succeeded:
         outcome = "failover"
@@ -523,11 +536,18 @@ def score(drill: Drill, mode: str, wall: float, service: str | None = None) -> D
     if sc.expected in ("failover", "page_only"):
         ttd = measures["detect_s"]
         objectives.append(
-            Objective("detected", "an incident opened", _fmt(ttd) if ttd is not None else "never", ttd is not None)
+            Objective(
+                "detected", "an incident opened", _fmt(ttd) if ttd is not None else "never", ttd is not None
+            )
         )
         ttp = measures["first_page_s"]
         objectives.append(
-            Objective("on-call paged", "a PagerDuty trigger", _fmt(ttp) if ttp is not None else "never", ttp is not None)
+            Objective(
+                "on-call paged",
+                "a PagerDuty trigger",
+                _fmt(ttp) if ttp is not None else "never",
+                ttp is not None,
+            )
         )
     if sc.expected == "failover":
         rec = measures["recover_s"]
@@ -570,7 +590,10 @@ def score(drill: Drill, mode: str, wall: float, service: str | None = None) -> D
         (e.ts, str(e.data.get("probe")), "down" if " is DOWN" in e.message else "up")
         for inc in incidents
         for e in drill.store.timeline(inc.id)
-        if e.kind == "probe" and isinstance(e.data, dict) and e.data.get("probe") and (" is DOWN" in e.message or " is UP" in e.message)
+        if e.kind == "probe"
+        and isinstance(e.data, dict)
+        and e.data.get("probe")
+        and (" is DOWN" in e.message or " is UP" in e.message)
     ]
     for ts, probe, status in sorted(verdicts):
         if ts >= t0 - 1:

@@ -204,7 +204,7 @@ async def _second_outage(drill: Drill) -> None:
     assert drill.env is not None
     drill.env.primary.broken = {"checkout"}
     drill.note("first outage: checkout fails in eu-west-1")
-    while not _failover_done(drill):
+    while not _failover_done(drill):  # noqa: ASYNC110 - the store has no change notification
         await asyncio.sleep(0.1)
     drill.env.secondary.broken = {"checkout"}
     drill.mark("second_outage")
@@ -248,9 +248,7 @@ def _killed_checks(drill: Drill) -> list[Objective]:
     ok = len(runs) == 1 and runs[0].state == "succeeded"
     states = [s.state for s in drill.store.steps(runs[0].id)] if runs else []
     killed = drill.extra.get("killed", False)
-    resumed = any(
-        "resuming run" in e.message for i in drill.incidents() for e in drill.store.timeline(i.id)
-    )
+    resumed = any("resuming run" in e.message for i in drill.incidents() for e in drill.store.timeline(i.id))
     return [
         Objective("killed during a step", "kill -9", "killed" if killed else "not killed", killed),
         Objective(
