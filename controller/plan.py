@@ -64,7 +64,8 @@ def render(cfg: Config, store: Store | None, source: str = "", now: float | None
     doc.heading("Business continuity plan", 1)
     doc.para(
         f"Rendered {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(now))} from "
-        f"{source or 'the loaded config'}, the same configuration the Continuity controller runs: change the config, and this plan changes."
+        f"{source or 'the loaded config'}, the same configuration the Continuity controller runs: "
+        "change the config, and this plan changes."
     )
 
     services = sorted(cfg.services.items(), key=lambda kv: (TIER_ORDER[kv[1].tier], kv[0]))

@@ -442,7 +442,7 @@ def score(drill: Drill, mode: str, wall: float, service: str | None = None) -> D
 
     updates = [
         u["at"]
-        for inc in incidents
+        for inc in ([first] if first is not None else incidents)  # the focus incident's, if any
         for u in (inc.data.get("comms") or {}).get("updates", [])
         if u.get("event") in ("opened", "update")
     ]

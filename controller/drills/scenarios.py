@@ -136,8 +136,11 @@ class _Reference:
     async def start(self) -> None:
         from controller.demo.marketplace import serve
 
+        async def ok(request: web.Request) -> web.Response:
+            return web.Response(text="ok")
+
         app = web.Application()
-        app.router.add_get("/", lambda r: web.Response(text="ok"))
+        app.router.add_get("/", ok)
         self.runner, self.port = await serve(app, "127.0.0.1", 0)
 
     async def stop(self) -> None:
