@@ -136,6 +136,27 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     sub.add_parser("demo", help="run the simulated two-region marketplace and a failover, end to end")
+
+    dr = with_config(sub.add_parser("drill", help="rehearse a disaster and score it against the RTO and RPO"))
+    dr.add_argument("scenario", nargs="?", help="a scenario name (see --list)")
+    dr.add_argument("--all", action="store_true", help="run every scenario and print a table")
+    dr.add_argument("--list", action="store_true", help="list the scenarios and their right outcomes")
+    dr.add_argument(
+        "--target",
+        metavar="CONFIG",
+        help="rehearse with this (staging) config in dry run instead of the demo",
+    )
+    dr.add_argument("--service", help="with --target: the service to break (default: the first critical one)")
+    dr.add_argument(
+        "--out", default="drill-reports", help="directory for the reports (default: drill-reports)"
+    )
+    dr.add_argument("--data-dir", help="where drill results are kept (default: the config's store)")
+
+    pl = with_config(
+        sub.add_parser("plan", help="render the business-continuity plan (Markdown and HTML) from the config")
+    )
+    pl.add_argument("--out", default=".", help="directory for continuity-plan.md and .html (default: here)")
+    pl.add_argument("--data-dir", help="where drill results are kept (default: the config's store)")
     return p
 
 
@@ -509,6 +530,84 @@ def cmd_demo(_: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def _results_store(args: argparse.Namespace, target: str | None = None) -> Store:
+    """Where drill results are kept: the store of the config in play, else `--data-dir`/.continuity."""
+    from controller.store import SQLiteStore
+
+    path = target or args.config
+    if target or Path(path).exists():
+        return _store(_load(path), args.data_dir)
+    return SQLiteStore(args.data_dir or ".continuity")
+
+
+def cmd_drill(args: argparse.Namespace) -> int:
+    from controller import logs
+    from controller.drills import report
+    from controller.drills.runner import DrillError, run_demo_drill, run_target_drill
+    from controller.drills.scenarios import BUILTIN
+
+    if args.list:
+        for sc in BUILTIN.values():
+            where = "demo, --target" if sc.target_faults else "demo"
+            print(f"{sc.name:<22} {sc.expected:<12} {sc.title} ({where}): {sc.right_outcome}")
+        return 0
+    if args.all == bool(args.scenario):
+        raise UsageError("name one scenario, or --all (see --list)")
+    if args.scenario and args.scenario not in BUILTIN:
+        raise UsageError(f"no scenario {args.scenario!r} (known: {', '.join(BUILTIN)})")
+    names = [args.scenario] if args.scenario else list(BUILTIN)
+    if args.target:
+        _load(args.target)  # a bad config is exit 2 before anything runs
+        if args.all:
+            names = [n for n in names if BUILTIN[n].target_faults]
+        elif not BUILTIN[args.scenario].target_faults:
+            raise UsageError(
+                f"scenario {args.scenario} needs the demo environment; with --target: "
+                + ", ".join(n for n, sc in BUILTIN.items() if sc.target_faults)
+            )
+    logs.configure("console", level="critical")  # the drill prints its own summary
+    store = _results_store(args, args.target)
+    results = []
+    try:
+        for name in names:
+            try:
+                if args.target:
+                    result = asyncio.run(run_target_drill(name, args.target, args.service))
+                else:
+                    result = asyncio.run(run_demo_drill(name))
+            except DrillError as exc:
+                print(f"continuity: drill {name}: {exc}", file=sys.stderr)
+                return 1
+            report.write(result, Path(args.out))
+            report.record(store, result)
+            results.append(result)
+            if not args.all:
+                print(f"drill {name}: {'PASSED' if result.passed else 'FAILED'} ({result.outcome})")
+                for o in result.objectives:
+                    print(f"  [{'ok' if o.passed else 'MISSED'}] {o.name}: {o.actual} (target {o.target})")
+                for path in result.files:
+                    print(path)
+    finally:
+        store.close()
+    if args.all:
+        print(report.table(results))
+    return 0 if all(r.passed for r in results) else 1
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from controller.plan import write_plan
+
+    cfg = _load(args.config)
+    store = _store(cfg, args.data_dir)
+    try:
+        paths = write_plan(cfg, store, Path(args.out), source=args.config)
+    finally:
+        store.close()
+    for path in paths:
+        print(path)
+    return 0
+
+
 def cmd_human(args: argparse.Namespace) -> int:
     from controller import commands
 
@@ -578,6 +677,8 @@ COMMANDS: dict[str, Any] = {
     "agent": cmd_agent,
     "demo": cmd_demo,
     "report": cmd_report,
+    "drill": cmd_drill,
+    "plan": cmd_plan,
 }
 
 

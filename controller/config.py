@@ -390,6 +390,30 @@ class StoreSettings(Strict):
             return "default"
 
 
+Likelihood = Literal["rare", "unlikely", "possible", "likely", "almost_certain"]
+Impact = Literal["minor", "moderate", "major", "severe"]
+
+
+class Risk(Strict):
+    """One entry of the risk register: what could happen, how likely, how bad, and its rehearsal."""
+
+    description: str = Field(min_length=1, description="What could happen, in plain words.")
+    likelihood: Likelihood = Field(description="rare | unlikely | possible | likely | almost_certain.")
+    impact: Impact = Field(description="minor | moderate | major | severe.")
+    services: list[str] = Field(default_factory=list, description="Services it would hit.")
+    drill: str = Field(description="The drill scenario that rehearses it (`continuity drill --list`).")
+    mitigation: str = Field(default="", description="What limits the damage (playbook, design, contract).")
+    owner: str | None = Field(default=None, description="Who keeps this risk under review.")
+
+
+class DrillSettings(Strict):
+    """How drill results are judged in the continuity plan."""
+
+    max_age: Duration = Field(
+        default=180 * 86400.0, gt=0, description="A scenario's latest drill older than this is flagged stale."
+    )
+
+
 class Config(Strict):
     services: dict[str, Service]
     probes: dict[str, ProbeConfig]
@@ -403,6 +427,10 @@ class Config(Strict):
     leader: Leader = Field(default_factory=Leader)
     communications: Communications = Field(default_factory=Communications)
     store: StoreSettings = Field(default_factory=StoreSettings)
+    risks: dict[str, Risk] = Field(
+        default_factory=dict, description="The risk register; each risk names the drill that rehearses it."
+    )
+    drills: DrillSettings = Field(default_factory=DrillSettings)
 
     def rules(self, probe: str, confirm: bool = True) -> Rules:
         p = self.probes[probe]
@@ -681,6 +709,7 @@ def _cross_references(raw: dict[str, Any]) -> list[tuple[list[Any], str]]:
                     f"expected a playbook defined under playbooks ({_known(playbooks)}), found {pb!r}",
                 )
             )
+    found.extend(_check_risks(raw, services))
     for pbname, pb in playbooks.items():
         if not isinstance(pb, dict):
             continue
@@ -693,6 +722,35 @@ def _cross_references(raw: dict[str, Any]) -> list[tuple[list[Any], str]]:
             steps = pb.get(section)
             if isinstance(steps, list):
                 found.extend(_check_steps(["playbooks", pbname, section], steps, probes, rollback_names))
+    return found
+
+
+def _check_risks(raw: dict[str, Any], services: dict[str, Any]) -> list[tuple[list[Any], str]]:
+    """Each risk names a drill scenario that exists and services that exist."""
+    from controller.drills.names import SCENARIOS
+
+    found: list[tuple[list[Any], str]] = []
+    risks = raw.get("risks") if isinstance(raw.get("risks"), dict) else {}
+    for rname, risk in risks.items():
+        if not isinstance(risk, dict):
+            continue
+        drill = risk.get("drill")
+        if isinstance(drill, str) and drill not in SCENARIOS:
+            found.append(
+                (
+                    ["risks", rname, "drill"],
+                    f"expected a drill scenario ({', '.join(SCENARIOS)}), found {drill!r}",
+                )
+            )
+        names = risk.get("services")
+        for i, sname in enumerate(names if isinstance(names, list) else []):
+            if isinstance(sname, str) and sname not in services:
+                found.append(
+                    (
+                        ["risks", rname, "services", i],
+                        f"expected a service ({_known(services)}), found {sname!r}",
+                    )
+                )
     return found
 
 

@@ -59,6 +59,11 @@ class DemoEnvironment:
         self.moto.start()
         self.moto_port = self.moto._server.server_port
         self.moto_url = f"http://127.0.0.1:{self.moto_port}"
+        # moto keeps its backends per process, not per server: a second demo world in the same process
+        # (drill --all, the tests) would find the first one's Aurora cluster. Start from a clean slate.
+        import requests
+
+        requests.post(f"{self.moto_url}/moto-api/reset", timeout=10).raise_for_status()
         # The controller's boto3 finds credentials the usual way; these are moto's, not real ones.
         os.environ.setdefault("AWS_ACCESS_KEY_ID", "demo")
         os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "demo")

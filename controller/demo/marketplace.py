@@ -36,10 +36,20 @@ class Region:
     broken: set[str] = field(default_factory=set)
     carts: dict[str, list[str]] = field(default_factory=dict)
     orders: list[dict[str, Any]] = field(default_factory=list)
+    delay: float = 0.0
+    """Seconds added to every request (drills: slow degradation)."""
+    confirmed_at: list[float] = field(default_factory=list)
+    """Wall-clock time of each confirmed order (drills: the data-loss window)."""
     _ids: Any = field(default_factory=lambda: itertools.count(1))
 
+    @web.middleware
+    async def _slow(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if self.delay > 0 and request.path != "/__chaos":
+            await asyncio.sleep(self.delay)
+        return await handler(request)
+
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self._slow])
         app.add_routes(
             [
                 web.get("/health", self.health),
@@ -79,6 +89,7 @@ class Region:
             return web.json_response({"error": f"no cart {cart_id}"}, status=404)
         order = {"order_id": f"{self.name}-o{next(self._ids)}", "status": "confirmed", "region": self.name}
         self.orders.append(order)
+        self.confirmed_at.append(time.time())
         return web.json_response(order)
 
     async def chaos(self, request: web.Request) -> web.Response:
