@@ -258,7 +258,18 @@ class Engine:
                     "guard",
                     f"guard before {step.name}: {guards.describe(g)}: "
                     f"{'passed' if r.ok else 'FAILED'}: {r.text}",
-                    {"run_id": run_id, "step": step.name, "ok": r.ok, "value": r.value},
+                    {
+                        "run_id": run_id,
+                        "step": step.name,
+                        "ok": r.ok,
+                        "value": r.value,
+                        # the report's data-loss window against the RPO reads this
+                        **(
+                            {"replica_lag_s": r.value}
+                            if g.replica_lag is not None and r.value is not None
+                            else {}
+                        ),
+                    },
                 )
             failed = [r.text for _, r in results if not r.ok]
             if failed:

@@ -361,6 +361,12 @@ def test_replica_lag_from_cloudwatch_guards_the_promotion(
                 [step] = c.store.steps(run.id)
                 guard_lines = [m for m in messages(c.store, run.incident_id) if m.startswith("guard before")]
                 promotes = proxy.calls("PromoteReadReplica")
+                lags = [
+                    e.data["replica_lag_s"]
+                    for e in c.store.timeline(run.incident_id)
+                    if "replica_lag_s" in e.data
+                ]
+                assert lags == [lag], "the lag the guard read is on the timeline for the report's RPO line"
                 if passes:
                     assert run.state == "succeeded", run.error
                     assert step.state == "done"
