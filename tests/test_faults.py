@@ -464,7 +464,7 @@ def test_sigkill_at_random_points_of_a_failover_ends_with_one_completed_failover
             )
             data = tmp / "state"
 
-            def start() -> subprocess.Popen[bytes]:
+            def start(cfg: Path = cfg, tmp: Path = tmp) -> subprocess.Popen[bytes]:
                 return subprocess.Popen(
                     [sys.executable, "-m", "controller.cli", "run", "-c", str(cfg)],
                     env=env,
@@ -536,3 +536,217 @@ def _run_states(data: Path) -> list[str]:
         return []
     finally:
         store.close()
+
+
+# ------------------------------------------------------------------------- random input
+
+VALID = """
+services:
+  shop: {tier: critical, rto: 5m, rpo: 30s, owners: [oncall], probes: [web, beat, alerts], playbook: recover}
+probes:
+  web: {kind: http, url: "http://127.0.0.1:9/health", interval: 10s, timeout: 3s, expect: {status: 200}}
+  beat: {kind: heartbeat, period: 5m}
+  alerts: {kind: alertmanager, matchers: {alertname: CheckoutDown, severity: "=~crit.*"}}
+detection: {failure_threshold: 3, success_threshold: 2}
+playbooks:
+  recover:
+    cooldown: 30m
+    steps:
+      - {name: pause, action: wait, with: {duration: 1s}}
+controller: {data_dir: "/tmp/continuity-faults-unused", tick: 1s}
+"""
+
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**40), 2**40),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=20),
+    st.sampled_from(["10s", "5m", "-1s", "http", "kind", "critical", "", "1e9h", "tcp", "[]"]),
+)
+yamlish = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=12), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+def _paths(node: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    out = [prefix]
+    if isinstance(node, dict):
+        for k, v in node.items():
+            out += _paths(v, (*prefix, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            out += _paths(v, (*prefix, i))
+    return out
+
+
+@st.composite
+def mutated(draw: st.DrawFn) -> Any:
+    doc = yaml.safe_load(VALID)
+    for _ in range(draw(st.integers(1, 3))):
+        paths = [p for p in _paths(doc) if p]
+        if not paths:
+            break
+        path = draw(st.sampled_from(paths))
+        parent = doc
+        for part in path[:-1]:
+            parent = parent[part]
+        if draw(st.booleans()) and isinstance(parent, dict):
+            del parent[path[-1]]
+        else:
+            parent[path[-1]] = draw(yamlish)
+    return doc
+
+
+def _check_config(tmp: Path, doc: Any) -> None:
+    path = tmp / "fuzz.yaml"
+    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    try:
+        load_config(path)
+    except ConfigError as exc:
+        assert exc.problems, "a ConfigError names at least one problem"
+        for problem in exc.problems:
+            assert problem.startswith(f"{path}: "), problem
+
+
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@FUZZ
+@given(doc=st.one_of(yamlish, st.dictionaries(st.sampled_from(list(yaml.safe_load(VALID))), yamlish)))
+def test_random_structures_as_config_are_config_errors(tmp_path: Path, doc: Any):
+    _check_config(tmp_path, doc)
+
+
+@FUZZ
+@given(doc=mutated())
+def test_mutated_valid_config_loads_or_is_a_config_error(tmp_path: Path, doc: Any):
+    _check_config(tmp_path, doc)
+
+
+@pytest.fixture(scope="module")
+def api_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The real API app on a real port, served from a thread with its own loop."""
+    from controller.api import app
+
+    tmp = tmp_path_factory.mktemp("api")
+    cfg_path = tmp / "continuity.yaml"
+    cfg_path.write_text(VALID.replace("/tmp/continuity-faults-unused", str(tmp / "state")), encoding="utf-8")
+    os.environ["CONTINUITY_API_TOKEN_FAULTS"] = "s3cret"
+    cfg = load_config(cfg_path)
+    cfg.controller.api_token_env = "CONTINUITY_API_TOKEN_FAULTS"
+    ready, stop = threading.Event(), None
+    box: dict[str, Any] = {}
+
+    def serve_forever() -> None:
+        async def main() -> None:
+            nonlocal stop
+            stop = asyncio.Event()
+            controller = Controller(cfg, SQLiteStore(cfg.controller.data_dir))
+            runner = web.AppRunner(app(controller), access_log=None)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            box["port"] = runner.addresses[0][1]
+            box["loop"] = asyncio.get_running_loop()
+            ready.set()
+            await stop.wait()
+            await runner.cleanup()
+
+        asyncio.run(main())
+
+    thread = threading.Thread(target=serve_forever, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    yield f"http://127.0.0.1:{box['port']}"
+    box["loop"].call_soon_threadsafe(stop.set)  # type: ignore[union-attr]
+    thread.join(10)
+
+
+json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=30)),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=12), inner, max_size=5)
+    ),
+    max_leaves=25,
+)
+alert = st.fixed_dictionaries(
+    {"status": st.sampled_from(["firing", "resolved", "other"]), "labels": json_values},
+    optional={
+        "startsAt": st.one_of(st.text(max_size=30), st.just("2026-01-01T00:00:00Z"), json_values),
+        "endsAt": json_values,
+        "fingerprint": json_values,
+    },
+)
+am_payload = st.one_of(
+    json_values,
+    st.fixed_dictionaries(
+        {
+            "version": st.sampled_from(["4", 4, "3"]),
+            "alerts": st.one_of(st.lists(alert, max_size=3), json_values),
+        },
+        optional={"status": json_values, "groupKey": json_values},
+    ),
+)
+results_payload = st.one_of(
+    json_values,
+    st.fixed_dictionaries(
+        {
+            "results": st.lists(
+                st.one_of(
+                    json_values,
+                    st.fixed_dictionaries(
+                        {"probe": st.sampled_from(["web", "beat", "nope"]), "ok": json_values},
+                        optional={"started_at": json_values, "latency": json_values, "vantage": json_values},
+                    ),
+                ),
+                max_size=3,
+            )
+        }
+    ),
+)
+ENDPOINTS = [
+    "/alertmanager",
+    "/results",
+    "/heartbeat/beat",
+    "/heartbeat/web",
+    "/heartbeat/%00nope",
+    "/pause",
+    "/resume",
+    "/services/shop/ack",
+    "/services/nope/ack",
+    "/runs/nope/approve",
+    "/runs/nope/reject",
+]
+
+
+def _post(url: str, body: bytes, auth: bool) -> requests.Response:
+    headers = {"Content-Type": "application/json"}
+    if auth:
+        headers["Authorization"] = "Bearer s3cret"
+    return requests.post(url, data=body, headers=headers, timeout=10)
+
+
+def _assert_clear(resp: requests.Response) -> None:
+    assert resp.status_code < 500, (resp.status_code, resp.text[:500])
+    if resp.status_code >= 400:
+        body = resp.json()
+        assert isinstance(body, dict) and isinstance(body.get("error"), str) and body["error"], body
+
+
+@FUZZ
+@given(
+    endpoint=st.sampled_from(ENDPOINTS),
+    payload=st.one_of(am_payload, results_payload),
+    raw=st.one_of(st.none(), st.binary(max_size=60)),
+    auth=st.booleans(),
+)
+def test_random_payloads_to_the_api_are_never_a_500(
+    api_url: str, endpoint: str, payload: Any, raw: Any, auth: bool
+):
+    body = raw if raw is not None else json.dumps(payload).encode()
+    _assert_clear(_post(api_url + endpoint, body, auth))
