@@ -1,0 +1,184 @@
+"""End to end: outage injected -> traffic moved, in the demo environment, over many runs.
+
+The demo's world (moto for Route 53 and Aurora, two simulated regions, the edge, a PagerDuty
+receiver) with every probe at a 2 s interval and failure_threshold 3 (floor 6 s), the default
+confirmation burst, and the demo's region-failover playbook. Each run: a fresh state store, wait
+until the probes are healthy, break checkout in the primary region at a random phase of the probe
+interval, and time until the `switch-dns` step is done (the Route 53 record points at the
+secondary). The AWS steps' own durations come from the playbook journal (steps table), so the
+controller's own share is the total minus the time spent waiting on AWS. Between runs the world
+is put back (record and Aurora writer to the primary, checkout healed).
+
+    PYTHONPATH=. python bench/failover_e2e.py              # 20 runs
+    PYTHONPATH=. python bench/failover_e2e.py --runs 5     # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from controller.demo.environment import CLUSTER, PRIMARY_IP, WRITER, ZONE, DemoEnvironment
+from controller.loop import Controller
+from controller.store import SQLiteStore
+
+AWS_STEPS = ("move-database-writer", "switch-dns")
+
+
+def quiet() -> None:
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+
+
+def pct(values: list[float], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(p / 100 * len(s) + 0.5) - 1))]
+
+
+def reset_world(env: DemoEnvironment) -> None:
+    env.primary.broken = set()
+    if env.record()[0] != PRIMARY_IP:
+        env.aws("route53").change_resource_record_sets(
+            HostedZoneId=env.zone_id,
+            ChangeBatch={
+                "Changes": [
+                    {
+                        "Action": "UPSERT",
+                        "ResourceRecordSet": {
+                            "Name": ZONE,
+                            "Type": "A",
+                            "TTL": 1,
+                            "ResourceRecords": [{"Value": PRIMARY_IP}],
+                        },
+                    }
+                ]
+            },
+        )
+    if env.writer() != WRITER:
+        env.aws("rds").failover_db_cluster(DBClusterIdentifier=CLUSTER, TargetDBInstanceIdentifier=WRITER)
+
+
+async def one_run(
+    env: DemoEnvironment, state_dir: Path, rng: random.Random, interval: float
+) -> dict[str, Any]:
+    cfg = env.config
+    store = SQLiteStore(state_dir)
+    controller = Controller(cfg, store)
+    done = asyncio.Event()
+    marks: dict[str, float] = {}
+
+    def listen(kind: str, facts: dict[str, Any]) -> None:
+        if kind == "incident_opened":
+            marks["opened"] = time.time()
+        elif kind == "playbook_done":
+            marks["playbook_ok"] = 1.0 if facts["ok"] else 0.0
+            done.set()
+
+    controller.listeners.append(listen)
+    await controller.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not all(controller.probe_healthy(n) for n in ("checkout-journey", "checkout-secondary")):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the marketplace never became healthy")
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(rng.uniform(0, interval))
+        outage = time.time()
+        env.primary.broken = {"checkout"}
+        await asyncio.wait_for(done.wait(), timeout=60)
+    finally:
+        await controller.stop()
+    [run] = store.runs()
+    steps = {s.name: s for s in store.steps(run.id)}
+    store.close()
+    dns = steps["switch-dns"]
+    if not marks.get("playbook_ok") or dns.ended_at is None:
+        raise RuntimeError(f"the failover did not complete: {run.state} {run.error}")
+    moved = dns.ended_at - outage
+    aws = sum((steps[n].ended_at or 0) - (steps[n].started_at or 0) for n in AWS_STEPS if steps[n].started_at)
+    return {
+        "moved": moved,
+        "detect": marks["opened"] - outage,
+        "start": run.started_at - outage,
+        "aws": aws,
+        "own": moved - aws,
+    }
+
+
+async def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rng = random.Random(args.seed)
+    tmp = Path(tempfile.mkdtemp(prefix="continuity-bench-e2e-"))
+    out: list[dict[str, Any]] = []
+    async with DemoEnvironment(data_dir=str(tmp)) as env:
+        for probe in env.config.probes.values():
+            probe.interval = args.interval
+        env.config.detection.failure_threshold = args.threshold
+        for i in range(args.runs):
+            await asyncio.to_thread(reset_world, env)
+            r = await one_run(env, tmp / f"state-{i}", rng, args.interval)
+            out.append(r)
+            print(
+                f"  run {i + 1:2d}: traffic moved {r['moved']:5.2f} s (incident opened {r['detect']:5.2f} s, "
+                f"AWS steps {r['aws']:4.2f} s, controller's own {r['own']:5.2f} s)",
+                flush=True,
+            )
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--interval", type=float, default=2.0, help="probe interval, seconds")
+    ap.add_argument("--threshold", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args()
+    quiet()
+    print("== End to end: outage injected -> traffic moved (demo environment, moto) ==")
+    print(
+        f"every probe at {args.interval:g} s, failure_threshold {args.threshold} "
+        f"(floor {args.threshold * args.interval:g} s), default confirmation burst, {args.runs} runs"
+    )
+    started = time.monotonic()
+    rs = asyncio.run(measure(args))
+    moved = [r["moved"] for r in rs]
+    own = [r["own"] for r in rs]
+    aws = [r["aws"] for r in rs]
+    detect = [r["detect"] for r in rs]
+    print(f"  ({time.monotonic() - started:.0f} s wall)")
+    print(
+        f"  outage -> traffic moved:     p50 {pct(moved, 50):5.2f} s  p95 {pct(moved, 95):5.2f} s  "
+        f"max {max(moved):5.2f} s  (goal p95 < 10 s: {'MET' if pct(moved, 95) < 10 else 'MISSED'})"
+    )
+    print(f"  outage -> incident opened:   p50 {pct(detect, 50):5.2f} s  p95 {pct(detect, 95):5.2f} s")
+    print(
+        f"  AWS steps (journal):         p50 {pct(aws, 50):5.2f} s  p95 {pct(aws, 95):5.2f} s  "
+        "(moto on loopback; real Aurora failover takes tens of seconds)"
+    )
+    print(
+        f"  controller's own share:      p50 {pct(own, 50):5.2f} s  p95 {pct(own, 95):5.2f} s  "
+        f"mean {statistics.fmean(own):5.2f} s  (detection included)"
+    )
+    t, i = args.threshold, args.interval
+    print(
+        f"  floor: failure_threshold x interval = {t * i:g} s; an outage that starts just before a probe run "
+        f"is seen after ({t} - 1) x {i:g} s = {(t - 1) * i:g} s at the least, then the burst"
+    )
+    print("  for comparison (published figures, not measured here):")
+    print("    orchestrator (MySQL), detection + recovery:   10-13 s")
+    print("    Route 53 DNS failover (health checks):        30-90 s + the record's TTL")
+    print("  (here the record's TTL is 1 s; clients see the move one TTL after 'traffic moved')")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

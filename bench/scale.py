@@ -1,0 +1,164 @@
+"""Memory and decision-loop time with 1,000 / 5,000 / 20,000 probes: how the cost grows.
+
+For each N, in a fresh process (so RSS belongs to that N only): write a config with N `kind: http`
+probes (against 127.0.0.1, never sent: this measures the controller, not the network) grouped ten
+to a service (N/10 services, every one critical with an RTO), load and validate it, build the
+Controller on a SQLite store, feed every probe two passing results through `ingest` (the way the
+scheduler does), then time `decide()` alone (pure) and a whole `Controller.reconcile()` (observe:
+health of every service, open incidents from the store, flags; decide; record; metrics).
+
+    PYTHONPATH=. python bench/scale.py                      # 1,000 5,000 20,000
+    PYTHONPATH=. python bench/scale.py --sizes 1000 5000    # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def child(n: int, repeats: int) -> dict[str, Any]:
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
+    from controller import decide as d
+    from controller.config import load_config
+    from controller.loop import Controller
+    from controller.store import SQLiteStore
+    from probes.base import ProbeResult
+
+    base = rss_mb()
+    tmp = Path(tempfile.mkdtemp(prefix="continuity-bench-scale-"))
+    per = 10
+    lines = ["services:"]
+    for s in range(n // per):
+        names = ", ".join(f"p{s * per + k}" for k in range(per))
+        lines.append(f"  svc-{s}: {{tier: critical, rto: 5m, probes: [{names}]}}")
+    lines.append("probes:")
+    for i in range(n):
+        lines.append(
+            f'  p{i}: {{kind: http, url: "http://127.0.0.1:9/health?p={i}", interval: 30s, timeout: 3s, '
+            "expect: {status: 200}}"
+        )
+    lines.append(f'controller: {{data_dir: "{tmp / "state"}"}}')
+    path = tmp / "continuity.yaml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    t = time.perf_counter()
+    cfg = load_config(path)
+    load_s = time.perf_counter() - t
+    after_config = rss_mb()
+
+    async def main() -> dict[str, Any]:
+        store = SQLiteStore(cfg.controller.data_dir)
+        c = Controller(cfg, store)
+        now = time.time()
+        t = time.perf_counter()
+        for k in range(2):
+            for name in cfg.probes:
+                c.ingest(ProbeResult(name, True, now + k, 0.002))
+        ingest_us = (time.perf_counter() - t) / (2 * n) * 1e6
+        assert all(c.probe_healthy(p) for p in cfg.probes)
+        obs = c.observation()
+        decide_s, observe_s, reconcile_s = [], [], []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            c.observation()
+            observe_s.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            d.decide(obs, cfg)
+            decide_s.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            await c.reconcile()
+            reconcile_s.append(time.perf_counter() - t)
+        store.close()
+        return {
+            "ingest_us": ingest_us,
+            "observe_ms": statistics.median(observe_s) * 1e3,
+            "decide_ms": statistics.median(decide_s) * 1e3,
+            "reconcile_ms": statistics.median(reconcile_s) * 1e3,
+            "reconcile_max_ms": max(reconcile_s) * 1e3,
+        }
+
+    out = asyncio.run(main())
+    out.update(
+        n=n,
+        services=n // per,
+        load_s=load_s,
+        base_mb=base,
+        config_mb=after_config - base,
+        rss_mb=rss_mb(),
+        peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6,
+    )
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 20000])
+    ap.add_argument("--repeats", type=int, default=15, help="timed reconcile/decide calls per size")
+    ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.repeats)))
+        return 0
+    print("== Scale: memory and decision-loop time vs number of probes (10 probes per service) ==")
+    print(
+        f"{'probes':>7} {'services':>8} {'load cfg':>9} {'RSS':>8} {'peak RSS':>9} {'cfg+ctl':>8} "
+        f"{'ingest':>8} {'observe':>9} {'decide':>9} {'reconcile':>10} {'max':>9}"
+    )
+    rows = []
+    for n in args.sizes:
+        env = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", ".")}
+        proc = subprocess.run(
+            [sys.executable, __file__, "--child", str(n), "--repeats", str(args.repeats)],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
+        )
+        if proc.returncode != 0:
+            print(proc.stderr, file=sys.stderr)
+            return 1
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows.append(r)
+        print(
+            f"{r['n']:>7,} {r['services']:>8,} {r['load_s']:>8.2f}s {r['rss_mb']:>6.0f}MB "
+            f"{r['peak_mb']:>7.0f}MB "
+            f"{r['rss_mb'] - r['base_mb']:>6.0f}MB {r['ingest_us']:>6.1f}us {r['observe_ms']:>7.1f}ms "
+            f"{r['decide_ms']:>7.1f}ms {r['reconcile_ms']:>8.1f}ms {r['reconcile_max_ms']:>7.1f}ms",
+            flush=True,
+        )
+    if len(rows) > 1:
+        a, b = rows[0], rows[-1]
+        k = b["n"] / a["n"]
+        print(
+            f"  growth {a['n']:,} -> {b['n']:,} probes (x{k:g}): memory above the interpreter "
+            f"x{(b['rss_mb'] - b['base_mb']) / (a['rss_mb'] - a['base_mb']):.1f}, reconcile "
+            f"x{b['reconcile_ms'] / a['reconcile_ms']:.1f}, decide x{b['decide_ms'] / a['decide_ms']:.1f}"
+        )
+    print(
+        "  RSS: the process after the run; cfg+ctl: RSS above the bare interpreter with imports; "
+        "ingest: per result; times: median of the timed calls"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
