@@ -192,6 +192,10 @@ def combine(states: Iterable[ProbeState], quorum: int, freshness: float, now: fl
     return ProbeState()
 
 
+_NEVER = ProbeState()
+"""The state of a probe never observed (shared: ProbeState is frozen)."""
+
+
 class ServiceState(StrEnum):
     UNKNOWN = "unknown"
     UP = "up"
@@ -238,16 +242,15 @@ def service_health(
     """DOWN when a probe whose impact is `down` is DOWN; DEGRADED when a probe is degraded, or an
     `impact: degraded` probe is DOWN. SUSPECT counts as up: the confirmation burst decides it."""
 
-    def status(p: str) -> Health:
-        return states.get(p, ProbeState()).status
-
-    hard = [p for p in probes if status(p) is Health.DOWN and impact.get(p, "down") == "down"]
+    seen = {p: states.get(p, _NEVER) for p in probes}
+    status = {p: st.status for p, st in seen.items()}
+    hard = [p for p in probes if status[p] is Health.DOWN and impact.get(p, "down") == "down"]
     soft = [
         p
         for p in probes
-        if status(p) is Health.DEGRADED or (status(p) is Health.DOWN and impact.get(p, "down") != "down")
+        if status[p] is Health.DEGRADED or (status[p] is Health.DOWN and impact.get(p, "down") != "down")
     ]
-    known = [p for p in probes if status(p) is not Health.UNKNOWN]
+    known = [p for p in probes if status[p] is not Health.UNKNOWN]
     if hard:
         state, failing = ServiceState.DOWN, hard + soft
     elif soft:
@@ -256,14 +259,14 @@ def service_health(
         state, failing = ServiceState.UNKNOWN, []
     else:
         state, failing = ServiceState.UP, []
-    reasons = tuple((p, states[p].last.reason if states[p].last else "") for p in failing)
-    starts = [states[p].first_failure_at for p in failing if states[p].first_failure_at is not None]
-    flaps = tuple(p for p in probes if p in set(flapping_probes))
+    reasons = tuple((p, seen[p].last.reason if seen[p].last else "") for p in failing)
+    starts = [seen[p].first_failure_at for p in failing if seen[p].first_failure_at is not None]
+    flapping_set = set(flapping_probes)
+    flaps = tuple(p for p in probes if p in flapping_set)
     unsettled = tuple(
         p
         for p in probes
-        if status(p) is Health.SUSPECT
-        or (status(p) in (Health.UP, Health.UNKNOWN) and states.get(p, ProbeState()).failures > 0)
+        if status[p] is Health.SUSPECT or (status[p] in (Health.UP, Health.UNKNOWN) and seen[p].failures > 0)
     )
     return ServiceHealth(
         service, state, tuple(failing), reasons, min(starts) if starts else None, flaps, unsettled

@@ -191,8 +191,8 @@ class Controller:
         self._emit("probe_verdict", probe=name, status=after.status.value, at=result.started_at)
         # The timeline is the leader's to write: a standby appending its own verdicts would double
         # every entry, and would block its event loop on the store while the API is sick.
-        for svc, cfg in self.config.services.items() if self.may_act() else ():
-            inc = self.store.open_incident_for(svc) if name in cfg.probes else None
+        for svc in self.config.services_of(name) if self.may_act() else ():
+            inc = self.store.open_incident_for(svc)
             if inc is not None:
                 self.store.append(inc.id, result.started_at, "probe", verdict, result.to_dict())
         self._kick.set()
@@ -261,7 +261,8 @@ class Controller:
 
     def health(self) -> dict[str, ServiceHealth]:
         now = self.clock()
-        flaps = [p for p, st in self.states.items() if flapping(st, now, self.config.rules(p))]
+        # Only a probe that has changed verdict recently can be flapping: skip building rules for the rest.
+        flaps = [p for p, st in self.states.items() if st.changes and flapping(st, now, self.config.rules(p))]
         return {
             name: service_health(name, svc.probes, self.states, self.impact, flaps)
             for name, svc in self.config.services.items()
@@ -354,10 +355,11 @@ class Controller:
 
     def observation(self) -> d.Observation:
         incidents = {}
-        for name in self.config.services:
-            inc = self.store.open_incident_for(name)
-            if inc is not None:
-                incidents[name] = d.OpenIncidentView(
+        # One read for every open incident, not one per service (20,000 probes: 2,000 services).
+        # Newest first, so if a service ever had two open, the newest is the one it acts on.
+        for inc in reversed(self.store.list_incidents(status="open", limit=1_000_000)):
+            if inc.service in self.config.services:
+                incidents[inc.service] = d.OpenIncidentView(
                     inc.id, inc.severity, self.floors.get(inc.id), self.incident_runs.get(inc.id, 0)
                 )
         running = frozenset(s for s, t in self.running.items() if not t.done())
