@@ -76,7 +76,7 @@ from kubernetes.client import ApiClient, CustomObjectsApi
 from kubernetes.client.rest import ApiException
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-from controller.store import Event, Incident, OutboxMessage, Run, StepRecord, StoreError, new_id
+from controller.store import Event, Incident, OutboxMessage, Run, StepRecord, StoreError, new_id, new_incident
 
 log = structlog.get_logger(__name__)
 
@@ -418,8 +418,7 @@ class KubernetesStore:
         started_at: float,
         data: dict[str, Any],
     ) -> Incident:
-        inc = Incident(new_id("INC"), service, severity, "open", title, opened_at, started_at, None, "", data)
-        inc.dedup_key = f"continuity/{inc.id}"
+        inc = new_incident(service, severity, title, opened_at, started_at, data)
         spec: dict[str, Any] = {
             "id": inc.id,
             "service": service,

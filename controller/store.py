@@ -214,6 +214,15 @@ class StoreError(Exception):
     """The state store cannot be used (missing directory, corrupt file, disk full)."""
 
 
+def new_incident(
+    service: str, severity: str, title: str, opened_at: float, started_at: float, data: dict[str, Any]
+) -> Incident:
+    """A fresh open incident; its PagerDuty dedup_key is fixed here, once, for every backend."""
+    inc = Incident(new_id("INC"), service, severity, "open", title, opened_at, started_at, None, "", data)
+    inc.dedup_key = f"continuity/{inc.id}"
+    return inc
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{time.strftime('%Y%m%d', time.gmtime())}-{secrets.token_hex(3)}"
 
@@ -262,8 +271,7 @@ class SQLiteStore:
         started_at: float,
         data: dict[str, Any],
     ) -> Incident:
-        inc = Incident(new_id("INC"), service, severity, "open", title, opened_at, started_at, None, "", data)
-        inc.dedup_key = f"continuity/{inc.id}"
+        inc = new_incident(service, severity, title, opened_at, started_at, data)
         self._exec(
             "INSERT INTO incidents VALUES (?,?,?,?,?,?,?,?,?,?)",
             (

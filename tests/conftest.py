@@ -12,6 +12,7 @@ from typing import Any
 import boto3
 import pytest
 
+from controller.demo.environment import create_aurora_cluster
 from tests.fakes.awsproxy import AwsProxy
 
 REGION = "eu-west-1"
@@ -128,19 +129,7 @@ def world(moto_url: str) -> World:
     rds = aws_client("rds", moto_url)
     cluster = f"db-{tag}"
     writer, standby = f"{cluster}-a", f"{cluster}-b"
-    rds.create_db_cluster(
-        DBClusterIdentifier=cluster,
-        Engine="aurora-postgresql",
-        MasterUsername="shop",
-        MasterUserPassword="test-password-1",
-    )
-    for ident in (writer, standby):
-        rds.create_db_instance(
-            DBInstanceIdentifier=ident,
-            DBClusterIdentifier=cluster,
-            Engine="aurora-postgresql",
-            DBInstanceClass="db.r6g.large",
-        )
+    create_aurora_cluster(rds, cluster, [writer, standby])
     source, replica = f"orders-{tag}", f"orders-{tag}-replica"
     rds.create_db_instance(
         DBInstanceIdentifier=source,

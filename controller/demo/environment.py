@@ -27,6 +27,23 @@ WRITER, STANDBY = "marketplace-db-euw1", "marketplace-db-euc1"
 PD_KEY = "demo0routing0key0000000000000000"  # 32 characters, as PagerDuty's integration keys
 
 
+def create_aurora_cluster(rds: Any, cluster: str, instances: list[str]) -> None:
+    """An Aurora cluster whose first instance is the writer (moto: the first one created)."""
+    rds.create_db_cluster(
+        DBClusterIdentifier=cluster,
+        Engine="aurora-postgresql",
+        MasterUsername="shop",
+        MasterUserPassword="not-a-real-password-1",
+    )
+    for ident in instances:
+        rds.create_db_instance(
+            DBInstanceIdentifier=ident,
+            DBClusterIdentifier=cluster,
+            Engine="aurora-postgresql",
+            DBInstanceClass="db.r6g.large",
+        )
+
+
 class DemoEnvironment:
     """Async context manager; after entering, `config_path`, `config` and the parts are ready."""
 
@@ -88,20 +105,7 @@ class DemoEnvironment:
                 ]
             },
         )
-        rds = self.aws("rds")
-        rds.create_db_cluster(
-            DBClusterIdentifier=CLUSTER,
-            Engine="aurora-postgresql",
-            MasterUsername="shop",
-            MasterUserPassword="demo-password-1",
-        )
-        for ident in (WRITER, STANDBY):
-            rds.create_db_instance(
-                DBInstanceIdentifier=ident,
-                DBClusterIdentifier=CLUSTER,
-                Engine="aurora-postgresql",
-                DBInstanceClass="db.r6g.large",
-            )
+        create_aurora_cluster(self.aws("rds"), CLUSTER, [WRITER, STANDBY])
 
     def record(self) -> tuple[str, int]:
         """What a shopper's resolver gets for the shop's name right now: (address, TTL)."""
