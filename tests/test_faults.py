@@ -435,16 +435,16 @@ def _reset(world: World) -> None:
         )
 
 
-KILLS = 12
-"""20 were asked for; an iteration takes 4-8 s here (two interpreter start-ups of ~1.3 s each, the
-detection, the run, a clean shutdown), so 20 do not fit in ~90 s on two cores: 12 do."""
+KILLS = 20
+"""As the issue asks. An iteration takes 4-8 s here (two interpreter start-ups of ~1.3 s each, the
+detection, the run, a clean shutdown): about 1.5-2.5 minutes in all, well inside CI's budget."""
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
 def test_sigkill_at_random_points_of_a_failover_ends_with_one_completed_failover(
     tmp_path: Path, world: World, proxy: AwsProxy
 ):
-    """KILLS times (12, not the 20 first asked for: see KILLS): start `continuity run`, SIGKILL it a
+    """KILLS (20) times: start `continuity run`, SIGKILL it a
     random 0-1.2 s after the incident opens (before, during or after each AWS step), start it again on
     the same data dir, and wait for the run to end. Each time: one incident, one run, succeeded, and
     each AWS change applied exactly once according to the proxy's record. ~4-8 s an iteration."""
