@@ -675,7 +675,8 @@ def test_auto_approve_critical_runs_without_waiting(tmp_path: Path, world: World
             async with running(c):
                 await until(lambda: c.probe_healthy("primary") is True, what="primary up")
                 env.target.status["primary"] = 503
-                [run] = await until(lambda: runs_in(c.store, "succeeded"), timeout=1.4, what="run")
+                # A run that waited for approval would end expired (approval_timeout 1.5s), never succeeded.
+                [run] = await until(lambda: runs_in(c.store, "succeeded"), timeout=8.0, what="run")
                 assert world.a_record() == [SWITCHED]
                 timeline = messages(c.store, run.incident_id)
                 assert not any("awaits approval" in m for m in timeline), timeline
