@@ -81,7 +81,7 @@ class Controller:
         for value in store.flags("alert:").values():  # and the alerts still firing (sent only once)
             alert = passive.Alert(**json.loads(value))
             self.signals.alerts[alert.fingerprint] = alert
-            self.signals.seen.add((alert.fingerprint, alert.starts_at, alert.status))
+            self.signals.seen[(alert.fingerprint, alert.starts_at, alert.status)] = alert.received_at
         self.impact = {name: p.impact for name, p in config.probes.items()}
         self.running: dict[str, asyncio.Task[RunResult]] = {}
         self.last_run_started: dict[str, float] = {}

@@ -67,8 +67,15 @@ class Signals:
     started_at: float = field(default_factory=time.time)
     heartbeats: dict[str, float] = field(default_factory=dict)
     alerts: dict[str, Alert] = field(default_factory=dict)
-    seen: set[tuple[str, str, str]] = field(default_factory=set)
-    """(fingerprint, startsAt, status) already applied: Alertmanager retries, we stay idempotent."""
+    seen: dict[tuple[str, str, str], float] = field(default_factory=dict)
+    """(fingerprint, startsAt, status) already applied -> when: Alertmanager retries, we stay
+    idempotent. Bounded (oldest forgotten first): retries come within minutes, not days."""
+
+
+SEEN_MAX = 50_000
+"""Applied-alert keys remembered for idempotency; a long-running feed must not grow memory forever."""
+RESOLVED_KEEP = 3600.0
+"""Seconds a resolved alert is kept before it is forgotten (it no longer affects any probe)."""
 
 
 class PayloadError(ValueError):
@@ -138,13 +145,21 @@ def apply_alertmanager(signals: Signals, payload: Any, now: float) -> tuple[int,
         if key in signals.seen:
             dupes += 1
             continue
-        signals.seen.add(key)
+        signals.seen[key] = now
+        while len(signals.seen) > SEEN_MAX:
+            del signals.seen[next(iter(signals.seen))]
         current = signals.alerts.get(alert.fingerprint)
         if alert.status == "resolved" and current is not None and current.starts_at != alert.starts_at:
             dupes += 1  # a resolve for an older firing of this alert: the newer one stands
             continue
         signals.alerts[alert.fingerprint] = alert
         applied += 1
+    for fp in [
+        fp
+        for fp, a in signals.alerts.items()
+        if a.status == "resolved" and now - a.received_at > RESOLVED_KEEP
+    ]:
+        del signals.alerts[fp]
     return applied, dupes
 
 

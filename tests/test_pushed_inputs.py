@@ -816,3 +816,38 @@ def test_probe_command_on_a_passive_probe_says_it_is_passive(tmp_path: Path):
     assert done.returncode == 2, done
     assert "passive" in done.stderr and "heartbeat" in done.stderr, done.stderr
     assert done.stdout == ""
+
+
+def test_alert_memory_is_bounded_for_a_long_running_feed() -> None:
+    """Idempotency keys are capped (oldest forgotten first) and resolved alerts are dropped after
+    RESOLVED_KEEP, so months of Alertmanager traffic cannot grow the controller's memory forever."""
+    from probes import passive
+
+    signals = passive.Signals()
+
+    def payload(i: int, status: str) -> dict[str, Any]:
+        return {
+            "version": "4",
+            "status": status,
+            "alerts": [
+                {
+                    "status": status,
+                    "labels": {"alertname": f"A{i}"},
+                    "annotations": {},
+                    "startsAt": "2026-11-24T04:00:00Z",
+                    "fingerprint": f"fp{i}",
+                }
+            ],
+        }
+
+    for i in range(passive.SEEN_MAX + 10):
+        passive.apply_alertmanager(signals, payload(i, "resolved"), now=float(i))
+    assert len(signals.seen) == passive.SEEN_MAX
+    assert ("fp0", "2026-11-24T04:00:00Z", "resolved") not in signals.seen  # the oldest went first
+    last = float(passive.SEEN_MAX + 9)
+    assert all(last - a.received_at <= passive.RESOLVED_KEEP for a in signals.alerts.values())
+    assert len(signals.alerts) == int(passive.RESOLVED_KEEP) + 1
+    # A firing alert is never dropped for age: it keeps failing its probe until it is resolved.
+    passive.apply_alertmanager(signals, payload(-1, "firing"), now=last)
+    passive.apply_alertmanager(signals, payload(-2, "resolved"), now=last + 10 * passive.RESOLVED_KEEP)
+    assert "fp-1" in signals.alerts
