@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
-import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,19 +83,7 @@ def run_engine(tmp_path: Path, pb: Playbook, ctx: ActionContext) -> tuple[Any, A
 # ---------------------------------------------------------------- ELBv2 on moto
 
 
-@pytest.fixture(scope="module")
-def moto_url() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{server._server.server_port}"
-    finally:
-        server.stop()
+# The moto server is the session fixture `moto_url` from tests/conftest.py.
 
 
 class Alb:
