@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from figures import record
+
 ROOT = Path(__file__).resolve().parent.parent
 BLACKBOX = "/usr/bin/prometheus-blackbox-exporter"
 QUARTER = 0.25
@@ -381,6 +383,21 @@ def main() -> int:
                   f"{slow['cpu_per_1000'] / bb['cpu_per_1000']:.3f}")  # fmt: skip
     for name, ok, value in checks:
         print(f"  {'MET ' if ok else 'MISS'} {name}: {value}")
+    n = f"{args.probes:,} probes at {args.interval:g} s"
+    record(f"probes: rate, {n}", fast["per_s"], "probes/s", better="higher",
+           goal=f">= {0.97 * target_rate:.1f}", met=checks[0][1])  # fmt: skip
+    record(f"probes: start jitter p99, {n}", fast["jitter_p99"] * 1000, "ms", goal="< 1000", met=checks[1][1])
+    record(f"probes: peak RSS, {n}", fast["maxrss_mb"], "MB", goal="< 300", met=checks[2][1])
+    record(f"probes: CPU per probe, {n}", fast["cpu_per_1000"], "ms")
+    if bb is not None:
+        record(
+            "probes: CPU per probe / blackbox_exporter's",
+            fast["cpu_per_1000"] / bb["cpu_per_1000"],
+            "ratio",
+            goal=f"<= {QUARTER}",
+            met=fast["cpu_per_1000"] / bb["cpu_per_1000"] <= QUARTER,
+            anchor=f"blackbox_exporter 0.23: {bb['cpu_per_1000']:.3f} ms per probe = 1.0",
+        )
     return 0 if all(ok for _, ok, _ in checks) else 1
 
 

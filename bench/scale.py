@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from figures import record
+
 
 def rss_mb() -> float:
     with open("/proc/self/statm") as f:
@@ -138,6 +140,9 @@ def main() -> int:
             return 1
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         rows.append(r)
+        record(f"scale: reconcile at {n:,} probes (median)", r["reconcile_ms"], "ms")
+        record(f"scale: RSS at {n:,} probes", r["rss_mb"], "MB", goal="< 300" if n >= 20000 else None,
+               met=r["rss_mb"] < 300 if n >= 20000 else None)  # fmt: skip
         print(
             f"{r['n']:>7,} {r['services']:>8,} {r['load_s']:>8.2f}s {r['rss_mb']:>6.0f}MB "
             f"{r['peak_mb']:>7.0f}MB "
