@@ -339,6 +339,12 @@ class FakeKubeAPI:
         with self._lock:
             self._rbac = _Rbac(objects, tokens)
 
+    def add_token(self, token: str, service_account: str) -> None:
+        """One more bearer token (a pod's projected token) for ``namespace/name``."""
+        with self._lock:
+            assert self._rbac is not None, "enforce_rbac first"
+            self._rbac.tokens[token] = "system:serviceaccount:" + service_account.replace("/", ":")
+
     def install_crds(self, crds: list[JSON]) -> None:
         """Serve the custom resources these CRDs define, and only those, validated by their schemas."""
         with self._lock:
