@@ -130,19 +130,33 @@ class Controller:
             )
         }
 
-    def _load_signals(self) -> None:
+    def _stored_signals(self) -> tuple[dict[str, str], dict[str, str]]:
+        return self.store.flags("heartbeat:"), self.store.flags("alert:")
+
+    async def _refresh_signals(self) -> None:
+        """A standby's copy of the pushed signals, read off the loop (a sick API must not stall it)."""
+        try:
+            stored = await asyncio.wait_for(asyncio.to_thread(self._stored_signals), timeout=10)
+        except Exception as exc:  # next tick tries again; the leader is unaffected
+            log.debug("standby could not refresh pushed signals", error=f"{type(exc).__name__}: {exc}")
+            return
+        self._load_signals(stored)
+
+    def _load_signals(self, stored: tuple[dict[str, str], dict[str, str]] | None = None) -> None:
         """Pushed signals kept in the store: heartbeats jobs sent and alerts still firing (each sent
-        only once by Alertmanager). Read at start and again on becoming leader, so what reached the
-        previous leader (or this replica while it stood by) is not lost across a handover."""
-        for key, value in self.store.flags("heartbeat:").items():
+        only once by Alertmanager). Read at start, by a standby every tick and again on becoming
+        leader: pushes reach the leader only, and a standby whose passive probes judged from stale
+        signals would, on taking over, resolve the open incident and reopen it (a second page)."""
+        heartbeats, alerts = stored if stored is not None else self._stored_signals()
+        for key, value in heartbeats.items():
             name = key.removeprefix("heartbeat:")
             self.signals.heartbeats[name] = max(float(value), self.signals.heartbeats.get(name, 0.0))
-        stored = [passive.Alert(**json.loads(value)) for value in self.store.flags("alert:").values()]
-        firing = {alert.fingerprint for alert in stored}
+        stored_alerts = [passive.Alert(**json.loads(value)) for value in alerts.values()]
+        firing = {alert.fingerprint for alert in stored_alerts}
         for fp, alert in list(self.signals.alerts.items()):
             if alert.status == "firing" and fp not in firing:  # resolved while we stood by
                 del self.signals.alerts[fp]
-        for alert in stored:
+        for alert in stored_alerts:
             self.signals.alerts[alert.fingerprint] = alert
             self.signals.seen[(alert.fingerprint, alert.starts_at, alert.status)] = alert.received_at
 
@@ -843,6 +857,7 @@ class Controller:
                 if leader:
                     await self.reconcile()
                 else:
+                    await self._refresh_signals()
                     for name, h in self.health().items():
                         self.metrics.service_state.labels(name).set(SERVICE_STATE_VALUE[h.state])
                     self.metrics.last_tick.set(self.clock())
