@@ -96,6 +96,7 @@ class Controller:
         self.tick_hooks: list[Callable[[float], None]] = []
         """Called with the time at the end of each reconcile (the communicator speaks there)."""
         self._env = env
+        self._refresh_task: asyncio.Task[None] | None = None
         self.leadership_hooks: list[Callable[[bool], None]] = []
         """Called with True when this replica starts leading and False when it stops (pod label)."""
         self.dispatcher = Dispatcher(
@@ -136,11 +137,12 @@ class Controller:
     async def _refresh_signals(self) -> None:
         """A standby's copy of the pushed signals, read off the loop (a sick API must not stall it)."""
         try:
-            stored = await asyncio.wait_for(asyncio.to_thread(self._stored_signals), timeout=10)
+            stored = await asyncio.to_thread(self._stored_signals)
         except Exception as exc:  # next tick tries again; the leader is unaffected
             log.debug("standby could not refresh pushed signals", error=f"{type(exc).__name__}: {exc}")
             return
-        self._load_signals(stored)
+        if not self.may_act():  # a leader's own copy is newer than a read that started before it led
+            self._load_signals(stored)
 
     def _load_signals(self, stored: tuple[dict[str, str], dict[str, str]] | None = None) -> None:
         """Pushed signals kept in the store: heartbeats jobs sent and alerts still firing (each sent
@@ -857,7 +859,9 @@ class Controller:
                 if leader:
                     await self.reconcile()
                 else:
-                    await self._refresh_signals()
+                    # At most one refresh in flight, never awaited here: a sick API must not slow the tick.
+                    if self._refresh_task is None or self._refresh_task.done():
+                        self._refresh_task = asyncio.create_task(self._refresh_signals(), name="signals")
                     for name, h in self.health().items():
                         self.metrics.service_state.labels(name).set(SERVICE_STATE_VALUE[h.state])
                     self.metrics.last_tick.set(self.clock())
@@ -968,9 +972,12 @@ class Controller:
         if running:  # let a playbook step in hand finish rather than cut it in half
             await asyncio.wait(running, timeout=30)
         self._probe_stop.set()
-        for t in [*self._probe_tasks, *self._tasks, *self._burst_tasks]:
+        refresh = [self._refresh_task] if self._refresh_task is not None else []
+        for t in [*self._probe_tasks, *self._tasks, *self._burst_tasks, *refresh]:
             t.cancel()
-        await asyncio.gather(*self._probe_tasks, *self._tasks, *self._burst_tasks, return_exceptions=True)
+        await asyncio.gather(
+            *self._probe_tasks, *self._tasks, *self._burst_tasks, *refresh, return_exceptions=True
+        )
         if self.elector is not None:
             self._elector_stop.set()  # the elector releases the lease so a standby takes over at once
             await asyncio.gather(self._elector, return_exceptions=True)
