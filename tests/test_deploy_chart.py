@@ -441,6 +441,10 @@ def test_defaults_are_highly_available(default_objects: list[dict[str, Any]]) ->
         }
     )
     mine = yaml.safe_load(one(own, "ConfigMap")["data"]["config.yaml"])
+    # Helm deep-merges a values file's maps into the defaults: the example must not leak into yours.
+    yours = {"services": {"search": {"tier": "important", "rto": "15m", "probes": ["search-api"]}}}
+    rendered = yaml.safe_load(one(render({"config": yours}), "ConfigMap")["data"]["config.yaml"])
+    assert set(rendered) == {"services", "leader", "store"} and set(rendered["services"]) == {"search"}
     assert mine["leader"] == {"backend": "file"} and mine["store"] == {"backend": "sqlite"}
 
 
