@@ -732,7 +732,7 @@ def test_api_server_answering_500_for_30s_never_makes_two_leaders_and_the_outage
         inc = until(lambda: store.open_incident_for("shop"), 15, "the incident, once the API is back")
         runs = until(lambda: [r for r in store.runs() if r.service == "shop"], 15, "the run")
         run_finished(release, runs[0].id)
-        until(lambda: [t for t in pd.triggers() if t["dedup_key"] == inc.dedup_key], 10, "the page")
+        until(lambda: [t for t in pd.triggers() if t["dedup_key"] == inc.dedup_key], 20, "the page")
         time.sleep(1.0)
     finally:
         store.close()
