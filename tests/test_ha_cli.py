@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from controller.cli import ha_problems, main, placement_warnings
 from controller.config import load_config
@@ -39,8 +41,16 @@ def write(tmp: Path, name: str = "continuity.yaml", data_dir: str = "state", ext
     return path
 
 
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """`run` configures structlog for the process; later tests must not log into a closed capture."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+
+
 def test_per_pod_state_is_refused_with_several_replicas(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], restore_logging: None
 ) -> None:
     cfg = write(tmp_path)
     monkeypatch.setenv("CONTINUITY_REPLICAS", "2")
