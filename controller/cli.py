@@ -15,7 +15,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -248,6 +248,8 @@ def _store(cfg: Config, data_dir: str | None) -> Store:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
+    for warning in placement_warnings(cfg, os.environ):
+        print(f"{args.config}: warning: {warning}", file=sys.stderr)
     print(
         f"{args.config}: ok: {len(cfg.services)} service(s), {len(cfg.probes)} probe(s), "
         f"{len(cfg.playbooks)} playbook(s)"
@@ -366,6 +368,55 @@ def cmd_incident_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def controller_region(cfg: Config, environ: Mapping[str, str]) -> str | None:
+    """Where this controller runs: `controller.region`, else the AWS SDK's own variables."""
+    return cfg.controller.region or environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION") or None
+
+
+def placement_warnings(cfg: Config, environ: Mapping[str, str]) -> list[str]:
+    """A controller in the region its playbooks fail away from goes down with that region, exactly
+    when it is needed: say so (a warning, not an error: a drill config may do it on purpose)."""
+    region = controller_region(cfg, environ)
+    if not region:
+        return []
+    source = "controller.region" if cfg.controller.region else "AWS_REGION"
+    return [
+        f"playbooks.{name}.fails_away_from: the controller runs in {region} ({source}), the region this "
+        "playbook fails away from; an outage of that region takes the controller down with it. Run it "
+        "in a management cluster or another region (README: Where to run it)"
+        for name, pb in sorted(cfg.playbooks.items())
+        if pb.fails_away_from == region
+    ]
+
+
+def ha_problems(cfg: Config, environ: Mapping[str, str]) -> list[str]:
+    """Refuse per-pod state in a Deployment of several replicas. The chart tells the pod its replica
+    count (CONTINUITY_REPLICAS); with more than one, a file lock or a SQLite file on each pod's own
+    emptyDir would let every replica lead: two incidents, two pages, every step applied twice."""
+    raw = environ.get("CONTINUITY_REPLICAS", "").strip()
+    if not raw:
+        return []
+    try:
+        replicas = int(raw)
+    except ValueError:
+        return [f"CONTINUITY_REPLICAS: expected a whole number of replicas, found {raw!r}"]
+    if replicas <= 1:
+        return []
+    where = f"in a Deployment of {replicas} replicas (CONTINUITY_REPLICAS={replicas})"
+    problems = []
+    if cfg.leader.backend != "kubernetes":
+        problems.append(
+            f"leader.backend: expected kubernetes {where}, found {cfg.leader.backend!r}: a lock on each "
+            "pod's own disk lets every replica lead, fail over and page"
+        )
+    if cfg.store.backend != "kubernetes":
+        problems.append(
+            f"store.backend: expected kubernetes {where}, found {cfg.store.backend!r}: each pod would "
+            "keep its own incidents, runs and outbox, and a new leader would start from nothing"
+        )
+    return problems
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from controller import logs
 
@@ -375,6 +426,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg.controller.dry_run = True
     if args.listen:
         cfg.controller.listen = args.listen
+    if args.data_dir:
+        # One directory for the store and the lock that protects it: moving one moves both.
+        cfg.controller.data_dir = args.data_dir
+    problems = ha_problems(cfg, os.environ)
+    if problems:
+        raise ConfigError([f"{args.config}: {p}" for p in problems])
+    for warning in placement_warnings(cfg, os.environ):
+        logs.get("continuity.config").warning("controller placement", problem=warning)
     store = _store(cfg, args.data_dir)
     try:
         _event_loop_policy()
@@ -478,6 +537,12 @@ async def _serve(cfg: Config, store: Store, config_path: str) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload_now.set)
+    labeler = _pod_labeler(cfg)
+    label_stop = asyncio.Event()
+    label_task = None
+    if labeler is not None:
+        controller.leadership_hooks.append(labeler.want)
+        label_task = asyncio.create_task(labeler.run(label_stop), name="podlabel")
     await controller.start()
     if controller.elector is None:
         from controller.leader import leader_gauge
@@ -489,7 +554,25 @@ async def _serve(cfg: Config, store: Store, config_path: str) -> None:
     await stop.wait()
     watcher.cancel()
     await controller.stop()
+    if label_task is not None:  # after the lease is released: the label goes last, then we exit
+        label_stop.set()
+        await asyncio.gather(label_task, return_exceptions=True)
     await runner.cleanup()
+
+
+def _pod_labeler(cfg: Config) -> Any:
+    """In a pod of the chart (POD_NAME and CONTINUITY_POD_SELECTOR set) with a Lease, the leader
+    labels its pod so the push Service routes Alertmanager, heartbeats and agents to it."""
+    pod = os.environ.get("POD_NAME")
+    selector = os.environ.get("CONTINUITY_POD_SELECTOR")
+    if cfg.leader.backend != "kubernetes" or not pod or selector is None:
+        return None
+    from kubernetes import client
+
+    from controller.podlabel import PodLabeler
+
+    namespace = os.environ.get("POD_NAMESPACE") or _pod_namespace()
+    return PodLabeler(client.ApiClient(), namespace, pod, selector, retry_period=cfg.leader.retry_period)
 
 
 async def _watch_config(controller: Any, path: str, reload_now: asyncio.Event, stop: asyncio.Event) -> None:
@@ -509,15 +592,27 @@ async def _watch_config(controller: Any, path: str, reload_now: asyncio.Event, s
         if not signalled and now == seen:
             continue
         seen = now
+        metrics = controller.metrics
         try:
             new = await asyncio.to_thread(load_config, path)
         except ConfigError as exc:
-            controller.metrics.reloads.labels("rejected").inc()
+            metrics.reloads.labels("rejected").inc()
+            metrics.reload_failures.inc()
+            metrics.reload_ok.set(0)
             for problem in exc.problems:
                 log.error("config reload rejected; the previous config keeps running", problem=problem)
             continue
-        await controller.reload(new)
-        controller.metrics.reloads.labels("applied").inc()
+        try:
+            await controller.reload(new)
+        except Exception:  # a bug while applying must not kill the watcher; the old config runs on
+            metrics.reloads.labels("failed").inc()
+            metrics.reload_failures.inc()
+            metrics.reload_ok.set(0)
+            log.exception("config reload failed while being applied; the previous config keeps running")
+            continue
+        metrics.reloads.labels("applied").inc()
+        metrics.reload_successes.inc()
+        metrics.reload_ok.set(1)
         log.info("config reloaded", services=len(new.services), probes=len(new.probes))
 
 

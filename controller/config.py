@@ -216,6 +216,11 @@ class Playbook(Strict):
         default="stop", description="rollback: undo the completed steps in reverse order."
     )
     rollback_steps: list[StepSpec] = Field(default_factory=list, description="Undo actions, named by steps.")
+    fails_away_from: str | None = Field(
+        default=None,
+        description="The region this playbook moves traffic out of (e.g. eu-west-1); `validate` warns "
+        "when the controller itself runs there.",
+    )
 
     def needs_approval(self, severity: str | None) -> bool:
         return self.approval == "manual" and severity not in self.auto_approve
@@ -328,7 +333,14 @@ class Classification(Strict):
 
 
 class ControllerSettings(Strict):
-    data_dir: str = Field(default=".continuity", description="Where the SQLite state lives.")
+    data_dir: str = Field(
+        default=".continuity", description="Where SQLite state and the file lock live (`--data-dir` wins)."
+    )
+    region: str | None = Field(
+        default=None,
+        description="The region this controller runs in (default: AWS_REGION); `validate` warns when a "
+        "playbook fails away from it.",
+    )
     listen: str = Field(default="127.0.0.1:8080", description="HTTP API and /metrics address.")
     dry_run: bool = Field(default=False, description="Decide and record everything, change nothing.")
     tick: Duration = Field(default=1.0, gt=0, description="How often the decision loop runs.")

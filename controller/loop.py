@@ -67,6 +67,7 @@ class Controller:
         self.clock = clock
         self.metrics = metrics or Metrics()
         self.aws = aws or client_factory(config.aws)
+        self._aws_given = aws is not None
         self.engine = Engine(store, self.metrics, clock)
         self.states: dict[str, ProbeState] = {name: ProbeState() for name in config.probes}
         """The verdict per probe, all vantage points combined under the quorum."""
@@ -76,12 +77,7 @@ class Controller:
         self.burst_notes: dict[str, tuple[float, str]] = {}
         self.isolated_since: float | None = None
         self.signals = Signals(started_at=clock())
-        for key, value in store.flags("heartbeat:").items():  # a restart keeps what jobs told us
-            self.signals.heartbeats[key.removeprefix("heartbeat:")] = float(value)
-        for value in store.flags("alert:").values():  # and the alerts still firing (sent only once)
-            alert = passive.Alert(**json.loads(value))
-            self.signals.alerts[alert.fingerprint] = alert
-            self.signals.seen[(alert.fingerprint, alert.starts_at, alert.status)] = alert.received_at
+        self._load_signals()
         self.impact = {name: p.impact for name, p in config.probes.items()}
         self.running: dict[str, asyncio.Task[RunResult]] = {}
         self.last_run_started: dict[str, float] = {}
@@ -99,20 +95,16 @@ class Controller:
         """Observers of what the controller does (the demo prints them): (kind, facts)."""
         self.tick_hooks: list[Callable[[float], None]] = []
         """Called with the time at the end of each reconcile (the communicator speaks there)."""
-        channels: dict[str, Channel] = {}
-        pd = config.notifiers.pagerduty
-        if pd is not None:
-            key = env(pd.routing_key_env)
-            channels["pagerduty"] = Channel(
-                "pagerduty",
-                lambda p, pd=pd, key=key: (
-                    pagerduty.url_for(pd, p["kind"]),
-                    {"routing_key": key, **p["body"]},
-                ),
-                rate_per_minute=pd.rate_per_minute,
-            )
+        self._env = env
+        self._refresh_task: asyncio.Task[None] | None = None
+        self.leadership_hooks: list[Callable[[bool], None]] = []
+        """Called with True when this replica starts leading and False when it stops (pod label)."""
         self.dispatcher = Dispatcher(
-            store, channels, clock, on_event=self._delivery_event, first_retry=config.controller.outbox_retry
+            store,
+            self._pagerduty_channel(config),
+            clock,
+            on_event=self._delivery_event,
+            first_retry=config.controller.outbox_retry,
         )
         self.dispatcher.may_send = self.may_act
         self._recover_from_restart()
@@ -121,6 +113,54 @@ class Controller:
         self.communicator = attach(self)
 
     # ------------------------------------------------------------------ start-up
+
+    def _pagerduty_channel(self, config: Config) -> dict[str, Channel]:
+        """PagerDuty is the controller's own channel (pages); the communicator adds the others."""
+        pd = config.notifiers.pagerduty
+        if pd is None:
+            return {}
+        key = self._env(pd.routing_key_env)
+        return {
+            "pagerduty": Channel(
+                "pagerduty",
+                lambda p, pd=pd, key=key: (
+                    pagerduty.url_for(pd, p["kind"]),
+                    {"routing_key": key, **p["body"]},
+                ),
+                rate_per_minute=pd.rate_per_minute,
+            )
+        }
+
+    def _stored_signals(self) -> tuple[dict[str, str], dict[str, str]]:
+        return self.store.flags("heartbeat:"), self.store.flags("alert:")
+
+    async def _refresh_signals(self) -> None:
+        """A standby's copy of the pushed signals, read off the loop (a sick API must not stall it)."""
+        try:
+            stored = await asyncio.to_thread(self._stored_signals)
+        except Exception as exc:  # next tick tries again; the leader is unaffected
+            log.debug("standby could not refresh pushed signals", error=f"{type(exc).__name__}: {exc}")
+            return
+        if not self.may_act():  # a leader's own copy is newer than a read that started before it led
+            self._load_signals(stored)
+
+    def _load_signals(self, stored: tuple[dict[str, str], dict[str, str]] | None = None) -> None:
+        """Pushed signals kept in the store: heartbeats jobs sent and alerts still firing (each sent
+        only once by Alertmanager). Read at start, by a standby every tick and again on becoming
+        leader: pushes reach the leader only, and a standby whose passive probes judged from stale
+        signals would, on taking over, resolve the open incident and reopen it (a second page)."""
+        heartbeats, alerts = stored if stored is not None else self._stored_signals()
+        for key, value in heartbeats.items():
+            name = key.removeprefix("heartbeat:")
+            self.signals.heartbeats[name] = max(float(value), self.signals.heartbeats.get(name, 0.0))
+        stored_alerts = [passive.Alert(**json.loads(value)) for value in alerts.values()]
+        firing = {alert.fingerprint for alert in stored_alerts}
+        for fp, alert in list(self.signals.alerts.items()):
+            if alert.status == "firing" and fp not in firing:  # resolved while we stood by
+                del self.signals.alerts[fp]
+        for alert in stored_alerts:
+            self.signals.alerts[alert.fingerprint] = alert
+            self.signals.seen[(alert.fingerprint, alert.starts_at, alert.status)] = alert.received_at
 
     def _recover_from_restart(self) -> None:
         """Pick up where a previous process stopped: cooldowns, runs per incident, runs to resume."""
@@ -810,12 +850,18 @@ class Controller:
         while not self.stop_event.is_set():
             try:
                 leader = self.may_act()
+                if leader != was_leader and self.elector is not None:
+                    for hook in self.leadership_hooks:
+                        hook(leader)
                 if leader and not was_leader and self.elector is not None:
                     self._became_leader()
                 was_leader = leader
                 if leader:
                     await self.reconcile()
                 else:
+                    # At most one refresh in flight, never awaited here: a sick API must not slow the tick.
+                    if self._refresh_task is None or self._refresh_task.done():
+                        self._refresh_task = asyncio.create_task(self._refresh_signals(), name="signals")
                     for name, h in self.health().items():
                         self.metrics.service_state.labels(name).set(SERVICE_STATE_VALUE[h.state])
                     self.metrics.last_tick.set(self.clock())
@@ -856,6 +902,10 @@ class Controller:
         self.run_starts.clear()
         self.floors.clear()
         self._recover_from_restart()
+        try:
+            self._load_signals()
+        except Exception:  # the store is sick: the signals come back with the next push or tick
+            log.exception("could not read pushed signals from the store")
         mine = {t for t in self.running.values() if not t.done()}
         if not mine:
             self._resume_interrupted()
@@ -864,6 +914,7 @@ class Controller:
         """Swap in a validated config. Probes whose settings did not change keep their history, so a
         reload never resets a failure streak; runs in progress finish with the playbook they started."""
         old = self.config
+        channels = self._pagerduty_channel(new)  # a missing secret refuses the reload before any change
         self._probe_stop.set()
         for t in self._probe_tasks:
             t.cancel()
@@ -873,8 +924,22 @@ class Controller:
         self.states = {name: self.states[name] if name in same else ProbeState() for name in new.probes}
         self.vstates = {name: self.vstates[name] if name in same else {} for name in new.probes}
         self.impact = {name: p.impact for name, p in new.probes.items()}
+        self._rebuild_derived(old, new, channels)
         self._start_probes()
         self._kick.set()
+
+    def _rebuild_derived(self, old: Config, new: Config, channels: dict[str, Channel]) -> None:
+        """Everything else built from the config: notifier channels (added, changed, removed; queued
+        messages of a removed channel wait for its return) and the AWS client factory. Runs in
+        progress keep the clients they started with."""
+        self.dispatcher.channels.clear()
+        self.dispatcher.channels.update(channels)
+        self.communicator._add_channels()
+        self.dispatcher.buckets.clear()
+        if new.aws != old.aws and not self._aws_given:
+            self.aws = client_factory(new.aws)
+        self.dispatcher.wake.set()
+        log.info("config reloaded", channels=sorted(self.dispatcher.channels), probes=len(new.probes))
 
     def _start_probes(self) -> None:
         """One scheduler for every probe: stable offsets spread over each interval, per-host limits,
@@ -907,9 +972,12 @@ class Controller:
         if running:  # let a playbook step in hand finish rather than cut it in half
             await asyncio.wait(running, timeout=30)
         self._probe_stop.set()
-        for t in [*self._probe_tasks, *self._tasks, *self._burst_tasks]:
+        refresh = [self._refresh_task] if self._refresh_task is not None else []
+        for t in [*self._probe_tasks, *self._tasks, *self._burst_tasks, *refresh]:
             t.cancel()
-        await asyncio.gather(*self._probe_tasks, *self._tasks, *self._burst_tasks, return_exceptions=True)
+        await asyncio.gather(
+            *self._probe_tasks, *self._tasks, *self._burst_tasks, *refresh, return_exceptions=True
+        )
         if self.elector is not None:
             self._elector_stop.set()  # the elector releases the lease so a standby takes over at once
             await asyncio.gather(self._elector, return_exceptions=True)

@@ -71,4 +71,20 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        # Prometheus's own names for the same facts (prometheus_config_last_reload_successful), so
+        # the chart's ContinuityConfigReloadFailing alert has a series that exists from the start.
+        self.reload_failures = Counter(
+            "continuity_config_reload_failures_total",
+            "Config reloads refused (invalid file) or failed while being applied; the old config runs on.",
+            registry=r,
+        )
+        self.reload_successes = Counter(
+            "continuity_config_reload_successes_total", "Config reloads applied.", registry=r
+        )
+        self.reload_ok = Gauge(
+            "continuity_config_last_reload_successful",
+            "1 if the last reload attempt was applied (or none was made yet), 0 if it failed.",
+            registry=r,
+        )
+        self.reload_ok.set(1)
         # continuity_leader{lock} is registered by controller.leader on this same registry.

@@ -503,4 +503,6 @@ def open_store(cfg: Config, data_dir_override: str | None = None) -> Store:
             api = config.new_client_from_config()
     except (config.ConfigException, OSError) as exc:
         raise StoreError(f"kubernetes store: no usable cluster credentials: {exc}") from None
-    return KubernetesStore(api, cfg.store.resolved_namespace())
+    # The chart sets POD_NAMESPACE (downward API): the Lease and the objects share the pod's namespace.
+    namespace = cfg.store.namespace or os.environ.get("POD_NAMESPACE") or cfg.store.resolved_namespace()
+    return KubernetesStore(api, namespace)

@@ -11,11 +11,13 @@ this module. Skipping would let a broken chart pass CI.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,21 +33,7 @@ KUBE_VERSION = "1.30.0"
 RELEASE = "shop"
 NAMESPACE = "continuity-system"
 
-# The metric contract of the controller (controller/api.py exposes these).
-METRICS = {
-    "continuity_leader",
-    "continuity_loop_last_tick_timestamp_seconds",
-    "continuity_probe_success",
-    "continuity_probe_duration_seconds",
-    "continuity_service_state",
-    "continuity_incidents_open",
-    "continuity_playbook_runs_total",
-    "continuity_outbox_depth",
-    "continuity_outbox_oldest_age_seconds",
-    "continuity_isolated",
-    "continuity_config_reload_failures_total",
-    "continuity_paused",
-}
+
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 # Kinds kubernetes-validate has no schema for; checked structurally below instead.
 UNSCHEMAED_KINDS = {"ServiceMonitor", "PrometheusRule"}
@@ -75,6 +63,53 @@ PLAYBOOK_VALUES: dict[str, Any] = {
         ]
     },
 }
+
+
+@functools.cache
+def live_metrics() -> frozenset[str]:
+    """The metric families a running controller exposes: `continuity run` started as a process, its
+    /metrics read and parsed. The rules and the dashboard are checked against this, so a metric that
+    nothing exports (or a renamed one) fails here rather than as a silent alert in production."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.test_cluster import Proc, child_env, until
+
+    tmp = Path(tempfile.mkdtemp(prefix="continuity-metrics-"))
+    cfg = tmp / "continuity.yaml"
+    cfg.write_text(
+        f"""
+services:
+  shop: {{tier: critical, rto: 5m, probes: [web], playbook: recover}}
+probes:
+  web: {{kind: http, url: "http://127.0.0.1:9/web", interval: 200ms, timeout: 1s}}
+playbooks:
+  recover: {{steps: [{{name: hold, action: wait, with: {{duration: 1s}}}}]}}
+notifiers:
+  pagerduty: {{routing_key_env: PD_ROUTING_KEY}}
+controller: {{data_dir: "{tmp / "state"}", tick: 100ms}}
+leader: {{backend: file}}
+""",
+        encoding="utf-8",
+    )
+    proc = Proc("metrics", cfg, {**child_env(), "PD_ROUTING_KEY": "k"}, tmp)
+    try:
+        until(proc.ready, 20, "the controller to serve /healthz")
+        until(lambda: proc.leader(), 10, "the controller to lead")
+        body = proc.get("/metrics")[1]
+    finally:
+        proc.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return frozenset(f.name for f in text_string_to_metric_families(body) if f.name.startswith("continuity_"))
+
+
+def metric_base(name: str) -> str:
+    """A series name as written in PromQL, back to its family (histograms and counters)."""
+    for suffix in HISTOGRAM_SUFFIXES:
+        if name.endswith(suffix) and name.removesuffix(suffix) in live_metrics():
+            return name.removesuffix(suffix)
+    if name.endswith("_total") and name.removesuffix("_total") in live_metrics():
+        return name.removesuffix("_total")  # the parser names a counter family without _total
+    return name
 
 
 def _load_render_module() -> Any:
@@ -186,8 +221,8 @@ def check_prometheus_rule(rule: dict[str, Any]) -> None:
         assert r["annotations"]["summary"].strip(), r["alert"]
         assert r["annotations"]["description"].strip(), r["alert"]
         assert re.fullmatch(r"\d+[smh]", r["for"]), r["alert"]
-        used = set(re.findall(r"continuity_[a-z_]+", r["expr"]))
-        assert used and used <= METRICS, (r["alert"], used - METRICS)
+        used = {metric_base(m) for m in re.findall(r"continuity_[a-z_]+", r["expr"])}
+        assert used and used <= live_metrics(), (r["alert"], used - live_metrics())
 
 
 def validate_all(objects: list[dict[str, Any]]) -> None:
@@ -220,6 +255,7 @@ def test_default_values_render_valid_objects(default_objects: list[dict[str, Any
             "PrometheusRule",
             "Role",
             "RoleBinding",
+            "Service",
             "Service",
             "ServiceAccount",
             "ServiceMonitor",
@@ -359,11 +395,57 @@ def test_pod_disruption_budget(default_objects: list[dict[str, Any]]) -> None:
 
 
 def test_service(default_objects: list[dict[str, Any]]) -> None:
-    """One port, 8080, named http (the ServiceMonitor refers to it by name)."""
-    service = one(default_objects, "Service")
-    assert service["spec"]["ports"] == [
-        {"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP"}
-    ]
+    """Two Services, one port each, 8080, named http: every replica (metrics, health, reads) and the
+    leader only (pushes), which selects the label the leader puts on its own pod."""
+    services = {s["metadata"]["name"]: s for s in by_kind(default_objects, "Service")}
+    assert set(services) == {f"{RELEASE}-continuity", f"{RELEASE}-continuity-leader"}
+    selector = one(default_objects, "Deployment")["spec"]["selector"]["matchLabels"]
+    for service in services.values():
+        assert service["spec"]["ports"] == [
+            {"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP"}
+        ]
+    assert services[f"{RELEASE}-continuity"]["spec"]["selector"] == selector
+    push = services[f"{RELEASE}-continuity-leader"]
+    assert push["spec"]["selector"] == {**selector, "continuity.dev/role": "leader"}
+    assert push["metadata"]["labels"]["continuity.dev/service"] == "push"
+
+
+def test_defaults_are_highly_available(default_objects: list[dict[str, Any]]) -> None:
+    """Default values: a Lease (named by the release, with leaderElection's timings) and the
+    Kubernetes store in the ConfigMap, and the env the controller needs to refuse per-pod state and
+    to label its pod."""
+    config = yaml.safe_load(one(default_objects, "ConfigMap")["data"]["config.yaml"])
+    assert config["leader"] == {
+        "backend": "kubernetes",
+        "lease_name": f"{RELEASE}-leader",
+        "lease_duration": "15s",
+        "renew_deadline": "10s",
+        "retry_period": "2s",
+    }
+    assert config["store"] == {"backend": "kubernetes"}
+    container = one(default_objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["CONTINUITY_REPLICAS"] == "2"
+    assert (
+        env["CONTINUITY_POD_SELECTOR"]
+        == f"app.kubernetes.io/name=continuity,app.kubernetes.io/instance={RELEASE}"
+    )
+    # A config with its own sections keeps them (and the controller then judges them at start).
+    own = render(
+        {
+            "config": {
+                **yaml.safe_load(one(default_objects, "ConfigMap")["data"]["config.yaml"]),
+                "leader": {"backend": "file"},
+                "store": {"backend": "sqlite"},
+            }
+        }
+    )
+    mine = yaml.safe_load(one(own, "ConfigMap")["data"]["config.yaml"])
+    # Helm deep-merges a values file's maps into the defaults: the example must not leak into yours.
+    yours = {"services": {"search": {"tier": "important", "rto": "15m", "probes": ["search-api"]}}}
+    rendered = yaml.safe_load(one(render({"config": yours}), "ConfigMap")["data"]["config.yaml"])
+    assert set(rendered) == {"services", "leader", "store"} and set(rendered["services"]) == {"search"}
+    assert mine["leader"] == {"backend": "file"} and mine["store"] == {"backend": "sqlite"}
 
 
 # ---------------------------------------------------------------- RBAC
@@ -401,7 +483,11 @@ def test_default_rbac_is_the_controller_minimum(default_objects: list[dict[str, 
     (cm,) = [r for r in rules if r["resources"] == ["configmaps"]]
     assert sorted(cm["verbs"]) == ["get", "watch"]
     assert cm["resourceNames"] == [f"{RELEASE}-continuity-config"]
-    assert len(rules) == 4, "the default Role grants something beyond the controller's needs"
+    # The leader labels its own pod; RBAC cannot name it, so: pods of this namespace, no create,
+    # delete, exec or other subresource.
+    (pods,) = [r for r in rules if "pods" in r["resources"]]
+    assert pods == {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "patch"]}
+    assert len(rules) == 5, "the default Role grants something beyond the controller's needs"
     binding = one(default_objects, "RoleBinding")
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",
@@ -493,9 +579,18 @@ def test_network_policy(
 def test_service_monitor_matches_the_service(default_objects: list[dict[str, Any]]) -> None:
     """The ServiceMonitor selects the Service's labels and scrapes the named port."""
     sm = one(default_objects, "ServiceMonitor")
-    service = one(default_objects, "Service")
-    for key, value in sm["spec"]["selector"]["matchLabels"].items():
-        assert service["metadata"]["labels"][key] == value
+    selector = sm["spec"]["selector"]
+
+    def selected(service: dict[str, Any]) -> bool:
+        labels = service["metadata"]["labels"]
+        if any(labels.get(k) != v for k, v in selector["matchLabels"].items()):
+            return False
+        return all(
+            e["operator"] == "DoesNotExist" and e["key"] not in labels for e in selector["matchExpressions"]
+        )
+
+    picked = [s["metadata"]["name"] for s in by_kind(default_objects, "Service") if selected(s)]
+    assert picked == [f"{RELEASE}-continuity"], "every pod scraped once, through the all-replicas Service"
 
 
 def test_alert_rules_cover_the_controller(default_objects: list[dict[str, Any]]) -> None:
@@ -624,10 +719,21 @@ def test_dashboard_queries_use_known_metrics() -> None:
             names = set(re.findall(r"continuity_[a-z_]+", target["expr"]))
             assert names, (panel["title"], target["expr"])
             for name in names:
-                base = next((name.removesuffix(s) for s in HISTOGRAM_SUFFIXES if name.endswith(s)), name)
-                assert base in METRICS, (panel["title"], name)
+                base = metric_base(name)
+                assert base in live_metrics(), (panel["title"], name, "not exported by a running controller")
                 seen.add(base)
-    assert seen == METRICS, f"metrics without a panel: {METRICS - seen}"
+    core = {
+        metric_base(m)
+        for m in (
+            "continuity_leader",
+            "continuity_loop_last_tick_timestamp_seconds",
+            "continuity_probe_success",
+            "continuity_service_state",
+            "continuity_outbox_depth",
+            "continuity_config_reload_failures_total",
+        )
+    }
+    assert core <= seen, f"metrics without a panel: {core - seen}"
     quantiles = [t["expr"] for p in dashboard_panels(dashboard) for t in p.get("targets", [])]
     assert any(
         "histogram_quantile(0.5," in q and "continuity_probe_duration_seconds_bucket" in q for q in quantiles

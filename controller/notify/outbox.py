@@ -220,7 +220,10 @@ class Dispatcher:
 
     async def run(self, stop: asyncio.Event, period: float = 1.0) -> None:
         while not stop.is_set():
-            await self.drain()
+            try:
+                await self.drain()
+            except Exception:  # a sick store (API 500s) must not end delivery for good: retry next period
+                log.exception("outbox drain failed; retrying")
             self.wake.clear()
             try:
                 await asyncio.wait_for(self.wake.wait(), timeout=period)

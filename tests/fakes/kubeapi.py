@@ -19,6 +19,18 @@ What it keeps faithful, because our correctness depends on it:
 
 Faults (``fail``, ``delay``) and a request log let tests simulate an unreachable or sick API server
 and assert on what was sent.
+
+Two opt-in checks make it judge what a chart deploys, as a real server would:
+
+- ``enforce_rbac(objects, tokens)`` loads rendered Roles, ClusterRoles and their bindings and maps
+  bearer tokens to ServiceAccounts; from then on every request is authorised like Kubernetes RBAC
+  (verb from method and path, resource with its subresource, resourceNames): anything not granted
+  is a 403 ``Forbidden`` with the real message, an unknown token a 401. ``ADMIN_TOKEN`` (what
+  ``api_client()`` sends) stands for the test's own cluster-admin.
+- ``install_crds(crds)`` registers rendered CustomResourceDefinitions: custom objects of other
+  types are a 404, and every write is pruned of fields the structural schema does not declare
+  (as the real server silently drops them) and validated against ``openAPIV3Schema`` with
+  jsonschema (types, required, enums, minimum, date-time), a 422 ``Invalid`` when it fails.
 """
 
 from __future__ import annotations
@@ -40,6 +52,7 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import jsonschema
 import kubernetes.client
 
 JSON = dict[str, Any]
@@ -51,7 +64,11 @@ BUILTIN_KINDS: dict[tuple[str, str, str], str] = {
     ("apps", "v1", "deployments"): "Deployment",
     ("apps", "v1", "statefulsets"): "StatefulSet",
     ("", "v1", "services"): "Service",
+    ("", "v1", "pods"): "Pod",
 }
+
+ADMIN_TOKEN = "fake-cluster-admin"
+"""The bearer token of the test itself: allowed everything when RBAC is enforced."""
 
 _MICROTIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}(Z|[+-]\d\d:\d\d)$")
 
@@ -156,6 +173,7 @@ class _Fault:
     remaining: int | None  # requests left to fail, or None
     match: Callable[[str, str], bool] | None
     user_agent: str | None  # only requests whose User-Agent contains this
+    token: str | None = None  # only requests with this bearer token (one pod's credentials)
 
 
 def _matches(
@@ -180,6 +198,10 @@ class FakeKubeAPI:
         self._faults: list[_Fault] = []
         self._delays: list[tuple[float, Callable[[str, str], bool] | None, str | None]] = []
         self.requests: list[tuple[str, str]] = []
+        self._rbac: _Rbac | None = None
+        self._crds: dict[tuple[str, str, str], JSON] = {}  # (group, version, plural) -> openAPIV3Schema
+        self.denied: list[tuple[str, str, str, str]] = []
+        """(user, verb, resource, path) of every request RBAC refused."""
         self._server: ThreadingHTTPServer | None = None
         self._connections: set[socket.socket] = set()
         self._thread: threading.Thread | None = None
@@ -235,13 +257,14 @@ class FakeKubeAPI:
         return f"http://127.0.0.1:{self.port}"
 
     def api_client(
-        self, user_agent: str | None = None, retries: int | bool | None = False
+        self, user_agent: str | None = None, retries: int | bool | None = False, token: str | None = None
     ) -> kubernetes.client.ApiClient:
         """A real client pointed at this server. urllib3's own retries are off by default so that a
         test's timeout means one attempt, as the caller's ``_request_timeout`` says; ``user_agent``
         names the client for ``fail(user_agent=...)``."""
         config = kubernetes.client.Configuration(host=self.url)
         config.retries = retries
+        config.api_key = {"authorization": f"Bearer {token or ADMIN_TOKEN}"}
         client = kubernetes.client.ApiClient(configuration=config)
         if user_agent is not None:
             client.user_agent = user_agent
@@ -256,14 +279,15 @@ class FakeKubeAPI:
         count: int | None = None,
         match: Callable[[str, str], bool] | None = None,
         user_agent: str | None = None,
+        token: str | None = None,
     ) -> None:
-        """Answer matching requests (``match(method, path)`` and a User-Agent containing
-        ``user_agent``; all by default) with ``status`` for ``seconds`` or for ``count`` requests,
-        or until ``clear_faults()`` if neither is given. ``user_agent`` lets a test cut off one
-        client (a partitioned leader) while others still get through."""
+        """Answer matching requests (``match(method, path)``, a User-Agent containing ``user_agent``
+        and the bearer ``token``; all by default) with ``status`` for ``seconds`` or for ``count``
+        requests, or until ``clear_faults()`` if neither is given. ``user_agent`` or ``token`` lets a
+        test cut off one client (a partitioned leader) while others still get through."""
         until = time.monotonic() + seconds if seconds is not None else None
         with self._lock:
-            self._faults.append(_Fault(status, until, count, match, user_agent))
+            self._faults.append(_Fault(status, until, count, match, user_agent, token))
 
     def delay(
         self,
@@ -290,7 +314,7 @@ class FakeKubeAPI:
         with self._lock:
             self.requests.clear()
 
-    def _fault_for(self, method: str, path: str, agent: str) -> int | None:
+    def _fault_for(self, method: str, path: str, agent: str, authorization: str = "") -> int | None:
         now = time.monotonic()
         with self._lock:
             self._faults = [
@@ -299,11 +323,48 @@ class FakeKubeAPI:
                 if (f.until is None or f.until > now) and (f.remaining is None or f.remaining > 0)
             ]
             for f in self._faults:
-                if _matches(f.match, f.user_agent, method, path, agent):
+                if _matches(f.match, f.user_agent, method, path, agent) and (
+                    f.token is None or authorization == f"Bearer {f.token}"
+                ):
                     if f.remaining is not None:
                         f.remaining -= 1
                     return f.status
         return None
+
+    # ---- what a chart deploys ---------------------------------------------------------------
+    def enforce_rbac(self, objects: list[JSON], tokens: dict[str, str]) -> None:
+        """Authorise every request from now on with the rendered RBAC ``objects`` (Roles,
+        ClusterRoles, RoleBindings, ClusterRoleBindings; others are ignored). ``tokens`` maps a bearer
+        token to a ServiceAccount as ``namespace/name``."""
+        with self._lock:
+            self._rbac = _Rbac(objects, tokens)
+
+    def add_token(self, token: str, service_account: str) -> None:
+        """One more bearer token (a pod's projected token) for ``namespace/name``."""
+        with self._lock:
+            assert self._rbac is not None, "enforce_rbac first"
+            self._rbac.tokens[token] = "system:serviceaccount:" + service_account.replace("/", ":")
+
+    def install_crds(self, crds: list[JSON]) -> None:
+        """Serve the custom resources these CRDs define, and only those, validated by their schemas."""
+        with self._lock:
+            for crd in crds:
+                spec = crd["spec"]
+                for version in spec["versions"]:
+                    key = (spec["group"], version["name"], spec["names"]["plural"])
+                    self._crds[key] = version["schema"]["openAPIV3Schema"]
+                    self._custom_kinds[key] = spec["names"]["kind"]
+
+    def add_pod(self, namespace: str, name: str, labels: dict[str, str]) -> JSON:
+        """Create a Pod as the kubelet's ReplicaSet would (the test plays the Deployment)."""
+        body = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": labels}}
+        with self._lock:
+            return self._create(_Resource("", "v1", "pods"), namespace, body)
+
+    def delete_object(self, group: str, version: str, namespace: str, plural: str, name: str) -> None:
+        with self._lock:
+            if self._objects.pop((group, version, namespace, plural, name), None) is not None:
+                self._rv += 1
 
     # ---- direct access for tests -----------------------------------------------------------
     def get_object(self, group: str, version: str, namespace: str, plural: str, name: str) -> JSON | None:
@@ -326,11 +387,13 @@ class FakeKubeAPI:
             delay = sum(s for s, m, ua in self._delays if _matches(m, ua, method, path, agent))
         if delay:
             time.sleep(delay)
-        fault = self._fault_for(method, path, agent)
+        fault = self._fault_for(method, path, agent, headers.get("authorization", ""))
         if fault is not None:
             reason = _REASONS.get(fault, "InternalError")
             return fault, status_body(fault, f"injected fault {fault}", reason)
         try:
+            if self._rbac is not None:
+                self._authorise(method, path, query, headers.get("authorization", ""))
             if path in ("/version", "/version/"):
                 if method != "GET":
                     raise ApiError(405, "method not allowed")
@@ -372,6 +435,51 @@ class FakeKubeAPI:
         except ApiError as e:
             return e.code, status_body(e.code, e.message, e.reason, e.details)
 
+    def _authorise(self, method: str, path: str, query: dict[str, list[str]], authorization: str) -> None:
+        rbac = self._rbac
+        assert rbac is not None
+        token = authorization.removeprefix("Bearer ").strip() if authorization.startswith("Bearer ") else ""
+        if token == ADMIN_TOKEN:
+            return
+        user = rbac.tokens.get(token)
+        if user is None:
+            raise ApiError(401, "Unauthorized")
+        if path in ("/version", "/version/"):
+            return  # system:public-info-viewer
+        m = _PATH.match(path)
+        if not m:
+            raise ApiError(403, f'forbidden: User "{user}" cannot {method.lower()} path "{path}"')
+        group = m.group("group") or ""
+        namespace, plural, name, sub = (
+            m.group("namespace"),
+            m.group("plural"),
+            m.group("name"),
+            m.group("subresource"),
+        )
+        watch = query.get("watch", [""])[0] in ("true", "1")
+        verb = {
+            "GET": ("watch" if watch else "get") if name else ("watch" if watch else "list"),
+            "POST": "create",
+            "PUT": "update",
+            "PATCH": "patch",
+            "DELETE": "delete" if name else "deletecollection",
+        }.get(method, method.lower())
+        resource = f"{plural}/{sub}" if sub else plural
+        if rbac.allows(user, verb, group, resource, namespace, name):
+            return
+        with self._lock:
+            self.denied.append((user, verb, resource, path))
+        what = f"{plural}.{group}" if group else plural
+        subject = f'{what} "{name}"' if name else what
+        in_group = f'in API group "{group}"'
+        raise ApiError(
+            403,
+            f'{subject} is forbidden: User "{user}" cannot {verb} resource "{resource}" {in_group} '
+            f'in the namespace "{namespace}"',
+            "Forbidden",
+            {"name": name or "", "group": group, "kind": plural},
+        )
+
     def _dispatch(
         self,
         method: str,
@@ -386,6 +494,8 @@ class FakeKubeAPI:
         payload: Any,
     ) -> tuple[int, JSON]:
         res = _Resource(group, version, plural)
+        if self._crds and res.kind is None and res.key not in self._crds:
+            raise ApiError(404, f"the server could not find the requested resource ({res.resource_name})")
         if name is None:
             if method == "GET":
                 return 200, self._list(res, namespace, query)
@@ -563,7 +673,33 @@ class FakeKubeAPI:
 
     def _validate(self, res: _Resource, obj: JSON) -> None:
         """Enforce the few server-side rules a client could get wrong and never notice against a
-        lenient fake: MicroTime precision, positive lease durations, defaults and mirrored status."""
+        lenient fake: MicroTime precision, positive lease durations, defaults and mirrored status;
+        for custom objects, the CRD's schema (pruning, then validation)."""
+        schema = self._crds.get(res.key)
+        if schema is not None:
+            pruned = _prune(obj, schema)
+            obj.clear()
+            obj.update(pruned)
+            errors = sorted(
+                _validator(schema).iter_errors(_without_meta(obj)), key=lambda e: list(e.absolute_path)
+            )
+            if errors:
+                causes = [
+                    {"field": ".".join(str(p) for p in e.absolute_path), "message": e.message} for e in errors
+                ]
+                text = "; ".join(f"{c['field'] or '(root)'}: {c['message']}" for c in causes)
+                name = obj.get("metadata", {}).get("name", "")
+                raise ApiError(
+                    422,
+                    f'{res.resource_name} "{name}" is invalid: {text}',
+                    "Invalid",
+                    {
+                        "name": name,
+                        "group": res.group,
+                        "kind": res.kind or self._custom_kinds.get(res.key),
+                        "causes": causes,
+                    },
+                )
         if res.kind == "Lease":
             spec = obj.setdefault("spec", {}) or {}
             obj["spec"] = spec
@@ -616,6 +752,129 @@ class FakeKubeAPI:
         self._rv += 1
         obj["metadata"]["resourceVersion"] = str(self._rv)
         self._objects[key] = obj
+
+
+class _Rbac:
+    """Kubernetes RBAC over rendered objects: a request is allowed when some rule of a role bound to
+    the user (RoleBinding in the request's namespace, or ClusterRoleBinding) matches its API group,
+    resource (``plural/subresource``), verb and, when the rule lists resourceNames, the object's
+    name. As in Kubernetes, a rule with resourceNames never allows create, list or watch of a
+    collection (there is no name to match), and nothing is denied explicitly: absence is denial."""
+
+    def __init__(self, objects: list[JSON], tokens: dict[str, str]) -> None:
+        self.tokens = {t: "system:serviceaccount:" + sa.replace("/", ":") for t, sa in tokens.items()}
+        self.roles: dict[tuple[str, str], list[JSON]] = {}  # (namespace or "", name) -> rules
+        self.bindings: list[tuple[str | None, tuple[str, str], set[str]]] = []
+        for o in objects:
+            kind, meta = o.get("kind"), o.get("metadata", {})
+            if kind == "Role":
+                self.roles[(meta["namespace"], meta["name"])] = o.get("rules") or []
+            elif kind == "ClusterRole":
+                self.roles[("", meta["name"])] = o.get("rules") or []
+        for o in objects:
+            kind, meta = o.get("kind"), o.get("metadata", {})
+            if kind not in ("RoleBinding", "ClusterRoleBinding"):
+                continue
+            ref = o["roleRef"]
+            role_key = (meta["namespace"] if ref["kind"] == "Role" else "", ref["name"])
+            users = {
+                f"system:serviceaccount:{s.get('namespace', meta.get('namespace'))}:{s['name']}"
+                for s in o.get("subjects") or []
+                if s["kind"] == "ServiceAccount"
+            }
+            scope = meta.get("namespace") if kind == "RoleBinding" else None
+            self.bindings.append((scope, role_key, users))
+
+    def allows(
+        self, user: str, verb: str, group: str, resource: str, namespace: str, name: str | None
+    ) -> bool:
+        for scope, role_key, users in self.bindings:
+            if user not in users or (scope is not None and scope != namespace):
+                continue
+            for rule in self.roles.get(role_key, []):
+                if (
+                    _has(rule.get("apiGroups"), group)
+                    and _has(rule.get("resources"), resource)
+                    and _has(rule.get("verbs"), verb)
+                    and (
+                        not rule.get("resourceNames") or (name is not None and name in rule["resourceNames"])
+                    )
+                ):
+                    return True
+        return False
+
+
+def _has(values: list[str] | None, wanted: str) -> bool:
+    return bool(values) and ("*" in values or wanted in values)  # type: ignore[operator]
+
+
+def _date_time(value: object) -> bool:
+    if not isinstance(value, str):
+        return True
+    try:
+        datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return "T" in value
+
+
+_FORMATS = jsonschema.FormatChecker(formats=())
+_FORMATS.checks("date-time")(_date_time)
+
+
+def _openapi_to_jsonschema(schema: Any) -> Any:
+    """OpenAPI v3 ``nullable: true`` is jsonschema's ``type: [t, "null"]``; the x-kubernetes-*
+    extensions need no translation (jsonschema ignores unknown keywords)."""
+    if isinstance(schema, list):
+        return [_openapi_to_jsonschema(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _openapi_to_jsonschema(v) for k, v in schema.items()}
+    if out.pop("nullable", False) and isinstance(out.get("type"), str):
+        out["type"] = [out["type"], "null"]
+    return out
+
+
+_validators: dict[int, Any] = {}
+
+
+def _validator(schema: JSON) -> Any:
+    cached = _validators.get(id(schema))
+    if cached is None:
+        cached = jsonschema.Draft7Validator(_openapi_to_jsonschema(schema), format_checker=_FORMATS)
+        _validators[id(schema)] = cached
+    return cached
+
+
+def _without_meta(obj: JSON) -> JSON:
+    """metadata is validated by the server's ObjectMeta rules, not the CRD's schema."""
+    return {k: v for k, v in obj.items() if k != "metadata"}
+
+
+def _prune(value: Any, schema: JSON, root: bool = True) -> Any:
+    """Drop fields the structural schema does not declare, as the API server does (silently):
+    a client that writes an undeclared field would lose it on the next read."""
+    if not isinstance(schema, dict):
+        return value
+    if isinstance(value, dict):
+        if schema.get("x-kubernetes-preserve-unknown-fields") and "properties" not in schema:
+            return value
+        props = schema.get("properties")
+        extra = schema.get("additionalProperties")
+        out: JSON = {}
+        for k, v in value.items():
+            if root and k in ("apiVersion", "kind", "metadata"):
+                out[k] = v
+            elif props is not None and k in props:
+                out[k] = _prune(v, props[k], False)
+            elif isinstance(extra, dict):
+                out[k] = _prune(v, extra, False)
+            elif extra is True or schema.get("x-kubernetes-preserve-unknown-fields"):
+                out[k] = v
+        return out
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [_prune(v, schema["items"], False) for v in value]
+    return value
 
 
 @dataclass(frozen=True)

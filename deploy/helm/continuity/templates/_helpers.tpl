@@ -28,6 +28,14 @@ app.kubernetes.io/name: {{ include "continuity.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
+{{/* The selector labels as a label selector string, for the pod labeler (CONTINUITY_POD_SELECTOR). */}}
+{{- define "continuity.podSelector" -}}
+{{- printf "app.kubernetes.io/name=%s,app.kubernetes.io/instance=%s" (include "continuity.name" .) .Release.Name -}}
+{{- end -}}
+
+{{/* The label the leader puts on its own pod; the -leader Service selects it. */}}
+{{- define "continuity.roleLabel" -}}continuity.dev/role{{- end -}}
+
 {{- define "continuity.labels" -}}
 helm.sh/chart: {{ include "continuity.chart" . }}
 {{ include "continuity.selectorLabels" . }}

@@ -1,0 +1,139 @@
+"""A config reload rebuilds everything derived from the config: notifier channels, the AWS client
+factory and the probe schedule. A notifier added by reload delivers its messages (before, a page was
+queued for a channel the dispatcher never had, and sat in the outbox forever).
+
+In process, real parts: a local HTTP target, the validating PagerDuty and Slack receivers on
+loopback, the SQLite store; the controller's own loop and dispatcher do the sending."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controller.config import Config, load_config
+from controller.demo.pagerduty import PagerDutyReceiver
+from controller.loop import Controller
+from controller.metrics import Metrics
+from controller.notify.receivers import SlackReceiver, serve
+from controller.store import SQLiteStore
+from tests.test_cluster import Target
+
+PD_KEY = "0123456789abcdef0123456789abcdef"
+
+
+@pytest.fixture
+def target() -> Iterator[Target]:
+    t = Target()
+    yield t
+    t.close()
+
+
+def write_config(path: Path, target: Target, notifiers: str = "", aws: str = "http://127.0.0.1:9") -> Config:
+    path.write_text(
+        f"""
+services:
+  shop: {{tier: critical, rto: 5m, probes: [web]}}
+probes:
+  web: {{kind: http, url: "http://127.0.0.1:{target.port}/web", interval: 100ms, timeout: 1s}}
+detection: {{failure_threshold: 2, success_threshold: 1, confirm: {{probes: 1, spacing: 50ms}}}}
+aws: {{region: eu-west-1, endpoint_url: "{aws}"}}
+controller: {{data_dir: "{path.parent / "state"}", tick: 100ms, outbox_retry: 200ms}}
+leader: {{backend: none}}
+{notifiers}
+""",
+        encoding="utf-8",
+    )
+    return load_config(path)
+
+
+async def eventually(cond: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+def test_a_notifier_added_by_reload_delivers_and_aws_clients_follow_the_new_config(
+    tmp_path: Path, target: Target, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pd = PagerDutyReceiver()
+    slack = SlackReceiver(token="T1/B2/reload")
+    monkeypatch.setenv("PD_ROUTING_KEY", PD_KEY)
+    cfg_path = tmp_path / "continuity.yaml"
+
+    async def scenario() -> None:
+        async with serve(pd.app()) as pd_base, serve(slack.app()) as slack_base:
+            monkeypatch.setenv("SLACK_URL", f"{slack_base}/services/T1/B2/reload")
+            first = write_config(cfg_path, target)
+            store = SQLiteStore(first.controller.data_dir)
+            controller = Controller(first, store, metrics=Metrics())
+            await controller.start()
+            try:
+                assert set(controller.dispatcher.channels) == set()
+                old_aws = controller.aws
+                notifiers = f"""
+notifiers:
+  pagerduty: {{routing_key_env: PD_ROUTING_KEY, events_url: "{pd_base}/v2/enqueue"}}
+  slack: {{webhook_url_env: SLACK_URL}}
+"""
+                second = write_config(cfg_path, target, notifiers, aws="http://127.0.0.1:4567")
+                await controller.reload(second)
+                assert set(controller.dispatcher.channels) == {"pagerduty", "slack"}
+                assert controller.aws is not old_aws
+                assert controller.aws("route53").meta.endpoint_url == "http://127.0.0.1:4567"
+
+                target.status["web"] = 503
+                inc = await eventually(lambda: store.open_incident_for("shop"), 10, "an incident")
+                await eventually(
+                    lambda: [e for e in pd.events if e.get("dedup_key") == inc.dedup_key], 10, "the page"
+                )
+                await eventually(lambda: slack.accepted, 10, "the Slack message")
+                assert pd.rejected == [] and slack.rejected == []
+                assert [m for m in store.outbox() if not m.dead and m.channel == "pagerduty"] == []
+
+                # Removing a channel by reload stops it; re-adding it later brings it back.
+                third = write_config(
+                    cfg_path, target, notifiers.replace("  slack: {webhook_url_env: SLACK_URL}\n", "")
+                )
+                await controller.reload(third)
+                assert set(controller.dispatcher.channels) == {"pagerduty"}
+            finally:
+                await controller.stop()
+                store.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_reload_that_names_a_missing_secret_is_refused_before_anything_changes(
+    tmp_path: Path, target: Target, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PD_MISSING", raising=False)
+    cfg_path = tmp_path / "continuity.yaml"
+
+    async def scenario() -> None:
+        first = write_config(cfg_path, target)
+        store = SQLiteStore(first.controller.data_dir)
+        controller = Controller(first, store, metrics=Metrics())
+        await controller.start()
+        try:
+            bad = write_config(
+                cfg_path, target, "notifiers:\n  pagerduty: {routing_key_env: PD_MISSING}\n", aws="http://x:1"
+            )
+            with pytest.raises(Exception, match="PD_MISSING"):
+                await controller.reload(bad)
+            assert controller.config is first
+            assert set(controller.dispatcher.channels) == set()
+            assert controller.scheduler is not None and not controller._probe_stop.is_set()
+        finally:
+            await controller.stop()
+            store.close()
+
+    asyncio.run(scenario())
