@@ -863,6 +863,25 @@ def resolve_secret(env_name: str) -> str:
 def json_schema() -> dict[str, Any]:
     """The JSON Schema an editor uses to complete and check the YAML as the SRE types."""
     schema = Config.model_json_schema(by_alias=True, mode="validation")
+    _duration_defaults(schema)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "Continuity configuration"
     return schema
+
+
+def _duration_defaults(node: Any) -> None:
+    """Pydantic writes a duration's default as the float it stores (`60.0`), which the config itself
+    refuses (a bare number); the schema shows it as the SRE writes it (`60s`, `30m`)."""
+    from controller.durations import DURATION_PATTERN, schema_text
+
+    if isinstance(node, dict):
+        kinds = [node, *(node.get("anyOf") or [])]
+        is_duration = any(isinstance(k, dict) and k.get("pattern") == DURATION_PATTERN for k in kinds)
+        default = node.get("default")
+        if is_duration and isinstance(default, int | float) and not isinstance(default, bool):
+            node["default"] = schema_text(float(default))
+        for value in node.values():
+            _duration_defaults(value)
+    elif isinstance(node, list):
+        for value in node:
+            _duration_defaults(value)

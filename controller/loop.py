@@ -453,8 +453,8 @@ class Controller:
         inc = self.store.open_incident(dec.service, dec.severity, title[:500], now, started, data)
         for probe in h.failing:
             st = self.states[probe]
-            if probe in self.burst_notes:
-                at, note = self.burst_notes[probe]
+            at, note = self.burst_notes.get(probe, (0.0, ""))
+            if note and at >= (st.first_failure_at or started):  # not a burst of an earlier streak
                 self.store.append(inc.id, at, "probe", note, {"probe": probe})
             if st.first_failure_at is not None:
                 self.store.append(
