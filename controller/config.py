@@ -17,6 +17,7 @@ import yaml
 from pydantic import Field, PrivateAttr, ValidationError, model_validator
 
 from controller.comms.settings import Communications, Roles
+from controller.console_settings import ConsoleSettings, InboundSettings
 from controller.detect import Rules
 from controller.durations import Duration
 from probes.base import Comparison, Strict
@@ -431,6 +432,8 @@ class Config(Strict):
         default_factory=dict, description="The risk register; each risk names the drill that rehearses it."
     )
     drills: DrillSettings = Field(default_factory=DrillSettings)
+    console: ConsoleSettings = Field(default_factory=ConsoleSettings)
+    inbound: InboundSettings = Field(default_factory=InboundSettings)
     _services_of: dict[str, list[str]] | None = PrivateAttr(default=None)
 
     def rules(self, probe: str, confirm: bool = True) -> Rules:
