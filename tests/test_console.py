@@ -155,9 +155,9 @@ def _keep(path: Path) -> None:
         (Path(SHOTS) / path.name).write_bytes(path.read_bytes())
 
 
-async def _shot(page: Any, name: str, tmp: Path) -> None:
+async def _shot(page: Any, name: str, tmp: Path, full: bool = True) -> None:
     path = tmp / f"{name}.png"
-    await page.screenshot(path=str(path), full_page=True)
+    await page.screenshot(path=str(path), full_page=full)
     _keep(path)
 
 
@@ -172,6 +172,12 @@ async def _round(w: World, base: str, browser: Any, width: int, tmp: Path) -> No
     await page.fill("input[name=token]", TOKEN)
     await page.click("button[type=submit]")
     await page.wait_for_url(f"{base}/console/incidents/{w.incident.id}")
+
+    # The overview while the failover waits for a human.
+    await page.goto(f"{base}/console")
+    assert await page.locator(f"#run-{w.run.id} button.approve").is_visible()
+    await _shot(page, f"console-approval-{tag}", tmp, full=width > 600)
+    await page.goto(f"{base}/console/incidents/{w.incident.id}")
 
     # Approve the failover from the incident page: the CLI's flag, then a real cycle runs it.
     await page.click(f"#run-{w.run.id} button.approve")
@@ -212,7 +218,7 @@ async def _round(w: World, base: str, browser: Any, width: int, tmp: Path) -> No
     # Nothing wider than the screen.
     assert await page.evaluate("document.documentElement.scrollWidth") <= width
     await page.reload()
-    await _shot(page, f"console-incident-{tag}", tmp)
+    await _shot(page, f"console-incident-{tag}", tmp, full=width > 600)
 
     # The overview: pause and resume, silence a service; then the playbooks' plans.
     await page.goto(f"{base}/console")
