@@ -175,6 +175,9 @@ def app(controller: Controller) -> web.Application:
     from controller import console
 
     console.add_routes(application, controller)  # /console, its own login, CSRF and templates
+    from controller import interactions
+
+    interactions.install(application, controller)  # Slack buttons and PagerDuty webhooks, signed
     application.add_routes(
         [
             web.get("/runs", runs),

@@ -59,6 +59,10 @@ class InboundSettings(Strict):
         description="Environment variable with the PagerDuty webhook subscription's signing secret: enables "
         "POST /pagerduty/webhook (acknowledge and resolve in PagerDuty act here).",
     )
+    slack_response_url_prefix: str = Field(
+        default="https://hooks.slack.com/",
+        description="Only a response_url starting with this is called back (to mark the message answered).",
+    )
     slack_users: dict[str, str] = Field(
         default_factory=dict,
         description="Slack user id -> the name recorded as who answered (default: the Slack username).",

@@ -123,6 +123,7 @@ async def world(tmp: Path, monkeypatch: pytest.MonkeyPatch, extra: str = "") -> 
             "slack": await stack.enter_async_context(serve(slack.app())),
         }
         monkeypatch.setenv("CONSOLE_SLACK_URL", f"{urls['slack']}/services/T000/B000/XXXX")
+        tmp.mkdir(parents=True, exist_ok=True)
         path = tmp / "continuity.yaml"
         path.write_text(config_text(tmp, urls["pd"], extra), encoding="utf-8")
         cfg = load_config(path)
