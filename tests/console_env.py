@@ -112,6 +112,13 @@ def feed(
         clock.advance(10)
 
 
+def _write(tmp: Path, text: str) -> Path:
+    tmp.mkdir(parents=True, exist_ok=True)
+    path = tmp / "continuity.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
 @contextlib.asynccontextmanager
 async def world(tmp: Path, monkeypatch: pytest.MonkeyPatch, extra: str = "") -> AsyncIterator[World]:
     """Checkout down, its incident open and paged, its manual failover awaiting approval."""
@@ -123,9 +130,7 @@ async def world(tmp: Path, monkeypatch: pytest.MonkeyPatch, extra: str = "") -> 
             "slack": await stack.enter_async_context(serve(slack.app())),
         }
         monkeypatch.setenv("CONSOLE_SLACK_URL", f"{urls['slack']}/services/T000/B000/XXXX")
-        tmp.mkdir(parents=True, exist_ok=True)
-        path = tmp / "continuity.yaml"
-        path.write_text(config_text(tmp, urls["pd"], extra), encoding="utf-8")
+        path = _write(tmp, config_text(tmp, urls["pd"], extra))
         cfg = load_config(path)
         clock = FakeClock()
         ctrl = Controller(cfg, SQLiteStore(cfg.controller.data_dir), clock=clock, env=lambda _: PD_KEY)
