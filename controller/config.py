@@ -20,6 +20,7 @@ from controller.comms.settings import Communications, Roles
 from controller.console_settings import ConsoleSettings, InboundSettings
 from controller.detect import Rules
 from controller.durations import Duration
+from controller.grouping import Grouping
 from probes.base import Comparison, Strict
 from probes.dns import DnsProbe
 from probes.http import HttpProbe, TransactionProbe, Window
@@ -132,6 +133,10 @@ class Service(Strict):
     )
     impact: str = Field(default="", description="In plain words, what customers cannot do while it is down.")
     workaround: str = Field(default="", description="What users can do meanwhile, told in every update.")
+    region: str | None = Field(
+        default=None,
+        description="Where it runs (e.g. eu-west-1): a region's services failing together are one incident.",
+    )
 
 
 class PromQuery(Strict):
@@ -434,6 +439,7 @@ class Config(Strict):
     drills: DrillSettings = Field(default_factory=DrillSettings)
     console: ConsoleSettings = Field(default_factory=ConsoleSettings)
     inbound: InboundSettings = Field(default_factory=InboundSettings)
+    grouping: Grouping = Field(default_factory=Grouping)
     _services_of: dict[str, list[str]] | None = PrivateAttr(default=None)
 
     def rules(self, probe: str, confirm: bool = True) -> Rules:
