@@ -333,6 +333,12 @@ def add_routes(app: web.Application, controller: Controller) -> None:
         return
     token = os.environ.get(controller.config.controller.api_token_env, "")
     auth = Auth(token, settings.trusted_header, settings.trusted_proxies, settings.session_ttl)
+    stopping = asyncio.Event()  # open event streams end at shutdown instead of holding it up
+
+    async def on_shutdown(_: web.Application) -> None:
+        stopping.set()
+
+    app.on_shutdown.append(on_shutdown)
 
     def who(request: web.Request) -> str | None:
         return auth.user(request, time.time())
@@ -450,8 +456,11 @@ def add_routes(app: web.Application, controller: Controller) -> None:
             if quiet >= 15:
                 await resp.write(b": keep-alive\n\n")
                 quiet = 0.0
-            await asyncio.sleep(settings.refresh)
-            quiet += settings.refresh
+            try:  # wait for the next look, or for the server to shut down (then end the stream)
+                await asyncio.wait_for(stopping.wait(), timeout=settings.refresh)
+                break
+            except TimeoutError:
+                quiet += settings.refresh
         return resp
 
     async def playbooks_page(request: web.Request, user: str) -> web.Response:

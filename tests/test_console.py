@@ -9,6 +9,7 @@ the CLI would have written) and then lets the controller apply it with a real cy
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 from pathlib import Path
@@ -277,5 +278,40 @@ def test_a_responders_round_in_chromium(tmp_path: Path, monkeypatch: pytest.Monk
                     await cycle(w.ctrl)
                     inc = w.ctrl.store.get_incident(w.incident.id)
                     assert inc is not None and inc.status == "resolved"
+
+    asyncio.run(main())
+
+
+def test_the_timeline_stream_sends_new_entries_and_ends_at_shutdown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def main() -> None:
+        async with world(tmp_path, monkeypatch) as w, session() as s:
+            count = len(w.ctrl.store.timeline(w.incident.id))
+            seen: list[dict[str, Any]] = []
+            async with serve(app(w.ctrl)) as base:
+                assert await login(s, base) == 303
+                resp = await s.get(f"{base}/console/incidents/{w.incident.id}/events?after={count}")
+                assert resp.headers["Content-Type"].startswith("text/event-stream")
+
+                async def read() -> None:
+                    event = ""
+                    async for raw in resp.content:
+                        line = raw.decode().rstrip("\n")
+                        if line.startswith("event: "):
+                            event = line[7:]
+                        elif line.startswith("data: ") and event == "entry":
+                            seen.append(json.loads(line[6:]))
+
+                reader = asyncio.create_task(read())
+                w.ctrl.store.append(w.incident.id, w.clock(), "comms", f"note {EVIL}")
+                for _ in range(100):
+                    if seen:
+                        break
+                    await asyncio.sleep(0.05)
+                assert [e["message"] for e in seen] == [f"note {EVIL}"]  # JSON: the page sets textContent
+                assert seen[0]["n"] == count + 1
+            # The server shut down: the stream ended rather than holding the shutdown up.
+            await asyncio.wait_for(reader, timeout=20)
 
     asyncio.run(main())
