@@ -67,7 +67,8 @@ def _together(a: ServiceHealth | None, b: ServiceHealth | None, window: float) -
 
 
 def peers(obs: Observation, config: Config, service: str) -> list[str]:
-    """Other services of the same region failing in the same window (or holding an incident)."""
+    """Other services of the same region failing in the same window, or recovered but still holding
+    the region's incident open (the members' failures keep it open, so it is still this outage)."""
     svc = config.services.get(service)
     region = getattr(svc, "region", None) if svc else None
     if not region or not config.grouping.by_region:
@@ -78,7 +79,10 @@ def peers(obs: Observation, config: Config, service: str) -> list[str]:
         if name == service or getattr(other, "region", None) != region:
             continue
         h = obs.health.get(name)
-        if _failing(h) and _together(mine, h, config.grouping.window):
+        if _failing(h):
+            if _together(mine, h, config.grouping.window):
+                out.append(name)
+        elif name in obs.incidents:  # recovered, its incident held open by the outage's members: same outage
             out.append(name)
     return out
 
