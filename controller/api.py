@@ -172,6 +172,12 @@ def app(controller: Controller) -> web.Application:
 
     comms_api.add_routes(application, controller, authorised)
     statuspage_site.add_routes(application, controller)
+    from controller import console
+
+    console.add_routes(application, controller)  # /console, its own login, CSRF and templates
+    from controller import interactions
+
+    interactions.install(application, controller)  # Slack buttons and PagerDuty webhooks, signed
     application.add_routes(
         [
             web.get("/runs", runs),

@@ -148,7 +148,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     dr.add_argument("--service", help="with --target: the service to break (default: the first critical one)")
     dr.add_argument(
-        "--out", default="drill-reports", help="directory for the reports (default: drill-reports)"
+        "--out",
+        help="directory for the reports (default: drill-reports/ under the data directory: --data-dir, "
+        "the config's controller.data_dir, else $XDG_STATE_HOME/continuity)",
     )
     dr.add_argument("--data-dir", help="where drill results are kept (default: the config's store)")
 
@@ -338,9 +340,24 @@ def _when(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
 
 
+def _reading_store(args: argparse.Namespace) -> Store:
+    """The store to read incidents from: the config's, or with only --data-dir, SQLite there."""
+    from controller.store import SQLiteStore
+
+    if args.data_dir and args.config == DEFAULT_CONFIG and not Path(args.config).exists():
+        if not Path(args.data_dir).is_dir():
+            raise UsageError(f"--data-dir {args.data_dir}: no such directory")
+        return SQLiteStore(args.data_dir)
+    if args.config == DEFAULT_CONFIG and not Path(args.config).exists():
+        raise UsageError(
+            f"no {DEFAULT_CONFIG} here: pass -c FILE (the controller's config) or --data-dir DIR "
+            "(its data directory)"
+        )
+    return _store(_load(args.config), args.data_dir)
+
+
 def cmd_incidents(args: argparse.Namespace) -> int:
-    cfg = _load(args.config)
-    store = _store(cfg, args.data_dir)
+    store = _reading_store(args)
     items = store.list_incidents(status="open" if args.open else None)
     if args.json:
         print(json.dumps([i.to_dict() for i in items], indent=2))
@@ -356,8 +373,7 @@ def cmd_incidents(args: argparse.Namespace) -> int:
 
 
 def cmd_incident_show(args: argparse.Namespace) -> int:
-    cfg = _load(args.config)
-    store = _store(cfg, args.data_dir)
+    store = _reading_store(args)
     inc = store.get_incident(args.id)
     if inc is None:
         print(f"continuity: no incident {args.id!r}", file=sys.stderr)
@@ -632,7 +648,28 @@ def _results_store(args: argparse.Namespace, target: str | None = None) -> Store
     path = target or args.config
     if target or Path(path).exists():
         return _store(_load(path), args.data_dir)
-    return SQLiteStore(args.data_dir or ".continuity")
+    return SQLiteStore(args.data_dir or str(_state_home()))
+
+
+def _state_home() -> Path:
+    """Where a drill of the demo keeps its results when no config names a data directory: the XDG
+    state directory, never whatever directory the command happened to be run from."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "continuity"
+
+
+def _drill_out(args: argparse.Namespace) -> Path:
+    """--out, else drill-reports/ beside the drill results (the data directory in play)."""
+    if args.out:
+        return Path(args.out)
+    if args.data_dir:
+        return Path(args.data_dir) / "drill-reports"
+    path = args.target or args.config
+    if Path(path).exists():
+        cfg = _load(path)
+        if cfg.store.backend == "sqlite":
+            return Path(cfg.controller.data_dir) / "drill-reports"
+    return _state_home() / "drill-reports"
 
 
 def cmd_drill(args: argparse.Namespace) -> int:
@@ -662,6 +699,7 @@ def cmd_drill(args: argparse.Namespace) -> int:
             )
     logs.configure("console", level="critical")  # the drill prints its own summary
     store = _results_store(args, args.target)
+    out = _drill_out(args)
     results = []
     try:
         for name in names:
@@ -673,7 +711,7 @@ def cmd_drill(args: argparse.Namespace) -> int:
             except DrillError as exc:
                 print(f"continuity: drill {name}: {exc}", file=sys.stderr)
                 return 1
-            report.write(result, Path(args.out))
+            report.write(result, out)
             report.record(store, result)
             results.append(result)
             if not args.all:
@@ -686,6 +724,7 @@ def cmd_drill(args: argparse.Namespace) -> int:
         store.close()
     if args.all:
         print(report.table(results))
+        print(f"reports: {out}")
     return 0 if all(r.passed for r in results) else 1
 
 

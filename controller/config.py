@@ -17,8 +17,10 @@ import yaml
 from pydantic import Field, PrivateAttr, ValidationError, model_validator
 
 from controller.comms.settings import Communications, Roles
+from controller.console_settings import ConsoleSettings, InboundSettings
 from controller.detect import Rules
 from controller.durations import Duration
+from controller.grouping import Grouping
 from probes.base import Comparison, Strict
 from probes.dns import DnsProbe
 from probes.http import HttpProbe, TransactionProbe, Window
@@ -131,6 +133,10 @@ class Service(Strict):
     )
     impact: str = Field(default="", description="In plain words, what customers cannot do while it is down.")
     workaround: str = Field(default="", description="What users can do meanwhile, told in every update.")
+    region: str | None = Field(
+        default=None,
+        description="Where it runs (e.g. eu-west-1): a region's services failing together are one incident.",
+    )
 
 
 class PromQuery(Strict):
@@ -443,6 +449,9 @@ class Config(Strict):
         default_factory=dict, description="The risk register; each risk names the drill that rehearses it."
     )
     drills: DrillSettings = Field(default_factory=DrillSettings)
+    console: ConsoleSettings = Field(default_factory=ConsoleSettings)
+    inbound: InboundSettings = Field(default_factory=InboundSettings)
+    grouping: Grouping = Field(default_factory=Grouping)
     _services_of: dict[str, list[str]] | None = PrivateAttr(default=None)
 
     def rules(self, probe: str, confirm: bool = True) -> Rules:
@@ -875,6 +884,25 @@ def resolve_secret(env_name: str) -> str:
 def json_schema() -> dict[str, Any]:
     """The JSON Schema an editor uses to complete and check the YAML as the SRE types."""
     schema = Config.model_json_schema(by_alias=True, mode="validation")
+    _duration_defaults(schema)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "Continuity configuration"
     return schema
+
+
+def _duration_defaults(node: Any) -> None:
+    """Pydantic writes a duration's default as the float it stores (`60.0`), which the config itself
+    refuses (a bare number); the schema shows it as the SRE writes it (`60s`, `30m`)."""
+    from controller.durations import DURATION_PATTERN, schema_text
+
+    if isinstance(node, dict):
+        kinds = [node, *(node.get("anyOf") or [])]
+        is_duration = any(isinstance(k, dict) and k.get("pattern") == DURATION_PATTERN for k in kinds)
+        default = node.get("default")
+        if is_duration and isinstance(default, int | float) and not isinstance(default, bool):
+            node["default"] = schema_text(float(default))
+        for value in node.values():
+            _duration_defaults(value)
+    elif isinstance(node, list):
+        for value in node:
+            _duration_defaults(value)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from controller import grouping
 from controller.classify import higher, severity
 from controller.config import Config, Failback, Playbook
 from controller.detect import ServiceHealth, ServiceState
@@ -144,6 +145,14 @@ def decide(obs: Observation, config: Config) -> list[Decision]:
             )
             continue
         parent = _failing_dependency(obs, svc.depends_on)
+        region = grouping.lead(obs, config, name) if parent is None and wanted is not None else None
+        if wanted is not None and region is not None:  # one regional outage: one incident, one page
+            if region.incident_id is not None:
+                out.append(JoinIncident(region.incident_id, name, f"{health.summary()}; {region.reason}"))
+                if health.state is ServiceState.DOWN and svc.playbook and not health.flapping:
+                    view = obs.incidents[region.leader]
+                    out.extend(_failover(obs, config, name, svc.playbook, view, wanted))
+            continue
         if wanted is not None and parent is not None and incident is None:
             dep, dep_incident = parent
             if dep_incident is not None:
@@ -192,6 +201,16 @@ def decide(obs: Observation, config: Config) -> list[Decision]:
                         f"{name} passes now but {', '.join(health.flapping)} is flapping: "
                         "the incident stays open until it is stable",
                         key="flapping-open",
+                    )
+                )
+            elif members := grouping.members_failing(obs, config, name):
+                out.append(
+                    Hold(
+                        name,
+                        iid,
+                        f"{name} is up but {', '.join(members)} in the same outage still fails: "
+                        "the incident stays open",
+                        key=f"members:{','.join(members)}",
                     )
                 )
             else:

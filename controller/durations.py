@@ -12,6 +12,7 @@ from typing import Annotated, Any
 from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+DURATION_PATTERN = r"^(\d+(\.\d+)?(ms|s|m|h|d))+$"
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 
 
@@ -51,6 +52,18 @@ def _coerce(value: Any) -> Any:
     raise ValueError(f"a duration with a unit (e.g. '{value}s'), found the bare number {value!r}")
 
 
+def schema_text(seconds: float) -> str:
+    """A duration as the README writes it: 1800 -> '30m', 0.25 -> '250ms', 60 -> '60s', 3600 -> '1h'."""
+    if seconds and seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    if seconds < 120:
+        return f"{seconds:g}s"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
 def _serialize(seconds: float) -> str:
     if seconds and seconds < 1:
         return f"{seconds * 1000:g}ms"
@@ -63,7 +76,7 @@ Duration = Annotated[
     WithJsonSchema(
         {
             "type": "string",
-            "pattern": r"^(\d+(\.\d+)?(ms|s|m|h|d))+$",
+            "pattern": DURATION_PATTERN,
             "description": "A duration: 500ms, 10s, 5m, 2h, 1h30m.",
         },
         mode="validation",

@@ -18,6 +18,7 @@ from typing import Any
 import structlog
 
 from controller import decide as d
+from controller import grouping
 from controller.aws import client_factory
 from controller.config import Config, resolve_secret
 from controller.detect import (
@@ -469,6 +470,7 @@ class Controller:
                     decision.reason,
                     {"joined_service": decision.service},
                 )
+                grouping.record_join(self.store, self.config, decision.incident_id, decision.service)
                 log.info("joined incident", service=decision.service, incident=decision.incident_id)
         elif isinstance(decision, d.Hold):
             key = decision.key or decision.reason
@@ -490,11 +492,12 @@ class Controller:
             "reasons": dict(h.reasons),
         }
         title = f"{dec.service} {h.state.value}: " + "; ".join(f"{p}: {r}" for p, r in h.reasons)
+        title, data = grouping.on_open(self.config, dec.service, self.health(), title, data)
         inc = self.store.open_incident(dec.service, dec.severity, title[:500], now, started, data)
         for probe in h.failing:
             st = self.states[probe]
-            if probe in self.burst_notes:
-                at, note = self.burst_notes[probe]
+            at, note = self.burst_notes.get(probe, (0.0, ""))
+            if note and at >= (st.first_failure_at or started):  # not a burst of an earlier streak
                 self.store.append(inc.id, at, "probe", note, {"probe": probe})
             if st.first_failure_at is not None:
                 self.store.append(

@@ -66,7 +66,7 @@ def snapshot(controller: Controller, now: float | None = None) -> dict[str, Any]
         updates = comms.get("updates") or []
         latest = updates[-1] if updates else None
         svc = cfg.services.get(inc.service)
-        name = display_name(inc.service, svc)
+        name = inc.data.get("display") or display_name(inc.service, svc)
         health = comms.get("health", "down")
         item = {
             "id": inc.id,

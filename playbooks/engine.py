@@ -94,6 +94,7 @@ def render_plan(name: str, pb: Playbook) -> str:
     ]
     for i, ((title, calls), step) in enumerate(zip(plan(pb), pb.steps, strict=True), 1):
         lines.append(f"  {i}. {title}  timeout {format_duration(step.timeout)}, retries {step.retries}")
+        lines.extend(f"       guard: {guards.explain(g)}" for g in step.guards)
         lines.extend(f"       {c.render()}" for c in calls)
     return "\n".join(lines)
 

@@ -111,5 +111,24 @@ def describe(guard: Guard) -> str:
     return f"prometheus {guard.prometheus.query if guard.prometheus else ''}"
 
 
+def explain(guard: Guard) -> str:
+    """The guard as an operator reads it in a plan: what must hold before the step runs."""
+    if guard.probes_healthy is not None:
+        return f"probes UP: {', '.join(guard.probes_healthy)}"
+    if guard.replica_lag is not None:
+        lag = guard.replica_lag
+        limit = f"at most {format_duration(lag.max)}" if lag.max is not None else "within the service's RPO"
+        if lag.cloudwatch is not None:
+            cw = lag.cloudwatch
+            dims = ", ".join(f"{k}={v}" for k, v in cw.dimensions.items())
+            source = f"CloudWatch {cw.namespace} {cw.metric}" + (f" {{{dims}}}" if dims else "")
+        else:
+            source = f"Prometheus `{lag.prometheus.query if lag.prometheus else ''}`"
+        return f"replica lag {limit} ({source})"
+    prom = guard.prometheus
+    assert prom is not None
+    return f"Prometheus `{prom.query}` {prom.describe()}"
+
+
 def summary(results: list[tuple[Guard, GuardResult]]) -> dict[str, Any]:
     return {describe(g): {"ok": r.ok, "text": r.text, "value": r.value} for g, r in results}

@@ -163,7 +163,9 @@ class Comparison(Strict):
 
     def describe(self) -> str:
         words = {"lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "=="}
-        return " and ".join(f"{words[k]} {v:g}" for k, v in self.model_dump().items() if v is not None)
+        # Only the bounds: a subclass (the Prometheus guard) adds url and query beside them.
+        bounds = ((k, getattr(self, k)) for k in words)
+        return " and ".join(f"{words[k]} {v:g}" for k, v in bounds if v is not None)
 
 
 def latency_check(bound: Comparison, seconds: float) -> Check:

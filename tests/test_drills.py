@@ -94,6 +94,7 @@ def test_region_lost_from_the_cli_fails_over_within_the_rto_and_is_recorded(tmp_
     assert code == 0, text
     assert "drill region-lost: PASSED (failover)" in text
     assert "[ok] recovered within the RTO" in text and "[ok] data loss within the RPO" in text
+    assert "[ok] one page for the outage: 1 paged incident(s)" in text  # checkout and catalog: one page
     [js] = out.glob("drill-region-lost-*.json")
     data = json.loads(js.read_text())
     m = data["measures"]

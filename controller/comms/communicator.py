@@ -436,7 +436,7 @@ class Communicator:
             current = next((s.name for s in steps if s.state in ("running", "pending")), None)
             playbook, step, progress = runs[-1].playbook, current, f"{done} of {len(steps)} steps done"
         health = comms.get("health", "down")
-        name = display_name(inc.service, svc)
+        name = inc.data.get("display") or display_name(inc.service, svc)  # a regional group names all
         return {
             "incident": {
                 "id": inc.id,
@@ -486,7 +486,8 @@ class Communicator:
         title = (
             inc.title
             if audience == "internal"
-            else f"{display_name(inc.service, svc)} {'is unavailable' if health == 'down' else 'is degraded'}"
+            else f"{inc.data.get('display') or display_name(inc.service, svc)} "
+            f"{'is unavailable' if health == 'down' else 'is degraded'}"
         )
         return {
             "id": inc.id,

@@ -30,21 +30,60 @@ def _d(seconds: float | None) -> str:
     return "-" if seconds is None else format_duration(max(seconds, 0.0))
 
 
-def chart(result: DrillResult, path: Path) -> None:
-    """Probe verdicts (1 up, 0 down) over the drill, key moments marked, the RTO drawn if in view."""
+def mark_lanes(marks: dict[str, float], span: float, min_gap: float = 0.045) -> list[tuple[str, float, int]]:
+    """Give each key moment a lane so that two badges closer than `min_gap` of the chart's width
+    never share one: (label, x, lane), in time order. Pure, so the layout is tested on its own."""
+    placed: list[tuple[str, float, int]] = []
+    last_x: dict[int, float] = {}
+    for label, x in sorted(marks.items(), key=lambda m: (m[1], m[0])):
+        lane = 0
+        while lane in last_x and x - last_x[lane] < min_gap * span:
+            lane += 1
+        last_x[lane] = x
+        placed.append((label, x, lane))
+    return placed
+
+
+def chart(result: DrillResult, path: Path) -> list[Any]:
+    """Probe verdicts (1 up, 0 down) over the drill, key moments marked, the RTO drawn if in view.
+
+    Key moments cluster within a second of each other (detected, paged, confirmed), so their names
+    never sit on the plot: each is a numbered badge on its line, badges that would touch go to a
+    higher lane, and the names are in a key under the chart. Returns the badges' and the key's
+    text artists, which a test checks for overlap."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     end = max([5.0, *result.marks.values(), *(t for s in result.series.values() for t, _ in s)]) + 2
-    fig, ax = plt.subplots(figsize=(9, 3.6), dpi=100)
+    placed = mark_lanes(result.marks, end + 1.5)
+    lanes = max((lane for _, _, lane in placed), default=0) + 1
+    key_rows = (len(placed) + 1) // 2
+    row_in, key_in = 0.2, 0.15 + 0.2 * key_rows  # the key's rows, in inches
+    height = 2.9 + key_in
+    fig = plt.figure(figsize=(9, height), dpi=100)
+    bottom = (key_in + 0.5) / height
+    ax = fig.add_axes((0.08, bottom, 0.9, 1 - bottom - 0.35 / height))
     for n, (probe, points) in enumerate(sorted(result.series.items())):
         pts = [*points, (end, points[-1][1])]
         ax.step([t for t, _ in pts], [v + n * 0.03 for _, v in pts], where="post", label=probe)
-    for n, (label, x) in enumerate(sorted(result.marks.items(), key=lambda m: m[1])):
-        ax.axvline(x, color="grey", linestyle="--", linewidth=0.8)
-        ax.text(x, 1.08 + 0.08 * (n % 3), label, fontsize=7, ha="left", va="bottom")
+    top = 1.12 + 0.14 * lanes
+    texts = []
+    for n, (_label, x, lane) in enumerate(placed, 1):
+        ax.axvline(x, color="grey", linestyle="--", linewidth=0.7, zorder=0)
+        texts.append(
+            ax.text(
+                x,
+                1.14 + 0.14 * lane,
+                str(n),
+                fontsize=7,
+                ha="center",
+                va="bottom",
+                color="white",
+                bbox={"boxstyle": "circle,pad=0.25", "facecolor": "#334155", "edgecolor": "none"},
+            )
+        )
     rto = f"RTO {format_duration(result.rto_s)}"
     if result.expected == "failover" and result.rto_s <= end:
         ax.axvline(result.rto_s, color="red", linewidth=1.2)
@@ -52,16 +91,32 @@ def chart(result: DrillResult, path: Path) -> None:
     else:
         rto += " (beyond the chart)" if result.expected == "failover" else " (not applicable)"
     ax.set_xlim(-1.5, end)
-    ax.set_ylim(-0.15, 1.4)
+    ax.set_ylim(-0.15, top + 0.12)
     ax.set_yticks([0, 1], ["down", "up"])
-    ax.set_xlabel("seconds since the fault was injected")
+    ax.set_xlabel("seconds since the fault was injected", fontsize=8)
+    ax.tick_params(labelsize=8)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
     verdict = "PASSED" if result.passed else "FAILED"
     ax.set_title(f"drill {result.scenario}: {verdict}; {rto}", fontsize=9, loc="left")
     if result.series:
-        ax.legend(loc="lower right", fontsize=7)
-    fig.tight_layout()
+        ax.legend(loc="lower right", fontsize=7, frameon=False)
+    for n, (label, x, _lane) in enumerate(placed):
+        col, row = divmod(n, key_rows)
+        texts.append(
+            fig.text(
+                0.08 + 0.46 * col,
+                (key_in - 0.1 - row * row_in) / height,
+                f"{n + 1}  {label} at {format_duration(max(x, 0.0)) if x > 0 else '0s'}",
+                fontsize=8,
+                va="top",
+            )
+        )
     fig.savefig(path, format="png")
+    fig.canvas.draw()
+    boxes = [t.get_window_extent() for t in texts]
     plt.close(fig)
+    return boxes
 
 
 def write(result: DrillResult, out: Path) -> list[Path]:

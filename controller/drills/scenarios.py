@@ -264,6 +264,18 @@ def _killed_checks(drill: Drill) -> list[Objective]:
     ]
 
 
+def _one_page(drill: Drill) -> list[Objective]:
+    """A region outage is one outage: one incident pages once, whatever number of services it took."""
+    from controller.drills.runner import Objective
+
+    keys = sorted({str(e.get("dedup_key")) for e in drill.triggers()})
+    return [
+        Objective(
+            "one page for the outage", "1 paged incident", f"{len(keys)} paged incident(s)", len(keys) == 1
+        )
+    ]
+
+
 BUILTIN: dict[str, Scenario] = {
     s.name: s
     for s in [
@@ -276,6 +288,7 @@ BUILTIN: dict[str, Scenario] = {
             _lose_primary,
             _failover_done,
             target_faults="service",
+            checks=_one_page,
         ),
         Scenario(
             "database-lost",

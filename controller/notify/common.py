@@ -55,7 +55,10 @@ def next_update(incident: dict[str, Any]) -> str | None:
 
 def headline(incident: dict[str, Any], event: str) -> str:
     prefix = {"opened": "Incident", "update": "Update", "resolved": "Resolved"}[event]
-    return f"{prefix}: {incident['service']} — {incident['title']}"
+    title, service = str(incident["title"]), str(incident["service"])
+    if title.startswith(f"{service} "):  # "checkout down: ..." already names it: say it once
+        return f"{prefix}: {title}"
+    return f"{prefix}: {service} — {title}"
 
 
 def secret(env_name: str) -> str:

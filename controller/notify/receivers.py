@@ -58,7 +58,41 @@ BLOCK_KEYS = {
     "section": {"type", "text", "fields", "accessory", "block_id"},
     "context": {"type", "elements", "block_id"},
     "divider": {"type", "block_id"},
+    "actions": {"type", "elements", "block_id"},
 }
+BUTTON_KEYS = {"type", "text", "action_id", "value", "style", "url", "confirm", "accessibility_label"}
+CONFIRM_KEYS = {"title", "text", "confirm", "deny", "style"}
+
+
+def _button(el: Any, where: str) -> list[str]:
+    """Slack's button element: plain_text text of at most 75, action_id at most 255 (unique in the
+    block), value at most 2,000, style primary or danger, an optional confirm dialog."""
+    if not isinstance(el, dict) or el.get("type") != "button":
+        return [f"{where}: only button elements are checked here, found {el!r:.60}"]
+    errors = []
+    if set(el) - BUTTON_KEYS:
+        errors.append(f"{where}: unknown keys {sorted(set(el) - BUTTON_KEYS)}")
+    errors += _text_object(el.get("text"), f"{where}.text", 75, {"plain_text"})
+    if not isinstance(el.get("action_id"), str) or not 0 < len(el["action_id"]) <= 255:
+        errors.append(f"{where}.action_id: 1 to 255 characters")
+    if "value" in el and (not isinstance(el["value"], str) or len(el["value"]) > 2000):
+        errors.append(f"{where}.value: at most 2000 characters")
+    if "style" in el and el["style"] not in ("primary", "danger"):
+        errors.append(f"{where}.style: primary or danger")
+    if "confirm" in el:
+        c = el["confirm"]
+        if (
+            not isinstance(c, dict)
+            or set(c) - CONFIRM_KEYS
+            or not {"title", "text", "confirm", "deny"} <= set(c)
+        ):
+            errors.append(f"{where}.confirm: needs title, text, confirm and deny")
+        else:
+            errors += _text_object(c["title"], f"{where}.confirm.title", 100, {"plain_text"})
+            errors += _text_object(c["text"], f"{where}.confirm.text", 300)
+            errors += _text_object(c["confirm"], f"{where}.confirm.confirm", 30, {"plain_text"})
+            errors += _text_object(c["deny"], f"{where}.confirm.deny", 30, {"plain_text"})
+    return errors
 
 
 def _text_object(obj: Any, where: str, limit: int, types: set[str] = TEXT_TYPES) -> list[str]:
@@ -111,6 +145,16 @@ def validate_slack(body: Any) -> tuple[str | None, list[str]]:
                 else:
                     for j, field in enumerate(fields):
                         errors += _text_object(field, f"{where}.fields[{j}]", 2000)
+        elif kind == "actions":
+            elements = block.get("elements")
+            if not isinstance(elements, list) or not 1 <= len(elements) <= 25:
+                errors.append(f"{where}.elements: 1 to 25 elements")
+            else:
+                ids = [el.get("action_id") for el in elements if isinstance(el, dict)]
+                if len(ids) != len(set(ids)):
+                    errors.append(f"{where}.elements: action_id must be unique in the block")
+                for j, el in enumerate(elements):
+                    errors += _button(el, f"{where}.elements[{j}]")
         elif kind == "context":
             elements = block.get("elements")
             if not isinstance(elements, list) or not 1 <= len(elements) <= 10:
