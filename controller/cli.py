@@ -24,6 +24,8 @@ from controller.durations import format_duration, parse_duration
 from controller.store import Store, StoreError, open_store
 
 DEFAULT_CONFIG = "continuity.yaml"
+RELOAD_TIMEOUT = 30.0
+"""Seconds a config reload may parse before it is refused (the old config keeps running)."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -447,9 +449,13 @@ def _fingerprint(path: str) -> str:
     p = Path(path)
     files = sorted([*p.glob("*.yaml"), *p.glob("*.yml")]) if p.is_dir() else [p]
     digest = hashlib.sha256()
+    from controller.config import CONFIG_MAX_BYTES
+
     for f in files:
         try:
-            digest.update(f.read_bytes())
+            with f.open("rb") as fh:  # bounded: a huge file must not be read whole on the loop
+                digest.update(fh.read(CONFIG_MAX_BYTES + 1))
+            digest.update(str(f.stat().st_size).encode())
         except OSError:
             digest.update(b"<unreadable>")
     return digest.hexdigest()
@@ -510,7 +516,13 @@ async def _watch_config(controller: Any, path: str, reload_now: asyncio.Event, s
             continue
         seen = now
         try:
-            new = await asyncio.to_thread(load_config, path)
+            # In a worker thread, never on the loop; the loader's bounds (size, depth, values after
+            # aliases) keep it short, and a reload that still takes too long is refused, not awaited.
+            new = await asyncio.wait_for(asyncio.to_thread(load_config, path), timeout=RELOAD_TIMEOUT)
+        except TimeoutError:
+            controller.metrics.reloads.labels("rejected").inc()
+            log.error("config reload rejected: parsing took too long", seconds=RELOAD_TIMEOUT)
+            continue
         except ConfigError as exc:
             controller.metrics.reloads.labels("rejected").inc()
             for problem in exc.problems:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import reprlib
 from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
@@ -492,11 +493,15 @@ def _path(loc: Iterable[Any]) -> str:
     return out or "(top level)"
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxdict, _SHORT.maxlist, _SHORT.maxtuple = 3, 4, 4, 4
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 60, 60, 40
+
+
 def _found(value: Any) -> str:
-    if isinstance(value, dict | list):
-        text = repr(value)
-        return text if len(text) < 80 else text[:77] + "..."
-    return repr(value)
+    """A value as the error shows it: bounded whatever its size, since a config can hold a huge one."""
+    text = _SHORT.repr(value)
+    return text if len(text) < 80 else text[:77] + "..."
 
 
 def _vocabulary() -> set[str]:
@@ -610,21 +615,118 @@ def _construct_mapping(
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def _read_yaml(path: Path) -> Any:
+CONFIG_MAX_BYTES = 4 * 1024 * 1024
+"""Largest config file read (and the total for a directory): far above any real config, small
+enough that reading one can never exhaust the controller's memory."""
+CONFIG_MAX_DEPTH = 64
+"""Deepest nesting accepted (a real config is under 10 deep); `[[[[...` a million deep is refused."""
+CONFIG_MAX_NODES = 150_000
+"""Values (scalars, lists, mappings) in a file once aliases are expanded: about 10,000 probes. It
+bounds the work on any file, hostile or not, to well under a second; a bigger fleet raises it with
+the CONTINUITY_CONFIG_MAX_NODES environment variable (read when a config is loaded)."""
+CONFIG_MAX_ALIAS_NODES = 10_000
+"""Values that aliases (`*name`) may add on top of the file's own: anchors for shared defaults
+are small; a 'billion laughs' file that multiplies them is refused before anything is built."""
+
+
+def _max_nodes() -> int:
     try:
-        text = path.read_text(encoding="utf-8")
+        return max(1000, int(os.environ.get("CONTINUITY_CONFIG_MAX_NODES", CONFIG_MAX_NODES)))
+    except ValueError:
+        return CONFIG_MAX_NODES
+
+
+def _check_shape(text: str, path: Path) -> None:
+    """Walk the YAML event stream once (libyaml; nothing is built) and refuse, as soon as a bound
+    is passed, a file whose aliases multiply, that nests too deep or holds too many values.
+
+    The sizes of anchored subtrees are tracked, so an alias costs what it expands to: the count is
+    of the document as it would be built, without building it.
+    """
+    limit = _max_nodes()
+    anchors: dict[str, int] = {}
+    stack: list[tuple[str | None, int]] = []
+    total = own = 0
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+    def refuse(event: Any, what: str) -> ConfigError:
+        mark = event.start_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(unknown position)"
+        return ConfigError([f"{path}: {where}: {what}"])
+
+    for event in yaml.parse(text, Loader=loader):
+        if isinstance(event, yaml.AliasEvent):
+            size = anchors.get(event.anchor or "", 1)
+            total += size
+            if total - own > CONFIG_MAX_ALIAS_NODES:
+                raise refuse(
+                    event,
+                    f"expected aliases (*name) to add at most {CONFIG_MAX_ALIAS_NODES:,} values, found "
+                    f"more (*{str(event.anchor)[:40]} alone expands to {size:,}): aliases that multiply "
+                    "are refused",
+                )
+        elif isinstance(event, yaml.ScalarEvent):
+            total += 1
+            own += 1
+            if event.anchor:
+                anchors[event.anchor] = 1
+        elif isinstance(event, yaml.SequenceStartEvent | yaml.MappingStartEvent):
+            total += 1
+            own += 1
+            stack.append((event.anchor, total - 1))
+            if len(stack) > CONFIG_MAX_DEPTH:
+                raise refuse(event, f"expected nesting at most {CONFIG_MAX_DEPTH} deep, found deeper")
+        elif isinstance(event, yaml.SequenceEndEvent | yaml.MappingEndEvent) and stack:
+            anchor, start = stack.pop()
+            if anchor:
+                anchors[anchor] = total - start
+        else:
+            continue
+        if total > limit:
+            raise refuse(
+                event,
+                f"expected at most {limit:,} values (after expanding aliases), found more "
+                "(raise CONTINUITY_CONFIG_MAX_NODES for a bigger fleet)",
+            )
+
+
+def _read_yaml(path: Path, budget: list[int] | None = None) -> Any:
+    try:
+        size = path.stat().st_size
+        if size > CONFIG_MAX_BYTES:
+            raise ConfigError([f"{path}: expected at most {CONFIG_MAX_BYTES:,} bytes, found {size:,}"])
+        if budget is not None:
+            budget[0] -= size
+            if budget[0] < 0:
+                raise ConfigError(
+                    [
+                        f"{path}: expected the files of a config to hold at most {CONFIG_MAX_BYTES:,} bytes "
+                        "together, found more"
+                    ]
+                )
+        with path.open("rb") as f:
+            data = f.read(CONFIG_MAX_BYTES + 1)  # the file may grow between stat and read
+        if len(data) > CONFIG_MAX_BYTES:
+            raise ConfigError([f"{path}: expected at most {CONFIG_MAX_BYTES:,} bytes, found more"])
+        text = data.decode("utf-8")
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read the file: {exc.strerror or exc}"]) from None
     except UnicodeDecodeError:
         raise ConfigError([f"{path}: expected UTF-8 text, found binary data"]) from None
     try:
+        _check_shape(text, path)
         return yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(unknown position)"
-        raise ConfigError([f"{path}: {where}: expected valid YAML, found {exc.problem or exc}"]) from None
+        problem = str(exc.problem or exc)[:200]
+        raise ConfigError([f"{path}: {where}: expected valid YAML, found {problem}"]) from None
     except yaml.YAMLError as exc:
-        raise ConfigError([f"{path}: expected valid YAML, found {exc}"]) from None
+        raise ConfigError([f"{path}: expected valid YAML, found {str(exc)[:200]}"]) from None
+    except (RecursionError, MemoryError):
+        raise ConfigError(
+            [f"{path}: expected a config of ordinary size and depth, found one too big to read"]
+        ) from None
 
 
 def _files(path: Path) -> list[Path]:
@@ -644,8 +746,9 @@ def load_raw(path: str | Path) -> tuple[dict[str, Any], dict[tuple[str, str], Pa
     merged: dict[str, Any] = {}
     origin: dict[tuple[str, str], Path] = {}
     problems: list[str] = []
+    budget = [CONFIG_MAX_BYTES]
     for file in _files(root):
-        doc = _read_yaml(file)
+        doc = _read_yaml(file, budget)
         if doc is None:
             continue
         if not isinstance(doc, dict):
