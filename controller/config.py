@@ -344,7 +344,34 @@ class ControllerSettings(Strict):
     )
     api_token_env: str = Field(
         default="CONTINUITY_API_TOKEN",
-        description="Env var holding the bearer token for the API's write calls.",
+        description="Env var holding the bearer token for the API's writes and every push "
+        "(Alertmanager, heartbeats, agents). Read once, when `run` starts.",
+    )
+    insecure_unauthenticated_pushes: bool = Field(
+        default=False,
+        description="Accept Alertmanager webhooks and heartbeats without a credential. Insecure: "
+        "anyone who reaches the port can open incidents. Logged at start and exported as a metric.",
+    )
+    push_rate: float = Field(
+        default=20.0, gt=0, description="Pushes (alerts, heartbeats, results) per second per source address."
+    )
+    push_burst: int = Field(default=200, ge=1, description="Pushes a source may send at once.")
+    public_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://[^\s]+$",
+        description="Where people reach the status page; links (Atom feed) are built from it, never "
+        "from a request's Host header. Unset: links are relative.",
+    )
+    api_max_connections: int = Field(
+        default=256,
+        ge=1,
+        description="Open API connections at most; beyond, 503 and close. Lowered at start to a quarter "
+        "of the file-descriptor limit so that probes always keep theirs.",
+    )
+    api_header_timeout: Duration = Field(
+        default=10.0,
+        gt=0,
+        description="A connection that has not sent a whole request head by then is closed.",
     )
 
 
