@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from controller.config import Config, ConfigError, json_schema, load_config
+from controller.config import Config, ConfigError, json_schema, listen_address, load_config
 from controller.durations import format_duration, parse_duration
 from controller.store import Store, StoreError, open_store
 
@@ -376,6 +376,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         cfg.controller.dry_run = True
     if args.listen:
+        try:
+            parse_listen(args.listen)
+        except ValueError as exc:
+            raise UsageError(f"--listen: expected {exc}") from None
         cfg.controller.listen = args.listen
     store = _store(cfg, args.data_dir)
     try:
@@ -384,6 +388,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         store.close()
     return 0
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """HOST:PORT (an empty host, or 0.0.0.0, is every interface; IPv6 as [::1]:8080) -> (host, port).
+
+    Raises ValueError saying what was expected: `127.0.0.1:99999` must not bind some other port."""
+    return listen_address(value)
 
 
 def _event_loop_policy() -> None:
@@ -462,21 +473,27 @@ def _fingerprint(path: str) -> str:
 
 
 async def _serve(cfg: Config, store: Store, config_path: str) -> None:
-    from aiohttp import web
-
+    from controller import apiserver, logs
     from controller.api import app
     from controller.loop import Controller
     from controller.metrics import Metrics
 
     metrics = Metrics()
     controller = Controller(cfg, store, metrics=metrics, elector=_elector(cfg, metrics.registry))
-    host, _, port = cfg.controller.listen.rpartition(":")
-    runner = web.AppRunner(app(controller), access_log=None)
-    await runner.setup()
+    host, port = parse_listen(cfg.controller.listen)
+    before, soft, hard = apiserver.raise_fd_limit()
+    cap = apiserver.connection_cap(cfg.controller.api_max_connections, soft)
+    logs.get("continuity.api").info(
+        "file descriptors: the API holds at most a share, the rest is kept for probes",
+        soft_limit=soft,
+        soft_limit_before=before,
+        hard_limit=hard,
+        api_max_connections=cap,
+    )
+    limits = apiserver.Limits(cap, cfg.controller.api_header_timeout, metrics)
     try:
-        await web.TCPSite(runner, host or "0.0.0.0", int(port)).start()
+        runner, server = await apiserver.serve(app(controller), host, port, limits)
     except OSError as exc:
-        await runner.cleanup()
         raise UsageError(f"cannot listen on {cfg.controller.listen}: {exc.strerror or exc}") from None
     stop = asyncio.Event()
     reload_now = asyncio.Event()
@@ -494,6 +511,7 @@ async def _serve(cfg: Config, store: Store, config_path: str) -> None:
     watcher = asyncio.create_task(_watch_config(controller, config_path, reload_now, stop))
     await stop.wait()
     watcher.cancel()
+    server.close()
     await controller.stop()
     await runner.cleanup()
 

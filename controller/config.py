@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import Field, PrivateAttr, ValidationError, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from controller.comms.settings import Communications, Roles
 from controller.detect import Rules
@@ -328,9 +328,31 @@ class Classification(Strict):
     supporting: TierRule = TierRule(down="low", degraded="low")
 
 
+def listen_address(value: str) -> tuple[str, int]:
+    """HOST:PORT -> (host, port): port 1-65535 in digits; host a name or address, `[v6]` bracketed,
+    empty for every interface. Raises ValueError with what was expected, found."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not port.isascii():
+        raise ValueError(f"HOST:PORT with a port of digits, e.g. 127.0.0.1:8080, found {value[:80]!r}")
+    if not 1 <= int(port) <= 65535:
+        raise ValueError(f"a port from 1 to 65535, found {port[:20]}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if any(c.isspace() or c in "/[]@?#" for c in host):
+        raise ValueError(f"a host name or address before the port, found {host[:80]!r}")
+    return host or "0.0.0.0", int(port)
+
+
 class ControllerSettings(Strict):
     data_dir: str = Field(default=".continuity", description="Where the SQLite state lives.")
     listen: str = Field(default="127.0.0.1:8080", description="HTTP API and /metrics address.")
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        listen_address(value)
+        return value
+
     dry_run: bool = Field(default=False, description="Decide and record everything, change nothing.")
     tick: Duration = Field(default=1.0, gt=0, description="How often the decision loop runs.")
     outbox_retry: Duration = Field(
