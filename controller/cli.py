@@ -54,7 +54,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="decide and record everything, change nothing")
     run.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
 
-    with_config(sub.add_parser("validate", help="check a config and report every problem at once"))
+    val = with_config(sub.add_parser("validate", help="check a config and report every problem at once"))
+    val.add_argument(
+        "--require-env",
+        action="store_true",
+        help="fail (exit 2) when a secret variable the config names is unset (default: a warning)",
+    )
     sub.add_parser("schema", help="print the configuration's JSON Schema (for editors)")
 
     probe = with_config(
@@ -249,10 +254,30 @@ def _store(cfg: Config, data_dir: str | None) -> Store:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    """Check the file; then report every secret variable it names that is unset here, and when the
+    controller reads it. A warning by default (CI validates without production secrets); an error
+    (exit 2) with --require-env, for the host or image that will run the controller."""
+    from controller.config import secret_env_names
+
     cfg = _load(args.config)
+    unset = [(n, where, when) for n, where, when in secret_env_names(cfg) if not os.environ.get(n)]
+    if unset and args.require_env:
+        raise ConfigError(
+            [
+                f"environment: {n} ({where}): expected the secret set, found it unset; read {when}"
+                for n, where, when in unset
+            ]
+        )
+    for n, where, when in unset:
+        print(f"{args.config}: warning: {n} ({where}) is unset here; read {when}", file=sys.stderr)
+    note = (
+        f"; {len(unset)} secret variable(s) unset here (see above; --require-env fails on them)"
+        if unset
+        else ""
+    )
     print(
         f"{args.config}: ok: {len(cfg.services)} service(s), {len(cfg.probes)} probe(s), "
-        f"{len(cfg.playbooks)} playbook(s)"
+        f"{len(cfg.playbooks)} playbook(s){note}"
     )
     return 0
 

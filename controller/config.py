@@ -1012,6 +1012,51 @@ def resolve_secret(env_name: str) -> str:
     return value
 
 
+def secret_env_names(config: Config) -> list[tuple[str, str, str]]:
+    """Every environment variable the config names for a secret: (variable, where, when it is read).
+
+    `when` is what the README's table says, so `validate` can tell an operator what an unset one
+    will do: `run` refuses to start, or the pushes / messages / steps that need it wait or fail."""
+    found: list[tuple[str, str, str]] = [
+        (
+            config.controller.api_token_env,
+            "controller.api_token_env",
+            "when `run` starts: unset, API writes and every push are refused",
+        )
+    ]
+    notifiers = config.notifiers.model_dump()
+    for channel, body in notifiers.items():
+        if not isinstance(body, dict):
+            continue
+        for key, value in body.items():
+            if key.endswith("_env") and isinstance(value, str):
+                when = (
+                    "when `run` starts: unset, `run` refuses to start"
+                    if channel == "pagerduty"
+                    else "at send time: unset, messages wait in the outbox"
+                )
+                found.append((value, f"notifiers.{channel}.{key}", when))
+    for name, probe in config.probes.items():
+        token_env = getattr(probe, "token_env", None)
+        if token_env:
+            found.append(
+                (token_env, f"probes.{name}.token_env", "at each heartbeat: unset, pushes are refused")
+            )
+    for name, playbook in config.playbooks.items():
+        for i, step in enumerate(playbook.steps):
+            headers = (step.params or {}).get("headers") if isinstance(step.params, dict) else None
+            for header, value in (headers or {}).items():
+                if isinstance(value, dict) and isinstance(value.get("env"), str):
+                    found.append(
+                        (
+                            value["env"],
+                            f"playbooks.{name}.steps[{i}].params.headers.{header}.env",
+                            "when the step runs: unset, the step fails",
+                        )
+                    )
+    return found
+
+
 def json_schema() -> dict[str, Any]:
     """The JSON Schema an editor uses to complete and check the YAML as the SRE types."""
     schema = Config.model_json_schema(by_alias=True, mode="validation")
