@@ -602,6 +602,7 @@ def test_a_redirect_to_a_1_gib_body_is_capped_for_http_and_every_transaction_ste
 ) -> None:
     """Used to reach 2.2 GB RSS. The probe keeps 1 MiB and hangs up; its process stays small."""
     config = f"""
+services: {{}}
 probes:
   big: {{kind: http, url: "{hostile.url}/redirect", timeout: 20s}}
   journey:
@@ -623,6 +624,7 @@ probes:
 def test_redirect_loops_and_endless_headers_fail_the_probe_quickly(hostile: Hostile) -> None:
     cfg = load_config_text(
         f"""
+services: {{}}
 probes:
   loop: {{kind: http, url: "{hostile.url}/loop/0", timeout: 10s}}
   head: {{kind: http, url: "{hostile.url}/bighead", timeout: 10s}}
@@ -719,12 +721,14 @@ def test_a_connection_that_never_finishes_its_head_is_closed() -> None:
         try:
             r1, w1 = await asyncio.open_connection("127.0.0.1", port)
             w1.write(b"GET /x HTTP/1.1\r\nHost: a\r\n")  # never finished (slowloris)
-            r2, w2 = await asyncio.open_connection("127.0.0.1", port)
+            r2, _ = await asyncio.open_connection("127.0.0.1", port)  # idle
             r3, _ = await asyncio.open_connection("127.0.0.1", port)  # over the cap of 2
             assert (await asyncio.wait_for(r3.read(), 5)).startswith(b"HTTP/1.1 503")
             assert await asyncio.wait_for(r1.read(), 10) == b"", "closed after the head timeout"
-            w2.write(b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-            assert (await asyncio.wait_for(r2.read(), 5)).startswith(b"HTTP/1.1 200")
+            assert await asyncio.wait_for(r2.read(), 10) == b""
+            r4, w4 = await asyncio.open_connection("127.0.0.1", port)  # room again
+            w4.write(b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            assert (await asyncio.wait_for(r4.read(), 5)).startswith(b"HTTP/1.1 200")
             assert limits.metrics.api_connections_refused.labels("header_timeout")._value.get() >= 1
         finally:
             server.close()
@@ -817,7 +821,7 @@ def test_a_secret_extraction_never_leaks_when_its_step_fails(
 def test_no_part_of_a_secret_shows_however_the_body_is_cut(hostile: Hostile, secret: str, pad: int) -> None:
     """The failing body check shows the first 120 characters: the secret is masked before the cut,
     so no prefix of it can show either."""
-    hostile.body = ("#" * pad + json.dumps({"token": secret})).encode()
+    hostile.body = json.dumps({"pad": "#" * pad, "token": secret}).encode()
     cfg = load_config_text(SECRET_JOURNEY.format(url=hostile.url))
     p = cfg.probes["journey"]
     result = asyncio.run(run_journey("journey", p.steps, p.vars, 5.0))
