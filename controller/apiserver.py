@@ -76,10 +76,9 @@ class _Guard(asyncio.Protocol):
         self.limits = limits
         self.timer: asyncio.TimerHandle | None = None
         self.tail = b""
-        self.transport: asyncio.Transport | None = None
+        self.transport: Any = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+    def connection_made(self, transport: Any) -> None:  # uvloop's transports are not asyncio's classes
         limits = self.limits
         if limits.active >= limits.max_connections:
             limits.metrics.api_connections_refused.labels("busy").inc()

@@ -94,6 +94,7 @@ class _Handler(socketserver.BaseRequestHandler):
             path = head.split(b" ", 2)[1].decode()
             self.server.hit(path.split("?")[0] if not path.startswith("/loop/") else "/loop")
             send = sock.sendall
+            path = path.split("?")[0]
             if path == "/ok":
                 send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
             elif path == "/redirect":
