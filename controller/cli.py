@@ -505,7 +505,7 @@ async def _serve(cfg: Config, store: Store, config_path: str) -> None:
 
     metrics = Metrics()
     controller = Controller(cfg, store, metrics=metrics, elector=_elector(cfg, metrics.registry))
-    host, port = parse_listen(cfg.controller.listen)
+    host, port = listen_address(cfg.controller.listen, ephemeral=True)  # checked when the config loaded
     before, soft, hard = apiserver.raise_fd_limit()
     cap = apiserver.connection_cap(cfg.controller.api_max_connections, soft)
     logs.get("continuity.api").info(

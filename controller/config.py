@@ -328,13 +328,14 @@ class Classification(Strict):
     supporting: TierRule = TierRule(down="low", degraded="low")
 
 
-def listen_address(value: str) -> tuple[str, int]:
-    """HOST:PORT -> (host, port): port 1-65535 in digits; host a name or address, `[v6]` bracketed,
-    empty for every interface. Raises ValueError with what was expected, found."""
+def listen_address(value: str, ephemeral: bool = False) -> tuple[str, int]:
+    """HOST:PORT -> (host, port): port 1-65535 in digits (0, any free port, only where `ephemeral`:
+    the config's field, which tests use); host a name or address, `[v6]` bracketed, empty for every
+    interface. Raises ValueError with what was expected, found."""
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not port.isascii():
         raise ValueError(f"HOST:PORT with a port of digits, e.g. 127.0.0.1:8080, found {value[:80]!r}")
-    if not 1 <= int(port) <= 65535:
+    if not (0 if ephemeral else 1) <= int(port) <= 65535:
         raise ValueError(f"a port from 1 to 65535, found {port[:20]}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -350,7 +351,7 @@ class ControllerSettings(Strict):
     @field_validator("listen")
     @classmethod
     def _listen(cls, value: str) -> str:
-        listen_address(value)
+        listen_address(value, ephemeral=True)
         return value
 
     dry_run: bool = Field(default=False, description="Decide and record everything, change nothing.")
