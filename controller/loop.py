@@ -79,6 +79,8 @@ class Controller:
         for key, value in store.flags("heartbeat:").items():  # a restart keeps what jobs told us
             self.signals.heartbeats[key.removeprefix("heartbeat:")] = float(value)
         for value in store.flags("alert:").values():  # and the alerts still firing (sent only once)
+            if len(self.signals.alerts) >= passive.MAX_ALERTS:
+                break  # a store written before the bound existed must not blow memory at start
             alert = passive.Alert(**json.loads(value))
             self.signals.alerts[alert.fingerprint] = alert
             self.signals.seen[(alert.fingerprint, alert.starts_at, alert.status)] = alert.received_at
