@@ -12,7 +12,6 @@ this module. Skipping would let a broken chart pass CI.
 from __future__ import annotations
 
 import base64
-
 import importlib.util
 import json
 import re
