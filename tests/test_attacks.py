@@ -420,8 +420,9 @@ def test_the_insecure_opt_out_is_explicit_logged_and_exported(tmp_path: Path) ->
 def test_only_the_exact_bearer_token_is_accepted(header: str | None) -> None:
     """Alertmanager sends `Authorization: Bearer <credentials>` (http_config.authorization); any other
     header value, however close, is refused and changes nothing."""
-    os.environ["CONTINUITY_API_TOKEN"] = TOKEN
     cfg = load_config_text(PUSH_CONFIG)  # a fresh state directory per example
+    cfg.controller.api_token_env = "ATTACKS_EXACT_TOKEN"  # the app reads it when built
+    os.environ["ATTACKS_EXACT_TOKEN"] = TOKEN  # a name no other test reads
     clean = header is not None and all(32 <= ord(c) < 127 for c in header)
     headers = {"Authorization": header} if clean and header is not None else {}
 
