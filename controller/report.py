@@ -24,9 +24,10 @@ class ReportError(Exception):
 
 
 def _md(text: str) -> str:
-    """Text from incidents (titles, messages, reasons) as Markdown shows it: HTML escaped, since
-    Markdown renderers pass raw HTML through and incident text can come from outside."""
-    return html.escape(text, quote=False)
+    """Text from incidents (titles, messages, reasons) as Markdown shows it: no raw HTML, since
+    Markdown renderers pass it through and incident text can come from outside. Every tag, comment
+    or processing instruction starts with `<`, so escaping it is enough; `->` stays readable."""
+    return text.replace("<", "&lt;")
 
 
 @dataclass

@@ -797,7 +797,7 @@ def test_a_secret_extraction_never_leaks_when_its_step_fails(
         finally:
             store.close()
         md = next(p for p in paths if p.suffix == ".md").read_text()
-        assert "<script>" not in md and "&lt;script&gt;" in md, md[:2000]
+        assert "<script>" not in md and "&lt;script>" in md, md[:2000]
         for p in paths:
             if p.suffix in (".md", ".html"):
                 assert SECRET not in p.read_text()
