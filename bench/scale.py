@@ -37,6 +37,7 @@ def rss_mb() -> float:
 
 
 def child(n: int, repeats: int) -> dict[str, Any]:
+    os.environ.setdefault("CONTINUITY_CONFIG_MAX_NODES", "1000000")  # 20,000 probes: over the default bound
     import structlog
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))

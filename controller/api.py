@@ -1,7 +1,10 @@
-"""The controller's HTTP surface: /healthz, /readyz, /metrics, and read-only incident views.
+"""The controller's HTTP surface: /healthz, /readyz, /metrics, read-only incident views, the human
+commands and the pushed inputs (Alertmanager, heartbeats, agents' results).
 
-Write endpoints (approvals, acknowledgements, the Alertmanager receiver) arrive with later
-issues, behind a bearer token.
+Nothing unauthenticated acts: writes and pushes need the bearer token (a heartbeat probe may carry
+its own, or be marked `public`); with no token configured they are refused, not open. The one
+exception is the explicit `controller.insecure_unauthenticated_pushes`, logged and exported. Pushes
+are rate-limited per source address before anything else is read.
 """
 
 from __future__ import annotations
@@ -9,8 +12,10 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import os
+import time
 from typing import Any
 
+import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -18,6 +23,31 @@ from controller import commands, remote
 from controller.loop import Controller
 from controller.store import StoreError
 from probes import passive
+
+log = structlog.get_logger("continuity.api")
+
+
+class RateLimit:
+    """A token bucket per source address: `rate` per second, `burst` at once. Bounded: beyond
+    `max_sources` addresses the least recently seen is forgotten (it starts with a full bucket)."""
+
+    def __init__(self, rate: float, burst: int, max_sources: int = 10_000) -> None:
+        self.rate, self.burst, self.max_sources = rate, float(burst), max_sources
+        self.buckets: dict[str, tuple[float, float]] = {}
+
+    def take(self, source: str, now: float) -> float:
+        """0 when the push may go ahead, else the seconds to wait before the next one."""
+        tokens, last = self.buckets.pop(source, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        wait = 0.0
+        if tokens >= 1:
+            tokens -= 1
+        else:
+            wait = (1 - tokens) / self.rate
+        self.buckets[source] = (tokens, now)
+        while len(self.buckets) > self.max_sources:
+            del self.buckets[next(iter(self.buckets))]
+        return wait
 
 
 def app(controller: Controller) -> web.Application:
@@ -66,6 +96,38 @@ def app(controller: Controller) -> web.Application:
         )
 
     token = os.environ.get(controller.config.controller.api_token_env, "")
+
+    settings = controller.config.controller
+    insecure = settings.insecure_unauthenticated_pushes
+    controller.metrics.insecure_pushes.set(1 if insecure else 0)
+    if insecure:
+        log.warning(
+            "INSECURE: Alertmanager webhooks and heartbeats are accepted without a credential; anyone "
+            "who reaches this port can open incidents (controller.insecure_unauthenticated_pushes)"
+        )
+    elif not token:
+        log.warning(
+            f"{settings.api_token_env} is not set: API writes, Alertmanager webhooks, agents' results and "
+            "heartbeats without their own token_env (or `public: true`) are refused"
+        )
+    limiter = RateLimit(settings.push_rate, settings.push_burst)
+
+    def gate(request: web.Request, endpoint: str) -> web.Response | None:
+        """Rate limit per source address (the peer, never a header a client can set)."""
+        wait = limiter.take(request.remote or "?", time.monotonic())
+        if wait <= 0:
+            return None
+        controller.metrics.pushes_refused.labels(endpoint, "rate").inc()
+        return web.json_response(
+            {"error": f"too many pushes from {request.remote}: retry in {wait:.1f}s"},
+            status=429,
+            headers={"Retry-After": str(max(1, round(wait)))},
+        )
+
+    def refused(endpoint: str, answer: web.Response | None) -> web.Response | None:
+        if answer is not None:
+            controller.metrics.pushes_refused.labels(endpoint, "auth").inc()
+        return answer
 
     def authorised(request: web.Request) -> web.Response | None:
         """Writes need the bearer token; with no token configured, writes are off (never open)."""
@@ -125,18 +187,25 @@ def app(controller: Controller) -> web.Application:
     async def heartbeat(request: web.Request) -> web.Response:
         name = request.match_info["name"]
         cfg = controller.config.probes.get(name)
-        if cfg is None or cfg.kind != "heartbeat":
-            return web.json_response({"error": f"no heartbeat probe named {name!r}"}, status=404)
+        if (limited := gate(request, "heartbeat")) is not None:
+            return limited
+        if cfg is None or cfg.kind != "heartbeat":  # unknown names are never stored: bounded by the config
+            return web.json_response({"error": f"no heartbeat probe named {name[:100]!r}"}, status=404)
         if cfg.token_env:
             want = os.environ.get(cfg.token_env, "")
             given = request.headers.get("Authorization", "")
             if not want or not hmac.compare_digest(given.encode(), f"Bearer {want}".encode()):
+                controller.metrics.pushes_refused.labels("heartbeat", "auth").inc()
                 return web.json_response({"error": "a valid bearer token is required"}, status=401)
+        elif not (cfg.public or insecure) and refused("heartbeat", denied := authorised(request)):
+            return denied
         controller.heartbeat(name)
         return web.json_response({"result": f"heartbeat for {name} recorded"})
 
     async def alertmanager(request: web.Request) -> web.Response:
-        if token and (denied := authorised(request)) is not None:
+        if (limited := gate(request, "alertmanager")) is not None:
+            return limited
+        if not insecure and refused("alertmanager", denied := authorised(request)):
             return denied
         try:
             payload = await request.json()
@@ -144,15 +213,22 @@ def app(controller: Controller) -> web.Application:
             return web.json_response(
                 {"error": "body: expected JSON (Alertmanager webhook payload v4)"}, status=400
             )
+        dropped = controller.signals.dropped
         try:
             applied, dupes = controller.alertmanager(payload)
         except passive.PayloadError as exc:
             return web.json_response({"error": str(exc)}, status=400)
-        return web.json_response({"applied": applied, "duplicates": dupes})
+        answer: dict[str, int] = {"applied": applied, "duplicates": dupes}
+        if dropped := controller.signals.dropped - dropped:
+            controller.metrics.pushed_dropped.labels("alert").inc(dropped)
+            answer["dropped"] = dropped
+        return web.json_response(answer)
 
     async def results(request: web.Request) -> web.Response:
         """Results from `continuity agent` at another vantage point; agents must authenticate."""
-        if (denied := authorised(request)) is not None:
+        if (limited := gate(request, "results")) is not None:
+            return limited
+        if refused("results", denied := authorised(request)):
             return denied
         try:
             body = await request.json()
@@ -160,11 +236,24 @@ def app(controller: Controller) -> web.Application:
         except (ValueError, remote.ResultError) as exc:
             return web.json_response({"error": str(exc)}, status=400)
         accepted = 0
+        outcomes: dict[str, int] = {}
+        now = controller.clock()
         for result in batch:
+            outcome = "unknown"
             if result.probe in controller.config.probes and result.vantage != "local":
-                controller.ingest(result)
-                accepted += 1
-        return web.json_response({"accepted": accepted, "ignored": len(batch) - accepted})
+                known = controller.vstates.get(result.probe, {})
+                admitted, outcome = remote.admit(result, now, controller.config.freshness(result.probe))
+                if result.vantage not in known and len(known) >= remote.MAX_VANTAGES:
+                    admitted, outcome = None, "vantages"
+                if admitted is not None:
+                    controller.ingest(admitted)
+                    accepted += 1
+            controller.metrics.agent_results.labels(outcome).inc()
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        answer: dict[str, Any] = {"accepted": accepted, "ignored": len(batch) - accepted}
+        if set(outcomes) - {"accepted", "unknown"}:
+            answer["outcomes"] = outcomes
+        return web.json_response(answer)
 
     application = web.Application()
     from controller import statuspage_site

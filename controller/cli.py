@@ -19,11 +19,13 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from controller.config import Config, ConfigError, json_schema, load_config
+from controller.config import Config, ConfigError, json_schema, listen_address, load_config
 from controller.durations import format_duration, parse_duration
 from controller.store import Store, StoreError, open_store
 
 DEFAULT_CONFIG = "continuity.yaml"
+RELOAD_TIMEOUT = 30.0
+"""Seconds a config reload may parse before it is refused (the old config keeps running)."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,7 +54,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="decide and record everything, change nothing")
     run.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
 
-    with_config(sub.add_parser("validate", help="check a config and report every problem at once"))
+    val = with_config(sub.add_parser("validate", help="check a config and report every problem at once"))
+    val.add_argument(
+        "--require-env",
+        action="store_true",
+        help="fail (exit 2) when a secret variable the config names is unset (default: a warning)",
+    )
     sub.add_parser("schema", help="print the configuration's JSON Schema (for editors)")
 
     probe = with_config(
@@ -249,12 +256,32 @@ def _store(cfg: Config, data_dir: str | None) -> Store:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    """Check the file; then report every secret variable it names that is unset here, and when the
+    controller reads it. A warning by default (CI validates without production secrets); an error
+    (exit 2) with --require-env, for the host or image that will run the controller."""
+    from controller.config import secret_env_names
+
     cfg = _load(args.config)
     for warning in placement_warnings(cfg, os.environ):
         print(f"{args.config}: warning: {warning}", file=sys.stderr)
+    unset = [(n, where, when) for n, where, when in secret_env_names(cfg) if not os.environ.get(n)]
+    if unset and args.require_env:
+        raise ConfigError(
+            [
+                f"environment: {n} ({where}): expected the secret set, found it unset; read {when}"
+                for n, where, when in unset
+            ]
+        )
+    for n, where, when in unset:
+        print(f"{args.config}: warning: {n} ({where}) is unset here; read {when}", file=sys.stderr)
+    note = (
+        f"; {len(unset)} secret variable(s) unset here (see above; --require-env fails on them)"
+        if unset
+        else ""
+    )
     print(
         f"{args.config}: ok: {len(cfg.services)} service(s), {len(cfg.probes)} probe(s), "
-        f"{len(cfg.playbooks)} playbook(s)"
+        f"{len(cfg.playbooks)} playbook(s){note}"
     )
     return 0
 
@@ -441,6 +468,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         cfg.controller.dry_run = True
     if args.listen:
+        try:
+            parse_listen(args.listen)
+        except ValueError as exc:
+            raise UsageError(f"--listen: expected {exc}") from None
         cfg.controller.listen = args.listen
     if args.data_dir:
         # One directory for the store and the lock that protects it: moving one moves both.
@@ -457,6 +488,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         store.close()
     return 0
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """HOST:PORT (an empty host, or 0.0.0.0, is every interface; IPv6 as [::1]:8080) -> (host, port).
+
+    Raises ValueError saying what was expected: `127.0.0.1:99999` must not bind some other port."""
+    return listen_address(value)
 
 
 def _event_loop_policy() -> None:
@@ -522,30 +560,40 @@ def _fingerprint(path: str) -> str:
     p = Path(path)
     files = sorted([*p.glob("*.yaml"), *p.glob("*.yml")]) if p.is_dir() else [p]
     digest = hashlib.sha256()
+    from controller.config import CONFIG_MAX_BYTES
+
     for f in files:
         try:
-            digest.update(f.read_bytes())
+            with f.open("rb") as fh:  # bounded: a huge file must not be read whole on the loop
+                digest.update(fh.read(CONFIG_MAX_BYTES + 1))
+            digest.update(str(f.stat().st_size).encode())
         except OSError:
             digest.update(b"<unreadable>")
     return digest.hexdigest()
 
 
 async def _serve(cfg: Config, store: Store, config_path: str) -> None:
-    from aiohttp import web
-
+    from controller import apiserver, logs
     from controller.api import app
     from controller.loop import Controller
     from controller.metrics import Metrics
 
     metrics = Metrics()
     controller = Controller(cfg, store, metrics=metrics, elector=_elector(cfg, metrics.registry))
-    host, _, port = cfg.controller.listen.rpartition(":")
-    runner = web.AppRunner(app(controller), access_log=None)
-    await runner.setup()
+    host, port = listen_address(cfg.controller.listen, ephemeral=True)  # checked when the config loaded
+    before, soft, hard = apiserver.raise_fd_limit()
+    cap = apiserver.connection_cap(cfg.controller.api_max_connections, soft)
+    logs.get("continuity.api").info(
+        "file descriptors: the API holds at most a share, the rest is kept for probes",
+        soft_limit=soft,
+        soft_limit_before=before,
+        hard_limit=hard,
+        api_max_connections=cap,
+    )
+    limits = apiserver.Limits(cap, cfg.controller.api_header_timeout, metrics)
     try:
-        await web.TCPSite(runner, host or "0.0.0.0", int(port)).start()
+        runner, server = await apiserver.serve(app(controller), host, port, limits)
     except OSError as exc:
-        await runner.cleanup()
         raise UsageError(f"cannot listen on {cfg.controller.listen}: {exc.strerror or exc}") from None
     stop = asyncio.Event()
     reload_now = asyncio.Event()
@@ -569,6 +617,7 @@ async def _serve(cfg: Config, store: Store, config_path: str) -> None:
     watcher = asyncio.create_task(_watch_config(controller, config_path, reload_now, stop))
     await stop.wait()
     watcher.cancel()
+    server.close()
     await controller.stop()
     if label_task is not None:  # after the lease is released: the label goes last, then we exit
         label_stop.set()
@@ -610,7 +659,13 @@ async def _watch_config(controller: Any, path: str, reload_now: asyncio.Event, s
         seen = now
         metrics = controller.metrics
         try:
-            new = await asyncio.to_thread(load_config, path)
+            # In a worker thread, never on the loop; the loader's bounds (size, depth, values after
+            # aliases) keep it short, and a reload that still takes too long is refused, not awaited.
+            new = await asyncio.wait_for(asyncio.to_thread(load_config, path), timeout=RELOAD_TIMEOUT)
+        except TimeoutError:
+            controller.metrics.reloads.labels("rejected").inc()
+            log.error("config reload rejected: parsing took too long", seconds=RELOAD_TIMEOUT)
+            continue
         except ConfigError as exc:
             metrics.reloads.labels("rejected").inc()
             metrics.reload_failures.inc()

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import difflib
 import os
+import reprlib
 from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import Field, PrivateAttr, ValidationError, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from controller.comms.settings import Communications, Roles
 from controller.console_settings import ConsoleSettings, InboundSettings
@@ -338,6 +339,22 @@ class Classification(Strict):
     supporting: TierRule = TierRule(down="low", degraded="low")
 
 
+def listen_address(value: str, ephemeral: bool = False) -> tuple[str, int]:
+    """HOST:PORT -> (host, port): port 1-65535 in digits (0, any free port, only where `ephemeral`:
+    the config's field, which tests use); host a name or address, `[v6]` bracketed, empty for every
+    interface. Raises ValueError with what was expected, found."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not port.isascii():
+        raise ValueError(f"HOST:PORT with a port of digits, e.g. 127.0.0.1:8080, found {value[:80]!r}")
+    if not (0 if ephemeral else 1) <= int(port) <= 65535:
+        raise ValueError(f"a port from 1 to 65535, found {port[:20]}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if any(c.isspace() or c in "/[]@?#" for c in host):
+        raise ValueError(f"a host name or address before the port, found {host[:80]!r}")
+    return host or "0.0.0.0", int(port)
+
+
 class ControllerSettings(Strict):
     data_dir: str = Field(
         default=".continuity", description="Where SQLite state and the file lock live (`--data-dir` wins)."
@@ -348,6 +365,13 @@ class ControllerSettings(Strict):
         "playbook fails away from it.",
     )
     listen: str = Field(default="127.0.0.1:8080", description="HTTP API and /metrics address.")
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        listen_address(value, ephemeral=True)
+        return value
+
     dry_run: bool = Field(default=False, description="Decide and record everything, change nothing.")
     tick: Duration = Field(default=1.0, gt=0, description="How often the decision loop runs.")
     outbox_retry: Duration = Field(
@@ -361,7 +385,34 @@ class ControllerSettings(Strict):
     )
     api_token_env: str = Field(
         default="CONTINUITY_API_TOKEN",
-        description="Env var holding the bearer token for the API's write calls.",
+        description="Env var holding the bearer token for the API's writes and every push "
+        "(Alertmanager, heartbeats, agents). Read once, when `run` starts.",
+    )
+    insecure_unauthenticated_pushes: bool = Field(
+        default=False,
+        description="Accept Alertmanager webhooks and heartbeats without a credential. Insecure: "
+        "anyone who reaches the port can open incidents. Logged at start and exported as a metric.",
+    )
+    push_rate: float = Field(
+        default=20.0, gt=0, description="Pushes (alerts, heartbeats, results) per second per source address."
+    )
+    push_burst: int = Field(default=200, ge=1, description="Pushes a source may send at once.")
+    public_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://[^\s]+$",
+        description="Where people reach the status page; links (Atom feed) are built from it, never "
+        "from a request's Host header. Unset: links are relative.",
+    )
+    api_max_connections: int = Field(
+        default=256,
+        ge=1,
+        description="Open API connections at most; beyond, 503 and close. Lowered at start to a quarter "
+        "of the file-descriptor limit so that probes always keep theirs.",
+    )
+    api_header_timeout: Duration = Field(
+        default=10.0,
+        gt=0,
+        description="A connection that has not sent a whole request head by then is closed.",
     )
 
 
@@ -513,11 +564,15 @@ def _path(loc: Iterable[Any]) -> str:
     return out or "(top level)"
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxdict, _SHORT.maxlist, _SHORT.maxtuple = 3, 4, 4, 4
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 60, 60, 40
+
+
 def _found(value: Any) -> str:
-    if isinstance(value, dict | list):
-        text = repr(value)
-        return text if len(text) < 80 else text[:77] + "..."
-    return repr(value)
+    """A value as the error shows it: bounded whatever its size, since a config can hold a huge one."""
+    text = _SHORT.repr(value)
+    return text if len(text) < 80 else text[:77] + "..."
 
 
 def _vocabulary() -> set[str]:
@@ -631,21 +686,119 @@ def _construct_mapping(
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def _read_yaml(path: Path) -> Any:
+CONFIG_MAX_BYTES = 4 * 1024 * 1024
+"""Largest config file read (and the total for a directory): far above any real config, small
+enough that reading one can never exhaust the controller's memory."""
+CONFIG_MAX_DEPTH = 64
+"""Deepest nesting accepted (a real config is under 10 deep); `[[[[...` a million deep is refused."""
+CONFIG_MAX_NODES = 80_000
+"""Values (scalars, lists, mappings) in a file once aliases are expanded: about 5,000 probes (a
+probe with its expectations is ~16). It bounds the work on any file, hostile or not, to about a
+second on a free core (bench/hostile.py); a bigger fleet raises it with the
+CONTINUITY_CONFIG_MAX_NODES environment variable (read each time a config is loaded)."""
+CONFIG_MAX_ALIAS_NODES = 10_000
+"""Values that aliases (`*name`) may add on top of the file's own: anchors for shared defaults
+are small; a 'billion laughs' file that multiplies them is refused before anything is built."""
+
+
+def _max_nodes() -> int:
     try:
-        text = path.read_text(encoding="utf-8")
+        return max(1000, int(os.environ.get("CONTINUITY_CONFIG_MAX_NODES", CONFIG_MAX_NODES)))
+    except ValueError:
+        return CONFIG_MAX_NODES
+
+
+def _check_shape(text: str, path: Path) -> None:
+    """Walk the YAML event stream once (libyaml; nothing is built) and refuse, as soon as a bound
+    is passed, a file whose aliases multiply, that nests too deep or holds too many values.
+
+    The sizes of anchored subtrees are tracked, so an alias costs what it expands to: the count is
+    of the document as it would be built, without building it.
+    """
+    limit = _max_nodes()
+    anchors: dict[str, int] = {}
+    stack: list[tuple[str | None, int]] = []
+    total = own = 0
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+    def refuse(event: Any, what: str) -> ConfigError:
+        mark = event.start_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(unknown position)"
+        return ConfigError([f"{path}: {where}: {what}"])
+
+    for event in yaml.parse(text, Loader=loader):
+        if isinstance(event, yaml.AliasEvent):
+            size = anchors.get(event.anchor or "", 1)
+            total += size
+            if total - own > CONFIG_MAX_ALIAS_NODES:
+                raise refuse(
+                    event,
+                    f"expected aliases (*name) to add at most {CONFIG_MAX_ALIAS_NODES:,} values, found "
+                    f"more (*{str(event.anchor)[:40]} alone expands to {size:,}): aliases that multiply "
+                    "are refused",
+                )
+        elif isinstance(event, yaml.ScalarEvent):
+            total += 1
+            own += 1
+            if event.anchor:
+                anchors[event.anchor] = 1
+        elif isinstance(event, yaml.SequenceStartEvent | yaml.MappingStartEvent):
+            total += 1
+            own += 1
+            stack.append((event.anchor, total - 1))
+            if len(stack) > CONFIG_MAX_DEPTH:
+                raise refuse(event, f"expected nesting at most {CONFIG_MAX_DEPTH} deep, found deeper")
+        elif isinstance(event, yaml.SequenceEndEvent | yaml.MappingEndEvent) and stack:
+            anchor, start = stack.pop()
+            if anchor:
+                anchors[anchor] = total - start
+        else:
+            continue
+        if total > limit:
+            raise refuse(
+                event,
+                f"expected at most {limit:,} values (after expanding aliases), found more "
+                "(raise CONTINUITY_CONFIG_MAX_NODES for a bigger fleet)",
+            )
+
+
+def _read_yaml(path: Path, budget: list[int] | None = None) -> Any:
+    try:
+        size = path.stat().st_size
+        if size > CONFIG_MAX_BYTES:
+            raise ConfigError([f"{path}: expected at most {CONFIG_MAX_BYTES:,} bytes, found {size:,}"])
+        if budget is not None:
+            budget[0] -= size
+            if budget[0] < 0:
+                raise ConfigError(
+                    [
+                        f"{path}: expected the files of a config to hold at most {CONFIG_MAX_BYTES:,} bytes "
+                        "together, found more"
+                    ]
+                )
+        with path.open("rb") as f:
+            data = f.read(CONFIG_MAX_BYTES + 1)  # the file may grow between stat and read
+        if len(data) > CONFIG_MAX_BYTES:
+            raise ConfigError([f"{path}: expected at most {CONFIG_MAX_BYTES:,} bytes, found more"])
+        text = data.decode("utf-8")
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read the file: {exc.strerror or exc}"]) from None
     except UnicodeDecodeError:
         raise ConfigError([f"{path}: expected UTF-8 text, found binary data"]) from None
     try:
+        _check_shape(text, path)
         return yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(unknown position)"
-        raise ConfigError([f"{path}: {where}: expected valid YAML, found {exc.problem or exc}"]) from None
+        problem = str(exc.problem or exc)[:200]
+        raise ConfigError([f"{path}: {where}: expected valid YAML, found {problem}"]) from None
     except yaml.YAMLError as exc:
-        raise ConfigError([f"{path}: expected valid YAML, found {exc}"]) from None
+        raise ConfigError([f"{path}: expected valid YAML, found {str(exc)[:200]}"]) from None
+    except (RecursionError, MemoryError):
+        raise ConfigError(
+            [f"{path}: expected a config of ordinary size and depth, found one too big to read"]
+        ) from None
 
 
 def _files(path: Path) -> list[Path]:
@@ -665,8 +818,9 @@ def load_raw(path: str | Path) -> tuple[dict[str, Any], dict[tuple[str, str], Pa
     merged: dict[str, Any] = {}
     origin: dict[tuple[str, str], Path] = {}
     problems: list[str] = []
+    budget = [CONFIG_MAX_BYTES]
     for file in _files(root):
-        doc = _read_yaml(file)
+        doc = _read_yaml(file, budget)
         if doc is None:
             continue
         if not isinstance(doc, dict):
@@ -879,6 +1033,51 @@ def resolve_secret(env_name: str) -> str:
     if not value:
         raise ConfigError([f"environment: {env_name}: expected the secret the config names, found it unset"])
     return value
+
+
+def secret_env_names(config: Config) -> list[tuple[str, str, str]]:
+    """Every environment variable the config names for a secret: (variable, where, when it is read).
+
+    `when` is what the README's table says, so `validate` can tell an operator what an unset one
+    will do: `run` refuses to start, or the pushes / messages / steps that need it wait or fail."""
+    found: list[tuple[str, str, str]] = [
+        (
+            config.controller.api_token_env,
+            "controller.api_token_env",
+            "when `run` starts: unset, API writes and every push are refused",
+        )
+    ]
+    notifiers = config.notifiers.model_dump()
+    for channel, body in notifiers.items():
+        if not isinstance(body, dict):
+            continue
+        for key, value in body.items():
+            if key.endswith("_env") and isinstance(value, str):
+                when = (
+                    "when `run` starts: unset, `run` refuses to start"
+                    if channel == "pagerduty"
+                    else "at send time: unset, messages wait in the outbox"
+                )
+                found.append((value, f"notifiers.{channel}.{key}", when))
+    for name, probe in config.probes.items():
+        token_env = getattr(probe, "token_env", None)
+        if token_env:
+            found.append(
+                (token_env, f"probes.{name}.token_env", "at each heartbeat: unset, pushes are refused")
+            )
+    for name, playbook in config.playbooks.items():
+        for i, step in enumerate(playbook.steps):
+            headers = (step.params or {}).get("headers") if isinstance(step.params, dict) else None
+            for header, value in (headers or {}).items():
+                if isinstance(value, dict) and isinstance(value.get("env"), str):
+                    found.append(
+                        (
+                            value["env"],
+                            f"playbooks.{name}.steps[{i}].params.headers.{header}.env",
+                            "when the step runs: unset, the step fails",
+                        )
+                    )
+    return found
 
 
 def json_schema() -> dict[str, Any]:

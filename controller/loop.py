@@ -154,7 +154,10 @@ class Controller:
         for key, value in heartbeats.items():
             name = key.removeprefix("heartbeat:")
             self.signals.heartbeats[name] = max(float(value), self.signals.heartbeats.get(name, 0.0))
-        stored_alerts = [passive.Alert(**json.loads(value)) for value in alerts.values()]
+        # A store written before the bound existed must not blow memory at start.
+        stored_alerts = [
+            passive.Alert(**json.loads(value)) for value in list(alerts.values())[: passive.MAX_ALERTS]
+        ]
         firing = {alert.fingerprint for alert in stored_alerts}
         for fp, alert in list(self.signals.alerts.items()):
             if alert.status == "firing" and fp not in firing:  # resolved while we stood by

@@ -87,4 +87,36 @@ class Metrics:
             registry=r,
         )
         self.reload_ok.set(1)
+        self.insecure_pushes = Gauge(
+            "continuity_insecure_unauthenticated_pushes",
+            "1 while Alertmanager webhooks and heartbeats are accepted without a credential.",
+            registry=r,
+        )
+        self.pushes_refused = Counter(
+            "continuity_pushes_refused_total",
+            "Pushed inputs refused before use, by endpoint and reason (auth, rate).",
+            ["endpoint", "reason"],
+            registry=r,
+        )
+        self.pushed_dropped = Counter(
+            "continuity_pushed_dropped_total",
+            "Pushed signals accepted on the wire but not kept because a bound was reached.",
+            ["kind"],
+            registry=r,
+        )
+        self.agent_results = Counter(
+            "continuity_agent_results_total",
+            "Results pushed by agents, by outcome (accepted, clamped, future, stale, unknown, vantages).",
+            ["outcome"],
+            registry=r,
+        )
+        self.api_connections = Gauge(
+            "continuity_api_connections", "Open connections to the HTTP API.", registry=r
+        )
+        self.api_connections_refused = Counter(
+            "continuity_api_connections_refused_total",
+            "API connections answered 503 and closed (over the cap) or closed (no request head in time).",
+            ["reason"],
+            registry=r,
+        )
         # continuity_leader{lock} is registered by controller.leader on this same registry.

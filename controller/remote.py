@@ -12,6 +12,7 @@ import asyncio
 import math
 import time
 from collections import deque
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -73,6 +74,30 @@ def parse_results(body: Any) -> list[ProbeResult]:
             )
         )
     return out
+
+
+CLOCK_SKEW = 30.0
+"""Seconds an agent's clock may run ahead of ours: such a result is clamped to the time we received
+it. Further ahead it is refused: a result stamped in the future would stay fresh, and vote, forever."""
+MAX_VANTAGES = 64
+"""Vantage points kept per probe; a new name beyond it is refused (an agent typo must not grow memory)."""
+
+
+def admit(result: ProbeResult, now: float, freshness: float) -> tuple[ProbeResult | None, str]:
+    """Decide whether a pushed result may vote, by its time: (result to ingest or None, outcome).
+
+    Pure, so the rule is the same in the API and in tests: `future` (refused), `clamped` (a little
+    ahead: stamped with our receive time), `stale` (older than the freshness window: it could not
+    vote anyway) or `accepted`.
+    """
+    ahead = result.started_at - now
+    if ahead > CLOCK_SKEW:
+        return None, "future"
+    if ahead > 0:
+        return replace(result, started_at=now), "clamped"
+    if now - result.started_at > freshness:
+        return None, "stale"
+    return result, "accepted"
 
 
 class Agent:

@@ -23,6 +23,13 @@ class ReportError(Exception):
     """No such incident, or the report cannot be written."""
 
 
+def _md(text: str) -> str:
+    """Text from incidents (titles, messages, reasons) as Markdown shows it: no raw HTML, since
+    Markdown renderers pass it through and incident text can come from outside. Every tag, comment
+    or processing instruction starts with `<`, so escaping it is enough; `->` stays readable."""
+    return text.replace("<", "&lt;")
+
+
 @dataclass
 class Doc:
     """Writes Markdown and HTML side by side from the same calls, so the two never disagree."""
@@ -31,20 +38,20 @@ class Doc:
     html: list[str] = field(default_factory=list)
 
     def heading(self, text: str, level: int = 2) -> None:
-        self.md.append(f"{'#' * level} {text}\n")
+        self.md.append(f"{'#' * level} {_md(text)}\n")
         self.html.append(f"<h{level}>{html.escape(text)}</h{level}>")
 
     def para(self, text: str) -> None:
-        self.md.append(text + "\n")
+        self.md.append(_md(text) + "\n")
         self.html.append(f"<p>{html.escape(text)}</p>")
 
     def bullets(self, items: list[str]) -> None:
-        self.md.append("\n".join(f"- {i}" for i in items) + "\n")
+        self.md.append("\n".join(f"- {_md(i)}" for i in items) + "\n")
         self.html.append("<ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in items) + "</ul>")
 
     def table(self, head: list[str], rows: list[list[str]]) -> None:
         def cell(v: str) -> str:
-            return v.replace("|", "\\|").replace("\n", " ")
+            return _md(v).replace("|", "\\|").replace("\n", " ")
 
         self.md.append(
             "| "
@@ -63,7 +70,7 @@ class Doc:
         )
 
     def image(self, src: str, alt: str) -> None:
-        self.md.append(f"![{alt}]({src})\n")
+        self.md.append(f"![{_md(alt)}]({src})\n")
         self.html.append(f'<img src="{html.escape(src)}" alt="{html.escape(alt)}" style="max-width:100%">')
 
 

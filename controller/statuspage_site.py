@@ -149,8 +149,10 @@ def add_routes(app: web.Application, controller: Controller) -> None:
     async def json_(_: web.Request) -> web.Response:
         return web.json_response(snapshot(controller), headers={"Access-Control-Allow-Origin": "*"})
 
-    async def atom(request: web.Request) -> web.Response:
-        base = f"{request.scheme}://{request.host}"
+    async def atom(_: web.Request) -> web.Response:
+        # Links come from the configured public URL, never from the request's Host header: a
+        # forged Host would otherwise put an attacker's links into every cached copy of the feed.
+        base = (controller.config.controller.public_url or "").rstrip("/")
         return web.Response(text=render_atom(snapshot(controller), base), content_type="application/atom+xml")
 
     async def banner(_: web.Request) -> web.Response:

@@ -52,6 +52,8 @@ HEADER = f"""\
 #
 # Release name "{RELEASE_NAME}", namespace "{NAMESPACE}":
 #   kubectl create namespace {NAMESPACE}
+#   kubectl -n {NAMESPACE} create secret generic {RELEASE_NAME}-api-token \\
+#     --from-literal=api-token=$(openssl rand -hex 24)    # required: every push needs the token
 #   kubectl apply --server-side -f deploy/manifests/continuity.yaml
 # The ServiceMonitor and PrometheusRule at the end need the Prometheus Operator CRDs; without them
 # kubectl reports "no matches for kind" for those two and applies everything else.

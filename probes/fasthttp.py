@@ -26,11 +26,14 @@ from urllib.parse import urlsplit
 import httptools
 
 from probes.base import Observed, ProbeResult, StepResult, evaluate
-from probes.http import HttpProbe, run_journey
+from probes.http import MAX_BODY, MAX_HEADERS, HttpProbe, run_journey
 
 #: Default cap on how much of a body is kept: enough for any health document, small enough that
 #: 20,000 probes against a misbehaving target cannot eat the controller's memory.
-DEFAULT_MAX_BODY = 1024 * 1024
+DEFAULT_MAX_BODY = MAX_BODY
+MAX_HEAD = 64 * 1024
+"""Bytes of status line and headers read at most before the head must be complete: httptools keeps
+a header being parsed in memory, so an endless header would otherwise grow without bound."""
 
 _READ_SIZE = 65536
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
@@ -120,6 +123,7 @@ class _Response:
         "body",
         "cap",
         "complete",
+        "count",
         "headers",
         "headers_done",
         "parser",
@@ -135,6 +139,7 @@ class _Response:
 
     def _reset(self) -> None:
         self.headers: dict[str, str] = {}
+        self.count = 0
         self.body: list[bytes] = []
         self.size = 0
         self.status = 0
@@ -144,6 +149,7 @@ class _Response:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # Last one wins, as `dict(resp.headers)` does on the aiohttp path.
+        self.count += 1
         self.headers[name.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
 
     def on_headers_complete(self) -> None:
@@ -200,8 +206,13 @@ async def _exchange(plan: Plan, cap: int) -> tuple[_Response, bool]:
     try:
         writer.write(plan.payload)
         feed = resp.parser.feed_data
+        head = 0
         while True:
             data = await reader.read(_READ_SIZE)
+            if not resp.headers_done:
+                head += len(data)
+                if head > MAX_HEAD + _READ_SIZE:
+                    raise _BadResponse(f"response headers larger than {MAX_HEAD // 1024} KiB")
             if not data:
                 if not resp.headers_done:
                     raise _BadResponse(
@@ -217,6 +228,8 @@ async def _exchange(plan: Plan, cap: int) -> tuple[_Response, bool]:
                 return resp, False
             except httptools.HttpParserError as exc:
                 raise _BadResponse(f"invalid HTTP response: {exc}") from None
+            if resp.count > MAX_HEADERS:
+                raise _BadResponse(f"more than {MAX_HEADERS} response headers")
             if resp.complete or (plan.head_only and resp.headers_done):
                 return resp, False
             if resp.truncated:
@@ -258,7 +271,14 @@ async def run_fast(
         left = max(cfg.timeout - took, 0.001)
         result = await run_journey(name, cfg.journey(name), cfg.vars, left)
         return ProbeResult(
-            name, result.ok, started_at, time.perf_counter() - t0, result.steps, result.error, result.vantage
+            name,
+            result.ok,
+            started_at,
+            time.perf_counter() - t0,
+            result.steps,
+            result.error,
+            result.vantage,
+            details=result.details,
         )
     body = b"".join(resp.body)
     encoding = next((v for k, v in resp.headers.items() if k.lower() == "content-encoding"), "")

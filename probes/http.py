@@ -32,6 +32,16 @@ from probes.base import (
 
 _TEMPLATES = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
 
+MAX_BODY = 1024 * 1024
+"""Bytes of a response body kept, on every path (the fast path, each redirect hop's final answer,
+every transaction step): enough for any health document; the rest is never read."""
+MAX_REDIRECTS = 10
+"""Redirects followed at most (as curl and browsers bound them); more is a failed step."""
+MAX_FIELD_SIZE = 8190
+"""Longest response header line, name or value (aiohttp's default, said out loud)."""
+MAX_HEADERS = 128
+"""Response headers at most."""
+
 
 class Window(Strict):
     """`failures: 3, of: 5`: three failures among the last five results, consecutive or not."""
@@ -138,7 +148,7 @@ async def _exchange(
     except TemplateError as exc:
         return StepResult(step.name, False, 0.0, error=f"template error: {exc}"), None
     request = f"{step.method.upper()} {url}"
-    kwargs: dict[str, Any] = {"headers": headers, "allow_redirects": True}
+    kwargs: dict[str, Any] = {"headers": headers, "allow_redirects": True, "max_redirects": MAX_REDIRECTS}
     if body is not None:
         kwargs["data"] = body
     elif json_body is not None:
@@ -147,8 +157,16 @@ async def _exchange(
         kwargs["timeout"] = aiohttp.ClientTimeout(total=timeout)
     try:
         async with session.request(step.method.upper(), url, **kwargs) as resp:
-            raw = await resp.read()
+            raw, truncated = await _read_capped(resp, MAX_BODY)
             obs = Observed(resp.status, dict(resp.headers), raw, time.perf_counter() - start)
+            if truncated:
+                obs.headers[TRUNCATED] = str(MAX_BODY)
+    except aiohttp.TooManyRedirects:
+        took = time.perf_counter() - start
+        return (
+            StepResult(step.name, False, took, error=f"more than {MAX_REDIRECTS} redirects", request=request),
+            None,
+        )
     except TimeoutError:
         took = time.perf_counter() - start
         return StepResult(step.name, False, took, error=f"timed out after {took:.1f}s", request=request), None
@@ -161,6 +179,63 @@ async def _exchange(
     checks = evaluate(step.expect, obs)
     ok = all(c.ok for c in checks)
     return StepResult(step.name, ok, obs.latency, checks, request=request, status=obs.status), obs
+
+
+TRUNCATED = "x-continuity-body-truncated-at"
+"""Marks an observation whose body was cut at MAX_BODY (never sent by a server: we add it)."""
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> tuple[bytes, bool]:
+    """Read at most `cap` bytes of the body (decompressed), then stop: the rest is never read, and
+    closing the connection (the connector forces close) drops it."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_chunked(65536):
+        room = cap - size
+        if len(chunk) > room:
+            chunks.append(chunk[:room])
+            return b"".join(chunks), True
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks), False
+
+
+def _secrets_in(step: Step, obs: Observed) -> list[str]:
+    """The values this step's `secret: true` extractions take from the response, where present."""
+    out = []
+    for spec in step.extract.values():
+        if spec.secret:
+            try:
+                value = str(extract(spec, obs))
+            except LookupError:
+                continue
+            if value:
+                out.append(value)
+    return out
+
+
+def _hide(text: str, secrets: list[str]) -> str:
+    for value in sorted(secrets, key=len, reverse=True):
+        text = text.replace(value, "***")
+    return text
+
+
+def _shown_masked(result: StepResult, step: Step, obs: Observed, secrets: list[str]) -> StepResult:
+    """The step's checks as shown: evaluated on the response with secrets replaced by ***, so that
+    no cut of a long body can show part of one; pass or fail still comes from the real response."""
+    body = obs.body
+    for value in sorted(secrets, key=len, reverse=True):
+        body = body.replace(value.encode(), b"***")
+    hidden = Observed(obs.status, {k: _hide(v, secrets) for k, v in obs.headers.items()}, body, obs.latency)
+    shown = evaluate(step.expect, hidden)
+    if len(shown) != len(result.checks):
+        shown = tuple(
+            Check(c.name, c.ok, c.expected, "(not shown: the response holds a secret)") for c in result.checks
+        )
+    checks = tuple(
+        Check(c.name, real.ok, c.expected, c.found) for real, c in zip(result.checks, shown, strict=True)
+    )
+    return replace(result, checks=checks)
 
 
 def _mask(step: StepResult, secrets: list[str]) -> StepResult:
@@ -194,14 +269,29 @@ async def run_journey(name: str, steps: list[Step], variables: dict[str, Any], t
     broken = False
     connector = aiohttp.TCPConnector(force_close=True, limit=0)
     jar = aiohttp.CookieJar(unsafe=True)  # cookies on IP-address targets too
+    truncated = False
     try:
         async with asyncio.timeout(timeout):
-            async with aiohttp.ClientSession(connector=connector, cookie_jar=jar) as session:
+            async with aiohttp.ClientSession(
+                connector=connector,
+                cookie_jar=jar,
+                max_line_size=MAX_FIELD_SIZE,
+                max_field_size=MAX_FIELD_SIZE,
+                max_headers=MAX_HEADERS,
+            ) as session:
                 for step in steps:
                     if broken and not step.always_run:
                         continue
                     current[:] = [step]
                     result, obs = await _exchange(session, step, ctx, step.timeout)
+                    if obs is not None:
+                        truncated = truncated or TRUNCATED in obs.headers
+                        # Secret values are masked from the moment they are seen, whatever the
+                        # step's outcome: a failing expectation must not print the body holding one.
+                        found = _secrets_in(step, obs)
+                        if found:
+                            secrets.extend(v for v in found if v not in secrets)
+                            result = _shown_masked(result, step, obs, secrets)
                     if result.ok and obs is not None and step.extract:
                         try:
                             for var, spec in step.extract.items():
@@ -231,5 +321,7 @@ async def run_journey(name: str, steps: list[Step], variables: dict[str, Any], t
     details: dict[str, Any] = {}
     if not hard and soft and ran_all:
         details["degraded"] = True
-    error = "" if ok else ("non-critical step failed" if details else "journey incomplete")
+    if truncated:
+        details["body_truncated_at"] = MAX_BODY
+    error = "" if ok else ("non-critical step failed" if details.get("degraded") else "journey incomplete")
     return ProbeResult(name, ok, started_at, latency, tuple(done), error=error, details=details)

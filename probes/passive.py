@@ -35,6 +35,11 @@ class HeartbeatProbe(ProbeCommon):
         default=None, description="If set, pushes need `Authorization: Bearer` with it."
     )
     interval: Duration = Field(default=10.0, gt=0, description="How often the silence is checked.")
+    public: bool = Field(
+        default=False,
+        description="Accept heartbeats without a credential (a job that cannot hold a secret). "
+        "Otherwise pushes need `token_env`'s token, or the API token.",
+    )
 
 
 class AlertmanagerProbe(ProbeCommon):
@@ -70,10 +75,20 @@ class Signals:
     seen: dict[tuple[str, str, str], float] = field(default_factory=dict)
     """(fingerprint, startsAt, status) already applied -> when: Alertmanager retries, we stay
     idempotent. Bounded (oldest forgotten first): retries come within minutes, not days."""
+    dropped: int = 0
+    """New alerts refused because MAX_ALERTS were already kept (exported as a metric)."""
 
 
 SEEN_MAX = 50_000
 """Applied-alert keys remembered for idempotency; a long-running feed must not grow memory forever."""
+MAX_ALERTS = 5_000
+"""Alerts kept at most (firing, or resolved within RESOLVED_KEEP). Beyond it a new alert is dropped
+and counted, never stored: a flood of unique alerts cannot grow memory past the chart's limit."""
+MAX_LABELS_CHARS = 4_096
+"""Labels of one alert, names and values together, at most (Prometheus labels are short)."""
+MAX_ANNOTATION_CHARS = 1_024
+"""Annotation text kept per alert (only `summary` is shown); the rest is cut, not refused."""
+MAX_FINGERPRINT = 128
 RESOLVED_KEEP = 3600.0
 """Seconds a resolved alert is kept before it is forgotten (it no longer affects any probe)."""
 
@@ -129,17 +144,28 @@ def apply_alertmanager(signals: Signals, payload: Any, now: float) -> tuple[int,
         labels = a.get("labels")
         if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
             raise PayloadError(f"{where}.labels: expected an object of strings")
+        if sum(len(k) + len(v) for k, v in labels.items()) > MAX_LABELS_CHARS:
+            raise PayloadError(f"{where}.labels: expected at most {MAX_LABELS_CHARS} characters, found more")
         annotations = a.get("annotations") or {}
         if not isinstance(annotations, dict):
             raise PayloadError(f"{where}.annotations: expected an object")
         fingerprint = a.get("fingerprint")
-        if not isinstance(fingerprint, str) or not fingerprint:
-            raise PayloadError(f"{where}.fingerprint: expected a non-empty string")
+        if not isinstance(fingerprint, str) or not fingerprint or len(fingerprint) > MAX_FINGERPRINT:
+            raise PayloadError(
+                f"{where}.fingerprint: expected a non-empty string of at most {MAX_FINGERPRINT}"
+            )
         starts = _rfc3339(a.get("startsAt"), f"{where}.startsAt")
-        parsed.append(
-            Alert(fingerprint, status, dict(labels), {k: str(v) for k, v in annotations.items()}, starts, now)
-        )
+        kept: dict[str, str] = {}
+        room = MAX_ANNOTATION_CHARS
+        for k, v in sorted(annotations.items(), key=lambda kv: kv[0] != "summary"):
+            if room <= 0:
+                break
+            text = str(v)[:room]
+            kept[str(k)[:64]] = text
+            room -= len(text) + min(len(str(k)), 64)
+        parsed.append(Alert(fingerprint, status, dict(labels), kept, starts, now))
     applied = dupes = 0
+    _forget_resolved(signals, now)
     for alert in parsed:
         key = (alert.fingerprint, alert.starts_at, alert.status)
         if key in signals.seen:
@@ -152,15 +178,29 @@ def apply_alertmanager(signals: Signals, payload: Any, now: float) -> tuple[int,
         if alert.status == "resolved" and current is not None and current.starts_at != alert.starts_at:
             dupes += 1  # a resolve for an older firing of this alert: the newer one stands
             continue
+        if current is None and len(signals.alerts) >= MAX_ALERTS:
+            if alert.status == "resolved":
+                dupes += 1  # a resolve for an alert we never kept changes nothing
+                continue
+            resolved = next((fp for fp, a in signals.alerts.items() if a.status == "resolved"), None)
+            if resolved is None:
+                signals.dropped += 1
+                del signals.seen[key]  # not applied: Alertmanager's retry may land once there is room
+                continue
+            del signals.alerts[resolved]  # the oldest resolved alert makes room: it affects nothing
         signals.alerts[alert.fingerprint] = alert
         applied += 1
+    _forget_resolved(signals, now)
+    return applied, dupes
+
+
+def _forget_resolved(signals: Signals, now: float) -> None:
     for fp in [
         fp
         for fp, a in signals.alerts.items()
         if a.status == "resolved" and now - a.received_at > RESOLVED_KEEP
     ]:
         del signals.alerts[fp]
-    return applied, dupes
 
 
 def _result(name: str, ok: bool, check: Check, now: float, details: dict[str, Any]) -> ProbeResult:

@@ -136,7 +136,8 @@ def test_validate_good_config(tmp_path: Path) -> None:
     path = good_config(tmp_path)
     res = cli("validate", "-c", str(path))
     assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == f"{path}: ok: 1 service(s), 3 probe(s), 1 playbook(s)"
+    # the API token is unset here: reported (issue 13), a warning unless --require-env
+    assert res.stdout.strip().startswith(f"{path}: ok: 1 service(s), 3 probe(s), 1 playbook(s)")
 
 
 def test_validate_bad_config_reports_every_problem(tmp_path: Path) -> None:

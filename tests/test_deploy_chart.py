@@ -11,6 +11,7 @@ this module. Skipping would let a broken chart pass CI.
 
 from __future__ import annotations
 
+import base64
 import functools
 import importlib.util
 import json
@@ -331,7 +332,8 @@ def test_deployment_runtime_contract(default_objects: list[dict[str, Any]]) -> N
     assert env["CONTINUITY_LEASE_NAME"]["value"] == f"{RELEASE}-leader"
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
-    assert "CONTINUITY_API_TOKEN" not in env
+    token = env["CONTINUITY_API_TOKEN"]["valueFrom"]["secretKeyRef"]  # required: pushes need it
+    assert token == {"name": f"{RELEASE}-continuity-api-token", "key": "api-token", "optional": False}
     assert "limits" in container["resources"] and "requests" in container["resources"]
     assert re.fullmatch(r"[0-9a-f]{64}", spec["template"]["metadata"]["annotations"]["checksum/config"])
 
@@ -765,3 +767,19 @@ def test_dockerfile_static() -> None:
     assert 'CMD ["run", "-c", "/etc/continuity/config.yaml"]' in instructions
     assert "EXPOSE 8080" in instructions
     assert not any(i.upper().startswith("HEALTHCHECK") for i in instructions)
+
+
+def test_the_api_token_is_required_or_created() -> None:
+    """Every pushed input needs the token (issue 13): the pod always reads it from a Secret, which the
+    operator creates (the default, deterministic render) or the chart creates with a random value."""
+    default = render()
+    assert not by_kind(default, "Secret")
+    created = render({"apiToken": {"create": True}})
+    (secret,) = by_kind(created, "Secret")
+    name = secret["metadata"]["name"]
+    assert name == f"{RELEASE}-continuity-api-token"
+    token = base64.b64decode(secret["data"]["api-token"]).decode()
+    assert len(token) == 48 and token.isalnum()
+    container = one(created, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["CONTINUITY_API_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == name

@@ -39,6 +39,7 @@ from probes.base import ProbeResult
 ROOT = Path(__file__).resolve().parents[1]
 ALERTMANAGER = "/usr/bin/prometheus-alertmanager"
 API_TOKEN = "pushed-inputs-api-token"
+AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
 
 # ---------------------------------------------------------------------- helpers
 
@@ -145,7 +146,7 @@ services:
     rto: 5m
     probes: [job]
 probes:
-  job: {kind: heartbeat, period: 1s, grace: 500ms, interval: 200ms}
+  job: {kind: heartbeat, period: 1s, grace: 500ms, interval: 200ms, public: true}
   secure-job: {kind: heartbeat, period: 1h, token_env: PUSHED_TEST_HB_TOKEN}
 """
 
@@ -201,7 +202,7 @@ def test_heartbeats_keep_a_service_up_silence_opens_an_incident_and_survive_a_re
                 assert snapshot(c) == before
                 assert await beat("secure-job", {"Authorization": "Bearer hb-secret"}) == 200
                 assert "secure-job" in c.signals.heartbeats
-                # an open job needs no token even while another probe has one
+                # a `public: true` job needs no token even while another probe has one
                 assert await beat("job", {"Authorization": "Bearer whatever"}) == 200
                 last = c.signals.heartbeats["job"]
         finally:
@@ -253,6 +254,10 @@ receivers:
     webhook_configs:
       - url: "http://127.0.0.1:{port}/alertmanager"
         send_resolved: true
+        http_config:
+          authorization:
+            type: Bearer
+            credentials: "{token}"
 """
 
 
@@ -262,7 +267,7 @@ def start_alertmanager(tmp: Path, receiver_port: int) -> tuple[subprocess.Popen[
         f"{ALERTMANAGER} is missing: install Debian's `prometheus-alertmanager` package "
         "(apt-get install prometheus-alertmanager); CI must install it"
     )
-    (tmp / "am.yml").write_text(AM_CONFIG.format(port=receiver_port), encoding="utf-8")
+    (tmp / "am.yml").write_text(AM_CONFIG.format(port=receiver_port, token=API_TOKEN), encoding="utf-8")
     port = free_port()
     with (tmp / "alertmanager.log").open("wb") as log:
         proc = subprocess.Popen(
@@ -282,7 +287,7 @@ def start_alertmanager(tmp: Path, receiver_port: int) -> tuple[subprocess.Popen[
 def test_the_real_alertmanager_fires_and_resolves_an_incident(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    monkeypatch.delenv("CONTINUITY_API_TOKEN", raising=False)
+    monkeypatch.setenv("CONTINUITY_API_TOKEN", API_TOKEN)  # Alertmanager sends it (http_config)
     cfg = load_config(write_config(tmp_path, ALERT_CONFIG))
     api_port = free_port()
     proc, am = start_alertmanager(tmp_path, api_port)
@@ -400,13 +405,13 @@ def am_alert(fingerprint: str = "a1b2c3d4e5f60718", **overrides: Any) -> dict[st
 def test_malformed_alertmanager_payloads_are_400_with_the_field_and_change_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    monkeypatch.delenv("CONTINUITY_API_TOKEN", raising=False)
+    monkeypatch.setenv("CONTINUITY_API_TOKEN", API_TOKEN)
     cfg = load_config(write_config(tmp_path, ALERT_CONFIG))
 
     async def main() -> None:
         c = Controller(cfg, SQLiteStore(cfg.controller.data_dir))
         try:
-            async with served(c) as url, aiohttp.ClientSession() as http:
+            async with served(c) as url, aiohttp.ClientSession(headers=AUTH) as http:
 
                 async def post(body: Any = None, data: str | None = None) -> tuple[int, dict[str, Any]]:
                     kw: dict[str, Any] = {"data": data} if data is not None else {"json": body}
@@ -484,14 +489,14 @@ def test_a_firing_alert_survives_a_controller_restart(tmp_path: Path, monkeypatc
     restarted controller that forgot it would resolve the incident while the alert still fires.
     (Confirmation off: with it on, the first SUSPECT result after any restart resolves the open
     incident, a separate problem reported with these tests.)"""
-    monkeypatch.delenv("CONTINUITY_API_TOKEN", raising=False)
+    monkeypatch.setenv("CONTINUITY_API_TOKEN", API_TOKEN)
     cfg = load_config(write_config(tmp_path, ALERT_CONFIG, confirm=0))
 
     async def main() -> None:
         c = Controller(cfg, SQLiteStore(cfg.controller.data_dir))
         await c.start()
         try:
-            async with served(c) as url, aiohttp.ClientSession() as http:
+            async with served(c) as url, aiohttp.ClientSession(headers=AUTH) as http:
                 async with http.post(f"{url}/alertmanager", json=am_payload(am_alert())) as resp:
                     assert resp.status == 200
                 inc = await until(lambda: c.store.open_incident_for("checkout"), 8, "incident")
@@ -506,7 +511,7 @@ def test_a_firing_alert_survives_a_controller_restart(tmp_path: Path, monkeypatc
             await until(lambda: c2.states["checkout-alerts"].failures >= 3, 5, "probe evaluated")
             await asyncio.sleep(0.3)
             assert c2.store.get_incident(inc.id).status == "open", "the alert still fires"
-            async with served(c2) as url, aiohttp.ClientSession() as http:
+            async with served(c2) as url, aiohttp.ClientSession(headers=AUTH) as http:
                 # Alertmanager's retry of the firing notification is still a duplicate...
                 async with http.post(f"{url}/alertmanager", json=am_payload(am_alert())) as resp:
                     assert await resp.json() == {"applied": 0, "duplicates": 1}

@@ -113,3 +113,8 @@ whole point of listing playbook permissions in values is that a reviewer can rea
   {{- end }}
   verbs: {{ toJson .verbs }}
 {{- end -}}
+
+{{/* The Secret that holds the API token: the one named, or "<fullname>-api-token". */}}
+{{- define "continuity.apiTokenSecret" -}}
+{{- .Values.apiToken.secretName | default (printf "%s-api-token" (include "continuity.fullname" .)) -}}
+{{- end -}}
