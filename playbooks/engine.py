@@ -9,6 +9,9 @@ the timeline.
 from __future__ import annotations
 
 import asyncio
+import os
+import secrets
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -107,11 +110,14 @@ class Engine:
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
         backoff: float = 0.5,
+        owner: str | None = None,
     ) -> None:
         self.store = store
         self.metrics = metrics or Metrics()
         self.clock = clock
         self.backoff = backoff
+        self.owner = owner or f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
+        """Whose runs these are: no step applies unless the store says this owner holds the run."""
 
     def create(
         self,
@@ -149,6 +155,9 @@ class Engine:
     ) -> RunResult:
         """Run (or resume) a journaled run: steps already done are skipped, the rest run in order."""
         started = time.monotonic()
+        if not self.store.claim_run(run_id, self.owner, None):
+            run = self.store.get_run(run_id)
+            return self._not_ours(name, run_id, ctx, run.owner if run else None)
         journal = {r.idx: r for r in self.store.steps(run_id)}
         resumed = any(r.state != "pending" for r in journal.values())
         self.store.update_run(run_id, state="running")
@@ -169,6 +178,9 @@ class Engine:
                     {"run_id": run_id},
                 )
                 return result
+            holder = self.store.get_run(run_id)
+            if holder is None or holder.owner != self.owner:
+                return self._not_ours(name, run_id, ctx, holder.owner if holder else None)
             todo = [i for i in group if journal.get(i) is None or journal[i].state not in ("done", "skipped")]
             for i in group:
                 if i not in todo:
@@ -215,6 +227,13 @@ class Engine:
             {"run_id": run_id, "ok": result.ok, "state": state, "duration_s": round(result.duration, 3)},
         )
         return result
+
+    def _not_ours(self, name: str, run_id: str, ctx: ActionContext, owner: str | None) -> RunResult:
+        """Another process owns the run (it took it over): stop before any step, change nothing."""
+        error = f"run {run_id} is owned by {owner or 'nobody'}, not {self.owner}: no step applied"
+        ctx.record("playbook", f"playbook {name} stopped: {error}", {"run_id": run_id})
+        log.warning("run not owned; stopping", run=run_id, owner=owner, me=self.owner)
+        return RunResult(run_id, ok=False, error=error, state="handed_over")
 
     async def _rollback(
         self, name: str, run_id: str, pb: Playbook, ctx: ActionContext, done: list[int]
