@@ -442,13 +442,14 @@ def _lifecycle(obs: Observation, config: Config, name: str, fo: FailoverView) ->
 
     if st in ("failover_failed", "failback_failed"):
         if name in obs.frozen:
+            open_now = obs.incidents.get(name)
             return [
                 Hold(
                     name,
-                    fo.incident_id,
-                    f"{name} is {st} since run {fo.run_id}: nothing runs until a human has looked; "
-                    f"`continuity ack {name}`",
-                    key=f"frozen:{fo.run_id}",
+                    open_now.id if open_now else fo.incident_id,
+                    f"not running {svc.playbook}: {name} is {st}, frozen since run {fo.run_id} failed; "
+                    f"`continuity ack {name}` after a human has looked",
+                    key=f"frozen:{fo.run_id}:{open_now.id if open_now else ''}",
                 )
             ]
         return move(
