@@ -233,12 +233,17 @@ class Observation:
 
 def decide(obs: Observation, config: Config) -> list[Decision]:
     out: list[Decision] = []
-    out.extend(_unowned_runs(obs, config))
+    unowned = _unowned_runs(obs, config)
+    out.extend(x for x in unowned if isinstance(x, ResumeRun))  # runs started by hand
     for name, svc in config.services.items():
         fo = obs.failover.get(name) or FailoverView()
         # A run that ended, an approval answered, a human's ack: these move the state whatever the
         # health says, silenced or not. While one is pending nothing new starts for the service.
-        moving = _lifecycle(obs, config, name, fo)
+        # Then a run no state owns (adopted or abandoned). One action per service per cycle.
+        moving = (
+            _lifecycle(obs, config, name, fo)
+            or [x for x in unowned if not isinstance(x, ResumeRun) and x.service == name][:1]
+        )
         out.extend(moving)
         health = obs.health.get(name)
         if health is None:
