@@ -482,8 +482,8 @@ class SQLiteStore:
         args = (state, run_id, incident_id, reason, at, new.version)
         if expect_version == 0:
             cur = self._exec(
-                "INSERT OR IGNORE INTO failover (state, run_id, incident_id, reason, since, version, service) "
-                "VALUES (?,?,?,?,?,?,?)",
+                "INSERT OR IGNORE INTO failover "
+                "(state, run_id, incident_id, reason, since, version, service) VALUES (?,?,?,?,?,?,?)",
                 (*args, service),
             )
         else:
