@@ -138,7 +138,12 @@ class Controller:
     def _recover_from_restart(self) -> None:
         """Pick up where a previous process stopped: cooldowns and runs per incident. Runs to resume
         are found by `decide` from the failover states and the runs' owners, not here."""
+        self._left_running: set[str] = set()
+        """Runs found running when this process started or became leader: the only runs by hand
+        (no service state owns them) it may resume; a CLI run started later may be alive."""
         for run in self.store.runs():
+            if run.state == "running":
+                self._left_running.add(run.id)
             if run.service and run.service != "manual":
                 self.last_run_started[run.service] = max(
                     self.last_run_started.get(run.service, 0), run.started_at
@@ -319,7 +324,11 @@ class Controller:
                 escalated=f"escalated:{r.id}" in escalated,
             )
             for r in self.store.runs()
-            if r.id in named or r.state in d.LIVE_RUN_STATES
+            if r.id in named
+            or (
+                r.state in d.LIVE_RUN_STATES
+                and (r.service in self.config.services or r.id in self._left_running)
+            )
         }
         failed_over = {n: fo.incident_id or "" for n, fo in states.items() if fo.state == "failed_over"}
         return {"failover": states, "runs": runs, "identity": self.identity, "failed_over": failed_over}

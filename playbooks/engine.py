@@ -125,6 +125,9 @@ class Engine:
         self.metrics = metrics or Metrics()
         self.clock = clock
         self.backoff = backoff
+        self.late_grace = 30.0
+        """How long an attempt whose outcome is unknown is waited for (at least one more step
+        timeout) before the step is left unknown for a human: a thread cannot be cancelled."""
         self.owner = owner or f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
         """Whose runs these are: no step applies unless the store says this owner holds the run."""
 
@@ -248,8 +251,9 @@ class Engine:
     ) -> str:
         """Apply within the step's timeout. `asyncio.wait_for` around `to_thread` cancels the
         coroutine, not the thread: an action running in a thread that has not answered in time
-        may still act. Its outcome is then unknown: recorded as such, and waited for (up to one
-        more timeout) before anything else; never called failed, never retried in parallel."""
+        may still act. Its outcome is then unknown: recorded as such, and waited for (up to
+        `late_grace`, at least one more timeout) before anything else; never called failed, never
+        retried in parallel."""
         task = asyncio.ensure_future(action.apply(ctx))
         done, _ = await asyncio.wait({task}, timeout=timeout)
         if task in done:
@@ -258,18 +262,19 @@ class Engine:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             raise TimeoutError
+        grace = max(timeout, self.late_grace)
         note(
             f"step {name} attempt {attempt}: no answer within {format_duration(timeout)}: outcome "
-            f"unknown; waiting up to {format_duration(timeout)} for it to finish before anything else",
+            f"unknown; waiting up to {format_duration(grace)} for it to finish before anything else",
             "unknown",
         )
         t0 = time.monotonic()
-        done, _ = await asyncio.wait({task}, timeout=timeout)
+        done, _ = await asyncio.wait({task}, timeout=grace)
         if task not in done:
             task.cancel()  # the thread goes on; it is not retried while it may still act
             raise OutcomeUnknown(
-                f"outcome unknown: attempt {attempt} still running {format_duration(timeout * 2)} after "
-                "it started; not retried while it may still act; a human must check",
+                f"outcome unknown: attempt {attempt} still running {format_duration(timeout + grace)} "
+                "after it started; not retried while it may still act; a human must check",
                 retryable=False,
             )
         exc = task.exception()
