@@ -52,7 +52,8 @@ CREATE TABLE IF NOT EXISTS runs (
     dry_run INTEGER NOT NULL,
     started_at REAL NOT NULL,
     ended_at REAL,
-    error TEXT
+    error TEXT,
+    owner TEXT                       -- the process allowed to apply its steps (claim_run)
 );
 CREATE INDEX IF NOT EXISTS runs_service ON runs(service, playbook, started_at);
 CREATE TABLE IF NOT EXISTS steps (
@@ -292,7 +293,11 @@ class SQLiteStore:
             self._db.executescript(SCHEMA)
             cols = {r["name"] for r in self._db.execute("PRAGMA table_info(runs)").fetchall()}
             if "owner" not in cols:  # a store written before runs had owners
-                self._db.execute("ALTER TABLE runs ADD COLUMN owner TEXT")
+                try:
+                    self._db.execute("ALTER TABLE runs ADD COLUMN owner TEXT")
+                except sqlite3.OperationalError as exc:  # another process added it meanwhile
+                    if "duplicate column" not in str(exc):
+                        raise
         except (sqlite3.DatabaseError, OSError) as exc:
             raise StoreError(f"{self.path}: cannot open the state store: {exc}") from None
         self._lock = threading.RLock()  # playbook actions record from worker threads
