@@ -255,7 +255,11 @@ class Engine:
         `late_grace`, at least one more timeout) before anything else; never called failed, never
         retried in parallel."""
         task = asyncio.ensure_future(action.apply(ctx))
-        done, _ = await asyncio.wait({task}, timeout=timeout)
+        try:
+            done, _ = await asyncio.wait({task}, timeout=timeout)
+        except asyncio.CancelledError:  # the run itself is cancelled (shutdown): so is the attempt
+            task.cancel()
+            raise
         if task in done:
             return task.result()
         if not action.blocking:  # a coroutine: cancelling it really stops it, nothing is in flight
@@ -269,7 +273,11 @@ class Engine:
             "unknown",
         )
         t0 = time.monotonic()
-        done, _ = await asyncio.wait({task}, timeout=grace)
+        try:
+            done, _ = await asyncio.wait({task}, timeout=grace)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
         if task not in done:
             task.cancel()  # the thread goes on; it is not retried while it may still act
             raise OutcomeUnknown(
