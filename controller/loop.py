@@ -763,7 +763,11 @@ class Controller:
         task = asyncio.create_task(self._run_playbook(service, playbook, incident_id, run_id))
         self.running[service] = task
         self._live[run_id] = task
-        task.add_done_callback(lambda _t, run_id=run_id: self._live.pop(run_id, None))
+
+        def forget(_: asyncio.Task[RunResult]) -> None:
+            self._live.pop(run_id, None)
+
+        task.add_done_callback(forget)
 
     def _context(self, incident_id: str | None, service: str) -> ActionContext:
         def record(kind: str, message: str, data: dict[str, Any]) -> None:
