@@ -427,7 +427,7 @@ class Engine:
             attempts += 1
             self.store.update_step(run_id, idx, attempts=attempts)
             actx = dataclasses.replace(ctx, deadline=time.monotonic() + timeout)
-            present = await asyncio.wait_for(action.check(actx), timeout)  # a read: safe to cancel
+            present = await _bounded_read(action.check(actx), timeout)
             if unknown:
                 note(
                     f"step {name}: checked after the unknown outcome: "
@@ -503,6 +503,22 @@ class Engine:
         )
         log.info("playbook step done", playbook=playbook, step=name, duration_s=round(took, 3), detail=detail)
         return StepOutcome(name, "done", detail, took, attempts)
+
+
+async def _bounded_read(coro: Any, timeout: float) -> Any:
+    """A `check` within the step's timeout. A read, so abandoning it at the deadline is safe. Not
+    `asyncio.wait_for`: on Python 3.11 it can swallow the run's own cancellation when the check
+    completes at that moment, and the run would go on applying after a shutdown or crash test."""
+    task = asyncio.ensure_future(coro)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if task not in done:
+        task.cancel()
+        raise TimeoutError
+    return task.result()
 
 
 def _groups(pb: Playbook) -> list[list[int]]:
