@@ -88,12 +88,19 @@ def app(controller: Controller) -> web.Application:
         )
 
     async def services(_: web.Request) -> web.Response:
-        return web.json_response(
-            {
-                name: {"state": h.state.value, "failing": list(h.failing)}
-                for name, h in controller.health().items()
-            }
-        )
+        failover = controller.store.failover_states()
+        out: dict[str, Any] = {}
+        for name, h in controller.health().items():
+            out[name] = {"state": h.state.value, "failing": list(h.failing)}
+            if (fo := failover.get(name)) is not None:  # primary and never moved: no entry
+                out[name]["failover"] = {
+                    "state": fo.state,
+                    "run_id": fo.run_id,
+                    "incident_id": fo.incident_id,
+                    "since": fo.since,
+                    "reason": fo.reason,
+                }
+        return web.json_response(out)
 
     token = os.environ.get(controller.config.controller.api_token_env, "")
 

@@ -391,11 +391,16 @@ def cmd_incidents(args: argparse.Namespace) -> int:
         return 0
     if not items:
         print("no incidents")
-        return 0
-    print(f"{'ID':<22} {'SERVICE':<14} {'SEVERITY':<9} {'STATUS':<9} {'OPENED':<20} DURATION")
-    for i in items:
-        took = format_duration((i.resolved_at or time.time()) - i.started_at)
-        print(f"{i.id:<22} {i.service:<14} {i.severity:<9} {i.status:<9} {_when(i.opened_at):<20} {took}")
+    else:
+        print(f"{'ID':<22} {'SERVICE':<14} {'SEVERITY':<9} {'STATUS':<9} {'OPENED':<20} DURATION")
+        for i in items:
+            took = format_duration((i.resolved_at or time.time()) - i.started_at)
+            print(f"{i.id:<22} {i.service:<14} {i.severity:<9} {i.status:<9} {_when(i.opened_at):<20} {took}")
+    moved = {s: f for s, f in store.failover_states().items() if f.state != "primary" or f.run_id}
+    if moved:  # where each service stands between its primary and its secondary, and why
+        print(f"\n{'SERVICE':<14} {'FAILOVER STATE':<27} {'RUN':<20} {'SINCE':<20} REASON")
+        for name, f in sorted(moved.items()):
+            print(f"{name:<14} {f.state:<27} {f.run_id or '-':<20} {_when(f.since):<20} {f.reason}")
     return 0
 
 

@@ -20,7 +20,7 @@ from pydantic import Field, PrivateAttr, ValidationError, field_validator, model
 from controller.comms.settings import Communications, Roles
 from controller.console_settings import ConsoleSettings, InboundSettings
 from controller.detect import Rules
-from controller.durations import Duration
+from controller.durations import Duration, format_duration, parse_duration
 from controller.grouping import Grouping
 from probes.base import Comparison, Strict
 from probes.dns import DnsProbe
@@ -983,12 +983,35 @@ def _check_steps(
             ACTIONS[action].Params.model_validate(params if params is not None else {})
         except ValidationError as exc:
             found.extend(([*at, "with", *err["loc"]], _sentence(err)) for err in exc.errors())
+        timeout = _seconds(step.get("timeout", 60.0))
+        for field, wait in ACTIONS[action].own_waits(params if isinstance(params, dict) else {}).items():
+            if timeout is not None and wait >= timeout:
+                found.append(
+                    (
+                        [*at, "with", field],
+                        f"expected less than the step's timeout ({format_duration(timeout)}): the step's "
+                        f"timeout must cover the action's own wait; found {format_duration(wait)} "
+                        f"(raise {_path([*at, 'timeout'])} or lower this, or leave it unset to derive "
+                        "it from the timeout)",
+                    )
+                )
         for ref in ACTIONS[action].probe_refs(params if isinstance(params, dict) else {}):
             if ref not in probes:
                 found.append(
                     ([*at, "with", "probes"], f"expected the name of a defined probe, found {ref!r}")
                 )
     return found
+
+
+def _seconds(value: Any) -> float | None:
+    """A duration as the config writes it (10s, 5m, 1.5), or None when it is not one (reported
+    by pydantic already)."""
+    if isinstance(value, float):  # the field's default
+        return value
+    try:
+        return parse_duration(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
 
 
 def _known(names: dict[str, Any]) -> str:

@@ -76,7 +76,18 @@ from kubernetes.client import ApiClient, CustomObjectsApi
 from kubernetes.client.rest import ApiException
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-from controller.store import Event, Incident, OutboxMessage, Run, StepRecord, StoreError, new_id, new_incident
+from controller.store import (
+    FAILOVER_STATES,
+    Event,
+    FailoverRecord,
+    Incident,
+    OutboxMessage,
+    Run,
+    StepRecord,
+    StoreError,
+    new_id,
+    new_incident,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -87,6 +98,7 @@ RUNS = "playbookruns"
 OUTBOX = "outboxmessages"
 STATES = "continuitystates"
 STATE_NAME = "continuity"
+FAILOVERS = "failoverstates"
 
 TIMELINE_CAP = 500
 CONFLICT_RETRIES = 8
@@ -122,6 +134,7 @@ _RUN_FIELDS = {
     "started_at": ("startedAt", True),
     "ended_at": ("endedAt", True),
     "error": ("error", False),
+    "owner": ("owner", False),
 }
 _STEP_FIELDS = {
     "name": ("name", False),
@@ -156,6 +169,13 @@ def label_value(value: str) -> str:
     if len(value) <= 63 and _LABEL_VALUE.match(value):
         return value
     return "h-" + hashlib.sha256(value.encode()).hexdigest()[:40]
+
+
+def failover_name(service: str) -> str:
+    """The FailoverState object of a service: its name when that is a DNS-1123 name, else a hash."""
+    if len(service) <= 253 and re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", service):
+        return service
+    return "svc-" + hashlib.sha256(service.encode()).hexdigest()[:40]
 
 
 def outbox_name(key: str) -> str:
@@ -529,6 +549,7 @@ class KubernetesStore:
             started_at=_spec_time(s, "startedAt") or 0.0,
             ended_at=_spec_time(s, "endedAt"),
             error=s.get("error"),
+            owner=s.get("owner"),
         )
 
     @staticmethod
@@ -565,6 +586,30 @@ class KubernetesStore:
             labels[L_INCIDENT] = label_value(incident_id)
         self._create_own(RUNS, "PlaybookRun", object_name(run.id), labels, spec)
         return run
+
+    @_guarded
+    def claim_run(self, run_id: str, owner: str, expect: str | None) -> bool:
+        """Make `owner` the run's owner if it is still `expect` (None: nobody). The PUT carries the
+        resourceVersion read, so a concurrent claim makes it 409; the owner is then re-read and
+        re-checked, never overwritten blindly: of two claimants exactly one wins."""
+        won: list[bool] = [False]
+
+        def change(obj: dict[str, Any]) -> bool:
+            current = obj["spec"].get("owner")
+            if current == owner:  # ours already (a retried claim whose answer was lost)
+                won[0] = True
+                return False
+            if current != expect:
+                won[0] = False
+                return False
+            won[0] = True
+            obj["spec"]["owner"] = owner
+            obj["metadata"].setdefault("labels", {})["continuity.dev/owner"] = label_value(owner)
+            return True
+
+        if not self._mutate(RUNS, object_name(run_id), change):
+            return False
+        return won[0]
 
     @_guarded
     def update_run(self, run_id: str, **changes: Any) -> None:
@@ -650,6 +695,77 @@ class KubernetesStore:
             )
             for s in sorted(obj["spec"].get("steps") or [], key=lambda s: int(s["idx"]))
         ]
+
+    # ---------------------------------------------------------------- failover state
+
+    @staticmethod
+    def _failover(obj: dict[str, Any]) -> FailoverRecord:
+        s = obj["spec"]
+        return FailoverRecord(
+            service=s["service"],
+            state=s["state"],
+            run_id=s.get("run"),
+            incident_id=s.get("incident"),
+            reason=s.get("reason", ""),
+            since=_spec_time(s, "since") or 0.0,
+            version=int(s.get("version") or 0),
+        )
+
+    @_guarded
+    def failover_states(self) -> dict[str, FailoverRecord]:
+        found = [self._failover(o) for o in self._list(FAILOVERS)]
+        return {f.service: f for f in found}
+
+    @_guarded
+    def transition_failover(
+        self,
+        service: str,
+        expect_version: int,
+        state: str,
+        run_id: str | None,
+        incident_id: str | None,
+        reason: str,
+        at: float,
+    ) -> FailoverRecord | None:
+        """Compare-and-swap on ``spec.version``, made atomic by the resourceVersion of the PUT (or by
+        AlreadyExists for the first write): None when another writer moved the state first."""
+        if state not in FAILOVER_STATES:
+            raise ValueError(f"unknown failover state {state!r}")
+        new = FailoverRecord(service, state, run_id, incident_id, reason, at, expect_version + 1)
+        name = failover_name(service)
+
+        def fill(spec: dict[str, Any]) -> None:
+            spec.update(service=service, state=state, reason=reason, version=new.version)
+            _set(spec, "run", run_id, False)
+            _set(spec, "incident", incident_id, False)
+            _set(spec, "since", at, True)
+
+        if expect_version == 0:
+            spec: dict[str, Any] = {}
+            fill(spec)
+            try:
+                self._create(FAILOVERS, "FailoverState", name, {L_SERVICE: label_value(service)}, spec)
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+                existing = self._get(FAILOVERS, name)  # ours, if a create that timed out had landed
+                if existing is None or self._failover(existing) != new:
+                    return None
+            return new
+        won: list[bool] = [False]
+
+        def change(obj: dict[str, Any]) -> bool:
+            won[0] = False
+            if int(obj["spec"].get("version") or 0) != expect_version:
+                return False
+            fill(obj["spec"])
+            obj["metadata"].setdefault("labels", {})[L_STATE] = label_value(state)
+            won[0] = True
+            return True
+
+        if not self._mutate(FAILOVERS, name, change):
+            return None
+        return new if won[0] else None
 
     # ---------------------------------------------------------------- flags and the id counter
 

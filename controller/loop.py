@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
+import secrets
+import socket
 import time
 import zlib
 from collections.abc import Callable
@@ -37,7 +40,7 @@ from controller.leader import Elector
 from controller.metrics import Metrics
 from controller.notify import pagerduty
 from controller.notify.outbox import Channel, Dispatcher
-from controller.store import Incident, OutboxMessage, Run, Store
+from controller.store import Incident, OutboxMessage, Store
 from playbooks.actions import ActionContext
 from playbooks.engine import Engine, RunResult, render_plan
 from probes import passive
@@ -47,6 +50,12 @@ from probes.runner import run_probe
 from probes.scheduler import Scheduler
 
 log = structlog.get_logger("continuity.controller")
+
+
+def new_identity() -> str:
+    """A run owner's name when there is no elector: host, process and a random part (a restarted
+    process is a new owner, so it takes over the runs of the one that died)."""
+    return f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
 
 
 class Controller:
@@ -69,7 +78,9 @@ class Controller:
         self.metrics = metrics or Metrics()
         self.aws = aws or client_factory(config.aws)
         self._aws_given = aws is not None
-        self.engine = Engine(store, self.metrics, clock)
+        self.identity = getattr(elector, "identity", None) or new_identity()
+        """Who owns the runs this process executes (the elector's identity when there is one)."""
+        self.engine = Engine(store, self.metrics, clock, owner=self.identity)
         self.states: dict[str, ProbeState] = {name: ProbeState() for name in config.probes}
         """The verdict per probe, all vantage points combined under the quorum."""
         self.vstates: dict[str, dict[str, ProbeState]] = {name: {} for name in config.probes}
@@ -81,6 +92,8 @@ class Controller:
         self._load_signals()
         self.impact = {name: p.impact for name, p in config.probes.items()}
         self.running: dict[str, asyncio.Task[RunResult]] = {}
+        self._live: dict[str, asyncio.Task[RunResult]] = {}
+        """Run id -> the task of this process executing it."""
         self.last_run_started: dict[str, float] = {}
         self.incident_runs: dict[str, int] = {}
         self.run_starts: list[float] = []
@@ -167,9 +180,14 @@ class Controller:
             self.signals.seen[(alert.fingerprint, alert.starts_at, alert.status)] = alert.received_at
 
     def _recover_from_restart(self) -> None:
-        """Pick up where a previous process stopped: cooldowns, runs per incident, runs to resume."""
-        self._resume: list[Run] = []
+        """Pick up where a previous process stopped: cooldowns and runs per incident. Runs to resume
+        are found by `decide` from the failover states and the runs' owners, not here."""
+        self._left_running: set[str] = set()
+        """Runs found running when this process started or became leader: the only runs by hand
+        (no service state owns them) it may resume; a CLI run started later may be alive."""
         for run in self.store.runs():
+            if run.state == "running":
+                self._left_running.add(run.id)
             if run.service and run.service != "manual":
                 self.last_run_started[run.service] = max(
                     self.last_run_started.get(run.service, 0), run.started_at
@@ -177,8 +195,6 @@ class Controller:
                 self.run_starts.append(run.started_at)
             if run.incident_id:
                 self.incident_runs[run.incident_id] = self.incident_runs.get(run.incident_id, 0) + 1
-            if run.state == "running":
-                self._resume.append(run)
         for inc in self.store.list_incidents(status="open"):
             floor = inc.data.get("severity_floor")
             if floor:
@@ -326,25 +342,40 @@ class Controller:
         note = ", ".join(f"{r} {s.status.value}" for r, s in bad.items())
         return not bad, isolated, note
 
-    def _failed_over(self) -> dict[str, str]:
-        """Services whose failover succeeded and that have not been failed back since."""
-        out: dict[str, str] = {}
-        for name, svc in self.config.services.items():
-            if svc.failback is None or not svc.playbook:
-                continue
-            runs = [r for r in self.store.runs(service=name) if not r.dry_run]
-            forward = [
-                r for r in runs if r.playbook == svc.playbook and r.state == "succeeded" and r.incident_id
-            ]
-            if not forward:
-                continue
-            last = forward[-1]
-            back = [
-                r for r in runs if r.playbook == svc.failback.playbook and r.started_at >= last.started_at
-            ]
-            if not back:
-                out[name] = last.incident_id or ""
-        return out
+    def _failover_observation(self) -> dict[str, Any]:
+        """The persisted failover state of every service and the runs it needs to decide on: those
+        a state names and every run still running or awaiting approval (one read of each)."""
+        states = {
+            name: d.FailoverView(r.state, r.run_id, r.incident_id, r.since, r.reason, r.version)
+            for name, r in self.store.failover_states().items()
+        }
+        named = {fo.run_id for fo in states.values() if fo.run_id}
+        answers = self.store.flags("approval:")
+        escalated = self.store.flags("escalated:")
+        runs = {
+            r.id: d.RunView(
+                r.id,
+                r.service,
+                r.playbook,
+                r.state,
+                r.incident_id,
+                r.started_at,
+                r.error,
+                r.dry_run,
+                r.owner,
+                live=r.id in self._live and not self._live[r.id].done(),
+                answer=answers.get(f"approval:{r.id}"),
+                escalated=f"escalated:{r.id}" in escalated,
+            )
+            for r in self.store.runs()
+            if r.id in named
+            or (
+                r.state in d.LIVE_RUN_STATES
+                and (r.service in self.config.services or r.id in self._left_running)
+            )
+        }
+        failed_over = {n: fo.incident_id or "" for n, fo in states.items() if fo.state == "failed_over"}
+        return {"failover": states, "runs": runs, "identity": self.identity, "failed_over": failed_over}
 
     def _isolation(self, isolated: bool, note: str, now: float) -> None:
         """One 'controller isolated' alert while every reference target is down; resolved when one is back."""
@@ -420,7 +451,7 @@ class Controller:
             paused=self.store.get_flag("paused"),
             frozen={k.removeprefix("frozen:"): v for k, v in self.store.flags("frozen:").items()},
             silenced=self.silenced(now),
-            failed_over=self._failed_over(),
+            **self._failover_observation(),
             up_since={p: s.changed_at or now for p, s in self.states.items() if s.status is Health.UP},
             references_ok=refs_ok,
             references_note=refs_note,
@@ -438,7 +469,6 @@ class Controller:
         decisions = d.decide(obs, self.config)
         for decision in decisions:
             await self._act(decision, obs)
-        self._approvals(obs.now)
         for hook in self.tick_hooks:
             hook(self.clock())
         self.metrics.last_tick.set(self.clock())
@@ -463,6 +493,24 @@ class Controller:
             self._resolve(decision, now)
         elif isinstance(decision, d.StartPlaybook):
             self._start_playbook(decision, now)
+        elif isinstance(decision, d.Transition):
+            self._transition(decision, now)
+        elif isinstance(decision, d.ResumeRun):
+            self._resume_run(decision, now)
+        elif isinstance(decision, d.AbandonRun):
+            self.store.update_run(decision.run_id, state="abandoned", ended_at=now, error=decision.reason)
+            if decision.incident_id:
+                self.store.append(decision.incident_id, now, "playbook", decision.reason)
+            log.warning("run abandoned", run=decision.run_id, reason=decision.reason)
+        elif isinstance(decision, d.Escalate):
+            self.store.set_flag(f"escalated:{decision.run_id}", str(now))
+            if decision.incident_id:
+                self.store.append(decision.incident_id, now, "approval", decision.reason)
+                self._page_incident(
+                    decision.incident_id,
+                    f"escalate-{decision.run_id}",
+                    f"STILL waiting for approval of {decision.playbook}",
+                )
         elif isinstance(decision, d.JoinIncident):
             if self._held.get(decision.service) != f"join:{decision.incident_id}":
                 self._held[decision.service] = f"join:{decision.incident_id}"
@@ -602,25 +650,35 @@ class Controller:
     # ------------------------------------------------------------------ playbooks
 
     def _start_playbook(self, dec: d.StartPlaybook, now: float) -> None:
+        """Create the run, then move the service's state to it (compare-and-swap): a run whose state
+        did not move is never executed. Stopping in between leaves a run no state owns, which the
+        next `decide` adopts."""
         if dec.incident_id is None:  # decided in the same cycle that opened the incident
             inc = self.store.open_incident_for(dec.service)
             if inc is not None:
-                dec = d.StartPlaybook(dec.service, dec.playbook, inc.id, dec.reason, dec.approval)
+                dec = dataclasses.replace(dec, incident_id=inc.id)
+        pb = self.config.playbooks[dec.playbook]
+        run = self.engine.create(
+            dec.playbook,
+            pb,
+            incident_id=dec.incident_id,
+            service=dec.service,
+            dry_run=self.config.controller.dry_run,
+            state="awaiting_approval" if dec.approval else "running",
+        )
+        moved = self._move(
+            dec.service, dec.frm, dec.to, dec.version, run.id, dec.incident_id, dec.reason, dec.checks, now
+        )
+        if not moved:
+            self.store.update_run(
+                run.id, state="abandoned", ended_at=now, error="the failover state moved meanwhile"
+            )
+            return
         self.last_run_started[dec.service] = now
         self.run_starts.append(now)
         if dec.incident_id:
             self.incident_runs[dec.incident_id] = self.incident_runs.get(dec.incident_id, 0) + 1
-            self.store.append(dec.incident_id, now, "decision", dec.reason)
-        pb = self.config.playbooks[dec.playbook]
         if dec.approval:
-            run = self.engine.create(
-                dec.playbook,
-                pb,
-                incident_id=dec.incident_id,
-                service=dec.service,
-                dry_run=self.config.controller.dry_run,
-                state="awaiting_approval",
-            )
             plan = render_plan(dec.playbook, pb)
             if dec.incident_id:
                 self.store.append(
@@ -640,56 +698,122 @@ class Controller:
             self._emit("approval_requested", run_id=run.id, playbook=dec.playbook, plan=plan)
             return
         log.warning("starting playbook", service=dec.service, playbook=dec.playbook, reason=dec.reason)
-        self._launch(dec.service, dec.playbook, dec.incident_id, None)
+        self._launch(dec.service, dec.playbook, dec.incident_id, run.id)
 
-    def _launch(self, service: str, playbook: str, incident_id: str | None, run_id: str | None) -> None:
-        self.running[service] = asyncio.create_task(
-            self._run_playbook(service, playbook, incident_id, run_id)
-        )
+    def _move(
+        self,
+        service: str,
+        frm: str,
+        to: str,
+        version: int,
+        run_id: str | None,
+        incident_id: str | None,
+        reason: str,
+        checks: tuple[str, ...],
+        now: float,
+    ) -> bool:
+        """Persist a transition decided by `decide` (compare-and-swap on the version it read) and
+        put it on the timeline with its sentence and the checks that passed."""
+        rec = self.store.transition_failover(service, version, to, run_id, incident_id, reason, now)
+        if rec is None:
+            log.warning("failover state moved meanwhile; deciding again", service=service, to=to)
+            self._kick.set()
+            return False
+        message = f"{service}: {frm} -> {to}: {reason}"
+        if checks:
+            message += " (checks passed: " + "; ".join(checks) + ")"
+        if incident_id:
+            self.store.append(
+                incident_id,
+                now,
+                "failover",
+                message,
+                {"from": frm, "to": to, "run_id": run_id, "checks": list(checks), "version": rec.version},
+            )
+        log.warning("failover state", service=service, frm=frm, to=to, run=run_id, reason=reason)
+        self._emit("failover_state", service=service, frm=frm, to=to, run_id=run_id, reason=reason)
+        self._kick.set()  # the next state's decision need not wait for the tick
+        return True
 
-    def _approvals(self, now: float) -> None:
-        """Act on humans' answers to approval requests, and on their silence."""
-        for run in self.store.runs():
-            if run.state != "awaiting_approval" or run.playbook not in self.config.playbooks:
-                continue
-            pb = self.config.playbooks[run.playbook]
-            answer = self.store.get_flag(f"approval:{run.id}")
-            escalated = self.store.get_flag(f"escalated:{run.id}") is not None
-            verdict = d.approval_state(now - run.started_at, answer, escalated, pb)
-            note = run.incident_id
-            if verdict == "approve":
+    def _transition(self, dec: d.Transition, now: float) -> None:
+        if dec.freeze is not None:
+            self._freeze(dec, dec.freeze, now)
+        if dec.close_run is not None and dec.run_id:
+            self.store.update_run(dec.run_id, state=dec.close_run, ended_at=now, error=dec.reason)
+            if dec.incident_id:
+                self.store.append(dec.incident_id, now, "approval", dec.reason)
+            if dec.close_run == "expired" and dec.incident_id:
+                run = self.store.get_run(dec.run_id)
+                playbook = run.playbook if run else "the playbook"
+                self._page_incident(
+                    dec.incident_id, f"expired-{dec.run_id}", f"approval for {playbook} expired"
+                )
+        if not self._move(
+            dec.service,
+            dec.frm,
+            dec.to,
+            dec.version,
+            dec.run_id,
+            dec.incident_id,
+            dec.reason,
+            dec.checks,
+            now,
+        ):
+            return
+        if dec.launch and dec.run_id:
+            run = self.store.get_run(dec.run_id)
+            if run is not None:
                 self.store.update_run(run.id, state="running")
-                if note:
-                    self.store.append(note, now, "approval", f"run {run.id} {answer}; starting it")
-                self._launch(run.service or "manual", run.playbook, run.incident_id, run.id)
-            elif verdict == "reject":
-                self.store.update_run(run.id, state="rejected", ended_at=now, error=answer)
-                if note:
-                    self.store.append(note, now, "approval", f"run {run.id} {answer}; nothing was changed")
-            elif verdict == "expire":
-                self.store.update_run(run.id, state="expired", ended_at=now, error="nobody approved in time")
-                if note:
-                    self.store.append(
-                        note,
-                        now,
-                        "approval",
-                        f"run {run.id} expired: nobody answered within "
-                        f"{format_duration(pb.approval_timeout)}; nothing was changed",
-                    )
-                    self._page_incident(note, f"expired-{run.id}", f"approval for {run.playbook} expired")
-            elif verdict == "escalate":
-                self.store.set_flag(f"escalated:{run.id}", str(now))
-                if note:
-                    self.store.append(
-                        note,
-                        now,
-                        "approval",
-                        f"run {run.id} still unanswered after "
-                        f"{format_duration(pb.escalate_after)}: paging again",
-                    )
-                    self._page_incident(
-                        note, f"escalate-{run.id}", f"STILL waiting for approval of {run.playbook}"
-                    )
+                self._launch(dec.service, run.playbook, run.incident_id, run.id)
+
+    def _freeze(self, dec: d.Transition, fz: d.Freeze, now: float) -> None:
+        """A failed run: freeze the playbook for the service, raise the incident to critical, page.
+        Done before the transition is persisted, so a crash in between decides it again (every
+        step here is idempotent)."""
+        self.store.set_flag(f"frozen:{dec.service}", dec.run_id or "?")
+        inc = self.store.get_incident(dec.incident_id) if dec.incident_id else None
+        if inc is None:
+            return
+        what = "a guard stopped the recovery" if fz.blocked else "automatic recovery failed"
+        if inc.status == "open":
+            self.floors[inc.id] = "critical"
+            self.store.update_incident(
+                inc.id,
+                severity="critical",
+                data={**inc.data, "severity_floor": "critical", "playbook_error": fz.error},
+            )
+            self.store.append(
+                inc.id,
+                now,
+                "incident",
+                f"raised to critical: {what} ({fz.error}); {fz.playbook} is frozen for {dec.service} "
+                f"until `continuity ack {dec.service}`; a human must take over",
+                {"severity": "critical"},
+            )
+        self._page_incident(inc.id, "blocked" if fz.blocked else "playbook-failed", what)
+
+    def _resume_run(self, dec: d.ResumeRun, now: float) -> None:
+        """Take a run over from an owner that stopped (compare-and-swap on the owner) and continue
+        it from its journal: done steps are skipped, the step in hand is checked before re-applying."""
+        if dec.playbook not in self.config.playbooks:
+            return
+        if not self.store.claim_run(dec.run_id, self.identity, dec.owner):
+            log.warning("run taken by another owner; not resuming", run=dec.run_id)
+            return
+        if dec.incident_id:
+            self.store.append(dec.incident_id, now, "playbook", dec.reason, {"run_id": dec.run_id})
+        log.warning("resuming playbook run", run=dec.run_id, playbook=dec.playbook, reason=dec.reason)
+        self._launch(dec.service, dec.playbook, dec.incident_id, dec.run_id)
+
+    def _launch(self, service: str, playbook: str, incident_id: str | None, run_id: str) -> None:
+        task = asyncio.create_task(self._run_playbook(service, playbook, incident_id, run_id))
+        self.running[service] = task
+        self._live[run_id] = task
+
+        def forget(_: asyncio.Task[RunResult]) -> None:
+            self._live.pop(run_id, None)
+
+        task.add_done_callback(forget)
 
     def _context(self, incident_id: str | None, service: str) -> ActionContext:
         def record(kind: str, message: str, data: dict[str, Any]) -> None:
@@ -733,17 +857,15 @@ class Controller:
         )
 
     async def _run_playbook(
-        self, service: str, playbook: str, incident_id: str | None, run_id: str | None
+        self, service: str, playbook: str, incident_id: str | None, run_id: str
     ) -> RunResult:
+        """Execute a run `decide` started (or resumed). What its outcome means for the service (the
+        next failover state; a failed run's freeze, critical and page) is decided by `decide` from
+        the run's state in the store, not here."""
         pb = self.config.playbooks[playbook]
         ctx = self._context(incident_id, service)
         dry = self.config.controller.dry_run
-        if run_id is None:
-            result = await self.engine.run(
-                playbook, pb, ctx, incident_id=incident_id, service=service, dry_run=dry
-            )
-        else:
-            result = await self.engine.execute(run_id, playbook, pb, ctx, dry_run=dry)
+        result = await self.engine.execute(run_id, playbook, pb, ctx, dry_run=dry)
         if result.state == "handed_over":
             self._emit(
                 "playbook_done", playbook=playbook, ok=False, error=result.error, duration_s=result.duration
@@ -759,25 +881,6 @@ class Controller:
                 "playbook",
                 f"recovery done {format_duration(took)} after the incident opened",
             )
-        if not result.ok and not dry:
-            self.store.set_flag(f"frozen:{service}", result.run_id)
-        if not result.ok and inc is not None:
-            self.floors[inc.id] = "critical"
-            what = "a guard stopped the recovery" if result.blocked else "automatic recovery failed"
-            self.store.update_incident(
-                inc.id,
-                severity="critical",
-                data={**inc.data, "severity_floor": "critical", "playbook_error": result.error},
-            )
-            self.store.append(
-                inc.id,
-                self.clock(),
-                "incident",
-                f"raised to critical: {what} ({result.error}); {playbook} is frozen for {service} "
-                f"until `continuity ack {service}`; a human must take over",
-                {"severity": "critical"},
-            )
-            self._page_incident(inc.id, "blocked" if result.blocked else "playbook-failed", what)
         self._emit(
             "playbook_done", playbook=playbook, ok=result.ok, error=result.error, duration_s=result.duration
         )
@@ -891,8 +994,6 @@ class Controller:
         if self.elector is not None:
             # Its own stop event: the lease is released only after the step in hand has finished.
             self._elector = asyncio.create_task(self.elector.run(self._elector_stop), name="leader")
-        elif decide:
-            self._resume_interrupted()
         log.info(
             "controller started",
             probes=len(self.config.probes),
@@ -907,14 +1008,11 @@ class Controller:
         self.incident_runs.clear()
         self.run_starts.clear()
         self.floors.clear()
-        self._recover_from_restart()
+        self._recover_from_restart()  # runs to take over are decided by the next reconcile
         try:
             self._load_signals()
         except Exception:  # the store is sick: the signals come back with the next push or tick
             log.exception("could not read pushed signals from the store")
-        mine = {t for t in self.running.values() if not t.done()}
-        if not mine:
-            self._resume_interrupted()
 
     async def reload(self, new: Config) -> None:
         """Swap in a validated config. Probes whose settings did not change keep their history, so a
@@ -953,23 +1051,6 @@ class Controller:
         self._probe_stop = asyncio.Event()
         self.scheduler = Scheduler(dict(self.config.probes), self.run_once, self.ingest)
         self._probe_tasks = [asyncio.create_task(self.scheduler.run(self._probe_stop), name="probes")]
-
-    def _resume_interrupted(self) -> None:
-        """Runs the previous process left `running` continue from their journal: done steps are not
-        repeated, and the step in hand is `check`ed before it is applied again."""
-        for run in self._resume:
-            if run.playbook not in self.config.playbooks:
-                continue
-            if run.incident_id:
-                self.store.append(
-                    run.incident_id,
-                    self.clock(),
-                    "playbook",
-                    f"resuming run {run.id} of {run.playbook} after a controller restart",
-                )
-            log.warning("resuming playbook run", run=run.id, playbook=run.playbook)
-            self._launch(run.service or "manual", run.playbook, run.incident_id, run.id)
-        self._resume = []
 
     async def stop(self) -> None:
         self.stop_event.set()

@@ -52,7 +52,8 @@ CREATE TABLE IF NOT EXISTS runs (
     dry_run INTEGER NOT NULL,
     started_at REAL NOT NULL,
     ended_at REAL,
-    error TEXT
+    error TEXT,
+    owner TEXT                       -- the process allowed to apply its steps (claim_run)
 );
 CREATE INDEX IF NOT EXISTS runs_service ON runs(service, playbook, started_at);
 CREATE TABLE IF NOT EXISTS steps (
@@ -84,6 +85,15 @@ CREATE TABLE IF NOT EXISTS outbox (
     last_error TEXT
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox(delivered_at, dead, next_attempt_at);
+CREATE TABLE IF NOT EXISTS failover (
+    service TEXT PRIMARY KEY,        -- one row per service that has ever left `primary`
+    state TEXT NOT NULL,             -- primary | awaiting_approval | failing_over | failed_over | ...
+    run_id TEXT,                     -- the run that owns the state (failing over / back), if any
+    incident_id TEXT,
+    reason TEXT NOT NULL,            -- the sentence of the last transition
+    since REAL NOT NULL,
+    version INTEGER NOT NULL         -- compare-and-swap: a transition names the version it read
+);
 CREATE TABLE IF NOT EXISTS channel_refs (
     channel TEXT NOT NULL,           -- e.g. statuspage
     incident_id TEXT NOT NULL,       -- ours
@@ -130,6 +140,36 @@ class Run:
     started_at: float
     ended_at: float | None
     error: str | None
+    owner: str | None = None
+    """The controller process that may apply this run's steps (see `Store.claim_run`)."""
+
+
+FAILOVER_STATES = (
+    "primary",
+    "awaiting_approval",
+    "failing_over",
+    "failed_over",
+    "awaiting_failback_approval",
+    "failing_back",
+    "failover_failed",
+    "failback_failed",
+)
+"""Where a service stands; only `controller.decide` moves it, one compare-and-swap at a time."""
+
+
+@dataclass
+class FailoverRecord:
+    """The persisted failover state of one service. A service never written is `primary`, version 0."""
+
+    service: str
+    state: str = "primary"
+    run_id: str | None = None
+    """The run that owns the state: the failover or failback in progress or awaiting approval,
+    or the run whose outcome put the service where it is."""
+    incident_id: str | None = None
+    reason: str = ""
+    since: float = 0.0
+    version: int = 0
 
 
 @dataclass
@@ -207,6 +247,18 @@ class Store(Protocol):
     def outbox(self, include_delivered: bool = False) -> list[OutboxMessage]: ...
     def set_ref(self, channel: str, incident_id: str, ref: str) -> None: ...
     def get_ref(self, channel: str, incident_id: str) -> str | None: ...
+    def failover_states(self) -> dict[str, FailoverRecord]: ...
+    def transition_failover(
+        self,
+        service: str,
+        expect_version: int,
+        state: str,
+        run_id: str | None,
+        incident_id: str | None,
+        reason: str,
+        at: float,
+    ) -> FailoverRecord | None: ...
+    def claim_run(self, run_id: str, owner: str, expect: str | None) -> bool: ...
     def close(self) -> None: ...
 
 
@@ -239,6 +291,13 @@ class SQLiteStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
+            cols = {r["name"] for r in self._db.execute("PRAGMA table_info(runs)").fetchall()}
+            if "owner" not in cols:  # a store written before runs had owners
+                try:
+                    self._db.execute("ALTER TABLE runs ADD COLUMN owner TEXT")
+                except sqlite3.OperationalError as exc:  # another process added it meanwhile
+                    if "duplicate column" not in str(exc):
+                        raise
         except (sqlite3.DatabaseError, OSError) as exc:
             raise StoreError(f"{self.path}: cannot open the state store: {exc}") from None
         self._lock = threading.RLock()  # playbook actions record from worker threads
@@ -350,7 +409,8 @@ class SQLiteStore:
         with self._lock:
             self._exec("BEGIN")
             self._exec(
-                "INSERT INTO runs VALUES (?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO runs (id, incident_id, service, playbook, state, dry_run, started_at, ended_at, "
+                "error) VALUES (?,?,?,?,?,?,?,?,?)",
                 (run.id, incident_id, service, playbook, "running", int(dry_run), started_at, None, None),
             )
             for i, name in enumerate(steps):
@@ -393,6 +453,51 @@ class SQLiteStore:
     def steps(self, run_id: str) -> list[StepRecord]:
         rows = self._exec("SELECT * FROM steps WHERE run_id=? ORDER BY idx", (run_id,)).fetchall()
         return [StepRecord(**dict(r)) for r in rows]
+
+    def claim_run(self, run_id: str, owner: str, expect: str | None) -> bool:
+        """Make `owner` the run's owner if it is still owned by `expect` (None: nobody): a
+        conditional UPDATE, so of two processes claiming the same run exactly one wins. Claiming a
+        run one already owns succeeds."""
+        cur = self._exec(
+            "UPDATE runs SET owner=? WHERE id=? AND (owner IS ? OR owner=?)", (owner, run_id, expect, owner)
+        )
+        return cur.rowcount == 1
+
+    # ---------------------------------------------------------------- failover state
+
+    def failover_states(self) -> dict[str, FailoverRecord]:
+        rows = self._exec("SELECT * FROM failover").fetchall()
+        return {r["service"]: FailoverRecord(**dict(r)) for r in rows}
+
+    def transition_failover(
+        self,
+        service: str,
+        expect_version: int,
+        state: str,
+        run_id: str | None,
+        incident_id: str | None,
+        reason: str,
+        at: float,
+    ) -> FailoverRecord | None:
+        """Move a service's failover state if it is still at `expect_version` (compare-and-swap);
+        None when another writer moved it first (re-read and decide again)."""
+        if state not in FAILOVER_STATES:
+            raise ValueError(f"unknown failover state {state!r}")
+        new = FailoverRecord(service, state, run_id, incident_id, reason, at, expect_version + 1)
+        args = (state, run_id, incident_id, reason, at, new.version)
+        if expect_version == 0:
+            cur = self._exec(
+                "INSERT OR IGNORE INTO failover "
+                "(state, run_id, incident_id, reason, since, version, service) VALUES (?,?,?,?,?,?,?)",
+                (*args, service),
+            )
+        else:
+            cur = self._exec(
+                "UPDATE failover SET state=?, run_id=?, incident_id=?, reason=?, since=?, version=? "
+                "WHERE service=? AND version=?",
+                (*args, service, expect_version),
+            )
+        return new if cur.rowcount == 1 else None
 
     # ---------------------------------------------------------------- flags
 

@@ -9,6 +9,10 @@ the timeline.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
+import secrets
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,6 +64,14 @@ def describe_error(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+class OutcomeUnknown(ActionError):
+    """An attempt did not answer within the step's timeout and may still act: no retry while it
+    may be running; when it ends with an error, the next attempt checks before re-applying."""
+
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        super().__init__(message, retryable=retryable, unknown=True)
+
+
 @dataclass
 class StepOutcome:
     name: str
@@ -108,11 +120,17 @@ class Engine:
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
         backoff: float = 0.5,
+        owner: str | None = None,
     ) -> None:
         self.store = store
         self.metrics = metrics or Metrics()
         self.clock = clock
         self.backoff = backoff
+        self.late_grace = 30.0
+        """How long an attempt whose outcome is unknown is waited for (at least one more step
+        timeout) before the step is left unknown for a human: a thread cannot be cancelled."""
+        self.owner = owner or f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
+        """Whose runs these are: no step applies unless the store says this owner holds the run."""
 
     def create(
         self,
@@ -150,6 +168,9 @@ class Engine:
     ) -> RunResult:
         """Run (or resume) a journaled run: steps already done are skipped, the rest run in order."""
         started = time.monotonic()
+        if not self.store.claim_run(run_id, self.owner, None):
+            run = self.store.get_run(run_id)
+            return self._not_ours(name, run_id, ctx, run.owner if run else None)
         journal = {r.idx: r for r in self.store.steps(run_id)}
         resumed = any(r.state != "pending" for r in journal.values())
         self.store.update_run(run_id, state="running")
@@ -170,6 +191,9 @@ class Engine:
                     {"run_id": run_id},
                 )
                 return result
+            holder = self.store.get_run(run_id)
+            if holder is None or holder.owner != self.owner:
+                return self._not_ours(name, run_id, ctx, holder.owner if holder else None)
             todo = [i for i in group if journal.get(i) is None or journal[i].state not in ("done", "skipped")]
             for i in group:
                 if i not in todo:
@@ -186,7 +210,7 @@ class Engine:
                 result.steps.append(outcome)
                 if outcome.state in ("done", "skipped"):
                     done.append(i)
-            failed = [o for o in outcomes if o.state in ("failed", "blocked")]
+            failed = [o for o in outcomes if o.state in ("failed", "blocked", "unknown")]
             if failed:
                 result.ok = False
                 result.blocked = all(o.state == "blocked" for o in failed)
@@ -216,6 +240,72 @@ class Engine:
             {"run_id": run_id, "ok": result.ok, "state": state, "duration_s": round(result.duration, 3)},
         )
         return result
+
+    async def _apply_bounded(
+        self,
+        action: Action,
+        ctx: ActionContext,
+        name: str,
+        attempt: int,
+        timeout: float,
+        note: Callable[[str, str], None],
+    ) -> str:
+        """Apply within the step's timeout. `asyncio.wait_for` around `to_thread` cancels the
+        coroutine, not the thread: an action running in a thread that has not answered in time
+        may still act. Its outcome is then unknown: recorded as such, and waited for (up to
+        `late_grace`, at least one more timeout) before anything else; never called failed, never
+        retried in parallel."""
+        task = asyncio.ensure_future(action.apply(ctx))
+        try:
+            done, _ = await asyncio.wait({task}, timeout=timeout)
+        except asyncio.CancelledError:  # the run itself is cancelled (shutdown): so is the attempt
+            task.cancel()
+            raise
+        if task in done:
+            return task.result()
+        if not action.blocking:  # a coroutine: cancelling it really stops it, nothing is in flight
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise TimeoutError
+        grace = max(timeout, self.late_grace)
+        note(
+            f"step {name} attempt {attempt}: no answer within {format_duration(timeout)}: outcome "
+            f"unknown; waiting up to {format_duration(grace)} for it to finish before anything else",
+            "unknown",
+        )
+        t0 = time.monotonic()
+        try:
+            done, _ = await asyncio.wait({task}, timeout=grace)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if task not in done:
+            task.cancel()  # the thread goes on; it is not retried while it may still act
+            raise OutcomeUnknown(
+                f"outcome unknown: attempt {attempt} still running {format_duration(timeout + grace)} "
+                "after it started; not retried while it may still act; a human must check",
+                retryable=False,
+            )
+        exc = task.exception()
+        if exc is None:
+            result = task.result()
+            note(
+                f"step {name} attempt {attempt} finished late, after "
+                f"{format_duration(timeout + time.monotonic() - t0)}: {result}",
+                "done",
+            )
+            return result
+        raise OutcomeUnknown(
+            f"attempt {attempt} ended late with an error, outcome unknown: {describe_error(exc)}",
+            retryable=retryable(exc),
+        ) from exc
+
+    def _not_ours(self, name: str, run_id: str, ctx: ActionContext, owner: str | None) -> RunResult:
+        """Another process owns the run (it took it over): stop before any step, change nothing."""
+        error = f"run {run_id} is owned by {owner or 'nobody'}, not {self.owner}: no step applied"
+        ctx.record("playbook", f"playbook {name} stopped: {error}", {"run_id": run_id})
+        log.warning("run not owned; stopping", run=run_id, owner=owner, me=self.owner)
+        return RunResult(run_id, ok=False, error=error, state="handed_over")
 
     async def _rollback(
         self, name: str, run_id: str, pb: Playbook, ctx: ActionContext, done: list[int]
@@ -300,27 +390,76 @@ class Engine:
         ctx: ActionContext,
     ) -> StepOutcome:
         t0 = time.monotonic()
+        before = {r.idx: r for r in self.store.steps(run_id)}.get(idx)
+        # A step journaled in progress (or unknown) was cut off by a crash or a lost lease: whatever
+        # it sent may have landed. Say so, and check before re-applying (every attempt checks first).
+        unknown = before is not None and before.state in ("running", "unknown")
         self.store.update_step(run_id, idx, state="running", started_at=self.clock())
+        ctx = dataclasses.replace(ctx, idempotency_key=f"{run_id}-{name}")
+        if unknown:
+            ctx.record(
+                "step",
+                f"step {name} was in progress when its previous owner stopped: outcome unknown; "
+                "checking before re-applying",
+                {"run_id": run_id, "step": name, "outcome": "unknown"},
+            )
         ctx.record("step", f"step {name} ({action.name}) started", {"run_id": run_id, "step": name})
         attempts = 0
 
         def before_sleep(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
             wait = state.next_action.sleep if state.next_action else 0
+            if getattr(exc, "unknown", False):
+                what, then = "outcome unknown", "checking, then re-applying only if not in place,"
+            else:
+                what, then = "failed", "retrying"
             ctx.record(
                 "step",
-                f"step {name} attempt {state.attempt_number} failed: "
-                f"{describe_error(exc) if exc else '?'}; retrying in {wait:.1f}s",
+                f"step {name} attempt {state.attempt_number} {what}: "
+                f"{describe_error(exc) if exc else '?'}; {then} in {wait:.1f}s",
                 {"run_id": run_id, "step": name, "attempt": state.attempt_number},
             )
 
+        def note(message: str, outcome: str) -> None:
+            ctx.record("step", message, {"run_id": run_id, "step": name, "outcome": outcome})
+
         async def attempt() -> str:
-            nonlocal attempts
+            nonlocal attempts, unknown
             attempts += 1
             self.store.update_step(run_id, idx, attempts=attempts)
-            if await asyncio.wait_for(action.check(ctx), timeout):
+            actx = dataclasses.replace(ctx, deadline=time.monotonic() + timeout)
+            present = await _bounded_read(action.check(actx), timeout)
+            if unknown:
+                note(
+                    f"step {name}: checked after the unknown outcome: "
+                    + (
+                        "the change is in place, not applied again"
+                        if present
+                        else "not confirmed in place; applying again"
+                        + (f" (same Idempotency-Key {ctx.idempotency_key})" if action.name == "http" else "")
+                    ),
+                    "checked",
+                )
+                unknown = False
+            if present:
                 return action.already
-            return await asyncio.wait_for(action.apply(ctx), timeout)
+            actx = dataclasses.replace(ctx, deadline=time.monotonic() + timeout)
+            try:
+                return await self._apply_bounded(action, actx, name, attempts, timeout, note)
+            except ActionError as exc:
+                if not exc.unknown:
+                    raise
+                unknown = True
+                if not isinstance(exc, OutcomeUnknown):
+                    note(f"step {name} attempt {attempts}: outcome unknown: {exc}", "unknown")
+                self.store.update_step(run_id, idx, state="unknown", detail=f"outcome unknown: {exc}")
+                if exc.retryable and not action.verifiable:
+                    raise OutcomeUnknown(
+                        f"{exc}; {action.name} cannot check whether it took effect, so it is not "
+                        f"sent again (Idempotency-Key {ctx.idempotency_key}): a human must check",
+                        retryable=False,
+                    ) from exc
+                raise
 
         try:
             detail = ""
@@ -338,8 +477,12 @@ class Engine:
             why = describe_error(exc)
             if attempts > 1:
                 why += f" (after {attempts} attempts)"
+            # An attempt that may still act is not a failure: it is unknown until a human checks.
+            state = "unknown" if getattr(exc, "unknown", False) else "failed"
+            if state == "unknown" and not why.startswith("outcome unknown"):
+                why = f"outcome unknown: {why}"
             self.store.update_step(
-                run_id, idx, state="failed", ended_at=self.clock(), detail=why, attempts=attempts
+                run_id, idx, state=state, ended_at=self.clock(), detail=why, attempts=attempts
             )
             self.metrics.step_duration.labels(playbook, name).observe(took)
             ctx.record(
@@ -347,8 +490,8 @@ class Engine:
                 f"step {name} failed after {format_duration(took)}: {why}",
                 {"run_id": run_id, "step": name, "attempts": attempts},
             )
-            log.error("playbook step failed", playbook=playbook, step=name, error=why)
-            return StepOutcome(name, "failed", why, took, attempts)
+            log.error("playbook step failed", playbook=playbook, step=name, error=why, state=state)
+            return StepOutcome(name, state, why, took, attempts)
         took = time.monotonic() - t0
         self.store.update_step(
             run_id, idx, state="done", ended_at=self.clock(), detail=detail, attempts=attempts
@@ -361,6 +504,22 @@ class Engine:
         )
         log.info("playbook step done", playbook=playbook, step=name, duration_s=round(took, 3), detail=detail)
         return StepOutcome(name, "done", detail, took, attempts)
+
+
+async def _bounded_read(coro: Any, timeout: float) -> Any:
+    """A `check` within the step's timeout. A read, so abandoning it at the deadline is safe. Not
+    `asyncio.wait_for`: on Python 3.11 it can swallow the run's own cancellation when the check
+    completes at that moment, and the run would go on applying after a shutdown or crash test."""
+    task = asyncio.ensure_future(coro)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if task not in done:
+        task.cancel()
+        raise TimeoutError
+    return task.result()
 
 
 def _groups(pb: Playbook) -> list[list[int]]:

@@ -306,6 +306,15 @@ def test_failback_after_the_primary_has_been_healthy_long_enough(tmp_path: Path)
                 await asyncio.sleep(1.0)  # healthy for longer still: no second failback
                 assert [r.playbook for r in c.store.runs()] == ["recover", "back"]
                 assert any("failing shop back with back" in m for m in messages(c, inc.id))
+                moves = [m.split(" (checks passed")[0] for m in messages(c, inc.id) if m.startswith("shop: ")]
+                assert [m.split(":")[1].strip() for m in moves] == [
+                    "primary -> failing_over",
+                    "failing_over -> failed_over",
+                    "failed_over -> failing_back",
+                    "failing_back -> primary",
+                ], moves
+                start = next(m for m in messages(c, inc.id) if m.startswith("shop: primary -> failing_over"))
+                assert "checks passed: shop is DOWN" in start and "approval: auto" in start
                 assert not [e for e in env.pd.events if e["event_action"] == "trigger"][1:], "no re-page"
             finally:
                 await c.stop()

@@ -249,7 +249,8 @@ def test_default_values_render_valid_objects(default_objects: list[dict[str, Any
     assert kinds == sorted(
         [
             "ConfigMap",
-            *["CustomResourceDefinition"] * 4,  # incidents, playbookruns, outboxmessages, continuitystates
+            # incidents, playbookruns, outboxmessages, continuitystates, failoverstates
+            *["CustomResourceDefinition"] * 5,
             "Deployment",
             "NetworkPolicy",
             "PodDisruptionBudget",
@@ -480,7 +481,13 @@ def test_default_rbac_is_the_controller_minimum(default_objects: list[dict[str, 
         if r["verbs"] != ["create"]:  # create cannot be restricted by name in Kubernetes RBAC
             assert r["resourceNames"] == [f"{RELEASE}-leader"]
     (state,) = [r for r in rules if r["apiGroups"] == ["continuity.dev"]]
-    assert sorted(state["resources"]) == ["continuitystates", "incidents", "outboxmessages", "playbookruns"]
+    assert sorted(state["resources"]) == [
+        "continuitystates",
+        "failoverstates",
+        "incidents",
+        "outboxmessages",
+        "playbookruns",
+    ]
     assert sorted(state["verbs"]) == sorted(["get", "list", "watch", "create", "update", "patch", "delete"])
     (cm,) = [r for r in rules if r["resources"] == ["configmaps"]]
     assert sorted(cm["verbs"]) == ["get", "watch"]

@@ -146,6 +146,9 @@ def _failover_through_controller(tmp: Path, world: World, proxy: AwsProxy, steps
             run = await until(
                 lambda: next((r for r in store.runs() if r.state not in ("running",)), None), 20, "the run"
             )
+            await until(  # the run's end is an event decide consumes on its next cycle
+                lambda: store.failover_states()["shop"].state != "failing_over", 10, "the run's end decided"
+            )
             [inc] = store.list_incidents()
             return run, [e.message for e in store.timeline(inc.id)]
         finally:
@@ -173,13 +176,16 @@ def test_aws_429_and_500_during_a_controller_failover_are_retried(
 def test_aws_timeout_during_a_controller_failover_is_retried_then_done(
     tmp_path: Path, world: World, proxy: AwsProxy
 ):
-    """AWS answers too late once (the step times out), then promptly: the run still succeeds, and the
-    late request that did reach AWS is not applied a second time in a way that changes the outcome."""
+    """AWS answers too late once (past the step's timeout): the attempt's outcome is unknown, so the
+    engine waits for it instead of sending the failover again beside it; it lands, late, once, and
+    the run succeeds. (Before issue 10 the step was retried while the first call was in flight.)"""
     proxy.delay(matcher(action="FailoverDBCluster"), seconds=1.5, times=1)
     t0 = time.monotonic()
     run, timeline = _failover_through_controller(tmp_path, world, proxy, aws_steps(world, timeout="500ms"))
     assert run.state == "succeeded", run.error
-    assert any("move-writer attempt 1 failed: timed out" in m or "timed out" in m for m in timeline), timeline
+    assert any("move-writer attempt" in m and "outcome unknown" in m for m in timeline), timeline
+    assert any("move-writer attempt" in m and "finished late" in m for m in timeline), timeline
+    assert len(proxy.calls("FailoverDBCluster")) == 1
     assert world.cluster_writer() == world.standby
     assert time.monotonic() - t0 < 20
 

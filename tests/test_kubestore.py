@@ -62,6 +62,43 @@ def obj(kube: FakeKubeAPI, plural: str, name: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- the contract, both backends
 
 
+def test_failover_state_moves_only_by_compare_and_swap(store: Store) -> None:
+    """A service never written is primary at version 0; each transition names the version it read,
+    and of two writers that read the same version exactly one wins."""
+    assert store.failover_states() == {}
+    a = store.transition_failover("checkout", 0, "failing_over", "RUN-1", "INC-1", "checkout is down", 10.5)
+    assert a is not None and (a.state, a.version, a.since) == ("failing_over", 1, 10.5)
+    assert store.transition_failover("checkout", 0, "awaiting_approval", "RUN-2", "INC-1", "x", 11.0) is None
+    b = store.transition_failover("checkout", 1, "failed_over", "RUN-1", "INC-1", "run RUN-1 succeeded", 12.0)
+    assert b is not None and b.version == 2
+    assert store.transition_failover("checkout", 1, "failover_failed", "RUN-1", "INC-1", "late", 13.0) is None
+    store.transition_failover("login", 0, "awaiting_approval", "RUN-3", None, "login is down", 14.0)
+    states = store.failover_states()
+    assert states["checkout"].state == "failed_over" and states["checkout"].reason == "run RUN-1 succeeded"
+    assert states["checkout"].run_id == "RUN-1" and states["checkout"].incident_id == "INC-1"
+    assert states["login"].incident_id is None and states["login"].version == 1
+    c = store.transition_failover("checkout", 2, "primary", None, "INC-1", "failed back", 15.0)
+    assert c is not None and store.failover_states()["checkout"].run_id is None
+    with pytest.raises(ValueError):
+        store.transition_failover("checkout", 3, "sideways", None, None, "", 16.0)
+
+
+def test_run_ownership_is_a_compare_and_swap(store: Store) -> None:
+    """Before any step applies the run is owned; a new owner takes over only from the owner it
+    read (one that lost its lease), and of two claimants exactly one wins."""
+    run = store.create_run("failover", None, "checkout", False, 1.0, ["a"])
+    assert store.get_run(run.id).owner is None
+    assert store.claim_run(run.id, "pod-a", None)
+    assert store.claim_run(run.id, "pod-a", None), "claiming one's own run again is fine"
+    assert not store.claim_run(run.id, "pod-b", None), "owned: not claimable as unowned"
+    assert not store.claim_run(run.id, "pod-b", "pod-x"), "the owner it read is not the owner"
+    assert store.claim_run(run.id, "pod-b", "pod-a")
+    assert not store.claim_run(run.id, "pod-c", "pod-a"), "a second take-over from the same owner loses"
+    assert store.get_run(run.id).owner == "pod-b"
+    assert [r.owner for r in store.runs()] == ["pod-b"]
+    assert not store.claim_run("RUN-20000101-000000", "pod-a", None)
+
+
 def test_incidents_open_get_list_update(store: Store) -> None:
     a = store.open_incident("checkout", "moderate", "checkout is down", 1000.5, 990.25, {"probe": "p1"})
     b = store.open_incident("login", "low", "login is slow", 1010.0, 1005.0, {})
@@ -266,6 +303,8 @@ def test_objects_read_as_a_human_sees_them(kube: FakeKubeAPI) -> None:
     run = s.create_run("failover-db", inc.id, "checkout", False, 1764000002.0, ["snap", "promote"])
     s.update_step(run.id, 0, state="running", started_at=1764000003.0)
     s.update_run(run.id, error="none yet")
+    assert s.claim_run(run.id, "continuity-0", None)
+    s.transition_failover("checkout", 0, "failing_over", run.id, inc.id, "checkout is down", 1764000002.0)
     s.enqueue("pagerduty", f"{inc.id}/pagerduty/trigger", {"x": 1}, inc.id, 1764000000.0)
     s.retry_later(s.due(1764000000.0)[0].id, 1764000100.0, "HTTP 503")
     s.set_flag("paused", "by alice")
@@ -284,8 +323,17 @@ def test_objects_read_as_a_human_sees_them(kube: FakeKubeAPI) -> None:
     assert m["metadata"]["name"] == outbox_name(f"{inc.id}/pagerduty/trigger")
     assert m["metadata"]["labels"]["continuity.dev/state"] == "pending"
     st = obj(kube, "continuitystates", "continuity")
+    fo = obj(kube, "failoverstates", "checkout")
+    assert fo["spec"]["state"] == "failing_over" and fo["spec"]["since"] == "2025-11-24T16:00:02.000000Z"
+    assert r["spec"]["owner"] == "continuity-0"
 
-    by_kind = {"Incident": i, "PlaybookRun": r, "OutboxMessage": m, "ContinuityState": st}
+    by_kind = {
+        "Incident": i,
+        "PlaybookRun": r,
+        "OutboxMessage": m,
+        "ContinuityState": st,
+        "FailoverState": fo,
+    }
     for path in CRDS.glob("*.yaml"):
         crd = yaml.safe_load(path.read_text())
         o = by_kind[crd["spec"]["names"]["kind"]]
@@ -497,3 +545,45 @@ def test_a_create_whose_response_was_lost_is_not_an_error(kube: FakeKubeAPI) -> 
     inc = s.open_incident("checkout", "low", "t", 1000.0, 1000.0, {})
     kube.clear_faults()
     assert s.get_incident(inc.id) == inc and len(posts) == 2
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "kubernetes"])
+def test_two_processes_racing_for_a_run_or_a_state_one_wins(tmp_path: Path, backend: str) -> None:
+    """Two store instances (as two replicas have) race to claim the same runs and to move the same
+    failover state from the same version: every time, exactly one of them wins."""
+    with FakeKubeAPI() as api:
+        if backend == "sqlite":
+            one: Store = SQLiteStore(tmp_path)
+            two: Store = SQLiteStore(tmp_path)
+        else:
+            one, two = kstore(api), kstore(api)
+        try:
+            for i in range(10):
+                run = one.create_run("failover", None, "checkout", False, float(i), ["a"])
+                wins: list[bool] = []
+                version = i  # the state's version before this round
+                moved: list[Any] = []
+                barrier = threading.Barrier(2)
+
+                def race(
+                    s: Store, me: str, run_id: str, v: int, b: threading.Barrier, w: list[bool], m: list[Any]
+                ) -> None:
+                    b.wait()
+                    w.append(s.claim_run(run_id, me, None))
+                    m.append(s.transition_failover("checkout", v, "failing_over", run_id, None, me, 1.0))
+
+                threads = [
+                    threading.Thread(target=race, args=(s, me, run.id, version, barrier, wins, moved))
+                    for s, me in ((one, "a"), (two, "b"))
+                ]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                assert sorted(wins) == [False, True], (i, wins)
+                assert sum(m is not None for m in moved) == 1, (i, moved)
+                winner = next(m for m in moved if m is not None)
+                assert one.failover_states()["checkout"].reason == winner.reason
+        finally:
+            one.close()
+            two.close()

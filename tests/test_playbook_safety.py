@@ -266,6 +266,8 @@ def test_dead_secondary_blocks_the_switch_freezes_and_ack_unfreezes(
                 await until(lambda: c.probe_healthy("secondary") is False, what="secondary down")
                 env.target.status["primary"] = 503
                 [run] = await until(lambda: runs_in(c.store, "blocked"), what="blocked run")
+                # The run's end is an event decide consumes on the next cycle (freeze, critical, page).
+                await until(lambda: c.store.get_flag("frozen:shop") == run.id, what="the freeze")
                 inc = c.store.get_incident(run.incident_id)
                 assert world.a_record() == [PRIMARY], "a blocked step must not touch the record"
                 assert rrset_posts(proxy) == []
@@ -378,7 +380,7 @@ def test_replica_lag_from_cloudwatch_guards_the_promotion(
                     assert step.state == "blocked"
                     assert "OVER the limit of 30" in (step.detail or ""), step.detail
                     assert promotes == [], "no promotion while the replica is behind the RPO"
-                    assert c.store.get_flag("frozen:shop") == run.id
+                    await until(lambda: c.store.get_flag("frozen:shop") == run.id, what="the freeze")
                 reads = [r for r in proxy.calls() if b'"ReplicaLag"' in r.body]  # CloudWatch speaks JSON
                 assert reads and world.replica_db.encode() in reads[0].body, "the guard read CloudWatch"
 

@@ -64,6 +64,7 @@ class SetListenerWeights(Action):
     Params = SetListenerWeightsParams
     summary = "Shift an ALB listener's traffic between target groups by weight."
     p: SetListenerWeightsParams
+    blocking = True
 
     def plan(self) -> list[PlannedCall]:
         calls: list[PlannedCall] = []

@@ -21,7 +21,11 @@ from probes.base import Strict
 class FailoverClusterParams(Strict):
     cluster: str = Field(description="DBClusterIdentifier.")
     target_instance: str = Field(description="The instance that must become the writer.")
-    wait_timeout: Duration = Field(default=300.0, gt=0, description="How long to wait for the new writer.")
+    wait_timeout: Duration | None = Field(
+        default=None,
+        gt=0,
+        description="How long to wait for the new writer; by default what is left of the step's timeout.",
+    )
 
 
 def _cluster(rds: Any, cluster: str) -> dict[str, Any]:
@@ -45,6 +49,8 @@ class FailoverDbCluster(Action):
     Params = FailoverClusterParams
     summary = "Fail an Aurora cluster over to a named instance and wait until it is the writer."
     p: FailoverClusterParams
+    blocking = True
+    wait_params = ("wait_timeout",)
 
     def plan(self) -> list[PlannedCall]:
         return [
@@ -84,6 +90,7 @@ class FailoverDbCluster(Action):
             "rds.failover_db_cluster",
             {"cluster": self.p.cluster, "target": self.p.target_instance, "writer_before": before},
         )
+        wait = ctx.budget(self.p.wait_timeout, 300.0)
         rds.failover_db_cluster(
             DBClusterIdentifier=self.p.cluster, TargetDBInstanceIdentifier=self.p.target_instance
         )
@@ -92,10 +99,10 @@ class FailoverDbCluster(Action):
             cluster = _cluster(rds, self.p.cluster)
             if _writer(cluster) == self.p.target_instance and cluster.get("Status") == "available":
                 break
-            if time.monotonic() - start > self.p.wait_timeout:
+            if time.monotonic() - start > wait:
                 raise ActionError(
                     f"{self.p.target_instance} not the writer of {self.p.cluster} after "
-                    f"{self.p.wait_timeout:g}s (status {cluster.get('Status')})"
+                    f"{wait:.3g}s (status {cluster.get('Status')})"
                 )
             time.sleep(ctx.poll_interval)
         return (
@@ -119,6 +126,7 @@ class PromoteReadReplica(Action):
     Params = PromoteReplicaParams
     summary = "Promote an RDS read replica to a standalone primary (one-way; it reboots)."
     p: PromoteReplicaParams
+    blocking = True
 
     def _kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"DBInstanceIdentifier": self.p.instance}

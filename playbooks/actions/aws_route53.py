@@ -26,11 +26,17 @@ class _RecordRef(Strict):
     zone: str = Field(description="Hosted zone name (shop.example.) or id (Z123...).")
     record: str = Field(description="Record name, e.g. shop.example.")
     type: str = "A"
-    insync_timeout: Duration = Field(default=120.0, gt=0, description="How long to wait for INSYNC.")
+    insync_timeout: Duration | None = Field(
+        default=None,
+        gt=0,
+        description="How long to wait for INSYNC; by default what is left of the step's timeout.",
+    )
 
 
 class _Route53(Action):
     p: Any
+    blocking = True
+    wait_params = ("insync_timeout",)
 
     def _zone_lookup_call(self) -> list[PlannedCall]:
         if self._zone_is_id():
@@ -64,15 +70,15 @@ class _Route53(Action):
         )
         return [r for r in resp["ResourceRecordSets"] if r["Name"] == name and r["Type"] == self.p.type]
 
-    def wait_insync(self, r53: Any, change_id: str) -> float:
+    def wait_insync(self, r53: Any, change_id: str, wait: float) -> float:
         start = time.monotonic()
         while True:
             status = r53.get_change(Id=change_id)["ChangeInfo"]["Status"]
             if status == "INSYNC":
                 return time.monotonic() - start
-            if time.monotonic() - start > self.p.insync_timeout:
-                raise ActionError(f"change {change_id} still {status} after {self.p.insync_timeout:g}s")
-            time.sleep(1.0)
+            if time.monotonic() - start > wait:
+                raise ActionError(f"change {change_id} still {status} after {wait:.3g}s")
+            time.sleep(min(1.0, max(0.05, wait / 10)))
 
 
 class SwitchRecordParams(_RecordRef):
@@ -162,7 +168,7 @@ class SwitchRecord(_Route53):
                 "Changes": [{"Action": "UPSERT", "ResourceRecordSet": rrset}],
             },
         )["ChangeInfo"]
-        took = self.wait_insync(r53, change["Id"])
+        took = self.wait_insync(r53, change["Id"], ctx.budget(self.p.insync_timeout, 120.0))
         return (
             f"{_fqdn(self.p.record)} {self.p.type} now {', '.join(self.p.values)} (was {was}); "
             f"change {change['Id']} INSYNC after {took:.1f}s"
@@ -241,7 +247,7 @@ class SetWeights(_Route53):
             {"zone": zone_id, "weights": self.p.weights},
         )
         change = r53.change_resource_record_sets(HostedZoneId=zone_id, ChangeBatch={"Changes": changes})
-        took = self.wait_insync(r53, change["ChangeInfo"]["Id"])
+        took = self.wait_insync(r53, change["ChangeInfo"]["Id"], ctx.budget(self.p.insync_timeout, 120.0))
         before = ", ".join(f"{sid}={sets[sid].get('Weight')}" for sid in self.p.weights)
         after = ", ".join(f"{sid}={w}" for sid, w in self.p.weights.items())
         return f"{_fqdn(self.p.record)} weights now {after} (was {before}); INSYNC after {took:.1f}s"

@@ -9,6 +9,7 @@ engine decides what is journaled and the same action runs in tests, dry-run and 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -20,11 +21,14 @@ if TYPE_CHECKING:
 
 
 class ActionError(Exception):
-    """A failure an action understands. `retryable=False` aborts without further attempts."""
+    """A failure an action understands. `retryable=False` aborts without further attempts.
+    `unknown=True`: the request went out and no answer came back (a read timeout), so the change
+    may have been made; the engine records "outcome unknown" and checks before any re-apply."""
 
-    def __init__(self, message: str, *, retryable: bool = True) -> None:
+    def __init__(self, message: str, *, retryable: bool = True, unknown: bool = False) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.unknown = unknown
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,21 @@ class ActionContext:
     kube: Callable[[], kubernetes.client.ApiClient] | None = None
     """Returns a kubernetes ApiClient (owned by the caller). None: the kubernetes actions build one
     from the in-cluster config when KUBERNETES_SERVICE_HOST is set, else from kubeconfig."""
+    deadline: float | None = None
+    """time.monotonic() by which the attempt in hand must be over (set by the engine from the
+    step's timeout): an action's own waits that are not set explicitly end before it."""
+    idempotency_key: str = ""
+    """Stable across the retries and resumes of one step of one run: `<run_id>-<step>`."""
+
+    def budget(self, explicit: float | None, default: float) -> float:
+        """How long an action may wait by itself: its explicit setting, else what is left of the
+        step's timeout (less a margin for the call that follows), else its default."""
+        if explicit is not None:
+            return explicit
+        if self.deadline is None:
+            return default
+        left = self.deadline - time.monotonic()
+        return max(0.05, left - min(1.0, left * 0.1))
 
 
 class Action:
@@ -72,6 +91,15 @@ class Action:
     Params: ClassVar[type[Strict]]
     summary: ClassVar[str] = ""
     already: ClassVar[str] = "already in place (check passed), nothing to do"
+    blocking: ClassVar[bool] = False
+    """True when apply runs in a worker thread: a timeout cannot stop it, so the engine waits for
+    it (the attempt's outcome is unknown meanwhile) before anything else is tried."""
+    verifiable: ClassVar[bool] = True
+    """False when `check` cannot see whether the change was made (a webhook, a restart): after an
+    attempt with an unknown outcome such a step is not retried; a human checks."""
+    wait_params: ClassVar[tuple[str, ...]] = ()
+    """Parameters that bound the action's own waiting; set explicitly, each must be shorter than
+    the step's timeout (refused at config load otherwise). Unset, they derive from it."""
 
     def __init__(self, params: dict[str, Any]) -> None:
         self.p = self.Params.model_validate(params)
@@ -86,6 +114,16 @@ class Action:
     async def apply(self, ctx: ActionContext) -> str:
         """Make the change; return one sentence saying what changed."""
         raise NotImplementedError
+
+    @classmethod
+    def own_waits(cls, params: dict[str, Any]) -> dict[str, float]:
+        """The explicit values of `wait_params`, in seconds (checked against the step's timeout)."""
+        try:
+            p = cls.Params.model_validate(params)
+        except ValueError:
+            return {}
+        found = {name: getattr(p, name, None) for name in cls.wait_params if name in p.model_fields_set}
+        return {k: float(v) for k, v in found.items() if isinstance(v, int | float)}
 
     @classmethod
     def probe_refs(cls, params: dict[str, Any]) -> list[str]:

@@ -30,6 +30,7 @@ class WaitHealthy(Action):
     summary = "Wait until named probes are UP, with a deadline."
     already = "already up"
     p: WaitHealthyParams
+    wait_params = ("within",)
 
     def plan(self) -> list[PlannedCall]:
         return [
@@ -74,6 +75,7 @@ class Wait(Action):
     Params = WaitParams
     summary = "Pause for a fixed time (e.g. let a DNS TTL expire)."
     p: WaitParams
+    wait_params = ("duration",)
 
     def plan(self) -> list[PlannedCall]:
         return [PlannedCall("clock", "sleep", {"duration": format_duration(self.p.duration)})]

@@ -104,6 +104,7 @@ class Scale(Action):
     Params = ScaleParams
     summary = "Scale a Deployment to a number of replicas (scale subresource)."
     p: ScaleParams
+    blocking = True
 
     def _what(self) -> str:
         return f"deployment {self.p.namespace}/{self.p.deployment}"
@@ -223,6 +224,7 @@ class Patch(Action):
     Params = PatchParams
     summary = "Merge-patch a Deployment, StatefulSet, Service or ConfigMap (e.g. flip a feature flag)."
     p: PatchParams
+    blocking = True
 
     def _what(self) -> str:
         return f"{self.p.kind} {self.p.namespace}/{self.p.name}"
@@ -304,6 +306,8 @@ class RolloutRestart(Action):
     Params = RolloutRestartParams
     summary = "Rolling-restart a Deployment's pods (like kubectl rollout restart)."
     p: RolloutRestartParams
+    blocking = True
+    verifiable = False
 
     def _what(self) -> str:
         return f"deployment {self.p.namespace}/{self.p.deployment}"

@@ -43,7 +43,11 @@ class HttpParams(Strict):
     expect_status: list[int] = Field(
         default_factory=lambda: [200, 201, 202, 204], min_length=1, description="Statuses that mean done."
     )
-    timeout: Duration = Field(default=10.0, gt=0, description="Deadline for the request.")
+    timeout: Duration | None = Field(
+        default=None,
+        gt=0,
+        description="Deadline for the request; by default what is left of the step's timeout.",
+    )
 
 
 def render(value: Any, variables: dict[str, Any]) -> Any:
@@ -63,6 +67,9 @@ class Http(Action):
     Params = HttpParams
     summary = "Call an HTTP endpoint (webhook) with a templated JSON body."
     p: HttpParams
+    blocking = True
+    verifiable = False
+    wait_params = ("timeout",)
 
     def _shown_headers(self) -> dict[str, str]:
         return {
@@ -95,10 +102,22 @@ class Http(Action):
             body = render(self.p.body, ctx.variables)
         except TemplateError as exc:
             raise ActionError(f"json template: {exc}", retryable=False) from None
+        # Stable across retries and resumes of this step: a receiver that honours it (Stripe's
+        # convention) applies the call once however often it arrives.
+        key = ctx.idempotency_key
+        if key and not any(k.lower() == "idempotency-key" for k in headers):
+            headers["Idempotency-Key"] = key
+        timeout = ctx.budget(self.p.timeout, 10.0)
         ctx.record(
             "api_call",
             f"http {self.p.method} {self.p.url}",
-            {"url": self.p.url, "method": self.p.method, "headers": self._shown_headers()},
+            {
+                "url": self.p.url,
+                "method": self.p.method,
+                "headers": self._shown_headers(),
+                "idempotency_key": headers.get("Idempotency-Key", key),
+                "timeout_s": round(timeout, 3),
+            },
         )
         start = time.monotonic()
         try:
@@ -107,10 +126,16 @@ class Http(Action):
                 self.p.url,
                 headers=headers,
                 json=body,
-                timeout=self.p.timeout,
+                timeout=timeout,
                 allow_redirects=False,
             )
-        except requests.RequestException as exc:  # refused, reset, timed out, bad TLS
+        except requests.ReadTimeout as exc:  # sent, no answer: the receiver may have acted
+            raise ActionError(
+                f"{self.p.method} {self.p.url}: no answer within {timeout:.3g}s ({type(exc).__name__}): "
+                "the request was sent, so the outcome is unknown",
+                unknown=True,
+            ) from None
+        except requests.RequestException as exc:  # refused, reset, connect timeout, bad TLS
             raise ActionError(f"{self.p.method} {self.p.url}: {type(exc).__name__}: {exc}") from None
         took = time.monotonic() - start
         if resp.status_code not in self.p.expect_status:

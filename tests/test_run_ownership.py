@@ -1,0 +1,119 @@
+"""A run's owner died mid-step; a new controller on the same store takes the run over (issue 11,
+item 4), on both stores: it claims the run from the owner it read (compare-and-swap), says the step
+in hand had an unknown outcome, checks it before re-applying, and the webhook after it is posted
+once. The controller that died cannot apply another step: it no longer owns the run."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from controller.config import load_config
+from controller.demo.marketplace import serve
+from controller.kubestore import KubernetesStore
+from controller.loop import Controller
+from controller.store import SQLiteStore, Store
+from tests.fakes.kubeapi import FakeKubeAPI
+from tests.test_step_outcomes import SlowReceiver
+
+
+@pytest.fixture(params=["sqlite", "kubernetes"])
+def stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], Store]]:
+    """A factory of store instances on the same state, as two controller processes would have."""
+    if request.param == "sqlite":
+        yield lambda: SQLiteStore(tmp_path / "state")
+    else:
+        with FakeKubeAPI() as api:
+            yield lambda: KubernetesStore(api.api_client(), "continuity", backoff=0.01, max_backoff=0.05)
+
+
+async def until(cond: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := cond()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+    return value
+
+
+def test_a_new_controller_takes_over_a_run_whose_owner_died(
+    tmp_path: Path, stores: Callable[[], Store]
+) -> None:
+    hook = SlowReceiver(0.0)
+    status = {"code": 200}
+
+    async def handle(_: web.Request) -> web.Response:
+        return web.Response(status=status["code"])
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_get("/web", handle)
+        runner, port = await serve(app, "127.0.0.1", 0)
+        path = tmp_path / "c.yaml"
+        path.write_text(
+            f"""
+services:
+  shop: {{tier: critical, rto: 5m, probes: [web], playbook: failover}}
+probes:
+  web: {{kind: http, url: "http://127.0.0.1:{port}/web", interval: 100ms, timeout: 1s}}
+detection: {{failure_threshold: 2, success_threshold: 1, confirm: {{probes: 0}}}}
+playbooks:
+  failover:
+    steps:
+      - {{name: drain, action: wait, with: {{duration: 2s}}, timeout: 10s}}
+      - {{name: purge, action: http, with: {{url: "{hook.url}"}}, timeout: 5s}}
+aws: {{endpoint_url: "http://127.0.0.1:9"}}
+controller: {{data_dir: "{tmp_path / "state"}", tick: 100ms}}
+""",
+            encoding="utf-8",
+        )
+        cfg = load_config(path)
+        # What a controller killed in the middle of the drain step leaves in the store: the incident,
+        # the run it owned with its first step journaled running, the service failing over.
+        dead = stores()
+        inc = dead.open_incident("shop", "critical", "shop is down", time.time(), time.time(), {})
+        run = dead.create_run("failover", inc.id, "shop", False, time.time(), ["drain", "purge"])
+        assert dead.claim_run(run.id, "pod-0/1/dead", None)
+        dead.update_step(run.id, 0, state="running", started_at=time.time())
+        assert dead.transition_failover(
+            "shop", 0, "failing_over", run.id, inc.id, "shop is down", time.time()
+        )
+        status["code"] = 503
+        second = Controller(cfg, stores())
+        assert second.identity != "pod-0/1/dead"
+        await second.start()
+        try:
+            done = await until(
+                lambda: (r := second.store.get_run(run.id)) is not None and r.state == "succeeded" and r,
+                20,
+                "the run taken over and finished",
+            )
+            assert done.owner == second.identity
+            await until(
+                lambda: second.store.failover_states()["shop"].state == "primary", 5, "the run's end decided"
+            )
+        finally:
+            await second.stop()
+            await runner.cleanup()
+        assert [p["key"] for p in hook.posts] == [f"{run.id}-purge"], "posted once, with the step's key"
+        assert not dead.claim_run(run.id, "pod-0/1/dead", None), "the dead owner lost the run"
+        messages = [e.message for e in second.store.timeline(run.incident_id or "")]
+        resumed = next(m for m in messages if m.startswith(f"resuming run {run.id}"))
+        assert "its owner pod-0/1/dead is not running it any more" in resumed
+        assert any(
+            "drain was in progress when its previous owner stopped: outcome unknown" in m for m in messages
+        ), "\n".join(messages)
+        transitions = [m for m in messages if m.startswith("shop: ")]
+        assert len(transitions) == 1 and transitions[0].startswith("shop: failing_over -> primary: ")
+        dead.close()
+        second.store.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        hook.close()
