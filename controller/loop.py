@@ -24,6 +24,7 @@ from controller.detect import (
     SERVICE_STATE_VALUE,
     Health,
     ProbeState,
+    Rules,
     ServiceHealth,
     combine,
     confirm,
@@ -183,6 +184,8 @@ class Controller:
         verdict = f"probe {name} is {after.status.value.upper()}"
         if after.status is Health.DOWN:
             verdict += f" after {after.failures} consecutive failures: {result.reason}"
+        elif after.status is Health.DEGRADED:
+            verdict += f" after {after.degraded} degraded runs: {result.reason}"
         elif before.status is Health.DOWN:
             verdict += f" after {after.successes} consecutive successes"
         if len(votes) > 1:
@@ -263,23 +266,39 @@ class Controller:
         now = self.clock()
         # Only a probe that has changed verdict recently can be flapping: skip building rules for the rest.
         flaps = [p for p, st in self.states.items() if st.changes and flapping(st, now, self.config.rules(p))]
+        rules, fresh = self._probe_settings()
         return {
-            name: service_health(name, svc.probes, self.states, self.impact, flaps)
+            name: service_health(
+                name, svc.probes, self.states, self.impact, flaps, now=now, freshness=fresh, rules=rules
+            )
             for name, svc in self.config.services.items()
         }
 
+    def _probe_settings(self) -> tuple[dict[str, Rules], dict[str, float]]:
+        """Each probe's rules and freshness, built once per config (health() runs every tick)."""
+        cached = getattr(self, "_settings_cache", None)
+        if cached is None or cached[0] is not self.config:
+            cfg = self.config
+            cached = (
+                cfg,
+                {p: cfg.rules(p) for p in cfg.probes},
+                {p: cfg.freshness(p) for p in cfg.probes},
+            )
+            self._settings_cache = cached
+        return cached[1], cached[2]
+
     def references(self) -> tuple[bool, bool, str]:
-        """(ok, isolated, note): ok while every reference target passes; isolated when all are DOWN."""
-        refs = self.config.detection.reference_probes
+        """(ok, isolated, note): ok while every reference target is UP with no failure in its current
+        streak (unknown is not up); isolated when `isolation_quorum` of them (default: all) are DOWN."""
+        det = self.config.detection
+        refs = det.reference_probes
         if not refs:
             return True, False, ""
-        bad = {
-            r: self.states[r]
-            for r in refs
-            if self.states[r].status is not Health.UP or self.states[r].failures
-        }
-        isolated = all(self.states[r].status is Health.DOWN for r in refs)
-        note = ", ".join(f"{r} {s.status.value}" for r, s in bad.items())
+        seen = {r: self.states.get(r, ProbeState()) for r in refs}  # validate checks the names
+        bad = {r: st for r, st in seen.items() if st.status is not Health.UP or st.failures}
+        down = sum(1 for st in seen.values() if st.status is Health.DOWN)
+        isolated = down >= (det.isolation_quorum or len(refs))
+        note = ", ".join(f"{r} {st.status.value}" for r, st in bad.items())
         return not bad, isolated, note
 
     def _failed_over(self) -> dict[str, str]:
@@ -309,7 +328,8 @@ class Controller:
         if isolated and self.isolated_since is None:
             self.isolated_since = now
             log.error(
-                "controller isolated: every reference target is down; no failover will start", refs=note
+                "controller isolated: reference targets down; no incident opens, no failover starts",
+                refs=note,
             )
             self._emit("isolated", message=f"controller isolated: {note}")
             if pd is not None:
@@ -366,6 +386,16 @@ class Controller:
         now = self.clock()
         refs_ok, isolated, refs_note = self.references()
         self._isolation(isolated, refs_note, now)
+        if refs_ok != getattr(self, "_refs_ok", True):
+            self._refs_ok = refs_ok
+            if refs_ok:
+                log.info("reference targets pass again: automatic actions allowed")
+            else:
+                log.warning(
+                    "reference targets failing: automatic actions held (incidents still open and page)",
+                    refs=refs_note,
+                )
+            self._emit("references", ok=refs_ok, message=refs_note)
         return d.Observation(
             now,
             self.health(),
@@ -380,6 +410,7 @@ class Controller:
             up_since={p: s.changed_at or now for p, s in self.states.items() if s.status is Health.UP},
             references_ok=refs_ok,
             references_note=refs_note,
+            isolated=isolated,
         )
 
     # ------------------------------------------------------------------ decide + act
@@ -432,9 +463,13 @@ class Controller:
                 log.info("joined incident", service=decision.service, incident=decision.incident_id)
         elif isinstance(decision, d.Hold):
             key = decision.key or decision.reason
-            if self._held.get(decision.service) != key and decision.incident_id:
+            iid = decision.incident_id
+            if iid is None and key in ("references", "isolated"):  # opened in this same cycle
+                inc = self.store.open_incident_for(decision.service)
+                iid = inc.id if inc is not None else None
+            if self._held.get(decision.service) != key and iid:
                 self._held[decision.service] = key
-                self.store.append(decision.incident_id, now, "decision", decision.reason)
+                self.store.append(iid, now, "decision", decision.reason)
                 log.info("holding", service=decision.service, reason=decision.reason)
 
     def _open(self, dec: d.OpenIncident, now: float) -> None:
@@ -469,7 +504,7 @@ class Controller:
                     inc.id,
                     st.changed_at or now,
                     "probe",
-                    f"probe {probe} is DOWN after {st.failures} consecutive failures: {st.last.reason}",
+                    _verdict_line(probe, st, dict(h.reasons).get(probe, "")),
                     st.last.to_dict(),
                 )
         self.store.append(
@@ -914,6 +949,17 @@ class Controller:
             self._elector_stop.set()  # the elector releases the lease so a standby takes over at once
             await asyncio.gather(self._elector, return_exceptions=True)
         log.info("controller stopped")
+
+
+def _verdict_line(probe: str, st: ProbeState, reason: str) -> str:
+    """What the timeline says about a failing probe when its incident opens: DOWN with its streak,
+    DEGRADED with its reason (slow, a non-critical step, a near expiry), or its failure rate."""
+    if st.status is Health.DOWN:
+        return f"probe {probe} is DOWN after {st.failures} consecutive failures: {st.last.reason if st.last else ''}"
+    if st.status is Health.DEGRADED:
+        why = st.last.reason if st.last else reason
+        return f"probe {probe} is DEGRADED after {st.degraded} degraded runs: {why}"
+    return f"probe {probe} is DEGRADED: {reason}"
 
 
 def _what(payload: dict[str, Any]) -> str:

@@ -119,9 +119,13 @@ def test_service_degraded_when_only_degraded_probes_fail() -> None:
     assert h.since == 20.0
 
 
-def test_service_unknown_until_any_probe_has_an_opinion() -> None:
+def test_service_unknown_until_every_probe_has_an_opinion() -> None:
+    """Unknown is not up: one passing probe and one never heard from is not a healthy service."""
     assert service_health("shop", ["a", "b"], {}, {}).state is ServiceState.UNKNOWN
     h = service_health("shop", ["a", "b"], states(a=Health.UP), {})
+    assert h.state is ServiceState.UNKNOWN
+    assert ("b", "no result yet") in h.unproven
+    h = service_health("shop", ["a", "b"], states(a=Health.UP, b=Health.UP), {})
     assert h.state is ServiceState.UP
 
 
