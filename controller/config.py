@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import Field, PrivateAttr, ValidationError, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from controller.comms.settings import Communications, Roles
 from controller.detect import Rules
@@ -354,6 +354,21 @@ class ControllerSettings(Strict):
     outbox_retry: Duration = Field(
         default=5.0, gt=0, description="First retry delay for undelivered messages."
     )
+    resolver_nameservers: list[str] = Field(
+        default_factory=list,
+        description="DNS servers (ip or ip:port) probes resolve names with, over async UDP; "
+        "default: the system's getaddrinfo on a dedicated thread pool.",
+    )
+
+    @field_validator("resolver_nameservers")
+    @classmethod
+    def _servers(cls, value: list[str]) -> list[str]:
+        from probes.dns import parse_server
+
+        for server in value:
+            parse_server(server)
+        return value
+
     config_poll: Duration = Field(
         default=10.0, gt=0, description="How often `run` checks the config file for changes."
     )

@@ -231,7 +231,9 @@ def decide(obs: Observation, config: Config) -> list[Decision]:
                 )
             else:
                 out.extend(
-                    _held_by_references(obs, name, _failover(obs, config, name, svc.playbook, incident, wanted))
+                    _held_by_references(
+                        obs, name, _failover(obs, config, name, svc.playbook, incident, wanted)
+                    )
                 )
     return out
 

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -40,7 +40,7 @@ from controller.notify.outbox import Channel, Dispatcher
 from controller.store import Incident, OutboxMessage, Run, Store
 from playbooks.actions import ActionContext
 from playbooks.engine import Engine, RunResult, render_plan
-from probes import passive
+from probes import passive, resolve
 from probes.base import ProbeResult
 from probes.passive import PASSIVE_KINDS, Signals
 from probes.runner import run_probe
@@ -76,6 +76,10 @@ class Controller:
         self._burst_tasks: set[asyncio.Task[None]] = set()
         self.burst_notes: dict[str, tuple[float, str]] = {}
         self.isolated_since: float | None = None
+        self.task_backoff: tuple[float, float] = (0.5, 30.0)
+        """First and longest pause before a failed background task restarts (doubling between)."""
+        self._prober_logged: dict[str, float] = {}
+        resolve.configure(config.controller.resolver_nameservers)
         self.signals = Signals(started_at=clock())
         for key, value in store.flags("heartbeat:").items():  # a restart keeps what jobs told us
             self.signals.heartbeats[key.removeprefix("heartbeat:")] = float(value)
@@ -152,6 +156,9 @@ class Controller:
         name = result.probe
         if name not in self.states:
             return
+        if result.prober_error:
+            self._prober_error(result)
+            return  # our trouble is no vote: the probe's state (and its freshness) stays as it was
         vantage = result.vantage
         local = vantage == "local"
         rules = self.config.rules(name, confirm=local)
@@ -164,7 +171,13 @@ class Controller:
             self._emit(
                 "probe_failed", probe=name, reason=result.reason, at=result.started_at, vantage=vantage
             )
-        if local and after.status is Health.SUSPECT and before.status is not Health.SUSPECT:
+        # A failed run while SUSPECT with no burst in flight starts one: a burst that could not decide
+        # (its runs were prober errors, or it crashed) is retried, never left suspect for good.
+        if (
+            local
+            and after.status is Health.SUSPECT
+            and (before.status is not Health.SUSPECT or not result.ok)
+        ):
             if name not in self._bursting:
                 self._bursting.add(name)
                 self._burst_tasks.add(asyncio.create_task(self._confirm(name)))
@@ -194,11 +207,33 @@ class Controller:
         self._emit("probe_verdict", probe=name, status=after.status.value, at=result.started_at)
         # The timeline is the leader's to write: a standby appending its own verdicts would double
         # every entry, and would block its event loop on the store while the API is sick.
-        for svc in self.config.services_of(name) if self.may_act() else ():
-            inc = self.store.open_incident_for(svc)
-            if inc is not None:
-                self.store.append(inc.id, result.started_at, "probe", verdict, result.to_dict())
+        try:
+            for svc in self.config.services_of(name) if self.may_act() else ():
+                inc = self.store.open_incident_for(svc)
+                if inc is not None:
+                    self.store.append(inc.id, result.started_at, "probe", verdict, result.to_dict())
+        except Exception:  # a store error must not stop detection: the verdict stands, the loop is kicked
+            log.exception("cannot record a probe verdict on the timeline", probe=name)
+            self.metrics.task_restarts.labels("ingest").inc()
         self._kick.set()
+
+    def _prober_error(self, result: ProbeResult) -> None:
+        """Our own trouble (fd limit, resolver, stalled loop): counted, logged, and the controller's
+        own alert (ContinuityProberErrors on continuity_prober_errors_total) fires; the target's
+        state is untouched. Logged at most once a minute per kind: at the fd limit every probe fails."""
+        kind = result.prober_error or "unknown"
+        self.metrics.prober_errors.labels(kind).inc()
+        now = self.clock()
+        if now - self._prober_logged.get(kind, float("-inf")) >= 60.0:
+            self._prober_logged[kind] = now
+            log.error(
+                "prober error: the controller itself cannot probe; the result counts as UNKNOWN, not as "
+                "the target failing",
+                kind=kind,
+                probe=result.probe,
+                error=result.reason,
+            )
+        self._emit("prober_error", probe=result.probe, kind=kind, message=result.reason)
 
     async def run_once(self, name: str, cfg: Any) -> ProbeResult:
         """Run a probe once: polled kinds go out on the network, passive ones read pushed signals."""
@@ -230,13 +265,11 @@ class Controller:
         try:
             cfg = self.config.probes[name]
             spec = self.config.detection.confirm
-            burst: list[ProbeResult] = []
-            for i in range(spec.probes):
-                if i:
-                    await asyncio.sleep(spec.spacing)
-                burst.append(await self.run_once(name, cfg))
-                if burst[-1].ok:
-                    break  # one pass is enough to disprove the outage
+            burst = await self._burst(name, cfg, spec.probes, spec.spacing)
+            for b in burst:
+                if b.prober_error:
+                    self._prober_error(b)
+            burst = [b for b in burst if not b.prober_error]
             state = self.vstates[name].get("local", ProbeState())
             if state.status is not Health.SUSPECT or not burst:
                 return  # a scheduled run already cleared the suspicion
@@ -255,8 +288,42 @@ class Controller:
             )
             self._emit("burst", probe=name, message=note)
             self._recombine(name, burst[-1])
+        except Exception:  # supervised: logged and counted; the next failed run starts a new burst
+            log.exception("confirmation burst failed", probe=name)
+            self.metrics.task_restarts.labels("burst").inc()
         finally:
             self._bursting.discard(name)
+
+    async def _burst(self, name: str, cfg: Any, runs: int, spacing: float) -> list[ProbeResult]:
+        """The burst's runs start `spacing` apart without waiting for each other: a hanging target
+        costs one timeout, not one per run. The first pass disproves the outage and cancels the
+        rest. Results come back in start order."""
+        passed = asyncio.Event()
+
+        async def one(i: int) -> ProbeResult | None:
+            if i:
+                try:
+                    await asyncio.wait_for(passed.wait(), timeout=i * spacing)
+                    return None  # an earlier run passed: this one is not needed
+                except TimeoutError:
+                    pass
+            r = await self.run_once(name, cfg)
+            if r.ok:
+                passed.set()
+            return r
+
+        tasks = [asyncio.create_task(one(i)) for i in range(runs)]
+        try:
+            pending: set[asyncio.Task[ProbeResult | None]] = set(tasks)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if passed.is_set():
+                    break
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        return [t.result() for t in tasks if not t.cancelled() and t.exception() is None and t.result()]
 
     def probe_healthy(self, name: str) -> bool | None:
         status = self.states[name].status if name in self.states else Health.UNKNOWN
@@ -855,7 +922,8 @@ class Controller:
                         self.metrics.service_state.labels(name).set(SERVICE_STATE_VALUE[h.state])
                     self.metrics.last_tick.set(self.clock())
             except Exception:  # a bug in one cycle must not stop the controller
-                log.exception("reconcile failed")
+                log.exception("reconcile failed; the next cycle retries")
+                self.metrics.task_restarts.labels("reconcile").inc()
             self._kick.clear()
             try:
                 await asyncio.wait_for(self._kick.wait(), timeout=self.config.controller.tick)
@@ -867,9 +935,11 @@ class Controller:
         self._start_probes()
         self._tasks = []
         if decide:
-            self._tasks.append(asyncio.create_task(self._tick_loop(), name="reconcile"))
+            self._tasks.append(self._supervise("reconcile", self._tick_loop, self.stop_event))
         self._tasks.append(
-            asyncio.create_task(self.dispatcher.run(self.stop_event, period=0.5), name="outbox")
+            self._supervise(
+                "outbox", lambda: self.dispatcher.run(self.stop_event, period=0.5), self.stop_event
+            )
         )
         if self.elector is not None:
             # Its own stop event: the lease is released only after the step in hand has finished.
@@ -908,6 +978,7 @@ class Controller:
         self.states = {name: self.states[name] if name in same else ProbeState() for name in new.probes}
         self.vstates = {name: self.vstates[name] if name in same else {} for name in new.probes}
         self.impact = {name: p.impact for name, p in new.probes.items()}
+        resolve.configure(new.controller.resolver_nameservers)
         self._start_probes()
         self._kick.set()
 
@@ -916,7 +987,40 @@ class Controller:
         and never two runs of the same probe at once (probes/scheduler.py)."""
         self._probe_stop = asyncio.Event()
         self.scheduler = Scheduler(dict(self.config.probes), self.run_once, self.ingest)
-        self._probe_tasks = [asyncio.create_task(self.scheduler.run(self._probe_stop), name="probes")]
+        stop = self._probe_stop
+        self._probe_tasks = [self._supervise("probes", lambda: self.scheduler.run(stop), stop)]
+
+    def _supervise(
+        self, name: str, run: Callable[[], Awaitable[None]], stop: asyncio.Event
+    ) -> asyncio.Task[None]:
+        """Run a background task for as long as `stop` is unset: an error is logged, counted in
+        continuity_task_restarts_total{task}, and the task restarts after a pause that doubles from
+        task_backoff[0] to task_backoff[1] (reset once it has run a minute without failing). A full
+        disk for 12 s must delay pages, never end paging until a restart."""
+
+        async def supervised() -> None:
+            loop = asyncio.get_running_loop()
+            first, longest = self.task_backoff
+            delay = first
+            while not stop.is_set():
+                began = loop.time()
+                try:
+                    await run()
+                    return
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    if loop.time() - began >= 60.0:
+                        delay = first
+                    log.exception("background task failed; restarting it", task=name, in_s=round(delay, 2))
+                    self.metrics.task_restarts.labels(name).inc()
+                    try:
+                        await asyncio.wait_for(stop.wait(), timeout=delay)
+                    except TimeoutError:
+                        pass
+                    delay = min(delay * 2, longest)
+
+        return asyncio.create_task(supervised(), name=name)
 
     def _resume_interrupted(self) -> None:
         """Runs the previous process left `running` continue from their journal: done steps are not
@@ -955,7 +1059,8 @@ def _verdict_line(probe: str, st: ProbeState, reason: str) -> str:
     """What the timeline says about a failing probe when its incident opens: DOWN with its streak,
     DEGRADED with its reason (slow, a non-critical step, a near expiry), or its failure rate."""
     if st.status is Health.DOWN:
-        return f"probe {probe} is DOWN after {st.failures} consecutive failures: {st.last.reason if st.last else ''}"
+        last = st.last.reason if st.last else ""
+        return f"probe {probe} is DOWN after {st.failures} consecutive failures: {last}"
     if st.status is Health.DEGRADED:
         why = st.last.reason if st.last else reason
         return f"probe {probe} is DEGRADED after {st.degraded} degraded runs: {why}"
