@@ -299,6 +299,8 @@ class Controller:
         costs one timeout, not one per run. The first pass disproves the outage and cancels the
         rest. Results come back in start order."""
         passed = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        watch: Scheduler | None = getattr(self, "scheduler", None)  # its loop-stall watchdog
 
         async def one(i: int) -> ProbeResult | None:
             if i:
@@ -307,16 +309,23 @@ class Controller:
                     return None  # an earlier run passed: this one is not needed
                 except TimeoutError:
                     pass
+            began = loop.time()
             r = await self.run_once(name, cfg)
             if r.ok:
                 passed.set()
+            elif r.prober_error is None and (
+                stalled := watch.stalled_during(began, loop.time()) if watch else 0
+            ):
+                r = dataclasses.replace(
+                    r, prober_error="loop_stall", error=f"event loop blocked {stalled:.1f}s"
+                )
             return r
 
         tasks = [asyncio.create_task(one(i)) for i in range(runs)]
         try:
             pending: set[asyncio.Task[ProbeResult | None]] = set(tasks)
             while pending:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 if passed.is_set():
                     break
         finally:
