@@ -397,6 +397,12 @@ class Controller:
                 out[name] = last.incident_id or ""
         return out
 
+    def _isolation_count(self) -> str:
+        det = self.config.detection
+        refs = det.reference_probes
+        down = sum(1 for r in refs if self.states.get(r, ProbeState()).status is Health.DOWN)
+        return f"{down} of {len(refs)} (isolation quorum {det.isolation_quorum or len(refs)})"
+
     def _isolation(self, isolated: bool, note: str, now: float) -> None:
         """One 'controller isolated' alert while every reference target is down; resolved when one is back."""
         self.metrics.isolated.set(1 if isolated else 0)
@@ -414,8 +420,8 @@ class Controller:
                 body = pagerduty.trigger(
                     pd,
                     dedup_key=key,
-                    summary=f"Continuity controller isolated: reference targets down ({note}); "
-                    "automatic failover is suspended",
+                    summary=f"Continuity controller isolated: {self._isolation_count()} reference targets "
+                    f"down ({note}); no incident opens and automatic failover is suspended",
                     severity="critical",
                     service="continuity",
                     tier="critical",
