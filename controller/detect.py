@@ -27,6 +27,7 @@ Why each rule exists:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -65,6 +66,11 @@ class Rules:
     """A failure rate at or above this, over the window, makes the probe's service DEGRADED."""
     intermittent_min_runs: int = 20
     """Fewer runs than this in the window: no rate is claimed."""
+    confirm_epsilon: float = 1e-6
+    """A burst confirms DOWN only when a target failing at its own recent rate (before this streak)
+    would produce the whole run of failures with at most this chance: p_prior ** failures <= epsilon.
+    A clean target (p_prior 0) is DOWN at once; a journey failing 67% of its runs needs ~35 failures
+    in a row, so intermittent failure is a DEGRADED verdict, not a failover."""
 
 
 @dataclass(frozen=True)
@@ -182,7 +188,7 @@ def confirm(state: ProbeState, burst: list[ProbeResult], rules: Rules) -> ProbeS
     if state.status is not Health.SUSPECT or not burst:
         return state
     last = burst[-1]
-    if all(outcome(b) == "failed" for b in burst):
+    if all(outcome(b) == "failed" for b in burst) and not explained_by_flakiness(state, len(burst), rules):
         changed_at, changes = _move(state, Health.DOWN, last.started_at, rules)
         return replace(
             state,
@@ -192,6 +198,11 @@ def confirm(state: ProbeState, burst: list[ProbeResult], rules: Rules) -> ProbeS
             changes=changes,
             last=last,
         )
+    if all(outcome(b) == "failed" for b in burst):
+        # Every run failed, but this target fails often enough anyway that the streak proves nothing
+        # yet: it stays SUSPECT (the intermittent rule reports it as DEGRADED), and the next failed
+        # run starts another burst, each adding to the streak until it is beyond chance.
+        return replace(state, failures=state.failures + len(burst), last=last)
     # Not confirmed: back to UP and a fresh streak; the failures that made it suspect are forgiven.
     changed_at, changes = _move(state, Health.UP, last.started_at, rules)
     return replace(
@@ -205,6 +216,37 @@ def confirm(state: ProbeState, burst: list[ProbeResult], rules: Rules) -> ProbeS
         last=last,
         recent=tuple(False for _ in state.recent),
     )
+
+
+PRIOR_RUNS = 20
+"""The target's own failure rate is estimated over this many runs just before the current streak:
+recent enough to see flakiness that began minutes ago, not diluted by an hour of clean runs."""
+PRIOR_MIN_PASSES = 3
+PRIOR_UNKNOWN = 0.5
+"""The rate assumed with fewer than PRIOR_MIN_PASSES passes of history (right after a start): unknown
+is neither up nor down, so a fresh controller wants about 20 failures in a row (0.5**20 < 1e-6)
+before it calls DOWN, two or three more intervals than one with a clean history."""
+
+
+def prior_rate(state: ProbeState) -> float:
+    """How often a pass of this probe was followed by a failure, over its last PRIOR_RUNS runs before
+    the current failing streak. For independent failures at rate p that is p; an earlier hard outage
+    (one long run of failures) counts once, not once per failed run, so it does not pass for flakiness.
+    """
+    start = state.first_failure_at
+    before = [failed for at, failed in state.runs if start is None or at < start][-PRIOR_RUNS:]
+    pairs = list(itertools.pairwise(before))
+    after_pass = [nxt for prev, nxt in pairs if not prev]
+    if len(after_pass) < PRIOR_MIN_PASSES:
+        return PRIOR_UNKNOWN
+    return sum(after_pass) / len(after_pass)
+
+
+def explained_by_flakiness(state: ProbeState, burst_failures: int, rules: Rules) -> bool:
+    """True when the target's own recent failure rate makes this many failures in a row a likely
+    chance event (p ** n > confirm_epsilon): not yet evidence of an outage."""
+    p = prior_rate(state)
+    return p > 0 and p ** (state.failures + burst_failures) > rules.confirm_epsilon
 
 
 def flapping(state: ProbeState, now: float, rules: Rules) -> bool:

@@ -30,6 +30,7 @@ from controller.detect import (
     confirm,
     flapping,
     observe,
+    prior_rate,
     service_health,
 )
 from controller.durations import format_duration
@@ -276,7 +277,11 @@ class Controller:
             new = confirm(state, burst, self.config.rules(name))
             self.vstates[name]["local"] = new
             failed = sum(1 for b in burst if not b.ok)
-            outcome = "confirmed: DOWN" if new.status is Health.DOWN else "not confirmed, back to UP"
+            outcome = {
+                Health.DOWN: "confirmed: DOWN",
+                Health.SUSPECT: f"all failed, but it failed {prior_rate(new):.0%} of its runs before this "
+                "streak: not yet beyond chance, still SUSPECT",
+            }.get(new.status, "not confirmed, back to UP")
             note = f"confirmation burst for {name}: {failed} of {len(burst)} runs failed, {outcome}"
             self.burst_notes[name] = (burst[-1].started_at, note)
             log.info(
