@@ -27,7 +27,6 @@ Why each rule exists:
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -218,28 +217,39 @@ def confirm(state: ProbeState, burst: list[ProbeResult], rules: Rules) -> ProbeS
     )
 
 
-PRIOR_RUNS = 20
+PRIOR_RUNS = 30
 """The target's own failure rate is estimated over this many runs just before the current streak:
 recent enough to see flakiness that began minutes ago, not diluted by an hour of clean runs."""
-PRIOR_MIN_PASSES = 3
+PRIOR_MIN_RUNS = 10
+PRIOR_LONG_STREAK = 8
+"""A run of this many failures or more is an earlier outage, not flakiness (at 67% random failure
+such a streak has a 6% chance): it is left out of the estimate, so a second outage soon after a
+first is confirmed as fast as the first."""
 PRIOR_UNKNOWN = 0.5
-"""The rate assumed with fewer than PRIOR_MIN_PASSES passes of history (right after a start): unknown
-is neither up nor down, so a fresh controller wants about 20 failures in a row (0.5**20 < 1e-6)
-before it calls DOWN, two or three more intervals than one with a clean history."""
+"""The rate assumed with fewer than PRIOR_MIN_RUNS runs of history (right after a start): unknown is
+neither up nor down, so a fresh controller wants about 20 failures in a row (0.5**20 < 1e-6) before
+it calls DOWN, two or three intervals more than one with a clean history."""
 
 
 def prior_rate(state: ProbeState) -> float:
-    """How often a pass of this probe was followed by a failure, over its last PRIOR_RUNS runs before
-    the current failing streak. For independent failures at rate p that is p; an earlier hard outage
-    (one long run of failures) counts once, not once per failed run, so it does not pass for flakiness.
-    """
+    """The probe's failure rate over its last PRIOR_RUNS runs before the current failing streak,
+    leaving out earlier outages (streaks of PRIOR_LONG_STREAK failures or more)."""
     start = state.first_failure_at
     before = [failed for at, failed in state.runs if start is None or at < start][-PRIOR_RUNS:]
-    pairs = list(itertools.pairwise(before))
-    after_pass = [nxt for prev, nxt in pairs if not prev]
-    if len(after_pass) < PRIOR_MIN_PASSES:
+    kept: list[bool] = []
+    streak: list[bool] = []
+    for failed in [*before, False]:  # a final pass closes the last streak
+        if failed:
+            streak.append(True)
+            continue
+        if len(streak) < PRIOR_LONG_STREAK:
+            kept += streak
+        streak = []
+        kept.append(False)
+    kept.pop()
+    if len(kept) < PRIOR_MIN_RUNS:
         return PRIOR_UNKNOWN
-    return sum(after_pass) / len(after_pass)
+    return sum(kept) / len(kept)
 
 
 def explained_by_flakiness(state: ProbeState, burst_failures: int, rules: Rules) -> bool:

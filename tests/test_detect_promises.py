@@ -22,7 +22,16 @@ from controller.decide import (
     StartPlaybook,
     decide,
 )
-from controller.detect import Health, ProbeState, Rules, ServiceState, confirm, observe, service_health
+from controller.detect import (
+    Health,
+    ProbeState,
+    Rules,
+    ServiceState,
+    confirm,
+    observe,
+    prior_rate,
+    service_health,
+)
 from probes.base import ProbeResult, StepResult
 
 RULES = Rules(failure_threshold=3, success_threshold=2, confirm=False)
@@ -292,3 +301,51 @@ def test_every_name_reference_is_checked_by_validate(tmp_path: Path) -> None:
     assert cli.returncode == 2, cli.stdout + cli.stderr
     assert "detection.reference_probes[0]" in cli.stdout + cli.stderr
     assert "Traceback" not in cli.stderr
+
+
+# ------------------------------------------------------------------ the burst and the target's own rate
+
+
+def suspect_after(history: list[bool]) -> ProbeState:
+    """Fold `history` (True = pass) then three failures: the probe is SUSPECT, awaiting its burst."""
+    state = ProbeState()
+    for i, ok in enumerate([*history, False, False, False]):
+        state = observe(state, run("p", ok, 10.0 * i), rules=FLAKY)
+        if state.status is Health.SUSPECT and i < len(history):
+            state = confirm(state, [run("p", True, 10.0 * i + 1)], FLAKY)
+    assert state.status is Health.SUSPECT
+    return state
+
+
+def failed_burst(at: float, n: int = 5) -> list[ProbeResult]:
+    return [run("p", False, at + 0.25 * k) for k in range(n)]
+
+
+def test_a_clean_target_is_down_after_one_failed_burst() -> None:
+    state = suspect_after([True] * 20)
+    assert confirm(state, failed_burst(230.0), FLAKY).status is Health.DOWN
+
+
+def test_a_target_down_before_is_down_again_after_one_failed_burst() -> None:
+    """An earlier hard outage (one long run of failures) is not flakiness."""
+    state = suspect_after([True] * 10 + [False] * 8 + [True] * 4)
+    assert confirm(state, failed_burst(250.0), FLAKY).status is Health.DOWN
+
+
+def test_a_flaky_journey_needs_a_streak_beyond_its_own_chance() -> None:
+    """Failing about 2 runs in 3 at random, a burst of 5 failures is a 1-in-7 event, not an outage."""
+    rng = random.Random(11)
+    history = [rng.random() >= 0.67 for _ in range(40)]
+    state = suspect_after(history)
+    p = prior_rate(state)
+    assert 0.45 <= p <= 0.9, p  # estimated from the runs before the streak
+    at = 10.0 * (len(history) + 3)
+    state = confirm(state, failed_burst(at - 9.0), FLAKY)
+    assert state.status is Health.SUSPECT, "all five failed, but that proves nothing for this target"
+    while state.status is Health.SUSPECT:  # a real outage: every run keeps failing
+        state = observe(state, run("p", False, at), rules=FLAKY)
+        state = confirm(state, failed_burst(at + 0.1), FLAKY)
+        at += 10.0
+    assert state.status is Health.DOWN
+    assert state.failures > 8, "more than the usual 3 + 5 failures were needed"
+    assert p**state.failures <= FLAKY.confirm_epsilon < p ** (state.failures - 6)  # as soon as beyond chance
