@@ -108,8 +108,8 @@ class Observation:
     """False while any reference target fails (or has not reported): automatic actions are held."""
     references_note: str = ""
     isolated: bool = False
-    """True while `isolation_quorum` reference targets are DOWN: the controller is the one cut off;
-    its own alert pages, no incident opens and nothing runs."""
+    """True while `isolation_quorum` reference targets are DOWN (the controller is the one cut off;
+    its own alert pages) or failing and not yet confirmed: no incident opens and nothing runs."""
 
 
 def decide(obs: Observation, config: Config) -> list[Decision]:

@@ -382,6 +382,22 @@ class Controller:
         note = ", ".join(f"{r} {st.status.value}" for r, st in bad.items())
         return not bad, isolated, note
 
+    def isolation_forming(self) -> bool:
+        """True while `isolation_quorum` reference targets fail, confirmed or not: no incident opens
+        until their bursts decide, so a cut-off controller whose service probes happen to be
+        confirmed first does not page for an outage that is its own."""
+        det = self.config.detection
+        refs = det.reference_probes
+        if not refs:
+            return False
+        failing = sum(
+            1
+            for r in refs
+            if (st := self.states.get(r, ProbeState())).status in (Health.SUSPECT, Health.DOWN)
+            or (st.status is not Health.UNKNOWN and st.failures)
+        )
+        return failing >= (det.isolation_quorum or len(refs))
+
     def _failed_over(self) -> dict[str, str]:
         """Services whose failover succeeded and that have not been failed back since."""
         out: dict[str, str] = {}
@@ -497,7 +513,7 @@ class Controller:
             up_since={p: s.changed_at or now for p, s in self.states.items() if s.status is Health.UP},
             references_ok=refs_ok,
             references_note=refs_note,
-            isolated=isolated,
+            isolated=isolated or self.isolation_forming(),
         )
 
     # ------------------------------------------------------------------ decide + act
