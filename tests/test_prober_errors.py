@@ -308,3 +308,43 @@ def test_one_slow_name_holds_at_most_one_resolver_thread() -> None:
 
     calls, _ = asyncio.run(main())
     assert calls == 1
+
+
+# ------------------------------------------------------------------ a stalled event loop
+
+
+def test_a_run_failing_while_the_loop_was_blocked_is_a_loop_stall_not_the_targets() -> None:
+    """The scheduler's watchdog: a run that failed while our event loop was blocked (here the run
+    itself blocks it for 0.7 s, as a synchronous call in the loop would) is `loop_stall`; a run that
+    failed on an idle loop stays the target's failure."""
+    from probes.base import failure
+    from probes.scheduler import Scheduler
+
+    results: list[Any] = []
+
+    async def run(name: str, cfg: Any) -> Any:
+        started = time.time()
+        await asyncio.sleep(0.05)
+        if name == "stalled":
+            time.sleep(0.7)  # noqa: ASYNC251 - the point: the loop cannot run anything meanwhile
+        return failure(name, started, 0.75, "timed out: the probe's 0.5s deadline passed")
+
+    class Cfg:
+        interval = 10.0
+
+    async def once(name: str) -> Scheduler:
+        stop = asyncio.Event()
+        s = Scheduler({name: Cfg()}, run, lambda r: (results.append(r), stop.set()), quantum=0)
+        await asyncio.wait_for(s.run(stop), timeout=5)
+        return s
+
+    async def main() -> Scheduler:
+        await once("calm")  # an idle loop first, then one that is blocked during the run
+        return await once("stalled")
+
+    s = asyncio.run(main())
+    by = {r.probe: r for r in results}
+    assert by["stalled"].prober_error == "loop_stall", by["stalled"]
+    assert "event loop was blocked" in by["stalled"].error
+    assert by["calm"].prober_error is None  # a plain failure stays the target's
+    assert s.stall == 0.5
