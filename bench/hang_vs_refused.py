@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import statistics
 import tempfile
 import time
@@ -28,30 +27,39 @@ from controller.store import SQLiteStore
 PAIRS = 4
 
 
-def _refused_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+class _Region:
+    """Answers 200 until told to hang (accept, never answer) or refuse (stop listening)."""
+
+    def __init__(self) -> None:
+        self.hang = False
+        self.server: asyncio.AbstractServer | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                if self.hang:
+                    await asyncio.sleep(3600)
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+                await writer.drain()
+            except (asyncio.CancelledError, OSError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                writer.transport.abort()
+
+        self.server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
 
 
 async def _round(interval: str, timeout: str) -> dict[str, list[float]]:
-    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            await asyncio.sleep(3600)
-        except asyncio.CancelledError:
-            writer.transport.abort()  # the loop is closing: drop the held connection quietly
-
-    server = await asyncio.start_server(hold, "127.0.0.1", 0)
-    hang_port = server.sockets[0].getsockname()[1]
-    dead = _refused_port()
-    probes, names = "", []
-    for i in range(PAIRS):
-        timing = f"interval: {interval}, timeout: {timeout}"
-        probes += f'\n  refused-{i}: {{kind: http, url: "http://127.0.0.1:{dead}/{i}", {timing}}}'
-        probes += f'\n  hang-{i}: {{kind: http, url: "http://127.0.0.1:{hang_port}/{i}", {timing}}}'
-        names += [f"refused-{i}", f"hang-{i}"]
+    regions = {f"{kind}-{i}": _Region() for i in range(PAIRS) for kind in ("refused", "hang")}
+    probes = ""
+    for name, region in regions.items():
+        await region.start()
+        probes += f'\n  {name}: {{kind: http, url: "http://127.0.0.1:{region.port}/", interval: {interval}, '
+        probes += f"timeout: {timeout}}}"
+    names = list(regions)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "c.yaml"
         path.write_text(
@@ -78,6 +86,13 @@ leader: {{backend: none}}
         c.listeners.append(listen)
         await c.start()
         try:
+            # A history of passes first (10+ runs), as in production; then half refuse, half hang.
+            await asyncio.sleep(11 * parse_duration(interval) + 0.5)
+            for name, region in regions.items():
+                if name.startswith("refused") and region.server is not None:
+                    region.server.close()
+                else:
+                    region.hang = True
             await asyncio.wait_for(everything.wait(), timeout=120)
             out: dict[str, list[float]] = {"refused": [], "hang": []}
             for p, at in down.items():
@@ -88,7 +103,9 @@ leader: {{backend: none}}
         finally:
             await c.stop()
             c.store.close()
-            server.close()
+            for region in regions.values():
+                if region.server is not None:
+                    region.server.close()
 
 
 def main() -> None:

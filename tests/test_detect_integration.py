@@ -328,29 +328,47 @@ def test_a_full_disk_delays_the_page_and_never_ends_paging(tmp_path: Path) -> No
 # ------------------------------------------------------------------ hang vs refused
 
 
-async def hanging_server() -> tuple[asyncio.AbstractServer, int]:
-    """Accepts connections and never answers (a hung region)."""
-    held: list[asyncio.StreamWriter] = []
+class Region:
+    """A raw HTTP server that answers 200 until told to `hang` (accept, never answer) or `refuse`
+    (stop listening: connections are refused)."""
 
-    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held.append(writer)
-        try:
-            await asyncio.sleep(3600)
-        except asyncio.CancelledError:
-            writer.transport.abort()  # the loop is closing: drop the held connection quietly
+    def __init__(self) -> None:
+        self.hang = False
+        self.server: asyncio.AbstractServer | None = None
+        self.port = 0
 
-    server = await asyncio.start_server(hold, "127.0.0.1", 0)
-    return server, server.sockets[0].getsockname()[1]
+    async def start(self) -> None:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                if self.hang:
+                    await asyncio.sleep(3600)
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+                await writer.drain()
+            except (asyncio.CancelledError, OSError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                writer.transport.abort()
+
+        self.server = await asyncio.start_server(handle, "127.0.0.1", self.port)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    def refuse(self) -> None:
+        assert self.server is not None
+        self.server.close()
 
 
 def test_a_hang_is_declared_down_within_one_and_a_half_times_a_refusal(tmp_path: Path) -> None:
     """Issue 10: a hanging region took 26 s where a refused one took 3.4 s, because the burst's
-    runs waited for each other's timeouts. Detection time here is from the start of the first failed
-    run to the DOWN verdict, so the probes' phases do not matter."""
+    runs waited for each other's timeouts. Both regions answer first (a history of passes, as in
+    production), then one refuses and one hangs; detection time is from the start of the first
+    failed run to the DOWN verdict, so the probes' phases do not matter."""
 
     async def main() -> None:
         async with environment(tmp_path) as env:
-            server, hang_port = await hanging_server()
+            refusing, hanging = Region(), Region()
+            await refusing.start()
+            await hanging.start()
             services = """
   a:
     tier: critical
@@ -360,9 +378,10 @@ def test_a_hang_is_declared_down_within_one_and_a_half_times_a_refusal(tmp_path:
     tier: critical
     rto: 5m
     probes: [hang]"""
+            timing = "interval: 500ms, timeout: 200ms"
             probes = f"""
-  refused: {{kind: tcp, host: 127.0.0.1, port: {refused_port()}, interval: 1s, timeout: 400ms}}
-  hang: {{kind: http, url: "http://127.0.0.1:{hang_port}/", interval: 1s, timeout: 400ms}}"""
+  refused: {{kind: http, url: "http://127.0.0.1:{refusing.port}/", {timing}}}
+  hang: {{kind: http, url: "http://127.0.0.1:{hanging.port}/", {timing}}}"""
             cfg = env.config(probes, services, confirm="{probes: 5, spacing: 100ms}")
             c = make(cfg)
             down_at: dict[str, float] = {}
@@ -374,18 +393,26 @@ def test_a_hang_is_declared_down_within_one_and_a_half_times_a_refusal(tmp_path:
             c.listeners.append(listen)
             await c.start()
             try:
+                await until(
+                    lambda: all(len(c.states[p].runs) >= 11 for p in ("refused", "hang")), what="history"
+                )
+                assert all(c.probe_healthy(p) for p in ("refused", "hang"))
+                refusing.refuse()
+                hanging.hang = True
                 await until(lambda: len(down_at) == 2, timeout=20.0, what="both down")
                 took = {p: down_at[p] - c.states[p].first_failure_at for p in down_at}
                 print(f"\nfirst failed run to DOWN: refused {took['refused']:.2f}s, hang {took['hang']:.2f}s")
                 # Sequential bursts took 2 intervals + timeout + 5 x (timeout + spacing) for the hang
-                # (about 4.8 s here) against 2.4 s refused: 2x. Overlapping runs: about 3.2 s.
-                assert took["hang"] <= 1.5 * took["refused"] + 0.3, took
+                # (about 2.7 s here) against 1.4 s refused: 1.9x. Overlapping runs: about 1.8 s.
+                assert took["hang"] <= 1.5 * took["refused"] + 0.15, took
                 burst_notes = [n for _, n in c.burst_notes.values()]
                 assert any("hang" in n and "confirmed: DOWN" in n for n in burst_notes), burst_notes
             finally:
                 await c.stop()
                 c.store.close()
-                server.close()
+                for region in (refusing, hanging):
+                    if region.server is not None:
+                        region.server.close()
 
     asyncio.run(main())
 
