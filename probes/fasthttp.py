@@ -267,7 +267,14 @@ async def run_fast(
         left = max(cfg.timeout - took, 0.001)
         result = await run_journey(name, cfg.journey(name), cfg.vars, left)
         return ProbeResult(
-            name, result.ok, started_at, time.perf_counter() - t0, result.steps, result.error, result.vantage
+            name,
+            result.ok,
+            started_at,
+            time.perf_counter() - t0,
+            result.steps,
+            result.error,
+            result.vantage,
+            prober_error=result.prober_error,
         )
     body = b"".join(resp.body)
     encoding = next((v for k, v in resp.headers.items() if k.lower() == "content-encoding"), "")
