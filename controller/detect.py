@@ -217,18 +217,18 @@ def confirm(state: ProbeState, burst: list[ProbeResult], rules: Rules) -> ProbeS
     )
 
 
-PRIOR_RUNS = 30
+PRIOR_RUNS = 15
 """The target's own failure rate is estimated over this many runs just before the current streak:
 recent enough to see flakiness that began minutes ago, not diluted by an hour of clean runs."""
-PRIOR_MIN_RUNS = 10
+PRIOR_MIN_RUNS = 5
 PRIOR_LONG_STREAK = 8
 """A run of this many failures or more is an earlier outage, not flakiness (at 67% random failure
 such a streak has a 6% chance): it is left out of the estimate, so a second outage soon after a
 first is confirmed as fast as the first."""
-PRIOR_UNKNOWN = 0.5
-"""The rate assumed with fewer than PRIOR_MIN_RUNS runs of history (right after a start): unknown is
-neither up nor down, so a fresh controller wants about 20 failures in a row (0.5**20 < 1e-6) before
-it calls DOWN, two or three intervals more than one with a clean history."""
+PRIOR_UNKNOWN = 0.0
+"""The rate assumed with fewer than PRIOR_MIN_RUNS runs of history (right after a start): none, so a
+restarted controller confirms an outage as fast as before; a target already flaky at start has only
+the burst itself (p ** 8) against a false DOWN until its history holds PRIOR_MIN_RUNS runs."""
 
 
 def prior_rate(state: ProbeState) -> float:
