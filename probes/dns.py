@@ -26,7 +26,7 @@ import dns.rdatatype
 import dns.resolver
 from pydantic import Field, field_validator
 
-from probes.base import Check, Comparison, ProbeResult, Strict, latency_check, single_step
+from probes.base import Check, Comparison, ProbeResult, Strict, latency_check, prober_error_of, single_step
 from probes.http import ProbeCommon
 from probes.tcp import describe_os_error
 
@@ -179,7 +179,7 @@ async def run(name: str, cfg: DnsProbe) -> ProbeResult:
         msg = describe_os_error(exc, host, port)
         if isinstance(exc, ConnectionRefusedError):
             msg = f"connection refused by {where} (no DNS server on that port?)"
-        return single_step(name, started_at, t0, request, error=msg)
+        return single_step(name, started_at, t0, request, error=msg, prober_error=prober_error_of(exc))
     except dns.exception.DNSException as exc:
         return single_step(name, started_at, t0, request, error=f"bad answer from {where}: {exc}")
     took = time.perf_counter() - t0

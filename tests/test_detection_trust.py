@@ -500,8 +500,8 @@ def test_isolation_holds_every_failover_and_pages_once(tmp_path: Path) -> None:
                 assert c.store.runs() == [], "no failover while the controller may be the one cut off"
                 assert c.store.list_incidents() == [], "no incident while the references fail"
                 held = [x for x in decide(c.observation(), c.config) if isinstance(x, Hold)]
-                assert [h.key for h in held] == ["references"]
-                assert "reference targets are failing" in held[0].reason
+                assert [h.key for h in held] == ["isolated"]
+                assert "the controller is isolated" in held[0].reason
                 assert metric(c, "continuity_isolated") == 1
                 [alert] = env.triggers()
                 assert "isolated" in alert["payload"]["summary"]
@@ -658,6 +658,7 @@ def test_maintenance_window_silences_then_the_incident_opens(tmp_path: Path) -> 
             assert "db upgrade" in out[0].reason
             assert metric(c, "continuity_silenced", service="checkout") == 1
             now[0] = (t0 + timedelta(minutes=2)).timestamp()  # the window's end is exclusive
+            c.ingest(fake("web", False, now[0]))  # a fresh result: a stale one is unknown, not down
             out = await c.reconcile()
             assert [type(x) for x in out] == [OpenIncident, StartPlaybook]
             assert metric(c, "continuity_silenced", service="checkout") == 0
@@ -690,6 +691,7 @@ def test_a_silence_flag_holds_until_it_expires(tmp_path: Path) -> None:
             await c.reconcile()
             assert c.store.list_incidents() == []
             now[0] = until_at + 1
+            c.ingest(fake("web", False, now[0]))  # a fresh result: a stale one is unknown, not down
             out = await c.reconcile()
             assert [type(x) for x in out] == [OpenIncident, StartPlaybook]
             assert metric(c, "continuity_silenced", service="checkout") == 0
