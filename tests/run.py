@@ -13,6 +13,7 @@ take the same path. It does three things, in order, and stops at the first that 
 3. `python -m pytest` with any arguments given here.
 
 `--no-install` skips step 2 for a quick rerun; `--check` only reports what step 1 would do.
+CONTINUITY_NO_APT=1 makes a root user get the list and the command instead of an apt-get run.
 """
 
 from __future__ import annotations
@@ -62,7 +63,9 @@ def missing_packages() -> list[DebianPackage]:
 
 
 def can_apt_install() -> bool:
-    """apt-get works here without asking anyone: we are root and it exists."""
+    """apt-get works here without asking anyone: we are root, it exists, and CONTINUITY_NO_APT is unset."""
+    if os.environ.get("CONTINUITY_NO_APT"):
+        return False
     return os.geteuid() == 0 and shutil.which("apt-get") is not None
 
 
@@ -71,7 +74,9 @@ def explain_missing(missing: list[DebianPackage]) -> str:
     lines = ["The tests drive these Debian packages, which are not installed:"]
     lines += [f"  {p.name:<24} ({p.program} not found): {p.why}" for p in missing]
     lines.append("Install them, then run this command again:")
-    lines.append("  sudo apt-get install -y --no-install-recommends " + " ".join(p.name for p in missing))
+    sudo = "" if os.geteuid() == 0 else "sudo "
+    names = " ".join(p.name for p in missing)
+    lines.append(f"  {sudo}apt-get update && {sudo}apt-get install -y --no-install-recommends {names}")
     return "\n".join(lines)
 
 
