@@ -25,6 +25,7 @@ import datetime
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -128,7 +129,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
     build_s = time.monotonic() - started
     inspect = json.loads(buildah("inspect", "--type", "image", IMAGE))
     images = json.loads(buildah("images", "--json", IMAGE))
-    size_mb = images[0]["size"] / 1e6
+    size_mb = _megabytes(images[0]["size"])
     print(
         f"\nimage: built in {build_s:.0f} s on the Debian base (mmdebstrap {base_s:.0f} s), {size_mb:.0f} MB"
     )
@@ -148,6 +149,15 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
             check=False,
         )
     shutil.rmtree(buildah.storage, ignore_errors=True)
+
+
+def _megabytes(size: str | int) -> float:
+    """buildah reports an image's size as bytes or as text like '680 MB' (decimal units)."""
+    if isinstance(size, int):
+        return size / 1e6
+    match = re.fullmatch(r"\s*([\d.]+)\s*([kMG]?B)\s*", size)
+    assert match, f"unexpected size {size!r}"
+    return float(match.group(1)) * {"B": 1e-6, "kB": 1e-3, "MB": 1.0, "GB": 1e3}[match.group(2)]
 
 
 @dataclass
