@@ -174,3 +174,25 @@ def test_plan_renders_with_the_packaged_templates(with_demo: Venv) -> None:
     assert f"default ({templates})" in md, "the plan must name the packaged templates"
     named = {line.split("|")[3].strip() for line in md.splitlines() if line.count("|") > 4 and ".j2" in line}
     assert named and all((templates / n).is_file() for n in named), named
+
+
+def test_report_without_the_charts_extra_says_how_to_add_the_chart(plain: Venv) -> None:
+    """No matplotlib: the post-incident report is still written, with a line naming the extra."""
+    config = plain.run("python", "-c", DEMO_DIR).stdout.strip()
+    opened = plain.run(
+        "python",
+        "-c",
+        "import time; from controller.store import SQLiteStore\n"
+        "s = SQLiteStore('state'); now = time.time()\n"
+        "print(s.open_incident('checkout', 'critical', 'checkout down', now, now - 30, {}).id)",
+    )
+    assert opened.returncode == 0, opened.stderr
+    incident = opened.stdout.strip()
+    result = plain.run(
+        "continuity", "report", incident, "-c", f"{config}/config.yaml", "--data-dir", "state", "--out", "rep"
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    written = sorted(Path(line).name for line in result.stdout.splitlines())
+    assert written == [f"{incident}.html", f"{incident}.md"], written
+    md = (plain.work / "rep" / f"{incident}.md").read_text(encoding="utf-8")
+    assert "pip install 'continuity[charts]'" in md
