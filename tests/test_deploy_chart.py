@@ -752,7 +752,7 @@ def test_dashboard_queries_use_known_metrics() -> None:
     assert any("histogram_quantile(0.99," in q for q in quantiles)
 
 
-# ---------------------------------------------------------------- Dockerfile (static: no engine here)
+# ------------------------------------------- Dockerfile (static here; tests/test_image.py builds and runs it)
 
 
 def test_dockerfile_static() -> None:
