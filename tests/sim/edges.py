@@ -49,7 +49,9 @@ def _region_of(host: str, world: World, t: float) -> str | None:
     for region in REGION_IP:
         if host.startswith(region + ".") or f".{region}." in host:
             return region
-    return None  # reference targets: no region fault reaches them
+    if host.startswith("ref-"):
+        return host.removesuffix(".sim")  # a reference target is its own "region": ref-a, ref-b
+    return None
 
 
 class SimProber:
@@ -59,7 +61,8 @@ class SimProber:
         self.world = world
         self.clock = clock
         self.vantage = vantage
-        self.rng = random.Random(world.seed * 7919 + hash(vantage) % 1000)
+        self.rng = random.Random(world.seed * 7919 + sum(map(ord, vantage)))
+        self._journeys: dict[str, Any] = {}
 
     def _result(self, name: str, ok: bool, start: float, latency: float, **kw: Any) -> ProbeResult:
         prober_error = kw.pop("prober_error", None)
@@ -93,7 +96,9 @@ class SimProber:
         if cut:
             await asyncio.sleep(timeout)
             return self._result(name, False, start, timeout, error=f"timed out after {timeout:g}s")
-        steps = cfg.journey(name)
+        steps = self._journeys.get(name)
+        if steps is None:
+            steps = self._journeys[name] = cfg.journey(name)
         out: list[StepResult] = []
         total = 0.0
         failed = False

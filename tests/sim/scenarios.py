@@ -14,8 +14,8 @@ from typing import Any
 from controller.config import Config, Detection
 from tests.sim.world import Event, Fault
 
-SETTLE = 600.0
-"""The last 10 simulated minutes of every scenario are fault-free: queued messages must get out."""
+SETTLE = 500.0
+"""The last 500 simulated seconds of every scenario are fault-free: queued messages must get out."""
 
 HAS_INTERMITTENT = "intermittent" in Detection.model_fields
 
@@ -35,6 +35,9 @@ class Scenario:
     http_step: bool = False
     http_timeout: float = 30.0
     """The http step's own `timeout` (its request deadline) and its step timeout."""
+    playbook: bool = True
+    """False: checkout has no failover playbook (the incident stays open while the outage lasts)."""
+    cooldown: float = 1800.0
     tick: float = 5.0
     """The reconcile period (production default 1 s; a verdict change reconciles at once anyway)."""
     faults: list[Fault] = field(default_factory=list)
@@ -85,8 +88,8 @@ def config(s: Scenario) -> Config:
     }
     detection: dict[str, Any] = {}
     if s.references:
-        probes["ref-a"] = {"kind": "http", "url": "http://ref-a.sim/", "interval": "10s"}
-        probes["ref-b"] = {"kind": "http", "url": "http://ref-b.sim/", "interval": "10s"}
+        probes["ref-a"] = {"kind": "http", "url": "http://ref-a.sim/", "interval": "20s"}
+        probes["ref-b"] = {"kind": "http", "url": "http://ref-b.sim/", "interval": "20s"}
         detection["reference_probes"] = ["ref-a", "ref-b"]
     if s.agents:
         detection["quorum"] = 2
@@ -134,13 +137,17 @@ def config(s: Scenario) -> Config:
         },
         "catalog": {"tier": "important", "rto": "30m", "probes": ["catalog-api"]},
     }
-    playbooks: dict[str, Any] = {"region-failover": {"steps": forward, "approval": "auto"}}
+    playbooks: dict[str, Any] = {
+        "region-failover": {"steps": forward, "approval": "auto", "cooldown": f"{s.cooldown:g}s"}
+    }
+    if not s.playbook:
+        del services["checkout"]["playbook"]
     if s.failback:
         playbooks["region-failback"] = {"steps": back, "approval": "auto"}
         services["checkout"]["failback"] = {
             "playbook": "region-failback",
             "healthy_probes": ["eu-direct"],
-            "healthy_for": "10m",
+            "healthy_for": "5m",
             "approval": "auto",
         }
     return Config.model_validate(
@@ -180,14 +187,14 @@ FAULT_WEIGHTS = {
 def generate(seed: int, *, duration: float | None = None) -> Scenario:
     """A random scenario from a seed: a few faults and events, then a quiet end to settle."""
     rng = random.Random(seed)
-    dur = duration or rng.choice((1800.0, 2400.0))
+    dur = duration or (900.0 if seed % 25 == 3 else rng.choice((1200.0, 1500.0)))
     s = Scenario(
         seed=seed,
         duration=dur,
-        store="kube" if seed % 8 == 3 else "sqlite",
-        replicas=2 if rng.random() < 0.25 else 1,
+        store="kube" if seed % 25 == 3 else "sqlite",
+        replicas=2 if rng.random() < 0.15 else 1,
         references=rng.random() < 0.5,
-        agents=rng.random() < 0.2,
+        agents=rng.random() < 0.1,
         failback=rng.random() < 0.5,
         db_step=rng.random() < 0.4,
         http_step=rng.random() < 0.3,
@@ -198,7 +205,7 @@ def generate(seed: int, *, duration: float | None = None) -> Scenario:
     for _ in range(rng.randint(1, 4)):
         kind = rng.choices(kinds, weights)[0]
         start = rng.uniform(120.0, last - 60.0)
-        length = rng.uniform(15.0, 60.0) if rng.random() < 0.3 else rng.uniform(120.0, 600.0)
+        length = rng.uniform(15.0, 60.0) if rng.random() < 0.3 else rng.uniform(120.0, 400.0)
         end = min(start + length, last)
         region = "us" if rng.random() < 0.2 else "eu"
         if kind in ("emfile", "resolver", "isolation"):
@@ -228,14 +235,14 @@ def generate(seed: int, *, duration: float | None = None) -> Scenario:
         a, b = window(5.0, 40.0)
         s.events.append(Event("store_error", a, b))
     if rng.random() < 0.4:
-        a, b = window(30.0, 600.0)
+        a, b = window(30.0, 400.0)
         s.events.append(Event("receiver_down", a, b, target=rng.choice(("pagerduty", "slack"))))
     if rng.random() < 0.4:
-        a, b = window(60.0, 600.0)
+        a, b = window(60.0, 400.0)
         mode = rng.choice(("throttle", "fail", "slow", "timeout_after"))
         s.events.append(Event("aws", a, b, target=mode, value=rng.uniform(5.0, 40.0) if mode == "slow" else 0.0))
     if s.http_step and rng.random() < 0.5:
-        a, b = window(60.0, 900.0)
+        a, b = window(60.0, 400.0)
         s.events.append(Event("hook_slow", a, b, value=rng.choice((2.0, 8.0, 45.0))))
     if rng.random() < 0.1:
         s.events.append(Event("loop_stall", rng.uniform(60.0, last), value=rng.uniform(1.0, 8.0)))
