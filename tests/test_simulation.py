@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 
-import pytest
-
-from tests.sim.runner import run
-from tests.sim.scenarios import generate
+from tests.sim.runner import run_many
 
 FIRST_SEED = 1
 
@@ -27,23 +25,20 @@ def _count() -> int:
 def test_seeded_scenarios_keep_every_promise(sim_seed: int | None) -> None:
     seeds = [sim_seed] if sim_seed is not None else list(range(FIRST_SEED, FIRST_SEED + _count()))
     wall = time.perf_counter()
-    simulated = 0.0
-    kube = 0
-    failures: list[str] = []
-    skipped: set[str] = set()
-    for seed in seeds:
-        out = run(generate(seed))
-        simulated += out.simulated
-        kube += out.scenario.store == "kube"
-        skipped.update(out.skipped)
-        if out.violations:
-            failures.append(out.report())
+    results = run_many(seeds)
     wall = time.perf_counter() - wall
+    simulated = sum(r.simulated for r in results)
+    kube = sum(r.store == "kube" for r in results)
+    failures = [r.report for r in results if r.violations]
+    skipped = {name for r in results for name in r.skipped}
+    counts = Counter(name for r in results for name in r.invariants)
     print(
         f"\nsimulation: {len(seeds)} scenarios ({kube} on the Kubernetes store), "
         f"{simulated / 3600:.1f} simulated hours, {wall:.1f}s wall, {len(failures)} failing"
         + (f"; not checked: {', '.join(sorted(skipped))}" if skipped else "")
     )
+    for name, n in counts.most_common():
+        print(f"  {name}: broken in {n} scenario(s)")
     assert not failures, f"{len(failures)} of {len(seeds)} scenarios broke a promise:\n\n" + "\n\n".join(
         failures[:20]
     )

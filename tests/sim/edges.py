@@ -106,7 +106,9 @@ class SimProber:
         for step in steps:
             host = urlsplit(step.url).hostname or ""
             region = _region_of(host, w, t)
-            faults = w.active(("refused", "hang", "http5xx", "slow", "flaky", "step"), t, region) if region else []
+            faults = (
+                w.active(("refused", "hang", "http5xx", "slow", "flaky", "step"), t, region) if region else []
+            )
             kinds = {f.kind: f for f in faults}
             req = f"GET {step.url}"
             if "refused" in kinds:
@@ -129,7 +131,9 @@ class SimProber:
             )
             if broken:
                 out.append(
-                    StepResult(step.name, False, lat, error="expected status 200, found 503", request=req, status=503)
+                    StepResult(
+                        step.name, False, lat, error="expected status 200, found 503", request=req, status=503
+                    )
                 )
                 failed = True
                 break
@@ -165,7 +169,10 @@ class SimProber:
 
 def _client_error(code: str, status: int, op: str) -> ClientError:
     return ClientError(
-        {"Error": {"Code": code, "Message": f"simulated {code}"}, "ResponseMetadata": {"HTTPStatusCode": status}},
+        {
+            "Error": {"Code": code, "Message": f"simulated {code}"},
+            "ResponseMetadata": {"HTTPStatusCode": status},
+        },
         op,
     )
 
@@ -220,11 +227,11 @@ class _SimClient:
 
 
 class SimRoute53(_SimClient):
-    def list_hosted_zones_by_name(self, DNSName: str, **_: Any) -> dict[str, Any]:  # noqa: N803
+    def list_hosted_zones_by_name(self, DNSName: str, **_: Any) -> dict[str, Any]:
         self._enter("ListHostedZonesByName", False)
         return {"HostedZones": [{"Id": "/hostedzone/ZSIM", "Name": "shop.sim."}]}
 
-    def list_resource_record_sets(self, HostedZoneId: str, **_: Any) -> dict[str, Any]:  # noqa: N803
+    def list_resource_record_sets(self, HostedZoneId: str, **_: Any) -> dict[str, Any]:
         t, _mode = self._enter("ListResourceRecordSets", False)
         ip = REGION_IP[self.aws.world.serving(t)]
         return {
@@ -233,7 +240,7 @@ class SimRoute53(_SimClient):
             ]
         }
 
-    def change_resource_record_sets(self, HostedZoneId: str, ChangeBatch: dict[str, Any]) -> dict[str, Any]:  # noqa: N803
+    def change_resource_record_sets(self, HostedZoneId: str, ChangeBatch: dict[str, Any]) -> dict[str, Any]:
         w = self.aws.world
         change = ChangeBatch["Changes"][0]["ResourceRecordSet"]
         values = [r["Value"] for r in change.get("ResourceRecords", [])]
@@ -247,14 +254,14 @@ class SimRoute53(_SimClient):
         )
         return {"ChangeInfo": {"Id": f"/change/C{len(w.calls)}", "Status": "PENDING"}}
 
-    def get_change(self, Id: str) -> dict[str, Any]:  # noqa: N803
+    def get_change(self, Id: str) -> dict[str, Any]:
         self._enter("GetChange", False)
         return {"ChangeInfo": {"Id": Id, "Status": "INSYNC"}}
 
 
 class SimRds(_SimClient):
-    def describe_db_clusters(self, DBClusterIdentifier: str) -> dict[str, Any]:  # noqa: N803
-        t, _ = self._enter("DescribeDBClusters", False)
+    def describe_db_clusters(self, DBClusterIdentifier: str) -> dict[str, Any]:
+        _t, _ = self._enter("DescribeDBClusters", False)
         writer = self.aws.world.writer[-1][1]
         return {
             "DBClusters": [
@@ -262,13 +269,16 @@ class SimRds(_SimClient):
                     "DBClusterIdentifier": DBClusterIdentifier,
                     "Status": "available",
                     "DBClusterMembers": [
-                        {"DBInstanceIdentifier": f"shop-{r}", "IsClusterWriter": r == writer} for r in REGION_IP
+                        {"DBInstanceIdentifier": f"shop-{r}", "IsClusterWriter": r == writer}
+                        for r in REGION_IP
                     ],
                 }
             ]
         }
 
-    def failover_db_cluster(self, DBClusterIdentifier: str, TargetDBInstanceIdentifier: str) -> dict[str, Any]:  # noqa: N803
+    def failover_db_cluster(
+        self, DBClusterIdentifier: str, TargetDBInstanceIdentifier: str
+    ) -> dict[str, Any]:
         w = self.aws.world
         region = TargetDBInstanceIdentifier.removeprefix("shop-")
         self._mutate(
@@ -368,14 +378,32 @@ class SimHttp:
             problem = _pd_problem(body)
             if problem:
                 return _response(url, 400, {"status": "invalid event", "errors": [problem]})
-            w.deliveries.append(Call(t, actor, "notify", json.dumps(body, sort_keys=True), True, {"channel": "pagerduty", "body": body}))
+            w.deliveries.append(
+                Call(
+                    t,
+                    actor,
+                    "notify",
+                    json.dumps(body, sort_keys=True),
+                    True,
+                    {"channel": "pagerduty", "body": body},
+                )
+            )
             return _response(url, 202, {"status": "success", "dedup_key": body.get("dedup_key")})
         if host == "hooks.slack.sim":
             if w.event_active("receiver_down", t, "slack"):
                 return _response(url, 503, {"ok": False})
             if not isinstance(body, dict) or not body.get("text"):
                 return _response(url, 400, {"ok": False, "error": "no_text"})
-            w.deliveries.append(Call(t, actor, "notify", json.dumps(body, sort_keys=True), True, {"channel": "slack", "body": body}))
+            w.deliveries.append(
+                Call(
+                    t,
+                    actor,
+                    "notify",
+                    json.dumps(body, sort_keys=True),
+                    True,
+                    {"channel": "slack", "body": body},
+                )
+            )
             return _response(url, 200, {"ok": True})
         if host == "hooks.sim":
             slow = w.event_active("hook_slow", t)
@@ -383,7 +411,14 @@ class SimHttp:
             headers = {k.lower(): v for k, v in (kw.get("headers") or {}).items()}
             key = f"http {method} {url} {json.dumps(body, sort_keys=True)}"
             w.calls.append(
-                Call(t, actor, "http", key, True, {"idempotency_key": headers.get("idempotency-key"), "body": body})
+                Call(
+                    t,
+                    actor,
+                    "http",
+                    key,
+                    True,
+                    {"idempotency_key": headers.get("idempotency-key"), "body": body},
+                )
             )
             if latency > timeout:
                 self.executor.charge(timeout)

@@ -111,7 +111,7 @@ class InlineExecutor(concurrent.futures.ThreadPoolExecutor):
         try:
             result = fn(*args, **kwargs)
             exc: BaseException | None = None
-        except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine, as a thread would
+        except BaseException as e:
             result, exc = None, e
         finally:
             self.depth -= 1

@@ -10,6 +10,7 @@ its DNS record points at, so a failover really moves it. A fault is an interval 
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -152,7 +153,7 @@ class World:
         """Maximal intervals in [0, end) where `predicate(t)` holds (checked between breakpoints)."""
         pts = [p for p in self.breakpoints() if p < end] + [end]
         out: list[tuple[float, float]] = []
-        for a, b in zip(pts, pts[1:], strict=False):
+        for a, b in itertools.pairwise(pts):
             if b <= a:
                 continue
             if predicate((a + b) / 2):
