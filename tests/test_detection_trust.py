@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from aiohttp import web
 
@@ -55,6 +56,7 @@ MONTH = 30 * DAY
 # README's table from longer runs of the same functions.
 
 
+@pytest.mark.timeout(300)
 def test_five_percent_failures_open_no_incident() -> None:
     days, incidents, failovers = false_alarms(0.05, 0.25)
     print(
@@ -64,6 +66,7 @@ def test_five_percent_failures_open_no_incident() -> None:
     assert failovers == 0
 
 
+@pytest.mark.timeout(300)
 def test_twenty_percent_failures_do_not_fail_over() -> None:
     days, incidents, failovers = false_alarms(0.20, 0.25, seed=20)
     print(
@@ -72,6 +75,7 @@ def test_twenty_percent_failures_do_not_fail_over() -> None:
     assert failovers == 0, f"{failovers} false failovers in {days:g} days at 20% random failures"
 
 
+@pytest.mark.timeout(300)
 def test_a_hard_outage_opens_its_incident_within_the_bound() -> None:
     cfg = config(Scenario(seed=0))
     bound = detection_bound(cfg, "checkout-api")

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 from statistics import mean
 
+import pytest
+
 from tests.sim.runner import Outcome, run
 from tests.sim.scenarios import Scenario
 from tests.sim.world import Event, Fault
+
+pytestmark = pytest.mark.timeout(300)
 
 
 def _assert_clean(out: Outcome) -> None:
@@ -139,6 +143,7 @@ def _time_to_incident(kind: str, start: float) -> float:
     return opened[0] - start
 
 
+@pytest.mark.timeout(600)
 def test_a_hang_is_declared_down_within_one_and_a_half_times_a_refusal() -> None:
     """Invariant `hang-like-refused`: over several phases of the probe's interval, the mean time
     to open the incident for a hanging primary is at most 1.5x that for a refusing one."""

@@ -312,10 +312,10 @@ class Harness:
 
 def _forget_namespace(api: Any, namespace: str) -> None:
     """Drop a finished scenario's objects from the shared fake API server (memory stays flat)."""
-    store = getattr(api, "_objects", None) or getattr(api, "objects", None)
-    if isinstance(store, dict):
-        for key in [k for k in store if isinstance(k, tuple) and namespace in k]:
-            store.pop(key, None)
+    with api._lock:
+        for key in [k for k in api._objects if namespace in k]:
+            del api._objects[key]
+        api.requests.clear()
 
 
 async def _stop(ctrl: Controller) -> None:
