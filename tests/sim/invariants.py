@@ -15,7 +15,7 @@ from tests.sim.world import HARD, PROBER_FAULTS, World
 
 STALL_BOUND = 5.0
 """The control loop never stalls longer than this (seconds), outside stalls the world injected."""
-SETTLE_GRACE = 500.0
+SETTLE_GRACE = 450.0
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,9 @@ def check(out: Any) -> tuple[list[Violation], list[str]]:
                 )
         if region in ("us", "eu"):
             for f in w.faults:
-                if f.kind in HARD and f.region == region and f.start + api_bound + 10 <= call.t < f.end:
+                # only faults the guard's direct probe can see (a broken journey step is invisible to it)
+                visible = f.kind in ("refused", "hang", "http5xx")
+                if visible and f.region == region and f.start + api_bound + 10 <= call.t < f.end:
                     add(
                         "never-into-down-region",
                         call.t,
@@ -138,12 +140,22 @@ def check(out: Any) -> tuple[list[Violation], list[str]]:
         return merged
 
     def bound_for(service: str, a: float, b: float) -> float:
-        if service == "catalog":
-            return catalog_bound
-        api_sees = any(
-            f.kind in ("refused", "hang", "http5xx") and _overlaps(f.start, f.end, a, b) for f in w.faults
-        )
-        return api_bound if api_sees else journey_bound
+        """How long after `a` the incident may open: the earliest fault in [a, b) on the region
+        serving the service, plus the detection bound of the probe that sees that kind of fault."""
+        best: float | None = None
+        for f in w.faults:
+            if f.kind not in HARD or not _overlaps(f.start, f.end, a, b):
+                continue
+            start = max(f.start, a)
+            region = w.serving(start) if service == "checkout" else "eu"
+            if f.region != region or (service == "catalog" and f.kind == "step"):
+                continue
+            if service == "catalog":
+                bound = catalog_bound
+            else:
+                bound = journey_bound if f.kind == "step" else api_bound
+            best = start + bound if best is None else min(best, start + bound)
+        return (best - a) if best is not None else journey_bound
 
     for service in ("checkout", "catalog"):
         mine = by_service.get(service, [])
