@@ -349,12 +349,12 @@ def check(out: Any) -> tuple[list[Violation], list[str]]:
     else:
         spec = getattr(cfg.detection, "intermittent", None)
         rate = float(getattr(spec, "rate", 0.3))
-        window = float(getattr(spec, "window", 300.0))
+        window = float(getattr(spec, "window", 180.0))
         for f in w.faults:
             if f.kind != "flaky" or f.region != "eu":
                 continue
             journey_rate = 1 - (1 - f.rate) ** 3
-            if journey_rate < rate + 0.1 or f.end - f.start < window + journey_bound + 120:
+            if journey_rate < rate + 0.1 or f.end - f.start < window + journey_bound + 30:
                 continue
             if any(_overlaps(g.start, g.end, f.start, f.end) for g in w.faults if g is not f):
                 continue

@@ -109,7 +109,7 @@ def config(s: Scenario) -> Config:
     if s.agents:
         detection["quorum"] = 2
     if HAS_INTERMITTENT:
-        detection["intermittent"] = {"window": "5m", "rate": 0.3, "min_runs": 6}
+        detection["intermittent"] = {"window": "3m", "rate": 0.3, "min_runs": 6}
 
     def switch(region_ip: str, guard: str) -> dict[str, Any]:
         return {
@@ -235,7 +235,8 @@ def generate(seed: int, *, duration: float | None = None) -> Scenario:
             s.faults.append(Fault(kind, start, end))
         elif kind == "vantage":
             s.faults.append(Fault(kind, start, end, step=rng.choice(("agent-a", "agent-b"))))
-        elif kind == "flaky":
+        elif kind == "flaky":  # long enough, often, for the intermittent window to judge it
+            end = min(start + rng.uniform(200.0, 450.0), last)
             s.faults.append(Fault(kind, start, end, region, rate=rng.choice((0.05, 0.2, 0.35, 0.6))))
         elif kind == "step":
             s.faults.append(Fault(kind, start, end, region, step=rng.choice(("cart", "pay"))))
