@@ -36,13 +36,17 @@ def test_seeded_scenarios_keep_every_promise(sim_seed: int | None) -> None:
     failures = [r.report for r in results if r.violations]
     skipped = {name for r in results for name in r.skipped}
     counts = Counter(name for r in results for name in r.invariants)
+    seeds_of: dict[str, list[int]] = {}
+    for r in results:
+        for name in r.invariants:
+            seeds_of.setdefault(name, []).append(r.seed)
     print(
         f"\nsimulation: {len(seeds)} scenarios ({kube} on the Kubernetes store), "
         f"{simulated / 3600:.1f} simulated hours, {wall:.1f}s wall, {len(failures)} failing"
         + (f"; not checked: {', '.join(sorted(skipped))}" if skipped else "")
     )
     for name, n in counts.most_common():
-        print(f"  {name}: broken in {n} scenario(s)")
+        print(f"  {name}: broken in {n} scenario(s), seeds {seeds_of[name][:12]}")
     assert not failures, f"{len(failures)} of {len(seeds)} scenarios broke a promise:\n\n" + "\n\n".join(
         failures[:20]
     )
