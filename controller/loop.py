@@ -71,8 +71,11 @@ class Controller:
         aws: Callable[[str], Any] | None = None,
         env: Callable[[str], str] = resolve_secret,
         elector: Elector | None = None,
+        prober: Callable[[str, Any], Awaitable[ProbeResult]] = run_probe,
     ) -> None:
         self.config = config
+        self.prober = prober
+        """Runs one polled probe (the network edge): the simulation (tests/sim) passes its world's."""
         self.elector = elector
         self._elector_stop = asyncio.Event()
         self.store = store
@@ -300,7 +303,7 @@ class Controller:
         """Run a probe once: polled kinds go out on the network, passive ones read pushed signals."""
         if cfg.kind in PASSIVE_KINDS:
             return passive.evaluate(name, cfg, self.signals, self.clock())
-        return await run_probe(name, cfg)
+        return await self.prober(name, cfg)
 
     def heartbeat(self, name: str) -> None:
         now = self.clock()
