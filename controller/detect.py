@@ -27,6 +27,7 @@ Why each rule exists:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -226,9 +227,12 @@ PRIOR_LONG_STREAK = 8
 such a streak has a 6% chance): it is left out of the estimate, so a second outage soon after a
 first is confirmed as fast as the first."""
 PRIOR_UNKNOWN = 0.0
-"""The rate assumed with fewer than PRIOR_MIN_RUNS runs of history (right after a start): none, so a
-restarted controller confirms an outage as fast as before; a target already flaky at start has only
-the burst itself (p ** 8) against a false DOWN until its history holds PRIOR_MIN_RUNS runs."""
+"""The rate assumed with fewer than PRIOR_MIN_RUNS runs of history, none of them failed (right after a
+start): none, so a restarted controller confirms an outage as fast as before. Any failure in a short
+history counts, through the upper end of its Wilson interval, so flakiness that began a minute ago
+already raises the bar."""
+PRIOR_Z = 1.0
+"""How far above the observed failure rate the prior is taken (Wilson score, upper end)."""
 
 
 def prior_rate(state: ProbeState) -> float:
@@ -247,9 +251,21 @@ def prior_rate(state: ProbeState) -> float:
         streak = []
         kept.append(False)
     kept.pop()
-    if len(kept) < PRIOR_MIN_RUNS:
-        return PRIOR_UNKNOWN
-    return sum(kept) / len(kept)
+    failed, n = sum(kept), len(kept)
+    if not failed:
+        # A clean history, or none yet (right after a start): the burst alone decides, as it
+        # always has, so a target that is down at start-up is still declared DOWN.
+        return PRIOR_UNKNOWN if n < PRIOR_MIN_RUNS else 0.0
+    # A few runs say little about a rate: 2 failures in 6 runs is as likely from a 59%-failing
+    # journey as from a 33% one. Take the upper end of the Wilson score interval (z = 1), so a small
+    # sample errs towards "this could be flakiness" and a flaky target is never confirmed DOWN by a
+    # streak its own failure rate explains (simulation seed 109: 26% of requests failing, a
+    # three-step journey failing 59% of runs, was failed over with the plain estimate).
+    z2 = PRIOR_Z * PRIOR_Z
+    rate = failed / n
+    centre = rate + z2 / (2 * n)
+    spread = PRIOR_Z * math.sqrt(rate * (1 - rate) / n + z2 / (4 * n * n))
+    return min(1.0, (centre + spread) / (1 + z2 / n))
 
 
 def explained_by_flakiness(state: ProbeState, burst_failures: int, rules: Rules) -> bool:

@@ -130,6 +130,7 @@ class Controller:
             first_retry=config.controller.outbox_retry,
         )
         self.dispatcher.may_send = self.may_act
+        self.dispatcher.on_error = self.metrics.task_restarts.labels("outbox").inc
         self._recover_from_restart()
         from controller.comms.communicator import attach
 
