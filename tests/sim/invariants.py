@@ -14,6 +14,11 @@ from typing import Any
 from tests.sim.world import HARD, PROBER_FAULTS, World
 
 STALL_BOUND = 5.0
+FLAKY_BOUND = 0.35
+"""The documented bound (README, "False alarms, measured"): requests failing at random at up to this
+rate never fail a region over (a three-step journey then fails up to 73% of its runs; it opens a
+moderate incident stating the rate). Above it (the simulation draws 60%: 94% of journeys fail) the
+region is as good as down, and a failover is allowed, not required."""
 """The control loop never stalls longer than this (seconds), outside stalls the world injected."""
 SETTLE_GRACE = 450.0
 
@@ -73,9 +78,15 @@ def check(out: Any) -> tuple[list[Violation], list[str]]:
         return None if x is None else x - t0
 
     def hard_since(region: str, t: float, horizon: float) -> bool:
-        """A hard fault on `region` overlapping [t - horizon, t]."""
+        """A hard fault on `region` overlapping [t - horizon, t]; for the failover promise, random
+        failure above FLAKY_BOUND counts too (the README's documented bound: past it, most runs of a
+        journey fail, which no controller can tell from an outage at its onset)."""
         return any(
-            f.kind in HARD and f.region == region and f.start <= t and f.end >= t - horizon for f in w.faults
+            (f.kind in HARD or (f.kind == "flaky" and f.rate > FLAKY_BOUND))
+            and f.region == region
+            and f.start <= t
+            and f.end >= t - horizon
+            for f in w.faults
         )
 
     def downtime(a: float, b: float, bound: float) -> float:
