@@ -46,6 +46,15 @@ def detection_bound(cfg: Any, probe: str) -> float:
     )
 
 
+def sight_bound(cfg: Any, probe: str) -> float:
+    """How long a fault can exist before the controller can have seen it at all: one probe period
+    (the last run may have started just before the fault), that run's timeout, and a tick. A
+    resolve inside this bound of a fault's start is made on results that all predate the fault:
+    the controller cannot know about it, so it is not a resolve "while failing"."""
+    p = cfg.probes[probe]
+    return p.interval + p.timeout + cfg.controller.tick
+
+
 def _overlaps(a0: float, a1: float, b0: float, b1: float) -> bool:
     return a0 < b1 and b0 < a1
 
@@ -218,10 +227,17 @@ def check(out: Any) -> tuple[list[Violation], list[str]]:
         else:
             region = "eu"
         for f in w.faults:
-            if f.kind in HARD and f.region == region and f.start + 15.0 <= t < f.end:
+            if f.kind == "step" and inc.service != "checkout":
+                continue
+            # the fault can be seen first by the fastest probe of the service that notices its kind
+            seeing = [n for n in cfg.services[inc.service].probes if n in cfg.probes]
+            if f.kind == "step":
+                seeing = [n for n in seeing if cfg.probes[n].kind == "transaction"]
+            if not seeing:
+                continue
+            sight = min(sight_bound(cfg, n) for n in seeing)
+            if f.kind in HARD and f.region == region and f.start + sight <= t < f.end:
                 bad_probe = "checkout-journey" if f.kind == "step" else "the service's probes"
-                if f.kind == "step" and inc.service != "checkout":
-                    continue
                 add(
                     "no-resolve-while-failing",
                     t,
