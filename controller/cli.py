@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -34,8 +35,6 @@ DEMO_EXTRA = "pip install 'continuity[demo]'"
 
 def version() -> str:
     """The installed distribution's version: pyproject.toml is its one source of truth."""
-    import importlib.metadata  # here: ~35 ms that only --version and `doctor` need (issue 13)
-
     try:
         return importlib.metadata.version("continuity")
     except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
