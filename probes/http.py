@@ -11,6 +11,7 @@ import asyncio
 import functools
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -153,7 +154,7 @@ def _render(value: Any, ctx: dict[str, Any]) -> Any:
 
 
 @functools.cache
-def _bounded_resolver_class() -> type[aiohttp.abc.AbstractResolver]:
+def _bounded_resolver_class() -> Callable[[float], aiohttp.abc.AbstractResolver]:
     """`BoundedResolver`, defined on first use so that importing this module does not import
     aiohttp."""
     import aiohttp.abc
