@@ -214,6 +214,7 @@ async def _exchange(
         return (
             StepResult(step.name, False, took, error=f"more than {MAX_REDIRECTS} redirects", request=request),
             None,
+            None,
         )
     except TimeoutError:
         took = time.perf_counter() - start
