@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from controller import commands, remote
 from controller.loop import Controller
-from controller.store import StoreError
+from controller.stores import StoreError
 from probes import passive
 
 log = structlog.get_logger("continuity.api")

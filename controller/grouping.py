@@ -29,7 +29,7 @@ from probes.base import Strict
 if TYPE_CHECKING:
     from controller.config import Config
     from controller.decide import Observation
-    from controller.store import Store
+    from controller.stores import Store
 
 TIER_RANK = {"critical": 0, "important": 1, "supporting": 2}
 

@@ -40,7 +40,7 @@ from controller.leader import Elector
 from controller.metrics import Metrics
 from controller.notify import pagerduty
 from controller.notify.outbox import Channel, Dispatcher
-from controller.store import Incident, OutboxMessage, Store
+from controller.stores import Incident, OutboxMessage, Store
 from playbooks.actions import ActionContext
 from playbooks.engine import Engine, RunResult, render_plan
 from probes import passive

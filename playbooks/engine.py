@@ -25,7 +25,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 from controller.config import Playbook, PlaybookStep
 from controller.durations import format_duration
 from controller.metrics import Metrics
-from controller.store import Run, Store
+from controller.stores import Run, Store
 from playbooks import guards
 from playbooks.actions import ACTIONS, Action, ActionContext, ActionError, PlannedCall
 

@@ -45,7 +45,7 @@ from controller.detect import (
     service_health,
 )
 from controller.loop import Controller
-from controller.store import SQLiteStore
+from controller.stores import SQLiteStore
 from probes.base import ProbeResult
 from probes.http import HttpProbe, TransactionProbe
 from probes.runner import run_probe

@@ -18,7 +18,7 @@ from controller.drills.runner import DrillResult
 from controller.durations import DURATION_PATTERN, parse_duration
 from controller.loop import Controller
 from controller.notify import slack
-from controller.store import SQLiteStore
+from controller.stores import SQLiteStore
 from probes.base import ProbeResult
 from tests.test_cli import cli, good_config
 

@@ -24,7 +24,7 @@ from controller.durations import format_duration
 from controller.notify import email, pagerduty, slack, statuspage, teams, webhook
 from controller.notify.common import human_time
 from controller.notify.outbox import Channel
-from controller.store import Incident
+from controller.stores import Incident
 
 if TYPE_CHECKING:
     from controller.loop import Controller

@@ -14,7 +14,7 @@ from typing import Any
 from controller.drills.runner import DrillResult
 from controller.durations import format_duration
 from controller.report import Doc
-from controller.store import Store
+from controller.stores import Store
 
 MEASURES = [
     ("detect_s", "Time to detect"),

@@ -33,7 +33,7 @@ import yaml
 from controller.config import Config, PagerDuty, load_config
 from controller.drills.scenarios import BUILTIN, Scenario
 from controller.durations import format_duration
-from controller.store import Incident, SQLiteStore, Store
+from controller.stores import Incident, SQLiteStore, Store
 
 ROOT = str(Path(__file__).resolve().parents[2])
 """Where the `controller` package lives: the child processes import it from here."""

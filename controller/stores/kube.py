@@ -76,7 +76,7 @@ from kubernetes.client import ApiClient, CustomObjectsApi
 from kubernetes.client.rest import ApiException
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-from controller.store import (
+from controller.stores.model import (
     FAILOVER_STATES,
     Event,
     FailoverRecord,
