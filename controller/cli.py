@@ -735,7 +735,8 @@ def _drill_out(args: argparse.Namespace) -> Path:
 def cmd_drill(args: argparse.Namespace) -> int:
     from controller import logs
     from controller.drills import report
-    from controller.drills.runner import DrillError, run_demo_drill, run_target_drill
+    from controller.drills.drill import DrillError
+    from controller.drills.runner import run_demo_drill, run_target_drill
     from controller.drills.scenarios import BUILTIN
 
     if args.list:

@@ -21,7 +21,6 @@ from controller.comms.settings import Communications, Roles
 from controller.console_settings import ConsoleSettings, InboundSettings
 from controller.detect import Rules
 from controller.durations import Duration, format_duration, parse_duration
-from controller.grouping import Grouping
 from probes.base import Comparison, Strict
 from probes.dns import DnsProbe
 from probes.http import HttpProbe, TransactionProbe, Window
@@ -481,6 +480,21 @@ class DrillSettings(Strict):
     max_age: Duration = Field(
         default=180 * 86400.0, gt=0, description="A scenario's latest drill older than this is flagged stale."
     )
+
+
+class Grouping(Strict):
+    """`grouping:` how failures of one region's services become one incident."""
+
+    by_region: bool = Field(default=True, description="Group services that share a `region`.")
+    window: Duration = Field(
+        default=120.0, gt=0, description="Failures starting this close together are one outage."
+    )
+
+
+def display_name(name: str, svc: Service | None) -> str:
+    """How people read a service's name: its `display_name`, else the name capitalised (`order-api` ->
+    "Order api")."""
+    return (svc.display_name if svc and svc.display_name else name.replace("-", " ").capitalize()) or name
 
 
 class Config(Strict):

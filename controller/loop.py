@@ -23,6 +23,7 @@ import structlog
 from controller import decide as d
 from controller import grouping
 from controller.aws import client_factory
+from controller.comms.communicator import attach
 from controller.config import Config, resolve_secret
 from controller.detect import (
     SERVICE_STATE_VALUE,
@@ -122,8 +123,6 @@ class Controller:
         )
         self.dispatcher.may_send = self.may_act
         self._recover_from_restart()
-        from controller.comms.communicator import attach
-
         self.communicator = attach(self)
 
     # ------------------------------------------------------------------ start-up

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from controller.drills.runner import DrillResult
+from controller.drills.drill import DrillResult
 from controller.durations import format_duration
 from controller.report import Doc
 from controller.stores import Store
