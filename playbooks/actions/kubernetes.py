@@ -8,7 +8,6 @@ worth another attempt; any other 4xx (forbidden, not found, invalid) is not.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 from collections.abc import Callable
@@ -21,6 +20,7 @@ import urllib3.exceptions
 from kubernetes.client.rest import ApiException
 from pydantic import Field, model_validator
 
+from controller.executors import ACTIONS, run_in
 from playbooks.actions.base import Action, ActionContext, ActionError, PlannedCall
 from probes.base import Strict
 
@@ -132,7 +132,7 @@ class Scale(Action):
         return int(scale.spec.replicas or 0)
 
     async def check(self, ctx: ActionContext) -> bool:
-        return await asyncio.to_thread(self._current, ctx) == self.p.replicas
+        return await run_in(ACTIONS, self._current, ctx) == self.p.replicas
 
     def _apply(self, ctx: ActionContext) -> str:
         before = self._current(ctx)
@@ -154,7 +154,7 @@ class Scale(Action):
         return f"{self._what()} replicas {before} -> {scale.spec.replicas}"
 
     async def apply(self, ctx: ActionContext) -> str:
-        return await asyncio.to_thread(self._apply, ctx)
+        return await run_in(ACTIONS, self._apply, ctx)
 
 
 # ---------------------------------------------------------------- patch
@@ -255,7 +255,7 @@ class Patch(Action):
         return json.loads(resp.data)
 
     async def check(self, ctx: ActionContext) -> bool:
-        obj = await asyncio.to_thread(self._read, ctx)
+        obj = await run_in(ACTIONS, self._read, ctx)
         return not _missing(obj, self.p.patch)
 
     def _apply(self, ctx: ActionContext) -> str:
@@ -282,7 +282,7 @@ class Patch(Action):
         return f"{self._what()} patched: {changes}"
 
     async def apply(self, ctx: ActionContext) -> str:
-        return await asyncio.to_thread(self._apply, ctx)
+        return await run_in(ACTIONS, self._apply, ctx)
 
 
 # ---------------------------------------------------------------- rollout restart
@@ -357,4 +357,4 @@ class RolloutRestart(Action):
         return f"{self._what()} restarted: {RESTARTED_AT} {before} -> {now}"
 
     async def apply(self, ctx: ActionContext) -> str:
-        return await asyncio.to_thread(self._apply, ctx)
+        return await run_in(ACTIONS, self._apply, ctx)
