@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import os
 import reprlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -614,7 +614,7 @@ def _annotation_types(annotation: Any) -> Iterable[type]:
         yield from _annotation_types(arg)
 
 
-def _sentence(err: dict[str, Any]) -> str:
+def _sentence(err: Mapping[str, Any]) -> str:
     kind = err["type"]
     ctx = err.get("ctx") or {}
     value = err.get("input")
@@ -659,7 +659,7 @@ def _sentence(err: dict[str, Any]) -> str:
     return f"expected {err['msg'].lower()}, found {_found(value)}"
 
 
-def _format(errors: list[dict[str, Any]], origin: Any, prefix: tuple[Any, ...] = ()) -> list[str]:
+def _format(errors: Sequence[Mapping[str, Any]], origin: Any, prefix: tuple[Any, ...] = ()) -> list[str]:
     out = []
     for err in errors:
         loc = list(prefix) + list(err["loc"])
@@ -866,13 +866,18 @@ def load_raw(path: str | Path) -> tuple[dict[str, Any], dict[tuple[str, str], Pa
     return merged, origin
 
 
+def _mapping(value: Any) -> dict[str, Any]:
+    """A section as written when it is a mapping; anything else is pydantic's to report."""
+    return value if isinstance(value, dict) else {}
+
+
 def _cross_references(raw: dict[str, Any]) -> list[tuple[list[Any], str]]:
     """Checks pydantic cannot do alone: names that point across sections, and action parameters."""
 
     found: list[tuple[list[Any], str]] = []
-    probes = raw.get("probes") if isinstance(raw.get("probes"), dict) else {}
-    playbooks = raw.get("playbooks") if isinstance(raw.get("playbooks"), dict) else {}
-    services = raw.get("services") if isinstance(raw.get("services"), dict) else {}
+    probes = _mapping(raw.get("probes"))
+    playbooks = _mapping(raw.get("playbooks"))
+    services = _mapping(raw.get("services"))
     for sname, svc in services.items():
         if not isinstance(svc, dict):
             continue
@@ -933,7 +938,7 @@ def _check_risks(raw: dict[str, Any], services: dict[str, Any]) -> list[tuple[li
     from controller.drills.names import SCENARIOS
 
     found: list[tuple[list[Any], str]] = []
-    risks = raw.get("risks") if isinstance(raw.get("risks"), dict) else {}
+    risks = _mapping(raw.get("risks"))
     for rname, risk in risks.items():
         if not isinstance(risk, dict):
             continue

@@ -17,7 +17,7 @@ Why each rule exists:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
@@ -236,7 +236,7 @@ def service_health(
     service: str,
     probes: list[str],
     states: dict[str, ProbeState],
-    impact: dict[str, str],
+    impact: Mapping[str, str],
     flapping_probes: Iterable[str] = (),
 ) -> ServiceHealth:
     """DOWN when a probe whose impact is `down` is DOWN; DEGRADED when a probe is degraded, or an
@@ -259,8 +259,8 @@ def service_health(
         state, failing = ServiceState.UNKNOWN, []
     else:
         state, failing = ServiceState.UP, []
-    reasons = tuple((p, seen[p].last.reason if seen[p].last else "") for p in failing)
-    starts = [seen[p].first_failure_at for p in failing if seen[p].first_failure_at is not None]
+    reasons = tuple((p, last.reason if (last := seen[p].last) else "") for p in failing)
+    starts = [at for p in failing if (at := seen[p].first_failure_at) is not None]
     flapping_set = set(flapping_probes)
     flaps = tuple(p for p in probes if p in flapping_set)
     unsettled = tuple(

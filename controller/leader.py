@@ -515,6 +515,6 @@ def _reason(e: ApiException) -> str:
     """The Kubernetes Status ``reason`` (NotFound, Conflict, ...), falling back to the HTTP phrase
     when something in front of the API server answered with a non-Status body."""
     try:
-        return str(json.loads(e.body)["reason"])
+        return str(json.loads(e.body or "")["reason"])
     except (TypeError, ValueError, KeyError):
         return str(e.reason)

@@ -136,7 +136,7 @@ class Controller:
         return {
             "pagerduty": Channel(
                 "pagerduty",
-                lambda p, pd=pd, key=key: (
+                lambda p: (
                     pagerduty.url_for(pd, p["kind"]),
                     {"routing_key": key, **p["body"]},
                 ),
@@ -405,9 +405,9 @@ class Controller:
             log.warning("controller no longer isolated", after_s=round(now - self.isolated_since, 1))
             self._emit("isolated", message="controller no longer isolated")
             self.isolated_since = None
-            key = self.store.get_flag("isolation_key")
-            if pd is not None and key:
-                self._enqueue(None, f"{key}/resolve", pagerduty.resolve(key), "isolation resolved")
+            open_key = self.store.get_flag("isolation_key")
+            if pd is not None and open_key:
+                self._enqueue(None, f"{open_key}/resolve", pagerduty.resolve(open_key), "isolation resolved")
                 self.store.set_flag("isolation_key", None)
 
     def silenced(self, now: float) -> dict[str, str]:

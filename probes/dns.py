@@ -20,9 +20,13 @@ import dns.exception
 import dns.flags
 import dns.message
 import dns.name
+import dns.nameserver
 import dns.rcode
 import dns.rdata
 import dns.rdatatype
+import dns.rdtypes.IN.SRV
+import dns.rdtypes.mxbase
+import dns.rdtypes.txtbase
 import dns.resolver
 from pydantic import Field, field_validator
 
@@ -117,14 +121,14 @@ def _forms(rdata: dns.rdata.Rdata) -> set[str]:
         forms.add(str(ipaddress.ip_address(rdata.to_text())))
     elif rtype in (dns.rdatatype.CNAME, dns.rdatatype.NS):
         forms.add(_norm_name(rdata.to_text()))
-    elif rtype == dns.rdatatype.MX:
-        exchange = _norm_name(rdata.exchange.to_text())  # type: ignore[attr-defined]
-        forms |= {exchange, f"{rdata.preference} {exchange}"}  # type: ignore[attr-defined]
-    elif rtype == dns.rdatatype.SRV:
-        target = _norm_name(rdata.target.to_text())  # type: ignore[attr-defined]
-        forms |= {target, f"{rdata.priority} {rdata.weight} {rdata.port} {target}"}  # type: ignore[attr-defined]
-    elif rtype == dns.rdatatype.TXT:
-        forms.add(b"".join(rdata.strings).decode("utf-8", errors="replace").lower())  # type: ignore[attr-defined]
+    elif rtype == dns.rdatatype.MX and isinstance(rdata, dns.rdtypes.mxbase.MXBase):
+        exchange = _norm_name(rdata.exchange.to_text())
+        forms |= {exchange, f"{rdata.preference} {exchange}"}
+    elif rtype == dns.rdatatype.SRV and isinstance(rdata, dns.rdtypes.IN.SRV.SRV):
+        target = _norm_name(rdata.target.to_text())
+        forms |= {target, f"{rdata.priority} {rdata.weight} {rdata.port} {target}"}
+    elif rtype == dns.rdatatype.TXT and isinstance(rdata, dns.rdtypes.txtbase.TXTBase):
+        forms.add(b"".join(rdata.strings).decode("utf-8", errors="replace").lower())
     return forms
 
 
@@ -148,7 +152,11 @@ def _system_server() -> tuple[str, int]:
     if not servers:
         raise LookupError("no nameserver in /etc/resolv.conf; set `server`")
     first = servers[0]
-    return (first, 53) if isinstance(first, str) else (first.address, first.port)
+    if isinstance(first, str):
+        return first, 53
+    if isinstance(first, dns.nameserver.AddressAndPortNameserver):
+        return first.address, first.port
+    raise LookupError(f"the system resolver's first nameserver is {first} (not plain DNS); set `server`")
 
 
 async def run(name: str, cfg: DnsProbe) -> ProbeResult:

@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("controller", "probes", "playbooks")
 
@@ -131,3 +133,9 @@ def test_ruff_check_is_clean() -> None:
 
 def test_ruff_format_is_clean() -> None:
     _run(sys.executable, "-m", "ruff", "format", "--check", ".")
+
+
+@pytest.mark.timeout(900)  # a cold run checks 80 modules; the cache makes later runs quick
+def test_mypy_is_clean() -> None:
+    """Over controller/, probes/ and playbooks/ (`[tool.mypy]` in pyproject.toml: check_untyped_defs)."""
+    _run(sys.executable, "-m", "mypy")

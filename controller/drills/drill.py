@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -38,7 +38,7 @@ class Scenario:
     """failover | no_failover | page_only (from names.SCENARIOS)."""
     right_outcome: str
     """The right outcome in words, for the report."""
-    inject: Callable[[Drill], Awaitable[None]]
+    inject: Callable[[Drill], Coroutine[Any, Any, None]]
     """Break things. May keep running (a flapping link) until the drill ends; it is then cancelled."""
     done: Callable[[Drill], bool]
     """True once the drill has seen enough to score (checked every 100 ms)."""
@@ -111,7 +111,8 @@ class Drill:
     def __init__(self, scenario: Scenario, env: Any = None) -> None:
         self.scenario = scenario
         self.env = env
-        self.store: Store = None  # type: ignore[assignment]  # set before the controller starts
+        self.opened: Store | None = None
+        """The drill's store, once the runner has opened it (before the controller starts)."""
         self.config: Config | None = None
         self.focus: str | None = None
         """The service the scenario aims at (the one with the failover playbook)."""
@@ -124,6 +125,12 @@ class Drill:
         self.verdicts: list[tuple[float, str, str]] = []
         self.record_moves: list[tuple[float, str]] = []
         self.writer_moves: list[tuple[float, str]] = []
+
+    @property
+    def store(self) -> Store:
+        if self.opened is None:
+            raise DrillError("the drill's store is read before the runner opened it")
+        return self.opened
 
     # -------------------------------------------------------------- for scenarios
 

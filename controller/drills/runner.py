@@ -73,8 +73,8 @@ async def run_demo_drill(
             for cleanup in reversed(drill.cleanups):
                 with contextlib.suppress(Exception):
                     await cleanup()
-            if drill.store is not None:
-                drill.store.close()
+            if drill.opened is not None:
+                drill.opened.close()
 
 
 async def _run_in_process(drill: Drill) -> None:
@@ -82,8 +82,8 @@ async def _run_in_process(drill: Drill) -> None:
 
     cfg = drill.config
     assert cfg is not None
-    drill.store = SQLiteStore(cfg.controller.data_dir)
-    controller = Controller(cfg, drill.store)
+    drill.opened = SQLiteStore(cfg.controller.data_dir)
+    controller = Controller(cfg, drill.opened)
     controller.listeners.append(drill.on_event)
     await controller.start()
     tasks: list[asyncio.Task[Any]] = []
@@ -121,7 +121,7 @@ async def _run_processes(drill: Drill, path: Path) -> None:
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
     }
-    drill.store = SQLiteStore(cfg.controller.data_dir)
+    drill.opened = SQLiteStore(cfg.controller.data_dir)
     procs: list[subprocess.Popen[bytes]] = []
 
     def start(n: int) -> tuple[subprocess.Popen[bytes], int]:
@@ -227,20 +227,22 @@ async def run_target_drill(
     drill = Drill(sc)
     drill.config = cfg
     drill.focus = svc_name
-    drill.store = SQLiteStore(tmp.name)
+    drill.opened = SQLiteStore(tmp.name)
     receiver.on_event = drill.on_page
-    controller = Controller(cfg, drill.store, env=lambda name: DRILL_PD_KEY)
+    controller = Controller(cfg, drill.opened, env=lambda name: DRILL_PD_KEY)
     controller.listeners.append(drill.on_event)
     svc_probes = list(cfg.services[svc_name].probes)
     targets = list(cfg.probes) if sc.target_faults == "all" else svc_probes
     faults: set[str] = set()
     real = controller.run_once
 
-    async def run_once(name: str, pcfg: Any) -> ProbeResult:
+    async def run_once(name: str, cfg: Any) -> ProbeResult:
         if name in faults:
             return ProbeResult(name, False, controller.clock(), 0.0, error=f"drill {sc.name}: injected fault")
-        return await real(name, pcfg)
+        return await real(name, cfg)
 
+    # Faults at the probes: the real controller, its probe runner swapped for this one (mypy forbids
+    # assigning to a method; the instance attribute is exactly what the drill means to replace).
     controller.run_once = run_once  # type: ignore[method-assign]
     tasks: list[asyncio.Task[Any]] = []
 
@@ -446,8 +448,8 @@ def score(drill: Drill, mode: str, wall: float, service: str | None = None) -> D
         "recover_s": "recovered",
     }
     for key, label in names.items():
-        if measures[key] is not None:
-            marks[label] = float(measures[key])  # type: ignore[arg-type]
+        if (value := measures[key]) is not None:
+            marks[label] = float(value)
     for key, ts in drill.marks.items():
         if key != "traffic_moved":
             marks[key.replace("_", " ")] = round(ts - t0, 3)

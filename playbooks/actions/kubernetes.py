@@ -129,7 +129,7 @@ class Scale(Action):
             self.p.deployment,
             self.p.namespace,
         )
-        return int(scale.spec.replicas or 0)
+        return int(scale.spec.replicas or 0) if scale.spec else 0
 
     async def check(self, ctx: ActionContext) -> bool:
         return await run_in(ACTIONS, self._current, ctx) == self.p.replicas
@@ -151,7 +151,7 @@ class Scale(Action):
             body,
             _content_type=MERGE_PATCH,
         )
-        return f"{self._what()} replicas {before} -> {scale.spec.replicas}"
+        return f"{self._what()} replicas {before} -> {scale.spec.replicas if scale.spec else '?'}"
 
     async def apply(self, ctx: ActionContext) -> str:
         return await run_in(ACTIONS, self._apply, ctx)
