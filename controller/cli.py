@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import importlib.metadata
+import importlib.util
 import json
 import os
 import signal
@@ -26,6 +28,24 @@ from controller.stores import Store, StoreError, open_store
 DEFAULT_CONFIG = "continuity.yaml"
 RELOAD_TIMEOUT = 30.0
 """Seconds a config reload may parse before it is refused (the old config keeps running)."""
+# moto (an in-process AWS) is a test double: only the demo and its drills need it, so it is the
+# optional `demo` extra, and the production image and a plain install do without it.
+DEMO_EXTRA = "pip install 'continuity[demo]'"
+
+
+def version() -> str:
+    """The installed distribution's version: pyproject.toml is its one source of truth."""
+    try:
+        return importlib.metadata.version("continuity")
+    except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
+        return "unknown (not installed; pip install .)"
+
+
+def _require_demo_extra(what: str) -> None:
+    """Refuse, with the command that fixes it, when the demo's in-process AWS is not installed."""
+    missing = [m for m in ("moto", "flask") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(f"{what} needs the demo extra ({', '.join(missing)} not installed): {DEMO_EXTRA}")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="continuity",
         description="Failover controller for online marketplaces: detect, classify, fail over, notify.",
     )
+    p.add_argument("--version", action="version", version=f"continuity {version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -693,6 +714,7 @@ async def _watch_config(controller: Any, path: str, reload_now: asyncio.Event, s
 
 
 def cmd_demo(_: argparse.Namespace) -> int:
+    _require_demo_extra("continuity demo")
     from controller import logs
     from controller.demo.scenario import run_demo
 
@@ -749,6 +771,8 @@ def cmd_drill(args: argparse.Namespace) -> int:
     if args.scenario and args.scenario not in BUILTIN:
         raise UsageError(f"no scenario {args.scenario!r} (known: {', '.join(BUILTIN)})")
     names = [args.scenario] if args.scenario else list(BUILTIN)
+    if not args.target:
+        _require_demo_extra("continuity drill (without --target)")
     if args.target:
         _load(args.target)  # a bad config is exit 2 before anything runs
         if args.all:

@@ -77,6 +77,19 @@ class Maintenance(Strict):
         return self
 
 
+class Intermittent(Strict):
+    """A probe failing at least `rate` of its runs over `window` makes its service DEGRADED (moderate,
+    never a failover), stating the rate. Defaults: at 10 s intervals a window holds 60 runs; a
+    target failing 20% of single requests at random reaches 50% of 60 runs about never (0 times in
+    3 simulated months), while a 5-step journey at 20% per request fails ~67% of its runs and trips
+    it in about 7-8 minutes. `min_runs` keeps the rule off where too few runs would make a rate noise:
+    a probe needs window / interval >= min_runs (raise the window for slower probes)."""
+
+    window: Duration = Field(default=600.0, gt=0, description="How far back the failure rate is measured.")
+    rate: float = Field(default=0.5, gt=0, le=1, description="Failure rate (0-1) that makes it DEGRADED.")
+    min_runs: int = Field(default=50, ge=1, description="Fewest runs in the window for a rate to count.")
+
+
 class Detection(Strict):
     """Hysteresis defaults; each probe may override them. Gatus's defaults: 3 down, 2 up."""
 
@@ -99,8 +112,14 @@ class Detection(Strict):
     flapping: Flapping = Field(default_factory=Flapping)
     reference_probes: list[str] = Field(
         default_factory=list,
-        description="Targets that should always be up; if all fail, the controller is the one cut off.",
+        description="Targets that should always be up: while any fails, automatic actions are held.",
     )
+    isolation_quorum: int | None = Field(
+        default=None,
+        ge=1,
+        description="Reference probes DOWN that mean the controller itself is cut off (default: all).",
+    )
+    intermittent: Intermittent = Field(default_factory=Intermittent)
 
 
 class Failback(Strict):
@@ -376,6 +395,21 @@ class ControllerSettings(Strict):
     outbox_retry: Duration = Field(
         default=5.0, gt=0, description="First retry delay for undelivered messages."
     )
+    resolver_nameservers: list[str] = Field(
+        default_factory=list,
+        description="DNS servers (ip or ip:port) probes resolve names with, over async UDP; "
+        "default: the system's getaddrinfo on a dedicated thread pool.",
+    )
+
+    @field_validator("resolver_nameservers")
+    @classmethod
+    def _servers(cls, value: list[str]) -> list[str]:
+        from probes.resolve import parse_server
+
+        for server in value:
+            parse_server(server)
+        return value
+
     config_poll: Duration = Field(
         default=10.0, gt=0, description="How often `run` checks the config file for changes."
     )
@@ -531,6 +565,9 @@ class Config(Strict):
             confirm=confirm and d.confirm.probes > 0,
             flap_changes=d.flapping.changes,
             flap_window=d.flapping.within,
+            intermittent_window=d.intermittent.window,
+            intermittent_rate=d.intermittent.rate,
+            intermittent_min_runs=d.intermittent.min_runs,
         )
 
     def services_of(self, probe: str) -> list[str]:
@@ -918,6 +955,7 @@ def _cross_references(raw: dict[str, Any]) -> list[tuple[list[Any], str]]:
                 )
             )
     found.extend(_check_risks(raw, services))
+    found.extend(_check_names(raw, probes, services))
     for pbname, pb in playbooks.items():
         if not isinstance(pb, dict):
             continue
@@ -930,6 +968,62 @@ def _cross_references(raw: dict[str, Any]) -> list[tuple[list[Any], str]]:
             steps = pb.get(section)
             if isinstance(steps, list):
                 found.extend(_check_steps(["playbooks", pbname, section], steps, probes, rollback_names))
+    return found
+
+
+def _check_names(
+    raw: dict[str, Any], probes: dict[str, Any], services: dict[str, Any]
+) -> list[tuple[list[Any], str]]:
+    """Every other name that points across sections: a typo here must fail `validate`, never reach
+    the reconcile loop (a misspelt reference probe used to raise KeyError on every tick)."""
+    found: list[tuple[list[Any], str]] = []
+    detection = _mapping(raw.get("detection"))
+    refs = detection.get("reference_probes")
+    refs = refs if isinstance(refs, list) else []
+    for i, ref in enumerate(refs):
+        if not isinstance(ref, str) or ref not in probes:
+            found.append(
+                (
+                    ["detection", "reference_probes", i],
+                    f"expected a probe defined under probes ({_known(probes)}), found {ref!r}",
+                )
+            )
+    quorum = detection.get("isolation_quorum")
+    if isinstance(quorum, int) and not isinstance(quorum, bool) and quorum > len(refs):
+        found.append(
+            (
+                ["detection", "isolation_quorum"],
+                f"expected at most the number of reference_probes ({len(refs)}), found {quorum}",
+            )
+        )
+    for sname, svc in services.items():
+        deps = svc.get("depends_on") if isinstance(svc, dict) else None
+        for i, dep in enumerate(deps if isinstance(deps, list) else []):
+            if not isinstance(dep, str) or dep not in services or dep == sname:
+                what = "another service" if dep == sname else f"a service ({_known(services)})"
+                found.append((["services", sname, "depends_on", i], f"expected {what}, found {dep!r}"))
+    windows = raw.get("maintenance")
+    for w, window in enumerate(windows if isinstance(windows, list) else []):
+        names = window.get("services") if isinstance(window, dict) else None
+        for i, sname in enumerate(names if isinstance(names, list) else []):
+            if not isinstance(sname, str) or sname not in services:
+                found.append(
+                    (
+                        ["maintenance", w, "services", i],
+                        f"expected a service ({_known(services)}), found {sname!r}",
+                    )
+                )
+    notifiers = _mapping(raw.get("notifiers"))
+    sp = notifiers.get("statuspage")
+    components = sp.get("components") if isinstance(sp, dict) else None
+    for sname in components if isinstance(components, dict) else {}:
+        if sname not in services:
+            found.append(
+                (
+                    ["notifiers", "statuspage", "components", sname],
+                    f"expected a service ({_known(services)}), found {sname!r}",
+                )
+            )
     return found
 
 

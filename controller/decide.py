@@ -53,8 +53,9 @@ class StartPlaybook:
     frm: str = "primary"
     to: str = "failing_over"
     version: int = 0
-    checks: tuple[str, ...] = ()
-    """Every check that passed on the way to this decision, for the timeline."""
+    checks: tuple[str, ...] = field(default=(), compare=False)
+    """Every check that passed on the way to this decision, for the timeline (explanation, not
+    identity: two decisions to do the same thing are equal whatever was checked on the way)."""
 
 
 @dataclass(frozen=True)
@@ -222,7 +223,7 @@ class Observation:
     up_since: dict[str, float] = field(default_factory=dict)
     """Probe -> since when it has been UP (absent when it is not UP)."""
     references_ok: bool = True
-    """False while any reference target fails: the controller may be the one cut off."""
+    """False while any reference target fails (or has not reported): automatic actions are held."""
     references_note: str = ""
     failover: dict[str, FailoverView] = field(default_factory=dict)
     """Service -> its persisted failover state (absent: primary, never written)."""
@@ -230,6 +231,9 @@ class Observation:
     """Runs by id: those a failover state names, and every run still running or awaiting approval."""
     identity: str = ""
     """This controller process, as run owners name it."""
+    isolated: bool = False
+    """True while `isolation_quorum` reference targets are DOWN (the controller is the one cut off;
+    its own alert pages) or failing and not yet confirmed: no incident opens and nothing runs."""
 
 
 def decide(obs: Observation, config: Config) -> list[Decision]:
@@ -264,16 +268,17 @@ def decide(obs: Observation, config: Config) -> list[Decision]:
                     )
                 )
             continue
-        if wanted is not None and not obs.references_ok:
-            # If the reference targets fail too, the controller may be the one cut off: wait.
+        if wanted is not None and obs.isolated:
+            # Enough reference targets are down that the controller itself is cut off: its own
+            # "controller isolated" alert is the page; opening an incident per service would page
+            # for an outage that is ours.
             out.append(
                 Hold(
                     name,
                     iid,
-                    f"{name} looks {health.state}, but the reference targets are failing "
-                    f"too ({obs.references_note}): not acting until the controller's own view is "
-                    "trusted again",
-                    key="references",
+                    f"{name} looks {health.state}, but the controller is isolated (reference targets "
+                    f"{obs.references_note}): no incident and no action until its view is trusted again",
+                    key="isolated",
                 )
             )
             continue
@@ -292,7 +297,8 @@ def decide(obs: Observation, config: Config) -> list[Decision]:
                     and fo.state == "primary"
                 ):
                     view = obs.incidents[region.leader]
-                    out.extend(_failover(obs, config, name, svc.playbook, view, wanted, health, fo))
+                    failover = _failover(obs, config, name, svc.playbook, view, wanted, health, fo)
+                    out.extend(_held_by_references(obs, name, failover))
             continue
         if wanted is not None and parent is not None and incident is None:
             dep, dep_incident = parent
@@ -321,8 +327,24 @@ def decide(obs: Observation, config: Config) -> list[Decision]:
                             f"{health.summary()}; severity {incident.severity} -> {target}",
                         )
                     )
-        elif health.state is ServiceState.UP and incident is not None and name not in obs.running:
-            if health.unsettled:
+        elif (
+            health.state in (ServiceState.UP, ServiceState.UNKNOWN)
+            and incident is not None
+            and name not in obs.running
+        ):
+            if health.state is ServiceState.UNKNOWN or health.unproven:
+                # Unknown is not up: after a restart, or while a probe's results are stale or it
+                # has not yet passed success_threshold times, the outage is not known to be over.
+                why = "; ".join(f"{p}: {w}" for p, w in health.unproven) or "no fresh result"
+                out.append(
+                    Hold(
+                        name,
+                        iid,
+                        f"{name} is not proven up ({why}): the incident stays open",
+                        key="unproven",
+                    )
+                )
+            elif health.unsettled:
                 # SUSPECT counts as up for opening, never for closing: after a restart the first
                 # failures make a probe SUSPECT before the burst confirms it still DOWN.
                 out.append(
@@ -372,7 +394,7 @@ def decide(obs: Observation, config: Config) -> list[Decision]:
                     )
                 )
             elif svc.failback is not None and incident is None and name not in obs.running:
-                out.extend(_failback(obs, name, svc.failback, fo))
+                out.extend(_held_by_references(obs, name, _failback(obs, name, svc.failback, fo)))
             continue
         if health.state is ServiceState.DOWN and svc.playbook:
             if health.flapping:
@@ -386,7 +408,33 @@ def decide(obs: Observation, config: Config) -> list[Decision]:
                     )
                 )
             else:
-                out.extend(_failover(obs, config, name, svc.playbook, incident, wanted, health, fo))
+                out.extend(
+                    _held_by_references(
+                        obs, name, _failover(obs, config, name, svc.playbook, incident, wanted, health, fo)
+                    )
+                )
+    return out
+
+
+def _held_by_references(obs: Observation, service: str, decisions: list[Decision]) -> list[Decision]:
+    """While a reference target fails, every playbook start becomes a hold: the controller's view
+    may be the broken one. Incidents still open and page; only automatic actions wait."""
+    if obs.references_ok:
+        return decisions
+    out: list[Decision] = []
+    for dec in decisions:
+        if isinstance(dec, StartPlaybook):
+            out.append(
+                Hold(
+                    service,
+                    dec.incident_id,
+                    f"not running {dec.playbook}: reference targets are failing "
+                    f"({obs.references_note}); automatic actions are held until they pass again",
+                    key="references",
+                )
+            )
+        else:
+            out.append(dec)
     return out
 
 
@@ -659,7 +707,9 @@ def _failover(
         "first automatic run for this incident",
     ]
     if not obs.references_ok:
-        return []  # held above with its sentence; never act while the controller's view is doubted
+        # The controller's own view may be the broken one: the incident opens and pages, the
+        # playbook waits (the sentence is `_held_by_references`', one place for it).
+        return _held_by_references(obs, service, [StartPlaybook(service, playbook, incident_id, "")])
     checks.append("reference targets pass (or none are configured)")
     if obs.paused is not None:
         return [

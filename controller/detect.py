@@ -13,10 +13,21 @@ Why each rule exists:
 - Flapping: a probe that changes verdict more than N times in a window is marked flapping, and
   no playbook starts for it until it is stable.
 - Quorum: with several vantage points a probe is DOWN only when enough fresh ones agree.
+- Unknown is not up: a service is UP only when every probe of it is known and fresh, and an
+  incident resolves only when every probe has also passed `success_threshold` times since its last
+  failure (`ServiceHealth.unproven` lists those that have not). A restart mid-outage therefore
+  keeps the incident open until each probe has spoken again, and proved it.
+- Intermittent failure: a probe that is not DOWN but failed at least `intermittent.rate` of its
+  runs in the last `intermittent.window` (with at least `min_runs` runs) makes its service DEGRADED,
+  saying the rate ("checkout-journey failed 59% of runs in the last 5m"); each burst's lucky pass
+  no longer hides a journey that fails most of the time.
+- A prober's failure is not the target's: a result with `prober_error` set (our file descriptors,
+  our resolver, our stalled loop) is no vote either way; `observe` leaves the state as it was.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -49,6 +60,17 @@ class Rules:
     """True: reaching the threshold makes the probe SUSPECT until a confirmation burst decides."""
     flap_changes: int = 4
     flap_window: float = 600.0
+    intermittent_window: float = 600.0
+    """Seconds of runs over which the failure rate is measured (0 turns the rule off)."""
+    intermittent_rate: float = 0.5
+    """A failure rate at or above this, over the window, makes the probe's service DEGRADED."""
+    intermittent_min_runs: int = 20
+    """Fewer runs than this in the window: no rate is claimed."""
+    confirm_epsilon: float = 1e-6
+    """A burst confirms DOWN only when a target failing at its own recent rate (before this streak)
+    would produce the whole run of failures with at most this chance: p_prior ** failures <= epsilon.
+    A clean target (p_prior 0) is DOWN at once; a journey failing 67% of its runs needs ~35 failures
+    in a row, so intermittent failure is a DEGRADED verdict, not a failover."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +90,8 @@ class ProbeState:
     """Failure flags of the latest results (newest last), as long as the window needs."""
     changes: tuple[float, ...] = ()
     """When the verdict moved into or out of DOWN, within the flapping window."""
+    runs: tuple[tuple[float, bool], ...] = ()
+    """(started_at, failed) of the runs inside the intermittent window, oldest first."""
 
 
 def outcome(result: ProbeResult) -> str:
@@ -101,10 +125,15 @@ def observe(
     controller blind for `success_threshold` intervals) but needs the full failure streak to go DOWN.
     """
     r = rules or Rules(failure_threshold, success_threshold)
+    if getattr(result, "prober_error", None):
+        return state  # our own trouble (fd limit, resolver, stalled loop): no vote either way
     at = result.started_at
     kind = outcome(result)
     keep = max(r.window_size or 0, 1)
     recent = (*state.recent, kind == "failed")[-keep:]
+    runs = state.runs
+    if r.intermittent_window > 0:
+        runs = tuple(x for x in (*runs, (at, kind == "failed")) if at - x[0] <= r.intermittent_window)
     status = state.status
     if kind == "ok":
         successes, failures, degraded = state.successes + 1, 0, 0
@@ -134,15 +163,32 @@ def observe(
     elif kind == "ok" and status is Health.UP:
         first = None  # a healthy probe forgets a short failing streak; a recovering one keeps its start
     changed_at, changes = _move(state, status, at, r)
-    return ProbeState(status, failures, successes, degraded, changed_at, first, result, recent, changes)
+    return ProbeState(status, failures, successes, degraded, changed_at, first, result, recent, changes, runs)
+
+
+def failure_rate(state: ProbeState, now: float, window: float) -> tuple[int, int]:
+    """(failed, total) runs of the probe whose start lies within `window` seconds before `now`."""
+    inside = [failed for at, failed in state.runs if now - at <= window]
+    return sum(inside), len(inside)
+
+
+def intermittent(state: ProbeState, now: float, rules: Rules, factor: float = 1.0) -> tuple[int, int] | None:
+    """(failed, total) when the probe failed at least `factor x rate` of its runs in the window."""
+    if rules.intermittent_window <= 0:
+        return None
+    failed, total = failure_rate(state, now, rules.intermittent_window)
+    if total < rules.intermittent_min_runs or total == 0:
+        return None
+    return (failed, total) if failed / total >= rules.intermittent_rate * factor else None
 
 
 def confirm(state: ProbeState, burst: list[ProbeResult], rules: Rules) -> ProbeState:
     """Decide a SUSPECT probe from a confirmation burst: DOWN only if every burst run failed."""
+    burst = [b for b in burst if not getattr(b, "prober_error", None)]  # our trouble is no evidence
     if state.status is not Health.SUSPECT or not burst:
         return state
     last = burst[-1]
-    if all(outcome(b) == "failed" for b in burst):
+    if all(outcome(b) == "failed" for b in burst) and not explained_by_flakiness(state, len(burst), rules):
         changed_at, changes = _move(state, Health.DOWN, last.started_at, rules)
         return replace(
             state,
@@ -152,6 +198,11 @@ def confirm(state: ProbeState, burst: list[ProbeResult], rules: Rules) -> ProbeS
             changes=changes,
             last=last,
         )
+    if all(outcome(b) == "failed" for b in burst):
+        # Every run failed, but this target fails often enough anyway that the streak proves nothing
+        # yet: it stays SUSPECT (the intermittent rule reports it as DEGRADED), and the next failed
+        # run starts another burst, each adding to the streak until it is beyond chance.
+        return replace(state, failures=state.failures + len(burst), last=last)
     # Not confirmed: back to UP and a fresh streak; the failures that made it suspect are forgiven.
     changed_at, changes = _move(state, Health.UP, last.started_at, rules)
     return replace(
@@ -165,6 +216,63 @@ def confirm(state: ProbeState, burst: list[ProbeResult], rules: Rules) -> ProbeS
         last=last,
         recent=tuple(False for _ in state.recent),
     )
+
+
+PRIOR_RUNS = 15
+"""The target's own failure rate is estimated over this many runs just before the current streak:
+recent enough to see flakiness that began minutes ago, not diluted by an hour of clean runs."""
+PRIOR_MIN_RUNS = 5
+PRIOR_LONG_STREAK = 8
+"""A run of this many failures or more is an earlier outage, not flakiness (at 67% random failure
+such a streak has a 6% chance): it is left out of the estimate, so a second outage soon after a
+first is confirmed as fast as the first."""
+PRIOR_UNKNOWN = 0.0
+"""The rate assumed with fewer than PRIOR_MIN_RUNS runs of history, none of them failed (right after a
+start): none, so a restarted controller confirms an outage as fast as before. Any failure in a short
+history counts, through the upper end of its Wilson interval, so flakiness that began a minute ago
+already raises the bar."""
+PRIOR_Z = 1.0
+"""How far above the observed failure rate the prior is taken (Wilson score, upper end)."""
+
+
+def prior_rate(state: ProbeState) -> float:
+    """The probe's failure rate over its last PRIOR_RUNS runs before the current failing streak,
+    leaving out earlier outages (streaks of PRIOR_LONG_STREAK failures or more)."""
+    start = state.first_failure_at
+    before = [failed for at, failed in state.runs if start is None or at < start][-PRIOR_RUNS:]
+    kept: list[bool] = []
+    streak: list[bool] = []
+    for run_failed in [*before, False]:  # a final pass closes the last streak
+        if run_failed:
+            streak.append(True)
+            continue
+        if len(streak) < PRIOR_LONG_STREAK:
+            kept += streak
+        streak = []
+        kept.append(False)
+    kept.pop()
+    failed, n = sum(kept), len(kept)
+    if not failed:
+        # A clean history, or none yet (right after a start): the burst alone decides, as it
+        # always has, so a target that is down at start-up is still declared DOWN.
+        return PRIOR_UNKNOWN if n < PRIOR_MIN_RUNS else 0.0
+    # A few runs say little about a rate: 2 failures in 6 runs is as likely from a 59%-failing
+    # journey as from a 33% one. Take the upper end of the Wilson score interval (z = 1), so a small
+    # sample errs towards "this could be flakiness" and a flaky target is never confirmed DOWN by a
+    # streak its own failure rate explains (simulation seed 109: 26% of requests failing, a
+    # three-step journey failing 59% of runs, was failed over with the plain estimate).
+    z2 = PRIOR_Z * PRIOR_Z
+    rate = failed / n
+    centre = rate + z2 / (2 * n)
+    spread = PRIOR_Z * math.sqrt(rate * (1 - rate) / n + z2 / (4 * n * n))
+    return min(1.0, (centre + spread) / (1 + z2 / n))
+
+
+def explained_by_flakiness(state: ProbeState, burst_failures: int, rules: Rules) -> bool:
+    """True when the target's own recent failure rate makes this many failures in a row a likely
+    chance event (p ** n > confirm_epsilon): not yet evidence of an outage."""
+    p = prior_rate(state)
+    return p > 0 and p ** (state.failures + burst_failures) > rules.confirm_epsilon
 
 
 def flapping(state: ProbeState, now: float, rules: Rules) -> bool:
@@ -224,12 +332,25 @@ class ServiceHealth:
     """Probes changing verdict too often: no playbook starts while any is listed."""
     unsettled: tuple[str, ...] = ()
     """Probes SUSPECT or in a failing streak not yet past the threshold: an outage may be forming."""
+    unproven: tuple[tuple[str, str], ...] = ()
+    """(probe, why) for each probe that does not yet prove the service recovered: unknown, stale,
+    fewer than `success_threshold` passes since its last failure, or still failing intermittently.
+    An incident is never resolved while any is listed."""
 
     def summary(self) -> str:
         if not self.failing:
             return f"{self.service} is {self.state}"
-        parts = [f"{p}: {r}" if r else p for p, r in self.reasons]
+        parts = [r if r.startswith(f"{p} ") else (f"{p}: {r}" if r else p) for p, r in self.reasons]
         return f"{self.service} is {self.state}: " + "; ".join(parts)
+
+
+def _window_words(seconds: float) -> str:
+    """`5m`, `90s`, `2h`: how an SRE wrote the window."""
+    if seconds >= 3600 and seconds % 3600 == 0:
+        return f"{seconds / 3600:g}h"
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{seconds / 60:g}m"
+    return f"{seconds:g}s"
 
 
 def service_health(
@@ -238,28 +359,72 @@ def service_health(
     states: dict[str, ProbeState],
     impact: Mapping[str, str],
     flapping_probes: Iterable[str] = (),
+    *,
+    now: float | None = None,
+    freshness: Mapping[str, float] | None = None,
+    rules: Mapping[str, Rules] | None = None,
 ) -> ServiceHealth:
-    """DOWN when a probe whose impact is `down` is DOWN; DEGRADED when a probe is degraded, or an
-    `impact: degraded` probe is DOWN. SUSPECT counts as up: the confirmation burst decides it."""
+    """DOWN when a probe whose impact is `down` is DOWN; DEGRADED when a probe is degraded, failing
+    intermittently (see Rules.intermittent_*), or an `impact: degraded` probe is DOWN; UNKNOWN when
+    nothing fails but a probe has no fresh result (never reported, or older than its `freshness`):
+    unknown is not up. SUSPECT counts as up for opening: the confirmation burst decides it.
+
+    `now` and `freshness` (seconds per probe) turn on the staleness check; `rules` gives each probe's
+    success threshold and intermittent settings (default: Rules()). The controller passes all three.
+    """
 
     seen = {p: states.get(p, _NEVER) for p in probes}
-    status = {p: st.status for p, st in seen.items()}
+    fresh_for = freshness or {}
+    status: dict[str, Health] = {}
+    stale: set[str] = set()
+    for p, st in seen.items():
+        s = st.status
+        if s is not Health.UNKNOWN and now is not None:
+            limit = fresh_for.get(p)
+            if st.last is None or (limit is not None and now - st.last.started_at > limit):
+                s = Health.UNKNOWN
+                stale.add(p)
+        status[p] = s
+    rule_of = rules or {}
+    default_rules = Rules()
+    flaky: dict[str, str] = {}
+    still_flaky: set[str] = set()
+    if now is not None:
+        for p in probes:
+            if status[p] not in (Health.UP, Health.SUSPECT):
+                continue
+            r = rule_of.get(p, default_rules)
+            hit = intermittent(seen[p], now, r)
+            if hit is not None:
+                failed, total = hit
+                latest = last.reason if (last := seen[p].last) is not None and not last.ok else ""
+                flaky[p] = (
+                    f"{p} failed {round(100 * failed / total)}% of runs in the last "
+                    f"{_window_words(r.intermittent_window)} ({failed} of {total})"
+                    + (f"; latest: {latest}" if latest else "")
+                )
+            elif intermittent(seen[p], now, r, factor=0.5) is not None:
+                still_flaky.add(p)  # hysteresis: it must fall below half the rate to prove recovery
     hard = [p for p in probes if status[p] is Health.DOWN and impact.get(p, "down") == "down"]
     soft = [
         p
         for p in probes
-        if status[p] is Health.DEGRADED or (status[p] is Health.DOWN and impact.get(p, "down") != "down")
+        if status[p] is Health.DEGRADED
+        or (status[p] is Health.DOWN and impact.get(p, "down") != "down")
+        or p in flaky
     ]
-    known = [p for p in probes if status[p] is not Health.UNKNOWN]
+    unknown = [p for p in probes if status[p] is Health.UNKNOWN]
     if hard:
         state, failing = ServiceState.DOWN, hard + soft
     elif soft:
         state, failing = ServiceState.DEGRADED, soft
-    elif not known:
+    elif unknown:
         state, failing = ServiceState.UNKNOWN, []
     else:
         state, failing = ServiceState.UP, []
-    reasons = tuple((p, last.reason if (last := seen[p].last) else "") for p in failing)
+    reasons = tuple(
+        (p, flaky[p] if p in flaky else (last.reason if (last := seen[p].last) else "")) for p in failing
+    )
     starts = [at for p in failing if (at := seen[p].first_failure_at) is not None]
     flapping_set = set(flapping_probes)
     flaps = tuple(p for p in probes if p in flapping_set)
@@ -268,6 +433,24 @@ def service_health(
         for p in probes
         if status[p] is Health.SUSPECT or (status[p] in (Health.UP, Health.UNKNOWN) and seen[p].failures > 0)
     )
+    unproven: list[tuple[str, str]] = []
+    for p in probes:
+        need = rule_of.get(p, default_rules).success_threshold
+        if p in stale:
+            unproven.append((p, "no fresh result"))
+        elif status[p] is Health.UNKNOWN:
+            unproven.append((p, "no result yet"))
+        elif status[p] is Health.UP and seen[p].successes < need:
+            unproven.append((p, f"{seen[p].successes} of {need} passes since its last failure"))
+        elif p in still_flaky and p not in flaky:
+            unproven.append((p, "still failing intermittently"))
     return ServiceHealth(
-        service, state, tuple(failing), reasons, min(starts) if starts else None, flaps, unsettled
+        service,
+        state,
+        tuple(failing),
+        reasons,
+        min(starts) if starts else None,
+        flaps,
+        unsettled,
+        tuple(unproven),
     )

@@ -15,7 +15,7 @@ import secrets
 import socket
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -29,11 +29,13 @@ from controller.detect import (
     SERVICE_STATE_VALUE,
     Health,
     ProbeState,
+    Rules,
     ServiceHealth,
     combine,
     confirm,
     flapping,
     observe,
+    prior_rate,
     service_health,
 )
 from controller.durations import format_duration
@@ -44,7 +46,7 @@ from controller.notify.outbox import Channel, Dispatcher
 from controller.stores import Incident, OutboxMessage, Store
 from playbooks.actions import ActionContext
 from playbooks.engine import Engine, RunResult, render_plan
-from probes import passive
+from probes import passive, resolve
 from probes.base import ProbeResult
 from probes.passive import PASSIVE_KINDS, Signals
 from probes.runner import run_probe
@@ -70,8 +72,11 @@ class Controller:
         aws: Callable[[str], Any] | None = None,
         env: Callable[[str], str] = resolve_secret,
         elector: Elector | None = None,
+        prober: Callable[[str, Any], Awaitable[ProbeResult]] = run_probe,
     ) -> None:
         self.config = config
+        self.prober = prober
+        """Runs one polled probe (the network edge): the simulation (tests/sim) passes its world's."""
         self.elector = elector
         self._elector_stop = asyncio.Event()
         self.store = store
@@ -89,6 +94,10 @@ class Controller:
         self._burst_tasks: set[asyncio.Task[None]] = set()
         self.burst_notes: dict[str, tuple[float, str]] = {}
         self.isolated_since: float | None = None
+        self.task_backoff: tuple[float, float] = (0.5, 30.0)
+        """First and longest pause before a failed background task restarts (doubling between)."""
+        self._prober_logged: dict[str, float] = {}
+        resolve.configure(config.controller.resolver_nameservers)
         self.signals = Signals(started_at=clock())
         self._load_signals()
         self.impact = {name: p.impact for name, p in config.probes.items()}
@@ -122,6 +131,7 @@ class Controller:
             first_retry=config.controller.outbox_retry,
         )
         self.dispatcher.may_send = self.may_act
+        self.dispatcher.on_error = self.metrics.task_restarts.labels("outbox").inc
         self._recover_from_restart()
         self.communicator = attach(self)
 
@@ -210,6 +220,9 @@ class Controller:
         name = result.probe
         if name not in self.states:
             return
+        if result.prober_error:
+            self._prober_error(result)
+            return  # our trouble is no vote: the probe's state (and its freshness) stays as it was
         vantage = result.vantage
         local = vantage == "local"
         rules = self.config.rules(name, confirm=local)
@@ -222,7 +235,13 @@ class Controller:
             self._emit(
                 "probe_failed", probe=name, reason=result.reason, at=result.started_at, vantage=vantage
             )
-        if local and after.status is Health.SUSPECT and before.status is not Health.SUSPECT:
+        # A failed run while SUSPECT with no burst in flight starts one: a burst that could not decide
+        # (its runs were prober errors, or it crashed) is retried, never left suspect for good.
+        if (
+            local
+            and after.status is Health.SUSPECT
+            and (before.status is not Health.SUSPECT or not result.ok)
+        ):
             if name not in self._bursting:
                 self._bursting.add(name)
                 self._burst_tasks.add(asyncio.create_task(self._confirm(name)))
@@ -242,6 +261,8 @@ class Controller:
         verdict = f"probe {name} is {after.status.value.upper()}"
         if after.status is Health.DOWN:
             verdict += f" after {after.failures} consecutive failures: {result.reason}"
+        elif after.status is Health.DEGRADED:
+            verdict += f" after {after.degraded} degraded runs: {result.reason}"
         elif before.status is Health.DOWN:
             verdict += f" after {after.successes} consecutive successes"
         if len(votes) > 1:
@@ -250,17 +271,40 @@ class Controller:
         self._emit("probe_verdict", probe=name, status=after.status.value, at=result.started_at)
         # The timeline is the leader's to write: a standby appending its own verdicts would double
         # every entry, and would block its event loop on the store while the API is sick.
-        for svc in self.config.services_of(name) if self.may_act() else ():
-            inc = self.store.open_incident_for(svc)
-            if inc is not None:
-                self.store.append(inc.id, result.started_at, "probe", verdict, result.to_dict())
+        try:
+            for svc in self.config.services_of(name) if self.may_act() else ():
+                inc = self.store.open_incident_for(svc)
+                if inc is not None:
+                    self.store.append(inc.id, result.started_at, "probe", verdict, result.to_dict())
+        except Exception:  # a store error must not stop detection: the verdict stands, the loop is kicked
+            log.exception("cannot record a probe verdict on the timeline", probe=name)
+            self.metrics.task_restarts.labels("ingest").inc()
         self._kick.set()
+
+    def _prober_error(self, result: ProbeResult) -> None:
+        """Our own trouble (fd limit, resolver, stalled loop): counted, logged, and the controller's
+        own alert (ContinuityProberErrors on continuity_prober_errors_total) fires; the target's
+        state is untouched. Logged at most once a minute per kind: at the fd limit every probe fails."""
+        kind = result.prober_error or "unknown"
+        self.metrics.prober_errors.labels(kind).inc()
+        now = self.clock()
+        if now - self._prober_logged.get(kind, float("-inf")) >= 60.0:
+            self._prober_logged[kind] = now
+            log.error(
+                "prober error: the controller itself cannot probe; the result counts as UNKNOWN, not as "
+                "the target failing",
+                kind=kind,
+                probe=result.probe,
+                error=result.reason,
+            )
+        # `kind` is _emit's own first parameter: the prober error's kind goes as `prober_error`.
+        self._emit("prober_error", probe=result.probe, prober_error=kind, message=result.reason)
 
     async def run_once(self, name: str, cfg: Any) -> ProbeResult:
         """Run a probe once: polled kinds go out on the network, passive ones read pushed signals."""
         if cfg.kind in PASSIVE_KINDS:
             return passive.evaluate(name, cfg, self.signals, self.clock())
-        return await run_probe(name, cfg)
+        return await self.prober(name, cfg)
 
     def heartbeat(self, name: str) -> None:
         now = self.clock()
@@ -286,20 +330,22 @@ class Controller:
         try:
             cfg = self.config.probes[name]
             spec = self.config.detection.confirm
-            burst: list[ProbeResult] = []
-            for i in range(spec.probes):
-                if i:
-                    await asyncio.sleep(spec.spacing)
-                burst.append(await self.run_once(name, cfg))
-                if burst[-1].ok:
-                    break  # one pass is enough to disprove the outage
+            burst = await self._burst(name, cfg, spec.probes, spec.spacing)
+            for b in burst:
+                if b.prober_error:
+                    self._prober_error(b)
+            burst = [b for b in burst if not b.prober_error]
             state = self.vstates[name].get("local", ProbeState())
             if state.status is not Health.SUSPECT or not burst:
                 return  # a scheduled run already cleared the suspicion
             new = confirm(state, burst, self.config.rules(name))
             self.vstates[name]["local"] = new
             failed = sum(1 for b in burst if not b.ok)
-            outcome = "confirmed: DOWN" if new.status is Health.DOWN else "not confirmed, back to UP"
+            outcome = {
+                Health.DOWN: "confirmed: DOWN",
+                Health.SUSPECT: f"all failed, but it failed {prior_rate(new):.0%} of its runs before this "
+                "streak: not yet beyond chance, still SUSPECT",
+            }.get(new.status, "not confirmed, back to UP")
             note = f"confirmation burst for {name}: {failed} of {len(burst)} runs failed, {outcome}"
             self.burst_notes[name] = (burst[-1].started_at, note)
             log.info(
@@ -311,8 +357,53 @@ class Controller:
             )
             self._emit("burst", probe=name, message=note)
             self._recombine(name, burst[-1])
+        except Exception:  # supervised: logged and counted; the next failed run starts a new burst
+            log.exception("confirmation burst failed", probe=name)
+            self.metrics.task_restarts.labels("burst").inc()
         finally:
             self._bursting.discard(name)
+
+    async def _burst(self, name: str, cfg: Any, runs: int, spacing: float) -> list[ProbeResult]:
+        """The burst's runs start `spacing` apart without waiting for each other: a hanging target
+        costs one timeout, not one per run. The first pass disproves the outage and cancels the
+        rest. Results come back in start order."""
+        passed = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        watch: Scheduler | None = getattr(self, "scheduler", None)  # its loop-stall watchdog
+
+        async def one(i: int) -> ProbeResult | None:
+            if i:
+                try:
+                    await asyncio.wait_for(passed.wait(), timeout=i * spacing)
+                    return None  # an earlier run passed: this one is not needed
+                except TimeoutError:
+                    pass
+            began = loop.time()
+            r = await self.run_once(name, cfg)
+            if r.ok:
+                passed.set()
+            elif r.prober_error is None and (
+                stalled := watch.stalled_during(began, loop.time()) if watch else 0
+            ):
+                r = dataclasses.replace(
+                    r, prober_error="loop_stall", error=f"event loop blocked {stalled:.1f}s"
+                )
+            return r
+
+        tasks = [asyncio.create_task(one(i)) for i in range(runs)]
+        try:
+            pending: set[asyncio.Task[ProbeResult | None]] = set(tasks)
+            while pending:
+                _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if passed.is_set():
+                    break
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        return [
+            r for t in tasks if not t.cancelled() and t.exception() is None and (r := t.result()) is not None
+        ]
 
     def probe_healthy(self, name: str) -> bool | None:
         status = self.states[name].status if name in self.states else Health.UNKNOWN
@@ -322,23 +413,39 @@ class Controller:
         now = self.clock()
         # Only a probe that has changed verdict recently can be flapping: skip building rules for the rest.
         flaps = [p for p, st in self.states.items() if st.changes and flapping(st, now, self.config.rules(p))]
+        rules, fresh = self._probe_settings()
         return {
-            name: service_health(name, svc.probes, self.states, self.impact, flaps)
+            name: service_health(
+                name, svc.probes, self.states, self.impact, flaps, now=now, freshness=fresh, rules=rules
+            )
             for name, svc in self.config.services.items()
         }
 
+    def _probe_settings(self) -> tuple[dict[str, Rules], dict[str, float]]:
+        """Each probe's rules and freshness, built once per config (health() runs every tick)."""
+        cached = getattr(self, "_settings_cache", None)
+        if cached is None or cached[0] is not self.config:
+            cfg = self.config
+            cached = (
+                cfg,
+                {p: cfg.rules(p) for p in cfg.probes},
+                {p: cfg.freshness(p) for p in cfg.probes},
+            )
+            self._settings_cache = cached
+        return cached[1], cached[2]
+
     def references(self) -> tuple[bool, bool, str]:
-        """(ok, isolated, note): ok while every reference target passes; isolated when all are DOWN."""
-        refs = self.config.detection.reference_probes
+        """(ok, isolated, note): ok while every reference target is UP with no failure in its current
+        streak (unknown is not up); isolated when `isolation_quorum` of them (default: all) are DOWN."""
+        det = self.config.detection
+        refs = det.reference_probes
         if not refs:
             return True, False, ""
-        bad = {
-            r: self.states[r]
-            for r in refs
-            if self.states[r].status is not Health.UP or self.states[r].failures
-        }
-        isolated = all(self.states[r].status is Health.DOWN for r in refs)
-        note = ", ".join(f"{r} {s.status.value}" for r, s in bad.items())
+        seen = {r: self.states.get(r, ProbeState()) for r in refs}  # validate checks the names
+        bad = {r: st for r, st in seen.items() if st.status is not Health.UP or st.failures}
+        down = sum(1 for st in seen.values() if st.status is Health.DOWN)
+        isolated = down >= (det.isolation_quorum or len(refs))
+        note = ", ".join(f"{r} {st.status.value}" for r, st in bad.items())
         return not bad, isolated, note
 
     def _failover_observation(self) -> dict[str, Any]:
@@ -376,6 +483,28 @@ class Controller:
         failed_over = {n: fo.incident_id or "" for n, fo in states.items() if fo.state == "failed_over"}
         return {"failover": states, "runs": runs, "identity": self.identity, "failed_over": failed_over}
 
+    def isolation_forming(self) -> bool:
+        """True while `isolation_quorum` reference targets fail, confirmed or not: no incident opens
+        until their bursts decide, so a cut-off controller whose service probes happen to be
+        confirmed first does not page for an outage that is its own."""
+        det = self.config.detection
+        refs = det.reference_probes
+        if not refs:
+            return False
+        failing = sum(
+            1
+            for r in refs
+            if (st := self.states.get(r, ProbeState())).status in (Health.SUSPECT, Health.DOWN)
+            or (st.status is not Health.UNKNOWN and st.failures)
+        )
+        return failing >= (det.isolation_quorum or len(refs))
+
+    def _isolation_count(self) -> str:
+        det = self.config.detection
+        refs = det.reference_probes
+        down = sum(1 for r in refs if self.states.get(r, ProbeState()).status is Health.DOWN)
+        return f"{down} of {len(refs)} (isolation quorum {det.isolation_quorum or len(refs)})"
+
     def _isolation(self, isolated: bool, note: str, now: float) -> None:
         """One 'controller isolated' alert while every reference target is down; resolved when one is back."""
         self.metrics.isolated.set(1 if isolated else 0)
@@ -383,7 +512,8 @@ class Controller:
         if isolated and self.isolated_since is None:
             self.isolated_since = now
             log.error(
-                "controller isolated: every reference target is down; no failover will start", refs=note
+                "controller isolated: reference targets down; no incident opens, no failover starts",
+                refs=note,
             )
             self._emit("isolated", message=f"controller isolated: {note}")
             if pd is not None:
@@ -392,8 +522,8 @@ class Controller:
                 body = pagerduty.trigger(
                     pd,
                     dedup_key=key,
-                    summary=f"Continuity controller isolated: reference targets down ({note}); "
-                    "automatic failover is suspended",
+                    summary=f"Continuity controller isolated: {self._isolation_count()} reference targets "
+                    f"down ({note}); no incident opens and automatic failover is suspended",
                     severity="critical",
                     service="continuity",
                     tier="critical",
@@ -440,6 +570,16 @@ class Controller:
         now = self.clock()
         refs_ok, isolated, refs_note = self.references()
         self._isolation(isolated, refs_note, now)
+        if refs_ok != getattr(self, "_refs_ok", True):
+            self._refs_ok = refs_ok
+            if refs_ok:
+                log.info("reference targets pass again: automatic actions allowed")
+            else:
+                log.warning(
+                    "reference targets failing: automatic actions held (incidents still open and page)",
+                    refs=refs_note,
+                )
+            self._emit("references", ok=refs_ok, message=refs_note)
         return d.Observation(
             now,
             self.health(),
@@ -454,6 +594,7 @@ class Controller:
             up_since={p: s.changed_at or now for p, s in self.states.items() if s.status is Health.UP},
             references_ok=refs_ok,
             references_note=refs_note,
+            isolated=isolated or self.isolation_forming(),
         )
 
     # ------------------------------------------------------------------ decide + act
@@ -524,9 +665,13 @@ class Controller:
                 log.info("joined incident", service=decision.service, incident=decision.incident_id)
         elif isinstance(decision, d.Hold):
             key = decision.key or decision.reason
-            if self._held.get(decision.service) != key and decision.incident_id:
+            iid = decision.incident_id
+            if iid is None and key in ("references", "isolated"):  # opened in this same cycle
+                inc = self.store.open_incident_for(decision.service)
+                iid = inc.id if inc is not None else None
+            if self._held.get(decision.service) != key and iid:
                 self._held[decision.service] = key
-                self.store.append(decision.incident_id, now, "decision", decision.reason)
+                self.store.append(iid, now, "decision", decision.reason)
                 log.info("holding", service=decision.service, reason=decision.reason)
 
     def _open(self, dec: d.OpenIncident, now: float) -> None:
@@ -562,7 +707,7 @@ class Controller:
                     inc.id,
                     st.changed_at or now,
                     "probe",
-                    f"probe {probe} is DOWN after {st.failures} consecutive failures: {st.last.reason}",
+                    _verdict_line(probe, st, dict(h.reasons).get(probe, "")),
                     st.last.to_dict(),
                 )
         self.store.append(
@@ -974,7 +1119,8 @@ class Controller:
                         self.metrics.service_state.labels(name).set(SERVICE_STATE_VALUE[h.state])
                     self.metrics.last_tick.set(self.clock())
             except Exception:  # a bug in one cycle must not stop the controller
-                log.exception("reconcile failed")
+                log.exception("reconcile failed; the next cycle retries")
+                self.metrics.task_restarts.labels("reconcile").inc()
             self._kick.clear()
             try:
                 await asyncio.wait_for(self._kick.wait(), timeout=self.config.controller.tick)
@@ -986,9 +1132,11 @@ class Controller:
         self._start_probes()
         self._tasks = []
         if decide:
-            self._tasks.append(asyncio.create_task(self._tick_loop(), name="reconcile"))
+            self._tasks.append(self._supervise("reconcile", self._tick_loop, self.stop_event))
         self._tasks.append(
-            asyncio.create_task(self.dispatcher.run(self.stop_event, period=0.5), name="outbox")
+            self._supervise(
+                "outbox", lambda: self.dispatcher.run(self.stop_event, period=0.5), self.stop_event
+            )
         )
         if self.elector is not None:
             # Its own stop event: the lease is released only after the step in hand has finished.
@@ -1028,6 +1176,7 @@ class Controller:
         self.vstates = {name: self.vstates[name] if name in same else {} for name in new.probes}
         self.impact = {name: p.impact for name, p in new.probes.items()}
         self._rebuild_derived(old, new, channels)
+        resolve.configure(new.controller.resolver_nameservers)
         self._start_probes()
         self._kick.set()
 
@@ -1049,7 +1198,40 @@ class Controller:
         and never two runs of the same probe at once (probes/scheduler.py)."""
         self._probe_stop = asyncio.Event()
         self.scheduler = Scheduler(dict(self.config.probes), self.run_once, self.ingest)
-        self._probe_tasks = [asyncio.create_task(self.scheduler.run(self._probe_stop), name="probes")]
+        stop = self._probe_stop
+        self._probe_tasks = [self._supervise("probes", lambda: self.scheduler.run(stop), stop)]
+
+    def _supervise(
+        self, name: str, run: Callable[[], Awaitable[None]], stop: asyncio.Event
+    ) -> asyncio.Task[None]:
+        """Run a background task for as long as `stop` is unset: an error is logged, counted in
+        continuity_task_restarts_total{task}, and the task restarts after a pause that doubles from
+        task_backoff[0] to task_backoff[1] (reset once it has run a minute without failing). A full
+        disk for 12 s must delay pages, never end paging until a restart."""
+
+        async def supervised() -> None:
+            loop = asyncio.get_running_loop()
+            first, longest = self.task_backoff
+            delay = first
+            while not stop.is_set():
+                began = loop.time()
+                try:
+                    await run()
+                    return
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    if loop.time() - began >= 60.0:
+                        delay = first
+                    log.exception("background task failed; restarting it", task=name, in_s=round(delay, 2))
+                    self.metrics.task_restarts.labels(name).inc()
+                    try:
+                        await asyncio.wait_for(stop.wait(), timeout=delay)
+                    except TimeoutError:
+                        pass
+                    delay = min(delay * 2, longest)
+
+        return asyncio.create_task(supervised(), name=name)
 
     async def stop(self) -> None:
         self.stop_event.set()
@@ -1068,6 +1250,18 @@ class Controller:
             self._elector_stop.set()  # the elector releases the lease so a standby takes over at once
             await asyncio.gather(self._elector, return_exceptions=True)
         log.info("controller stopped")
+
+
+def _verdict_line(probe: str, st: ProbeState, reason: str) -> str:
+    """What the timeline says about a failing probe when its incident opens: DOWN with its streak,
+    DEGRADED with its reason (slow, a non-critical step, a near expiry), or its failure rate."""
+    if st.status is Health.DOWN:
+        last = st.last.reason if st.last else ""
+        return f"probe {probe} is DOWN after {st.failures} consecutive failures: {last}"
+    if st.status is Health.DEGRADED:
+        why = st.last.reason if st.last else reason
+        return f"probe {probe} is DEGRADED after {st.degraded} degraded runs: {why}"
+    return f"probe {probe} is DEGRADED: {reason}"
 
 
 def _what(payload: dict[str, Any]) -> str:

@@ -50,7 +50,23 @@ class Metrics:
         self.last_tick = Gauge(
             "continuity_loop_last_tick_timestamp_seconds", "When the decision loop last ran.", registry=r
         )
-        self.isolated = Gauge("continuity_isolated", "1 while every reference target is down.", registry=r)
+        self.isolated = Gauge(
+            "continuity_isolated",
+            "1 while the controller is isolated (isolation_quorum reference targets down).",
+            registry=r,
+        )
+        self.prober_errors = Counter(
+            "continuity_prober_errors_total",
+            "Probe runs that failed on the prober's side (emfile, resolver, loop_stall): UNKNOWN, no vote.",
+            ["kind"],
+            registry=r,
+        )
+        self.task_restarts = Counter(
+            "continuity_task_restarts_total",
+            "Background task failures recovered by restarting it (reconcile: a failed cycle).",
+            ["task"],
+            registry=r,
+        )
         self.probe_flapping = Gauge(
             "continuity_probe_flapping", "1 while a probe flaps.", ["probe"], registry=r
         )

@@ -9,6 +9,7 @@ leaves headed, empty sections for what only humans know: root cause, lessons, ac
 from __future__ import annotations
 
 import html
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,16 @@ def measures(inc: Incident, events: list[Event], config: Config) -> dict[str, An
     }
 
 
+# matplotlib and what it pulls in (numpy, fonttools, pillow) are about 170 MB, a third of the image,
+# for one picture: it is the optional `charts` extra, and a report without it says how to add it.
+NO_CHART = "No chart: matplotlib is not installed (pip install 'continuity[charts]')."
+
+
+def charts_available() -> bool:
+    """Whether matplotlib can be imported, so the reports can draw their PNG chart."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def chart(inc: Incident, events: list[Event], path: Path) -> None:
     """Probe health over time (1 up, 0 down, one line per probe) with the key events marked."""
     import matplotlib
@@ -177,8 +188,9 @@ def write_report(store: Store, config: Config, incident_id: str, out: Path) -> l
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ReportError(f"{out}: cannot create the directory: {exc.strerror or exc}") from None
-    png = out / f"{inc.id}.png"
-    chart(inc, events, png)
+    png = out / f"{inc.id}.png" if charts_available() else None
+    if png is not None:
+        chart(inc, events, png)
 
     doc = Doc()
     doc.heading(f"Post-incident report: {inc.id}", 1)
@@ -196,7 +208,10 @@ def write_report(store: Store, config: Config, incident_id: str, out: Path) -> l
             f"{', '.join(roles.get('technical_owners') or []) or 'unassigned'}",
         ]
     )
-    doc.image(png.name, "probe health over the incident, key events marked")
+    if png is not None:
+        doc.image(png.name, "probe health over the incident, key events marked")
+    else:
+        doc.para(NO_CHART)
     doc.heading("Impact")
     doc.bullets(
         [
@@ -278,4 +293,4 @@ def write_report(store: Store, config: Config, incident_id: str, out: Path) -> l
         "text-align:left;vertical-align:top}</style></head><body>" + "".join(doc.html) + "</body></html>",
         encoding="utf-8",
     )
-    return [md_path, html_path, png]
+    return [md_path, html_path] if png is None else [md_path, html_path, png]

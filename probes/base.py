@@ -6,6 +6,7 @@ expectation that failed, with what was expected and what was found.
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import time
@@ -67,6 +68,10 @@ class ProbeResult:
     error: str = ""
     vantage: str = "local"
     details: dict[str, Any] = field(default_factory=dict)
+    prober_error: str | None = None
+    """Set when the run failed because of the PROBER, not the target: a kind such as "emfile" (our
+    file-descriptor limit), "resolver" (our resolver timed out or failed), "loop_stall" (our event
+    loop was blocked during the run). Detection treats such a result as UNKNOWN: no vote either way."""
 
     @property
     def failed_step(self) -> StepResult | None:
@@ -93,6 +98,7 @@ class ProbeResult:
             "reason": self.reason,
             "vantage": self.vantage,
             "details": self.details,
+            "prober_error": self.prober_error,
             "steps": [
                 {
                     "name": s.name,
@@ -108,8 +114,38 @@ class ProbeResult:
         }
 
 
-def failure(probe: str, started_at: float, latency: float, error: str) -> ProbeResult:
-    return ProbeResult(probe=probe, ok=False, started_at=started_at, latency=latency, error=error)
+def failure(
+    probe: str, started_at: float, latency: float, error: str, prober_error: str | None = None
+) -> ProbeResult:
+    return ProbeResult(
+        probe=probe, ok=False, started_at=started_at, latency=latency, error=error, prober_error=prober_error
+    )
+
+
+def prober_error_of(exc: BaseException | None) -> str | None:
+    """The kind of prober-side error behind an exception, or None when it is the target's doing.
+
+    Our file-descriptor limit (EMFILE/ENFILE, "Too many open files") and our resolver's failures
+    (`probes.resolve.ResolverError`, which carries its `kind`) are ours; refused, reset, unreachable,
+    timeouts and a name that does not exist are the target's. Follows aiohttp's `os_error` and
+    exception chaining, where the cause hides.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError):
+            kind = getattr(exc, "kind", None)
+            if isinstance(kind, str):
+                return kind
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                return "emfile"
+        inner = getattr(exc, "os_error", None)
+        exc = (
+            inner
+            if isinstance(inner, BaseException) and inner is not exc
+            else (exc.__cause__ or exc.__context__)
+        )
+    return None
 
 
 def now() -> float:
@@ -125,6 +161,7 @@ def single_step(
     error: str = "",
     details: dict[str, Any] | None = None,
     latency: float | None = None,
+    prober_error: str | None = None,
 ) -> ProbeResult:
     """The result of a one-exchange probe (tcp, dns, tls, prometheus).
 
@@ -136,7 +173,14 @@ def single_step(
     ok = not error and all(c.ok for c in checks)
     step = StepResult(name, ok, took, checks, error=error, request=request)
     return ProbeResult(
-        name, ok, started_at, took, (step,), error="" if ok else (error or "failed"), details=details or {}
+        name,
+        ok,
+        started_at,
+        took,
+        (step,),
+        error="" if ok else (error or "failed"),
+        details=details or {},
+        prober_error=None if ok else prober_error,
     )
 
 

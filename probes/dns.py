@@ -30,38 +30,13 @@ import dns.rdtypes.txtbase
 import dns.resolver
 from pydantic import Field, field_validator
 
-from probes.base import Check, Comparison, ProbeResult, Strict, latency_check, single_step
+from probes.base import Check, Comparison, ProbeResult, Strict, latency_check, prober_error_of, single_step
 from probes.http import ProbeCommon
+from probes.resolve import parse_server
 from probes.tcp import describe_os_error
 
 RecordType = Literal["A", "AAAA", "CNAME", "MX", "TXT", "NS", "SRV"]
 Rcode = Literal["NOERROR", "NXDOMAIN", "SERVFAIL", "REFUSED", "FORMERR", "NOTIMP"]
-
-
-def parse_server(text: str) -> tuple[str, int]:
-    """`10.0.0.2`, `10.0.0.2:5353`, `::1`, `[::1]:5353` -> (ip, port). Raise ValueError if not."""
-    text = text.strip()
-    host, port = text, 53
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        if rest:
-            if not rest.startswith(":") or not rest[1:].isdigit():
-                raise ValueError(f"an IP address with an optional :port, found {text!r}")
-            port = int(rest[1:])
-    elif text.count(":") == 1:
-        host, _, raw = text.partition(":")
-        if not raw.isdigit():
-            raise ValueError(f"an IP address with an optional :port, found {text!r}")
-        port = int(raw)
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(
-            f"an IP address with an optional :port (e.g. 10.0.0.2:53 or [::1]:53), found {text!r}"
-        ) from None
-    if not 1 <= port <= 65535:
-        raise ValueError(f"a port between 1 and 65535, found {port}")
-    return host, port
 
 
 class DnsExpect(Strict):
@@ -187,7 +162,7 @@ async def run(name: str, cfg: DnsProbe) -> ProbeResult:
         msg = describe_os_error(exc, host, port)
         if isinstance(exc, ConnectionRefusedError):
             msg = f"connection refused by {where} (no DNS server on that port?)"
-        return single_step(name, started_at, t0, request, error=msg)
+        return single_step(name, started_at, t0, request, error=msg, prober_error=prober_error_of(exc))
     except dns.exception.DNSException as exc:
         return single_step(name, started_at, t0, request, error=f"bad answer from {where}: {exc}")
     took = time.perf_counter() - t0

@@ -25,8 +25,9 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from probes.base import Observed, ProbeResult, StepResult, evaluate
+from probes.base import Observed, ProbeResult, StepResult, evaluate, prober_error_of
 from probes.http import MAX_BODY, MAX_HEADERS, HttpProbe, run_journey
+from probes.resolve import RESOLVE_SHARE, first_address, literal
 
 #: Default cap on how much of a body is kept: enough for any health document, small enough that
 #: 20,000 probes against a misbehaving target cannot eat the controller's memory.
@@ -199,9 +200,13 @@ class _BadResponse(Exception):
     """The server answered, but not with a whole HTTP response."""
 
 
-async def _exchange(plan: Plan, cap: int) -> tuple[_Response, bool]:
-    """Connect, send, read until the response is complete (or the cap); return it and truncation."""
-    reader, writer = await asyncio.open_connection(plan.host, plan.port)
+async def _exchange(plan: Plan, cap: int, budget: float) -> tuple[_Response, bool]:
+    """Connect, send, read until the response is complete (or the cap); return it and truncation.
+
+    A host name is resolved by `probes.resolve` within part of the budget (never the shared default
+    executor): a stalled resolver is our error, and cannot hold other probes up."""
+    host = plan.host if literal(plan.host) else await first_address(plan.host, plan.port, budget)
+    reader, writer = await asyncio.open_connection(host, plan.port)
     resp = _Response(cap)
     try:
         writer.write(plan.payload)
@@ -253,19 +258,23 @@ async def run_fast(
     error = ""
     resp: _Response | None = None
     truncated = False
+    prober_error: str | None = None
     try:
         async with asyncio.timeout(cfg.timeout):
-            resp, truncated = await _exchange(plan, max_body)
+            resp, truncated = await _exchange(plan, max_body, cfg.timeout * RESOLVE_SHARE)
     except TimeoutError:
         error = f"timed out: the probe's {cfg.timeout:g}s deadline passed"
     except _BadResponse as exc:
         error = f"bad response: {exc}"
-    except OSError as exc:  # refused, reset, unreachable, name not resolved
+    except OSError as exc:  # refused, reset, unreachable, name not resolved; or our fd limit/resolver
         error = f"connection failed: cannot connect to {plan.host}:{plan.port}: {_os_error(exc)}"
+        prober_error = prober_error_of(exc)
     took = time.perf_counter() - t0
     if resp is None:
         step = StepResult(name, False, took, error=error, request=request)
-        return ProbeResult(name, False, started_at, took, (step,), error="journey incomplete")
+        return ProbeResult(
+            name, False, started_at, took, (step,), error="journey incomplete", prober_error=prober_error
+        )
     if resp.status in _REDIRECTS and "location" in {k.lower() for k in resp.headers}:
         # aiohttp follows redirects (and may land on https): let it, within what is left of the deadline.
         left = max(cfg.timeout - took, 0.001)
@@ -279,6 +288,7 @@ async def run_fast(
             result.error,
             result.vantage,
             details=result.details,
+            prober_error=result.prober_error,
         )
     body = b"".join(resp.body)
     encoding = next((v for k, v in resp.headers.items() if k.lower() == "content-encoding"), "")

@@ -8,6 +8,7 @@ session (fresh connection, empty cookie jar) so one probe's state never leaks in
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from dataclasses import replace
 from typing import Any, Literal
@@ -28,7 +29,9 @@ from probes.base import (
     Strict,
     evaluate,
     extract,
+    prober_error_of,
 )
+from probes.resolve import RESOLVE_SHARE, resolve
 
 _TEMPLATES = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
 
@@ -136,9 +139,29 @@ def _render(value: Any, ctx: dict[str, Any]) -> Any:
     return value
 
 
+class BoundedResolver(aiohttp.abc.AbstractResolver):
+    """aiohttp's resolver for probes: `probes.resolve` within the journey's budget, instead of
+    aiohttp's ThreadedResolver on the default executor (see probes/resolve.py for why)."""
+
+    def __init__(self, budget: float) -> None:
+        self.budget = budget
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[aiohttp.abc.ResolveResult]:
+        found = await resolve(host, port, self.budget, int(family))
+        return [
+            {"hostname": host, "host": addr, "port": port, "family": fam, "proto": 0, "flags": 0}
+            for fam, addr in found
+        ]
+
+    async def close(self) -> None:
+        return None
+
+
 async def _exchange(
     session: aiohttp.ClientSession, step: Step, ctx: dict[str, Any], timeout: float | None
-) -> tuple[StepResult, Observed | None]:
+) -> tuple[StepResult, Observed | None, str | None]:
     start = time.perf_counter()
     try:
         url = _render(step.url, ctx)
@@ -146,7 +169,7 @@ async def _exchange(
         body = _render(step.body, ctx)
         json_body = _render(step.json_body, ctx)
     except TemplateError as exc:
-        return StepResult(step.name, False, 0.0, error=f"template error: {exc}"), None
+        return StepResult(step.name, False, 0.0, error=f"template error: {exc}"), None, None
     request = f"{step.method.upper()} {url}"
     kwargs: dict[str, Any] = {"headers": headers, "allow_redirects": True, "max_redirects": MAX_REDIRECTS}
     if body is not None:
@@ -166,19 +189,26 @@ async def _exchange(
         return (
             StepResult(step.name, False, took, error=f"more than {MAX_REDIRECTS} redirects", request=request),
             None,
+            None,
         )
     except TimeoutError:
         took = time.perf_counter() - start
-        return StepResult(step.name, False, took, error=f"timed out after {took:.1f}s", request=request), None
+        timed_out = StepResult(step.name, False, took, error=f"timed out after {took:.1f}s", request=request)
+        return timed_out, None, None
     except aiohttp.ClientError as exc:
         took = time.perf_counter() - start
         msg = str(exc) or type(exc).__name__
-        return StepResult(step.name, False, took, error=f"connection failed: {msg}", request=request), None
+        failed = StepResult(step.name, False, took, error=f"connection failed: {msg}", request=request)
+        return failed, None, prober_error_of(exc)
+    except OSError as exc:  # our fd limit while aiohttp builds a socket, outside its ClientError
+        took = time.perf_counter() - start
+        failed = StepResult(step.name, False, took, error=f"connection failed: {exc}", request=request)
+        return failed, None, prober_error_of(exc)
     except ValueError as exc:  # a URL that does not parse after templating
-        return StepResult(step.name, False, 0.0, error=f"bad request: {exc}", request=request), None
+        return StepResult(step.name, False, 0.0, error=f"bad request: {exc}", request=request), None, None
     checks = evaluate(step.expect, obs)
     ok = all(c.ok for c in checks)
-    return StepResult(step.name, ok, obs.latency, checks, request=request, status=obs.status), obs
+    return StepResult(step.name, ok, obs.latency, checks, request=request, status=obs.status), obs, None
 
 
 TRUNCATED = "x-continuity-body-truncated-at"
@@ -267,7 +297,10 @@ async def run_journey(name: str, steps: list[Step], variables: dict[str, Any], t
     secrets: list[str] = []
     current: list[Step] = []
     broken = False
-    connector = aiohttp.TCPConnector(force_close=True, limit=0)
+    prober_error: str | None = None
+    connector = aiohttp.TCPConnector(
+        force_close=True, limit=0, resolver=BoundedResolver(timeout * RESOLVE_SHARE), use_dns_cache=False
+    )
     jar = aiohttp.CookieJar(unsafe=True)  # cookies on IP-address targets too
     truncated = False
     try:
@@ -283,7 +316,9 @@ async def run_journey(name: str, steps: list[Step], variables: dict[str, Any], t
                     if broken and not step.always_run:
                         continue
                     current[:] = [step]
-                    result, obs = await _exchange(session, step, ctx, step.timeout)
+                    result, obs, ours = await _exchange(session, step, ctx, step.timeout)
+                    if ours and not step.allow_failure:
+                        prober_error = prober_error or ours
                     if obs is not None:
                         truncated = truncated or TRUNCATED in obs.headers
                         # Secret values are masked from the moment they are seen, whatever the
@@ -324,4 +359,13 @@ async def run_journey(name: str, steps: list[Step], variables: dict[str, Any], t
     if truncated:
         details["body_truncated_at"] = MAX_BODY
     error = "" if ok else ("non-critical step failed" if details.get("degraded") else "journey incomplete")
-    return ProbeResult(name, ok, started_at, latency, tuple(done), error=error, details=details)
+    return ProbeResult(
+        name,
+        ok,
+        started_at,
+        latency,
+        tuple(done),
+        error=error,
+        details=details,
+        prober_error=None if ok else prober_error,
+    )

@@ -15,7 +15,7 @@ from dataclasses import replace
 from typing import Any
 
 from probes import dns, prometheus, tcp, tls
-from probes.base import ProbeResult, failure
+from probes.base import ProbeResult, failure, prober_error_of
 from probes.fasthttp import Plan, build_plan, eligible, run_fast
 from probes.http import run_journey
 
@@ -73,7 +73,8 @@ async def run_probe(name: str, cfg: Any, vantage: str = "local") -> ProbeResult:
     except TimeoutError:
         return failure(name, started, time.perf_counter() - t0, f"timed out after {cfg.timeout:g}s")
     except Exception as exc:
-        return failure(name, started, time.perf_counter() - t0, f"probe error: {type(exc).__name__}: {exc}")
+        took = time.perf_counter() - t0
+        return failure(name, started, took, f"probe error: {type(exc).__name__}: {exc}", prober_error_of(exc))
     slo = getattr(cfg, "latency_slo", None)
     if result.ok and slo is not None and result.latency > slo:
         result = replace(

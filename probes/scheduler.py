@@ -15,6 +15,10 @@ Rules:
 - Runs start on a grid of `quantum` seconds (100 ms by default), in batches: see DEFAULT_QUANTUM.
 - Start-time jitter is measured when the run actually starts, after waiting for the caps, because
   that is the lateness a user sees.
+- A prober's failure is not the target's: a watchdog wakes every STALL_TICK and notes when the event
+  loop was blocked for `stall` seconds or more; a run that FAILED while such a stall overlapped it
+  (a timeout that fired because the loop could not read the answer) is marked
+  `prober_error="loop_stall"`, so detection counts it as UNKNOWN. A pass is a pass, stall or not.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import time
 import zlib
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -49,6 +54,10 @@ DEFAULT_MAX_IN_FLIGHT = 2000
 DEFAULT_QUANTUM = 0.1
 #: Jitter samples kept for metrics (a ring: the latest ones).
 DEFAULT_SAMPLES = 100_000
+#: How often the loop-stall watchdog wakes, and how late it must wake to call it a stall: a
+#: blocked loop for half a second can time out a healthy probe with a sub-second budget.
+STALL_TICK = 0.1
+DEFAULT_STALL = 0.5
 
 
 def offsets(intervals: dict[str, float]) -> dict[str, float]:
@@ -103,6 +112,7 @@ class Scheduler:
         per_host: int = DEFAULT_PER_HOST,
         samples: int = DEFAULT_SAMPLES,
         quantum: float = DEFAULT_QUANTUM,
+        stall: float = DEFAULT_STALL,
     ) -> None:
         self.probes = probes
         self._run = run
@@ -120,6 +130,10 @@ class Scheduler:
         self.started = 0
         self.completed = 0
         self.skipped = 0  # slots skipped because the probe's previous run was still in flight
+        self.stall = stall
+        #: (from, to) on the scheduler's clock of the latest loop stalls the watchdog saw.
+        self.stalls: deque[tuple[float, float]] = deque(maxlen=64)
+        self._beat: float | None = None
 
     def _host_sem(self, name: str) -> asyncio.Semaphore | None:
         key = self._host_of.get(name, "")
@@ -137,13 +151,23 @@ class Scheduler:
                 if host is not None:
                     await host.acquire()
                 try:
-                    self.jitter_samples.append(clock() - due)
+                    began = clock()
+                    self.jitter_samples.append(began - due)
                     self.started += 1
                     try:
                         result = await self._run(name, cfg)
                     except Exception as exc:  # the runner should never raise; if it does, it is a failure
                         log.exception("probe run raised", probe=name)
                         result = failure(name, time.time(), 0.0, f"probe error: {type(exc).__name__}: {exc}")
+                    if not result.ok and result.prober_error is None:
+                        stalled = self.stalled_during(began, clock())
+                        if stalled:
+                            result = replace(
+                                result,
+                                prober_error="loop_stall",
+                                error=f"{result.reason or result.error} (our event loop was blocked for "
+                                f"{stalled:.1f}s during the run: not the target's failure)",
+                            )
                 finally:
                     if host is not None:
                         host.release()
@@ -171,6 +195,7 @@ class Scheduler:
 
         stopper = loop.create_task(stop.wait())
         stopper.add_done_callback(_wake)
+        watchdog = loop.create_task(self._watch(stop, clock)) if self.stall > 0 else None
         heap = self._heap
         try:
             while not stop.is_set():
@@ -201,7 +226,30 @@ class Scheduler:
                 timer.cancel()
         finally:
             stopper.cancel()
+            if watchdog is not None:
+                watchdog.cancel()
             tasks = list(self._in_flight.values())
             for t in tasks:
                 t.cancel()
-            await asyncio.gather(stopper, *tasks, return_exceptions=True)
+            await asyncio.gather(stopper, *tasks, *([watchdog] if watchdog else []), return_exceptions=True)
+
+    async def _watch(self, stop: asyncio.Event, clock: Callable[[], float]) -> None:
+        """Note every stretch in which the loop could not run us for `stall` seconds or more."""
+        while not stop.is_set():
+            self._beat = before = clock()
+            await asyncio.sleep(STALL_TICK)
+            after = clock()
+            if after - before - STALL_TICK >= self.stall:
+                self.stalls.append((before, after))
+                log.warning("event loop stalled", seconds=round(after - before - STALL_TICK, 2))
+
+    def stalled_during(self, began: float, ended: float) -> float:
+        """Seconds of the longest loop stall overlapping [began, ended] (0.0: none). A stall still
+        going on (the watchdog has not woken yet) counts from its last beat."""
+        worst = 0.0
+        for start, end in self.stalls:
+            if start <= ended and end >= began:
+                worst = max(worst, end - start - STALL_TICK)
+        if self._beat is not None and ended - self._beat - STALL_TICK >= self.stall:
+            worst = max(worst, ended - self._beat - STALL_TICK)
+        return worst

@@ -16,8 +16,9 @@ from typing import Literal
 
 from pydantic import Field
 
-from probes.base import Check, Comparison, ProbeResult, Strict, latency_check, single_step
+from probes.base import Check, Comparison, ProbeResult, Strict, latency_check, prober_error_of, single_step
 from probes.http import ProbeCommon
+from probes.resolve import RESOLVE_SHARE, first_address, literal
 
 #: Stop reading after this much: `contains` is about the first bytes, not a download.
 READ_LIMIT = 64 * 1024
@@ -45,6 +46,8 @@ def describe_os_error(exc: OSError, host: str, port: int) -> str:
     """Connection errors as actions: refused means nothing listens, unreachable means the network."""
     if isinstance(exc, socket.gaierror):
         return f"cannot resolve host {host!r}: {exc.strerror or exc}"
+    if not exc.errno and str(exc):  # probes.resolve's errors say what happened themselves
+        return str(exc)
     if isinstance(exc, ConnectionRefusedError):
         return f"connection refused by {host}:{port} (nothing listening on that port?)"
     reason = exc.strerror or str(exc) or type(exc).__name__
@@ -124,7 +127,12 @@ async def run(name: str, cfg: TcpProbe) -> ProbeResult:
     writer: asyncio.StreamWriter | None = None
     try:
         async with asyncio.timeout(cfg.timeout):
-            reader, writer = await asyncio.open_connection(cfg.host, cfg.port, limit=READ_LIMIT)
+            host = (
+                cfg.host
+                if literal(cfg.host)
+                else await first_address(cfg.host, cfg.port, cfg.timeout * RESOLVE_SHARE)
+            )
+            reader, writer = await asyncio.open_connection(host, cfg.port, limit=READ_LIMIT)
             details["connect_seconds"] = round(time.perf_counter() - t0, 6)
             if cfg.send is not None:
                 stage = "sending"
@@ -149,7 +157,9 @@ async def run(name: str, cfg: TcpProbe) -> ProbeResult:
             writer.transport.abort()
         where = "" if stage == "connecting" else f" while {stage}"
         msg = describe_os_error(exc, cfg.host, cfg.port) + where
-        return single_step(name, started_at, t0, request, error=msg, details=details)
+        return single_step(
+            name, started_at, t0, request, error=msg, details=details, prober_error=prober_error_of(exc)
+        )
     await close_quietly(writer)  # outside the deadline: a slow close must not fail a good exchange
     checks: list[Check] = []
     if wanted is not None:

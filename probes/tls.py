@@ -30,8 +30,9 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from probes.base import Check, Comparison, ProbeResult, Strict, single_step
+from probes.base import Check, Comparison, ProbeResult, Strict, prober_error_of, single_step
 from probes.http import ProbeCommon
+from probes.resolve import RESOLVE_SHARE, first_address, literal
 from probes.tcp import close_quietly, describe_os_error
 
 #: OpenSSL verify codes we explain in words (X509_V_ERR_*).
@@ -187,7 +188,12 @@ async def run(name: str, cfg: TlsProbe) -> ProbeResult:
     try:
         try:
             async with asyncio.timeout(cfg.timeout):
-                _, writer = await asyncio.open_connection(cfg.host, cfg.port)
+                host = (
+                    cfg.host
+                    if literal(cfg.host)
+                    else await first_address(cfg.host, cfg.port, cfg.timeout * RESOLVE_SHARE)
+                )
+                _, writer = await asyncio.open_connection(host, cfg.port)
                 details["connect_seconds"] = round(time.perf_counter() - t0, 6)
                 stage = "in the TLS handshake"
                 await writer.start_tls(ctx, server_hostname=sni)
@@ -216,7 +222,9 @@ async def run(name: str, cfg: TlsProbe) -> ProbeResult:
     except OSError as exc:
         where = "" if stage == "connecting" else f" {stage}"
         msg = describe_os_error(exc, cfg.host, cfg.port) + where
-        return single_step(name, started_at, t0, request, error=msg, details=details)
+        return single_step(
+            name, started_at, t0, request, error=msg, details=details, prober_error=prober_error_of(exc)
+        )
     if "notAfter" not in peer:
         return single_step(
             name, started_at, t0, request, error="the server sent no certificate to check", details=details

@@ -151,3 +151,21 @@ def world(moto_url: str) -> World:
 def proxy(moto_url: str) -> Iterator[AwsProxy]:
     with AwsProxy(moto_url) as p:
         yield p
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--sim-seed",
+        type=int,
+        default=None,
+        help="Replay one simulation scenario (tests/test_simulation.py) by its seed.",
+    )
+
+
+@pytest.fixture
+def sim_seed(request: pytest.FixtureRequest) -> int | None:
+    """--sim-seed N, or CONTINUITY_SIM_SEED=N: run only that seeded scenario."""
+    seed = request.config.getoption("--sim-seed")
+    if seed is None and os.environ.get("CONTINUITY_SIM_SEED"):
+        seed = int(os.environ["CONTINUITY_SIM_SEED"])
+    return seed

@@ -621,6 +621,8 @@ def test_alert_rules_cover_the_controller(default_objects: list[dict[str, Any]])
     assert "> 60" in alerts["ContinuityLoopStalled"]["expr"]
     assert "> 300" in alerts["ContinuityOutboxBacklog"]["expr"]
     assert "continuity_isolated" in alerts["ContinuityIsolated"]["expr"]
+    assert "continuity_prober_errors_total" in alerts["ContinuityProberErrors"]["expr"]
+    assert "continuity_task_restarts_total" in alerts["ContinuityTaskRestarting"]["expr"]
     # Every expression is scoped to this release, so two releases never mask each other.
     for r in alerts.values():
         assert f'namespace="{NAMESPACE}"' in r["expr"], r["alert"]
@@ -750,7 +752,7 @@ def test_dashboard_queries_use_known_metrics() -> None:
     assert any("histogram_quantile(0.99," in q for q in quantiles)
 
 
-# ---------------------------------------------------------------- Dockerfile (static: no engine here)
+# ------------------------------------------- Dockerfile (static here; tests/test_image.py builds and runs it)
 
 
 def test_dockerfile_static() -> None:

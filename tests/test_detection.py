@@ -11,6 +11,7 @@ from controller.classify import severity
 from controller.config import Classification, Config, Failback, TierRule
 from controller.decide import (
     ChangeSeverity,
+    FailoverView,
     Hold,
     Observation,
     OpenIncident,
@@ -119,9 +120,13 @@ def test_service_degraded_when_only_degraded_probes_fail() -> None:
     assert h.since == 20.0
 
 
-def test_service_unknown_until_any_probe_has_an_opinion() -> None:
+def test_service_unknown_until_every_probe_has_an_opinion() -> None:
+    """Unknown is not up: one passing probe and one never heard from is not a healthy service."""
     assert service_health("shop", ["a", "b"], {}, {}).state is ServiceState.UNKNOWN
     h = service_health("shop", ["a", "b"], states(a=Health.UP), {})
+    assert h.state is ServiceState.UNKNOWN
+    assert ("b", "no result yet") in h.unproven
+    h = service_health("shop", ["a", "b"], states(a=Health.UP, b=Health.UP), {})
     assert h.state is ServiceState.UP
 
 
@@ -366,12 +371,15 @@ def test_failback_waits_for_the_primary_to_be_healthy_long_enough() -> None:
     cfg.playbooks["back"] = cfg.playbooks["fo"]
     cfg.services["checkout"].failback = Failback(playbook="back", healthy_probes=["p"], healthy_for="10m")
     up = obs(ServiceState.UP)
-    early = dataclasses.replace(up, failed_over={"checkout": "i1"}, up_since={"p": up.now - 100})
+    # Failed over: the persisted failover state says so (nothing re-derives it from run history).
+    moved = {"checkout": FailoverView("failed_over", "r1", "i1", up.now - 700, "", 2)}
+    early = dataclasses.replace(up, failover=moved, up_since={"p": up.now - 100})
     assert not [d for d in decide(early, cfg) if isinstance(d, StartPlaybook)]
     late = dataclasses.replace(early, up_since={"p": up.now - 601})
     [start] = [d for d in decide(late, cfg) if isinstance(d, StartPlaybook)]
     assert (start.playbook, start.incident_id, start.approval) == ("back", "i1", True)  # manual by default
-    done = dataclasses.replace(late, failed_over={})
+    assert (start.frm, start.version) == ("failed_over", 2)
+    done = dataclasses.replace(late, failover={})  # back on the primary: nothing to fail back
     assert not [d for d in decide(done, cfg) if isinstance(d, StartPlaybook)]
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from controller.drills.drill import DrillResult
 from controller.durations import format_duration
-from controller.report import Doc
+from controller.report import NO_CHART, Doc, charts_available
 from controller.stores import Store
 
 MEASURES = [
@@ -122,9 +122,11 @@ def chart(result: DrillResult, path: Path) -> list[Any]:
 def write(result: DrillResult, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"drill-{result.scenario}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(result.started_at))}"
-    png, md, js = out / f"{stem}.png", out / f"{stem}.md", out / f"{stem}.json"
-    chart(result, png)
-    result.files = [str(md), str(js), str(png)]
+    md, js = out / f"{stem}.md", out / f"{stem}.json"
+    png = out / f"{stem}.png" if charts_available() else None
+    if png is not None:
+        chart(result, png)
+    result.files = [str(md), str(js)] + ([str(png)] if png is not None else [])
     doc = Doc()
     doc.heading(f"Drill report: {result.title} ({result.scenario})", 1)
     doc.bullets(
@@ -140,7 +142,10 @@ def write(result: DrillResult, out: Path) -> list[Path]:
             f"What happened: {result.outcome}",
         ]
     )
-    doc.image(png.name, "probe verdicts over the drill, key moments marked")
+    if png is not None:
+        doc.image(png.name, "probe verdicts over the drill, key moments marked")
+    else:
+        doc.para(NO_CHART)
     doc.heading("Objectives")
     doc.table(
         ["Objective", "Target", "Actual", "Result"],
@@ -173,7 +178,7 @@ def write(result: DrillResult, out: Path) -> list[Path]:
             doc.para("None.")
     md.write_text("\n".join(doc.md), encoding="utf-8")
     js.write_text(json.dumps(result.to_dict(), indent=2), encoding="utf-8")
-    return [md, js, png]
+    return [md, js] if png is None else [md, js, png]
 
 
 # ------------------------------------------------------------------ kept in the store

@@ -131,6 +131,9 @@ class Dispatcher:
     ) -> None:
         self.may_send: Callable[[], bool] = lambda: True
         """Set by the controller: only the leader delivers."""
+        self.on_error: Callable[[], None] = lambda: None
+        """Set by the controller: a failed drain is counted (continuity_task_restarts_total{task=
+        "outbox"}, as every supervised task's failed cycle is), then retried next period."""
         self.store = store
         self.channels = channels
         self.clock = clock
@@ -224,6 +227,7 @@ class Dispatcher:
                 await self.drain()
             except Exception:  # a sick store (API 500s) must not end delivery for good: retry next period
                 log.exception("outbox drain failed; retrying")
+                self.on_error()
             self.wake.clear()
             try:
                 await asyncio.wait_for(self.wake.wait(), timeout=period)

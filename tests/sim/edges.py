@@ -1,0 +1,528 @@
+"""The simulated edges: everything the controller touches outside itself, and nothing else.
+
+- `SimProber`: the probe transport (the Controller's `prober=` seam). Answers come from the world's
+  truth at the moment the probe runs; a hang takes the probe's whole timeout in virtual time.
+- `SimAws`: boto3-like route53 and rds clients that change the world, count every world-changing
+  call, and can be throttled, fail, be slow, or time out after succeeding.
+- `sim_http`: replaces `requests.Session.request` during a run, so the production notifier
+  channels (PagerDuty, Slack) and the `http` playbook action send through their real code down to
+  the wire, and the world's receivers answer (validating the payloads, going down and coming back).
+- `ProcessStore`: the real store seen through one controller process: it raises on a schedule
+  (a full disk), can be slow (a blocking call stalls the loop), and refuses everything once its
+  process has crashed.
+- `SimElector`: leadership the world decides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import json
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+from requests.structures import CaseInsensitiveDict
+
+from controller.stores import StoreError
+from probes.base import ProbeResult, StepResult
+from tests.sim.vloop import InlineExecutor
+from tests.sim.world import CHECKOUT, IP_REGION, REGION_IP, Call, World
+
+ACTOR: contextvars.ContextVar[str] = contextvars.ContextVar("sim_actor", default="?")
+"""Which controller process is making a call (each process's tasks run in its own context)."""
+
+HAS_PROBER_ERROR = "prober_error" in ProbeResult.__dataclass_fields__
+
+
+# ====================================================================== probes
+
+
+def _region_of(host: str, world: World, t: float) -> str | None:
+    host = host.lower().rstrip(".")
+    if host + "." == CHECKOUT:
+        return world.serving(t)
+    for region in REGION_IP:
+        if host.startswith(region + ".") or f".{region}." in host:
+            return region
+    if host.startswith("ref-"):
+        return host.removesuffix(".sim")  # a reference target is its own "region": ref-a, ref-b
+    return None
+
+
+class SimProber:
+    """What `probes.runner.run_probe` would return, computed from the world's truth."""
+
+    def __init__(self, world: World, clock: Any, vantage: str = "local") -> None:
+        self.world = world
+        self.clock = clock
+        self.vantage = vantage
+        self.rng = random.Random(world.seed * 7919 + sum(map(ord, vantage)))
+        self._journeys: dict[str, Any] = {}
+
+    def _result(self, name: str, ok: bool, start: float, latency: float, **kw: Any) -> ProbeResult:
+        prober_error = kw.pop("prober_error", None)
+        if HAS_PROBER_ERROR and prober_error is not None:
+            kw["prober_error"] = prober_error
+        return ProbeResult(probe=name, ok=ok, started_at=start, latency=latency, vantage=self.vantage, **kw)
+
+    async def __call__(self, name: str, cfg: Any) -> ProbeResult:
+        w = self.world
+        start = self.clock()
+        t = w.rel(start)
+        timeout = float(cfg.timeout)
+        local = self.vantage == "local"
+        if local and w.active("emfile", t):
+            await asyncio.sleep(0.001)
+            return self._result(
+                name,
+                False,
+                start,
+                0.001,
+                error="probe error: OSError: [Errno 24] Too many open files",
+                prober_error="emfile",
+            )
+        if local and w.active("resolver", t):
+            await asyncio.sleep(timeout)
+            return self._result(
+                name, False, start, timeout, error=f"timed out after {timeout:g}s", prober_error="resolver"
+            )
+        cut = w.active("isolation", t) if local else []
+        cut = cut or [f for f in w.active("vantage", t) if f.step == self.vantage]
+        if cut:
+            await asyncio.sleep(timeout)
+            return self._result(name, False, start, timeout, error=f"timed out after {timeout:g}s")
+        steps = self._journeys.get(name)
+        if steps is None:
+            steps = self._journeys[name] = cfg.journey(name)
+        out: list[StepResult] = []
+        total = 0.0
+        failed = False
+        hung = False
+        for step in steps:
+            host = urlsplit(step.url).hostname or ""
+            region = _region_of(host, w, t)
+            faults = (
+                w.active(("refused", "hang", "http5xx", "slow", "flaky", "step"), t, region) if region else []
+            )
+            kinds = {f.kind: f for f in faults}
+            req = f"GET {step.url}"
+            if "refused" in kinds:
+                out.append(StepResult(step.name, False, 0.001, error="connection refused", request=req))
+                total += 0.001
+                failed = True
+                break
+            if "hang" in kinds:
+                hung = True
+                break
+            lat = 0.02 + (kinds["slow"].latency if "slow" in kinds else 0.0)
+            total += lat
+            if total > timeout:
+                hung = True
+                break
+            broken = (
+                "http5xx" in kinds
+                or ("step" in kinds and kinds["step"].step == step.name)
+                or ("flaky" in kinds and self.rng.random() < kinds["flaky"].rate)
+            )
+            if broken:
+                out.append(
+                    StepResult(
+                        step.name, False, lat, error="expected status 200, found 503", request=req, status=503
+                    )
+                )
+                failed = True
+                break
+            out.append(StepResult(step.name, True, lat, request=req, status=200))
+        if hung:
+            await asyncio.sleep(timeout)
+            return self._result(name, False, start, timeout, error=f"timed out after {timeout:g}s")
+        await asyncio.sleep(total)
+        if failed:
+            return self._result(name, False, start, total, steps=tuple(out))
+        # after the sleep: a stalled loop makes a probe late, and the real one would have timed out
+        took = self.clock() - start
+        if took > timeout + 0.5:
+            return self._result(
+                name, False, start, took, error=f"timed out after {timeout:g}s", prober_error="loop_stall"
+            )
+        slo = getattr(cfg, "latency_slo", None)
+        if slo is not None and total > slo:
+            return self._result(
+                name,
+                False,
+                start,
+                total,
+                steps=tuple(out),
+                error=f"slower than its latency SLO: {total * 1000:.0f}ms > {slo * 1000:.0f}ms",
+                details={"degraded": True},
+            )
+        return self._result(name, True, start, total, steps=tuple(out))
+
+
+# ====================================================================== AWS
+
+
+def _client_error(code: str, status: int, op: str) -> ClientError:
+    return ClientError(
+        {
+            "Error": {"Code": code, "Message": f"simulated {code}"},
+            "ResponseMetadata": {"HTTPStatusCode": status},
+        },
+        op,
+    )
+
+
+class _Exceptions:
+    class DBClusterNotFoundFault(Exception):
+        pass
+
+    class DBInstanceNotFoundFault(Exception):
+        pass
+
+
+class _SimClient:
+    def __init__(self, aws: SimAws, service: str) -> None:
+        self.aws = aws
+        self.service = service
+        self.exceptions = _Exceptions
+
+    def _enter(self, op: str, mutating: bool) -> tuple[float, Any]:
+        """Common to every call: dead process, latency, throttling. Returns (t, mode event)."""
+        w = self.aws.world
+        actor = ACTOR.get()
+        if actor in w.dead:
+            raise EndpointConnectionError(endpoint_url=f"https://{self.service}.sim")
+        self.aws.executor.charge(0.05)
+        t = w.rel(self.aws.clock())
+        mode = w.event_active("aws", t)
+        if mode is not None and mode.target == "throttle":
+            raise _client_error("Throttling", 400, op)
+        if mode is not None and mode.target == "fail" and mutating:
+            raise _client_error("InternalFailure", 500, op)
+        return t, mode
+
+    def _mutate(self, op: str, resource: str, value: str, apply: Any, detail: dict[str, Any]) -> None:
+        """Apply a change (once), log it with its at-most-once key, then honour slow/timeout modes."""
+        w = self.aws.world
+        t, mode = self._enter(op, True)
+        history = self.aws.changes.setdefault(resource, [])
+        current = history[-1][1] if history else None
+        if current == value:
+            key = f"{resource}->{value}#{len(history) - 1}"  # a repeat of the change already made
+        else:
+            history.append((t, value))
+            key = f"{resource}->{value}#{len(history) - 1}"
+            apply(t)
+        w.calls.append(Call(t, ACTOR.get(), self.service, key, True, {"op": op, **detail}))
+        if mode is not None and mode.target == "slow":
+            self.aws.executor.charge(mode.value)
+        if mode is not None and mode.target == "timeout_after":
+            self.aws.executor.charge(self.aws.read_timeout)
+            raise ReadTimeoutError(endpoint_url=f"https://{self.service}.sim")
+
+
+class SimRoute53(_SimClient):
+    def list_hosted_zones_by_name(self, DNSName: str, **_: Any) -> dict[str, Any]:
+        self._enter("ListHostedZonesByName", False)
+        return {"HostedZones": [{"Id": "/hostedzone/ZSIM", "Name": "shop.sim."}]}
+
+    def list_resource_record_sets(self, HostedZoneId: str, **_: Any) -> dict[str, Any]:
+        t, _mode = self._enter("ListResourceRecordSets", False)
+        ip = REGION_IP[self.aws.world.serving(t)]
+        return {
+            "ResourceRecordSets": [
+                {"Name": CHECKOUT, "Type": "A", "TTL": 60, "ResourceRecords": [{"Value": ip}]},
+            ]
+        }
+
+    def change_resource_record_sets(self, HostedZoneId: str, ChangeBatch: dict[str, Any]) -> dict[str, Any]:
+        w = self.aws.world
+        change = ChangeBatch["Changes"][0]["ResourceRecordSet"]
+        values = [r["Value"] for r in change.get("ResourceRecords", [])]
+        region = IP_REGION.get(values[0], "?") if values else "?"
+        self._mutate(
+            "ChangeResourceRecordSets",
+            change["Name"],
+            region,
+            lambda t: w.switch(t, region),
+            {"region": region, "comment": ChangeBatch.get("Comment", "")},
+        )
+        return {"ChangeInfo": {"Id": f"/change/C{len(w.calls)}", "Status": "PENDING"}}
+
+    def get_change(self, Id: str) -> dict[str, Any]:
+        self._enter("GetChange", False)
+        return {"ChangeInfo": {"Id": Id, "Status": "INSYNC"}}
+
+
+class SimRds(_SimClient):
+    def describe_db_clusters(self, DBClusterIdentifier: str) -> dict[str, Any]:
+        _t, _ = self._enter("DescribeDBClusters", False)
+        writer = self.aws.world.writer[-1][1]
+        return {
+            "DBClusters": [
+                {
+                    "DBClusterIdentifier": DBClusterIdentifier,
+                    "Status": "available",
+                    "DBClusterMembers": [
+                        {"DBInstanceIdentifier": f"shop-{r}", "IsClusterWriter": r == writer}
+                        for r in REGION_IP
+                    ],
+                }
+            ]
+        }
+
+    def failover_db_cluster(
+        self, DBClusterIdentifier: str, TargetDBInstanceIdentifier: str
+    ) -> dict[str, Any]:
+        w = self.aws.world
+        region = TargetDBInstanceIdentifier.removeprefix("shop-")
+        self._mutate(
+            "FailoverDBCluster",
+            DBClusterIdentifier,
+            region,
+            lambda t: w.writer.append((t, region)),
+            {"region": region},
+        )
+        return {"DBCluster": {"DBClusterIdentifier": DBClusterIdentifier}}
+
+
+class SimAws:
+    """The Controller's `aws=` client factory, bound to the world."""
+
+    read_timeout = 20.0
+
+    def __init__(self, world: World, executor: InlineExecutor, clock: Any) -> None:
+        self.world = world
+        self.executor = executor
+        self.clock = clock
+        self.changes: dict[str, list[tuple[float, str]]] = {}
+        self._clients = {"route53": SimRoute53(self, "route53"), "rds": SimRds(self, "rds")}
+
+    def __call__(self, service: str) -> Any:
+        if service not in self._clients:
+            raise EndpointConnectionError(endpoint_url=f"https://{service}.sim (not simulated)")
+        return self._clients[service]
+
+
+# ====================================================================== HTTP: receivers and webhooks
+
+PD_KEY = "sim0routing0key00000000000000000"  # 32 characters, like a real integration key
+SLACK_URL = "http://hooks.slack.sim/services/T0/B0/sim"
+
+
+def _response(url: str, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Any:
+    resp = requests.Response()
+    resp.status_code = status
+    resp._content = json.dumps(body).encode()
+    resp.headers = CaseInsensitiveDict({"Content-Type": "application/json", **(headers or {})})
+    resp.url = url
+    resp.reason = {200: "OK", 202: "Accepted", 400: "Bad Request", 503: "Service Unavailable"}.get(status, "")
+    resp.encoding = "utf-8"
+    return resp
+
+
+def _pd_problem(body: Any) -> str | None:
+    """What PagerDuty's Events API v2 would refuse (400), or None."""
+    if not isinstance(body, dict):
+        return "body is not a JSON object"
+    if body.get("routing_key") != PD_KEY:
+        return "invalid routing_key"
+    action = body.get("event_action")
+    if action not in ("trigger", "acknowledge", "resolve"):
+        return f"invalid event_action {action!r}"
+    if not body.get("dedup_key"):
+        return "dedup_key missing"
+    if action == "trigger":
+        p = body.get("payload") or {}
+        for key in ("summary", "source", "severity"):
+            if not p.get(key):
+                return f"payload.{key} missing"
+        if p["severity"] not in ("critical", "error", "warning", "info"):
+            return f"payload.severity {p['severity']!r}"
+    return None
+
+
+class SimHttp:
+    """Stands in for the network under `requests`: the world's receivers answer."""
+
+    def __init__(self, world: World, executor: InlineExecutor, clock: Any) -> None:
+        self.world = world
+        self.executor = executor
+        self.clock = clock
+
+    def request(self, method: str, url: str, **kw: Any) -> Any:
+        w = self.world
+        actor = ACTOR.get()
+        if actor in w.dead:
+            raise requests.ConnectionError("sim: this process is dead")
+        t = w.rel(self.clock())
+        host = (urlsplit(url).hostname or "").lower()
+        body = kw.get("json")
+        if body is None and kw.get("data") is not None:
+            data = kw["data"]
+            try:
+                body = json.loads(data.decode() if isinstance(data, bytes) else data)
+            except ValueError:
+                body = {"raw": str(data)[:200]}
+        timeout = kw.get("timeout") or 10.0
+        timeout = timeout[-1] if isinstance(timeout, tuple) else float(timeout)
+        self.executor.charge(0.03)
+        if host == "events.pagerduty.sim":
+            if w.event_active("receiver_down", t, "pagerduty"):
+                raise requests.ConnectionError("sim: events.pagerduty.sim refused the connection")
+            problem = _pd_problem(body)
+            if problem:
+                return _response(url, 400, {"status": "invalid event", "errors": [problem]})
+            w.deliveries.append(
+                Call(
+                    t,
+                    actor,
+                    "notify",
+                    json.dumps(body, sort_keys=True),
+                    True,
+                    {"channel": "pagerduty", "body": body},
+                )
+            )
+            return _response(url, 202, {"status": "success", "dedup_key": body.get("dedup_key")})
+        if host == "hooks.slack.sim":
+            if w.event_active("receiver_down", t, "slack"):
+                return _response(url, 503, {"ok": False})
+            if not isinstance(body, dict) or not body.get("text"):
+                return _response(url, 400, {"ok": False, "error": "no_text"})
+            w.deliveries.append(
+                Call(
+                    t,
+                    actor,
+                    "notify",
+                    json.dumps(body, sort_keys=True),
+                    True,
+                    {"channel": "slack", "body": body},
+                )
+            )
+            return _response(url, 200, {"ok": True})
+        if host == "hooks.sim":
+            slow = w.event_active("hook_slow", t)
+            latency = slow.value if slow else 0.1
+            headers = {k.lower(): v for k, v in (kw.get("headers") or {}).items()}
+            key = f"http {method} {url} {json.dumps(body, sort_keys=True)}"
+            w.calls.append(
+                Call(
+                    t,
+                    actor,
+                    "http",
+                    key,
+                    True,
+                    {"idempotency_key": headers.get("idempotency-key"), "body": body},
+                )
+            )
+            if latency > timeout:
+                self.executor.charge(timeout)
+                raise requests.exceptions.ReadTimeout(f"sim: {url} read timed out (read timeout={timeout:g})")
+            self.executor.charge(latency)
+            return _response(url, 200, {"ok": True})
+        raise requests.ConnectionError(f"sim: no route to {host}")
+
+
+@contextmanager
+def patched_network(http: SimHttp) -> Iterator[None]:
+    """Route every `requests` call of this run to the world (the notifier channels, the http action)."""
+    original = requests.Session.request
+
+    def request(session: Any, method: str, url: str, **kw: Any) -> Any:
+        return http.request(method, url, **kw)
+
+    requests.Session.request = request  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        requests.Session.request = original  # type: ignore[method-assign]
+
+
+# ====================================================================== store and leadership
+
+WRITES = {
+    "open_incident",
+    "update_incident",
+    "append",
+    "create_run",
+    "update_run",
+    "update_step",
+    "add_step",
+    "set_flag",
+    "enqueue",
+    "delivered",
+    "retry_later",
+    "give_up",
+    "set_ref",
+}
+
+
+class ProcessStore:
+    """The real store as one controller process sees it: faults on the world's schedule."""
+
+    def __init__(self, inner: Any, world: World, actor: str, executor: InlineExecutor, clock: Any) -> None:
+        self._inner = inner
+        self._world = world
+        self._actor = actor
+        self._executor = executor
+        self._clock = clock
+
+    def __getattr__(self, name: str) -> Any:
+        target = getattr(self._inner, name)
+        if not callable(target):
+            return target
+        world, actor = self._world, self._actor
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if actor in world.dead:
+                raise StoreError(f"sim: process {actor} is dead")
+            t = world.rel(self._clock())
+            slow = world.event_active("store_slow", t)
+            if slow is not None:
+                self._executor.charge(slow.value)
+            if name in WRITES and world.event_active("store_error", t) is not None:
+                raise StoreError("sim: database or disk is full")
+            return target(*args, **kwargs)
+
+        return call
+
+
+class SimElector:
+    """Leadership as the world decides it (a Lease whose holder the scenario picks)."""
+
+    def __init__(self, identity: str, world: World) -> None:
+        self.identity = identity
+        self.world = world
+        self.leading = asyncio.Event()
+
+    def is_leader(self) -> bool:
+        ok = self.world.leader == self.identity and self.identity not in self.world.dead
+        if ok:
+            self.leading.set()
+        else:
+            self.leading.clear()
+        return ok
+
+    async def try_acquire_or_renew(self) -> bool:
+        return self.is_leader()
+
+    async def release(self) -> None:
+        return None
+
+    async def run(self, stop_event: asyncio.Event) -> None:
+        await stop_event.wait()
+
+
+class SeededSecrets:
+    """`secrets` for controller.stores.model during a run: ids from the seed, so a replay is identical."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed ^ 0x1D5)
+
+    def token_hex(self, n: int = 16) -> str:
+        return "".join(f"{self.rng.randrange(256):02x}" for _ in range(n))
