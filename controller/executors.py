@@ -19,8 +19,9 @@ import asyncio
 import contextvars
 import functools
 import threading
+import weakref
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -62,10 +63,21 @@ ACTIONS = Pool("continuity-actions", max_workers=16)
 Kubernetes API, webhooks. Bounded: a storm of runs queues here instead of starving everything else."""
 
 
+_ROUTED: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Executor] = weakref.WeakKeyDictionary()
+
+
+def route_all(loop: asyncio.AbstractEventLoop, executor: Executor) -> None:
+    """Send every pool's work on `loop` to `executor` (the deterministic simulation runs all of it
+    inline on virtual time, as it does the default executor's)."""
+    _ROUTED[loop] = executor
+
+
 async def run_in(pool: Pool | None, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     """`asyncio.to_thread`, on `pool` (None: the loop's default executor). Like `to_thread`, the
     caller's context variables (structlog's bound fields) travel with the call."""
     loop = asyncio.get_running_loop()
     ctx = contextvars.copy_context()
     call = functools.partial(ctx.run, fn, *args, **kwargs)
-    return await loop.run_in_executor(None if pool is None else pool.executor(), call)
+    routed = _ROUTED.get(loop)
+    executor = routed if routed is not None else (None if pool is None else pool.executor())
+    return await loop.run_in_executor(executor, call)
