@@ -23,6 +23,9 @@ Why each rule exists:
   no longer hides a journey that fails most of the time.
 - A prober's failure is not the target's: a result with `prober_error` set (our file descriptors,
   our resolver, our stalled loop) is no vote either way; `observe` leaves the state as it was.
+- An isolated controller's observations are not evidence: failures seen while the reference
+  targets failed together are forgotten (`discount`) once they pass again, so a verdict built
+  while cut off is never acted on after the cut ends.
 """
 
 from __future__ import annotations
@@ -277,6 +280,30 @@ def explained_by_flakiness(state: ProbeState, burst_failures: int, rules: Rules)
 
 def flapping(state: ProbeState, now: float, rules: Rules) -> bool:
     return sum(1 for t in state.changes if now - t <= rules.flap_window) >= rules.flap_changes
+
+
+def discount(state: ProbeState, since: float, until: float) -> ProbeState:
+    """Forget the failures a probe saw while the controller itself was cut off ([since, until): the
+    reference targets failed together). An isolated controller's observations are not evidence: a
+    failing streak that began inside the window says nothing about the target, so the probe is
+    UNKNOWN until it runs again (unknown is not up, nor down); its failed runs in the window leave
+    the intermittent rate. A streak that began before the window (a real outage the controller saw
+    before it was cut off) stands."""
+    runs = tuple(x for x in state.runs if not (x[1] and since <= x[0] < until))
+    first = state.first_failure_at
+    if first is None or first < since or state.status is Health.UNKNOWN:
+        return replace(state, runs=runs) if runs != state.runs else state
+    return replace(
+        state,
+        status=Health.UNKNOWN,
+        failures=0,
+        successes=0,
+        degraded=0,
+        changed_at=until,
+        first_failure_at=None,
+        recent=tuple(False for _ in state.recent),
+        runs=runs,
+    )
 
 
 def combine(states: Iterable[ProbeState], quorum: int, freshness: float, now: float) -> ProbeState:

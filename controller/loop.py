@@ -33,6 +33,7 @@ from controller.detect import (
     ServiceHealth,
     combine,
     confirm,
+    discount,
     flapping,
     observe,
     prior_rate,
@@ -94,6 +95,13 @@ class Controller:
         self._burst_tasks: set[asyncio.Task[None]] = set()
         self.burst_notes: dict[str, tuple[float, str]] = {}
         self.isolated_since: float | None = None
+        self._cut_since: float | None = None
+        """While the reference targets fail together: since when the controller may have been cut off
+        (the latest pass of a failing reference); None when not."""
+        self._cut_windows: list[tuple[float, float]] = []
+        """Recent closed [since, until) windows: a run started inside one is no evidence when it lands."""
+        self._ref_passed: dict[str, float] = {}
+        """When each reference target's latest passing local run started."""
         self.task_backoff: tuple[float, float] = (0.5, 30.0)
         """First and longest pause before a failed background task restarts (doubling between)."""
         self._prober_logged: dict[str, float] = {}
@@ -225,6 +233,11 @@ class Controller:
             return  # our trouble is no vote: the probe's state (and its freshness) stays as it was
         vantage = result.vantage
         local = vantage == "local"
+        if local and name in self.config.detection.reference_probes:
+            if result.ok:
+                self._ref_passed[name] = max(self._ref_passed.get(name, result.started_at), result.started_at)
+        elif local and not result.ok and self._cut_off(result.started_at):
+            return  # run while the controller itself was cut off: no vote (the probe goes stale)
         rules = self.config.rules(name, confirm=local)
         before = self.vstates[name].get(vantage, ProbeState())
         after = observe(before, result, rules=rules)
@@ -334,7 +347,7 @@ class Controller:
             for b in burst:
                 if b.prober_error:
                     self._prober_error(b)
-            burst = [b for b in burst if not b.prober_error]
+            burst = [b for b in burst if not b.prober_error and (b.ok or not self._cut_off(b.started_at))]
             state = self.vstates[name].get("local", ProbeState())
             if state.status is not Health.SUSPECT or not burst:
                 return  # a scheduled run already cleared the suspicion
@@ -499,6 +512,54 @@ class Controller:
         )
         return failing >= (det.isolation_quorum or len(refs))
 
+    def _cut_off(self, at: float) -> bool:
+        """Was the controller possibly cut off when a run started at `at`? (Reference probes' own
+        runs are never asked: they are how isolation is seen.)"""
+        if self._cut_since is not None and at >= self._cut_since:
+            return True
+        return any(a <= at < b for a, b in self._cut_windows)
+
+    def _track_cut(self, now: float) -> None:
+        """Open a cut-off window when the reference targets fail together; when they stop failing
+        together, forget every failure the other probes saw inside it (detect.discount): a verdict
+        built while isolated must not start a failover the moment the references pass again."""
+        refs = self.config.detection.reference_probes
+        if not refs:
+            return
+        forming = self.isolation_forming()
+        if forming and self._cut_since is None:
+            failing = [
+                r
+                for r in refs
+                if (st := self.states.get(r, ProbeState())).status in (Health.SUSPECT, Health.DOWN)
+                or st.failures
+            ]
+            # The cut began after the latest pass of a failing reference; none seen: since ever.
+            self._cut_since = max((self._ref_passed.get(r, float("-inf")) for r in failing), default=now)
+        elif not forming and self._cut_since is not None:
+            since, self._cut_since = self._cut_since, None
+            self._cut_windows = [*self._cut_windows[-3:], (since, now)]
+            forgotten = []
+            for name, per in self.vstates.items():
+                if name in refs or "local" not in per:
+                    continue
+                before = per["local"]
+                after = discount(before, since, now)
+                if after is before:
+                    continue
+                per["local"] = after
+                self.states[name] = combine(
+                    per.values(), self.config.quorum(name), self.config.freshness(name), now
+                )
+                if after.status is not before.status:
+                    forgotten.append(f"{name} {before.status.value} -> {after.status.value}")
+            note = (
+                "reference targets pass again: failures seen while they failed together are not "
+                "evidence" + (f" ({', '.join(forgotten)})" if forgotten else "")
+            )
+            log.warning(note, since=since, until=now)
+            self._emit("references", ok=True, message=note)
+
     def _isolation_count(self) -> str:
         det = self.config.detection
         refs = det.reference_probes
@@ -568,6 +629,7 @@ class Controller:
                 )
         running = frozenset(s for s, t in self.running.items() if not t.done())
         now = self.clock()
+        self._track_cut(now)
         refs_ok, isolated, refs_note = self.references()
         self._isolation(isolated, refs_note, now)
         if refs_ok != getattr(self, "_refs_ok", True):

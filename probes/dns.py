@@ -13,27 +13,20 @@ import asyncio
 import contextlib
 import ipaddress
 import time
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import dns.asyncquery
-import dns.exception
-import dns.flags
-import dns.message
-import dns.name
-import dns.nameserver
-import dns.rcode
-import dns.rdata
-import dns.rdatatype
-import dns.rdtypes.IN.SRV
-import dns.rdtypes.mxbase
-import dns.rdtypes.txtbase
-import dns.resolver
 from pydantic import Field, field_validator
 
 from probes.base import Check, Comparison, ProbeResult, Strict, latency_check, prober_error_of, single_step
 from probes.http import ProbeCommon
 from probes.resolve import parse_server
 from probes.tcp import describe_os_error
+
+if TYPE_CHECKING:
+    import dns.rdata
+
+# dnspython is imported where a query runs, not here: this module also holds the config model,
+# which `continuity validate` loads without needing a resolver (issue 13).
 
 RecordType = Literal["A", "AAAA", "CNAME", "MX", "TXT", "NS", "SRV"]
 Rcode = Literal["NOERROR", "NXDOMAIN", "SERVFAIL", "REFUSED", "FORMERR", "NOTIMP"]
@@ -89,6 +82,11 @@ def _norm_name(text: str) -> str:
 
 
 def _forms(rdata: dns.rdata.Rdata) -> set[str]:
+    import dns.rdatatype
+    import dns.rdtypes.IN.SRV
+    import dns.rdtypes.mxbase
+    import dns.rdtypes.txtbase
+
     """Every spelling of one answer an SRE might write in `contains`, normalised."""
     forms = {rdata.to_text().lower()}
     rtype = rdata.rdtype
@@ -120,6 +118,10 @@ def _wanted(text: str) -> set[str]:
 
 def _system_server() -> tuple[str, int]:
     """The resolver the machine uses (resolv.conf), for probes that name no server."""
+    import dns.exception
+    import dns.nameserver
+    import dns.resolver
+
     try:
         servers = dns.resolver.Resolver().nameservers
     except dns.exception.DNSException as exc:
@@ -136,6 +138,14 @@ def _system_server() -> tuple[str, int]:
 
 async def run(name: str, cfg: DnsProbe) -> ProbeResult:
     """One DNS query, bounded by cfg.timeout; never raises."""
+    import dns.asyncquery
+    import dns.exception
+    import dns.flags
+    import dns.message
+    import dns.name
+    import dns.rcode
+    import dns.rdatatype
+
     started_at = time.time()
     t0 = time.perf_counter()
     try:

@@ -8,14 +8,13 @@ session (fresh connection, empty cookie jar) so one probe's state never leaks in
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import aiohttp
-from jinja2 import StrictUndefined, TemplateError
-from jinja2.sandbox import SandboxedEnvironment
 from pydantic import Field, model_validator
 
 from controller.durations import Duration
@@ -33,7 +32,22 @@ from probes.base import (
 )
 from probes.resolve import RESOLVE_SHARE, resolve
 
-_TEMPLATES = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
+if TYPE_CHECKING:
+    import aiohttp
+    from jinja2.sandbox import SandboxedEnvironment
+
+# aiohttp and jinja2 are imported where a probe runs, not here: this module also holds the config
+# models, which `continuity validate` loads, and the two cost ~0.6 s of start-up (issue 13).
+
+
+@functools.cache
+def _templates() -> SandboxedEnvironment:
+    """The sandboxed template environment, built on first use."""
+    from jinja2 import StrictUndefined
+    from jinja2.sandbox import SandboxedEnvironment
+
+    return SandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
+
 
 MAX_BODY = 1024 * 1024
 """Bytes of a response body kept, on every path (the fast path, each redirect hop's final answer,
@@ -131,7 +145,7 @@ def _render(value: Any, ctx: dict[str, Any]) -> Any:
     if isinstance(value, str):
         if "{{" not in value and "{%" not in value:
             return value
-        return _TEMPLATES.from_string(value).render(ctx)
+        return _templates().from_string(value).render(ctx)
     if isinstance(value, dict):
         return {k: _render(v, ctx) for k, v in value.items()}
     if isinstance(value, list):
@@ -139,29 +153,40 @@ def _render(value: Any, ctx: dict[str, Any]) -> Any:
     return value
 
 
-class BoundedResolver(aiohttp.abc.AbstractResolver):
-    """aiohttp's resolver for probes: `probes.resolve` within the journey's budget, instead of
-    aiohttp's ThreadedResolver on the default executor (see probes/resolve.py for why)."""
+@functools.cache
+def _bounded_resolver_class() -> Callable[[float], aiohttp.abc.AbstractResolver]:
+    """`BoundedResolver`, defined on first use so that importing this module does not import
+    aiohttp."""
+    import aiohttp.abc
 
-    def __init__(self, budget: float) -> None:
-        self.budget = budget
+    class BoundedResolver(aiohttp.abc.AbstractResolver):
+        """aiohttp's resolver for probes: `probes.resolve` within the journey's budget, instead of
+        aiohttp's ThreadedResolver on the default executor (see probes/resolve.py for why)."""
 
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[aiohttp.abc.ResolveResult]:
-        found = await resolve(host, port, self.budget, int(family))
-        return [
-            {"hostname": host, "host": addr, "port": port, "family": fam, "proto": 0, "flags": 0}
-            for fam, addr in found
-        ]
+        def __init__(self, budget: float) -> None:
+            self.budget = budget
 
-    async def close(self) -> None:
-        return None
+        async def resolve(
+            self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+        ) -> list[aiohttp.abc.ResolveResult]:
+            found = await resolve(host, port, self.budget, int(family))
+            return [
+                {"hostname": host, "host": addr, "port": port, "family": fam, "proto": 0, "flags": 0}
+                for fam, addr in found
+            ]
+
+        async def close(self) -> None:
+            return None
+
+    return BoundedResolver
 
 
 async def _exchange(
     session: aiohttp.ClientSession, step: Step, ctx: dict[str, Any], timeout: float | None
 ) -> tuple[StepResult, Observed | None, str | None]:
+    import aiohttp
+    from jinja2 import TemplateError
+
     start = time.perf_counter()
     try:
         url = _render(step.url, ctx)
@@ -298,8 +323,13 @@ async def run_journey(name: str, steps: list[Step], variables: dict[str, Any], t
     current: list[Step] = []
     broken = False
     prober_error: str | None = None
+    import aiohttp
+
     connector = aiohttp.TCPConnector(
-        force_close=True, limit=0, resolver=BoundedResolver(timeout * RESOLVE_SHARE), use_dns_cache=False
+        force_close=True,
+        limit=0,
+        resolver=_bounded_resolver_class()(timeout * RESOLVE_SHARE),
+        use_dns_cache=False,
     )
     jar = aiohttp.CookieJar(unsafe=True)  # cookies on IP-address targets too
     truncated = False

@@ -14,7 +14,6 @@ import math
 import time
 from typing import Any, Literal
 
-import aiohttp
 from pydantic import Field
 
 from probes.base import Check, Comparison, ProbeResult, Strict, single_step
@@ -100,6 +99,8 @@ def _checks(data: dict[str, Any], expect: PrometheusExpect) -> tuple[list[Check]
 
 async def run(name: str, cfg: PrometheusProbe) -> ProbeResult:
     """One instant query, bounded by cfg.timeout; never raises."""
+    import aiohttp  # here, not at the top: the config model above must load without it (issue 13)
+
     started_at = time.time()
     t0 = time.perf_counter()
     base = cfg.url.rstrip("/")

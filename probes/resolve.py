@@ -29,10 +29,6 @@ import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import dns.asyncresolver
-import dns.exception
-import dns.resolver
-
 #: Threads for getaddrinfo when no nameservers are configured. Distinct stalled names each hold one
 #: until libc gives up; more distinct stalled names than this make lookups wait, within their budget.
 RESOLVER_THREADS = 16
@@ -134,6 +130,10 @@ async def _system(host: str, port: int, family: int) -> list[tuple[int, str]]:
 
 
 async def _dns(host: str, family: int, budget: float) -> list[tuple[int, str]]:
+    import dns.asyncresolver  # here: importing this module (via the config models) must not load dnspython
+    import dns.exception
+    import dns.resolver
+
     resolver = dns.asyncresolver.Resolver(configure=False)
     resolver.nameservers = [ip for ip, _ in _settings.nameservers]
     resolver.port = _settings.nameservers[0][1]

@@ -68,6 +68,9 @@ API_TOKEN = "push-token-for-tests"
 SECRETS = {
     ("continuity-secrets", "pagerduty-routing-key"): PD_KEY,
     ("continuity-api", "api-token"): API_TOKEN,
+    # With default values the chart requires "<fullname>-api-token" (a pod does not start without
+    # it): the operator creates it as the chart's NOTES say.
+    (f"{RELEASE}-continuity-api-token", "api-token"): API_TOKEN,
 }
 
 

@@ -393,3 +393,27 @@ def test_an_open_incident_does_not_resolve_while_a_probe_is_only_suspect() -> No
     out = decide(view, config())
     assert not any(isinstance(d, ResolveIncident) for d in out)
     assert any(isinstance(d, Hold) and "unconfirmed" in d.reason for d in out)
+
+
+def test_failures_seen_while_cut_off_are_forgotten_and_older_outages_stand() -> None:
+    """detect.discount: a streak that began inside the cut-off window leaves the probe UNKNOWN (not
+    DOWN, not UP) and its failed runs leave the intermittent rate; a streak that began before the
+    window is a real outage seen before the cut, and stays DOWN."""
+    from controller.detect import Rules, discount
+
+    rules = Rules(failure_threshold=3, success_threshold=2, intermittent_window=600.0)
+    state = ProbeState()
+    for t in (0.0, 10.0, 20.0):
+        state = observe(state, result(True, t), rules=rules)
+    cut = state
+    for t in (30.0, 40.0, 50.0, 60.0):
+        cut = observe(cut, result(False, t), rules=rules)
+    assert cut.status is Health.DOWN
+    forgotten = discount(cut, 25.0, 70.0)
+    assert forgotten.status is Health.UNKNOWN
+    assert forgotten.failures == 0 and forgotten.first_failure_at is None
+    assert [failed for _, failed in forgotten.runs] == [False, False, False]
+    # an outage that began before the window: seen while the controller could still see
+    assert discount(cut, 45.0, 70.0).status is Health.DOWN
+    # a probe with no failure inside the window is left as it was
+    assert discount(state, 25.0, 70.0) is state

@@ -167,3 +167,72 @@ def test_sustained_intermittent_journey_failures_are_reported_with_their_rate() 
         checks=("intermittent-is-degraded", "failover-only-when-primary-down"),
     )
     _assert_clean(run(s))
+
+
+def test_a_resolve_on_results_older_than_a_new_fault_is_not_a_resolve_while_failing() -> None:
+    """Seed 73 of the random set: eu answers 503, checkout fails over to us; us's pay step breaks at
+    304 s, 4 s after the journey's last (passing) run. The incident resolves at 330 s, 40 ms before
+    the next journey run (started at 330 s) reports the failure: every result the controller held
+    predated the fault, so it could not know (the resolve is within one journey period + timeout +
+    tick of the fault). The invariant allowed only 15 s and called this a resolve while failing; the
+    journey's run that did see the fault kept the next incident honest (it opened at 370 s)."""
+    s = Scenario(
+        seed=73,
+        name="resolve-before-a-new-fault-is-visible",
+        duration=1000,
+        failback=True,
+        faults=[Fault("http5xx", 128.18, 444.65, "eu"), Fault("step", 304.34, 465.82, "us", step="pay")],
+        events=[Event("store_error", 453.77, 488.72)],
+        checks=("no-resolve-while-failing", "outage-opens-an-incident"),
+    )
+    out = run(s)
+    _assert_clean(out)
+    # the situation this is about did happen: the first incident was resolved after the us fault
+    # began, before the journey could have seen it, and a later incident covered the us fault
+    first = [i for i in out.incidents if i.service == "checkout" and i.resolved_at is not None]
+    assert first, out.report()
+    resolved = min(i.resolved_at - out.world.t0 for i in first)
+    assert 304.34 < resolved < 304.34 + 30 + 10 + 10, (resolved, out.report())
+    later = [i for i in out.incidents if i.service == "checkout" and i.opened_at - out.world.t0 > resolved]
+    assert later, out.report()
+
+
+def test_verdicts_built_while_isolated_are_not_acted_on_when_the_cut_ends() -> None:
+    """Seed 153 of the random set: the controller is cut off from everything for 102 s (both
+    reference targets fail with the rest). Its journey went DOWN on runs made while isolated, and
+    checkout-api DEGRADED (56% of runs failed in the window, nearly all during the cut). When the
+    references passed again the stale DOWN opened a critical incident and failed checkout over to us
+    at 580 s, although eu never failed. Failures seen while the references failed together are not
+    evidence: they are forgotten when the cut ends, and nothing opens or fails over."""
+    s = Scenario(
+        seed=153,
+        name="isolation-verdicts-forgotten",
+        duration=1000,
+        references=True,
+        faults=[
+            Fault("emfile", 342.79, 395.44),
+            Fault("isolation", 447.89, 550.0),
+            Fault("slow", 453.05, 550.0, "eu", latency=2.5),
+        ],
+        events=[Event("aws", 121.89, 479.16, target="timeout_after")],
+        checks=("failover-only-when-primary-down", "prober-fault-not-target"),
+    )
+    out = run(s)
+    _assert_clean(out)
+    assert not [i for i in out.incidents if i.service == "checkout"], out.report()
+
+
+def test_a_real_outage_after_an_isolation_is_still_failed_over() -> None:
+    """The other side of forgetting the cut-off window: eu goes down for real right after the
+    controller's isolation ends; fresh failures must still open the incident and fail over."""
+    s = Scenario(
+        seed=154,
+        name="outage-after-isolation",
+        duration=1200,
+        references=True,
+        faults=[Fault("isolation", 300, 400), Fault("refused", 400, 900, "eu")],
+        checks=("outage-opens-an-incident", "failover-only-when-primary-down"),
+    )
+    out = run(s)
+    _assert_clean(out)
+    assert [c for c in out.world.calls if c.kind == "route53" and c.applied], out.report()

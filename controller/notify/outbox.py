@@ -131,6 +131,8 @@ class Dispatcher:
     ) -> None:
         self.may_send: Callable[[], bool] = lambda: True
         """Set by the controller: only the leader delivers."""
+        self._sent_unrecorded: dict[int, float] = {}
+        """Messages delivered whose delivery the store failed to record: id -> when delivered."""
         self.on_error: Callable[[], None] = lambda: None
         """Set by the controller: a failed drain is counted (continuity_task_restarts_total{task=
         "outbox"}, as every supervised task's failed cycle is), then retried next period."""
@@ -185,23 +187,49 @@ class Dispatcher:
         return delay * random.uniform(0.8, 1.2)
 
     async def drain(self) -> int:
-        """Try every due message once (with a few quick retries); return how many were delivered."""
+        """Try every due message once (with a few quick retries); return how many were delivered.
+
+        Messages about one incident on one channel go out in the order they were queued: a resolve
+        that overtook its trigger (the trigger waiting out a receiver's outage) would reopen the
+        alert it closes. And a message sent once is never sent again because the store could not
+        record it: the record is retried, not the send (Slack has no dedup key)."""
         sent = 0
         if not self.may_send():
             return 0  # a standby never sends: the leader owns the outbox
-        for msg in self.store.due(self.clock()):
+        for msg_id in list(self._sent_unrecorded):  # sent, but the store failed to say so
+            self.store.delivered(msg_id, self._sent_unrecorded[msg_id])
+            del self._sent_unrecorded[msg_id]
+        due = self.store.due(self.clock())
+        if not due:
+            return 0
+        # The oldest message still waiting in each (channel, incident) conversation; later ones wait.
+        head: dict[tuple[str, str], int] = {}
+        for pending in self.store.outbox():
+            if not pending.dead:
+                group = _conversation(pending)
+                head[group] = min(head.get(group, pending.id), pending.id)
+        blocked: set[tuple[str, str]] = set()
+        for msg in due:
+            group = _conversation(msg)
+            if group in blocked or head.get(group, msg.id) < msg.id:
+                continue  # an earlier message of the same conversation has not gone out yet
             channel = self.channels.get(msg.channel)
             if channel is None:
+                blocked.add(group)
                 continue  # a channel removed from config: keep the message for when it returns
             if not self._may_send(channel, self.clock()):
+                blocked.add(group)
                 continue  # paced or paused: still due, the next drain takes it
+            head[group] = msg.id
             try:
                 await self._send(channel, msg)
             except Permanent as exc:
+                head.pop(group, None)  # given up: it no longer holds the conversation back
                 self.store.give_up(msg.id, str(exc))
                 log.error("notification refused", channel=msg.channel, key=msg.key, error=str(exc))
                 self.on_event(msg, "refused", str(exc))
             except Transient as exc:
+                blocked.add(group)
                 delay = self.backoff(msg.attempts + 1, exc.retry_after)
                 if exc.retry_after is not None:
                     self.paused_until[channel.name] = self.clock() + exc.retry_after
@@ -215,7 +243,13 @@ class Dispatcher:
                 )
                 self.on_event(msg, "retrying", f"{exc}; retry in {delay:.0f}s")
             else:
-                self.store.delivered(msg.id, self.clock())
+                at = self.clock()
+                try:
+                    self.store.delivered(msg.id, at)
+                except Exception:
+                    self._sent_unrecorded[msg.id] = at  # never resent; the record is retried first
+                    raise
+                head.pop(group, None)
                 sent += 1
                 log.info("notification delivered", channel=msg.channel, key=msg.key)
                 self.on_event(msg, "delivered", "")
@@ -233,3 +267,9 @@ class Dispatcher:
                 await asyncio.wait_for(self.wake.wait(), timeout=period)
             except TimeoutError:
                 pass
+
+
+def _conversation(msg: OutboxMessage) -> tuple[str, str]:
+    """Messages that must arrive in order: one channel, one incident (or, for messages about no
+    incident such as the isolation alert, one key family: `continuity/isolated/<t>/trigger|resolve`)."""
+    return msg.channel, msg.incident_id or msg.key.rsplit("/", 1)[0]

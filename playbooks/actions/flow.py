@@ -3,18 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from jinja2 import StrictUndefined, TemplateError
-from jinja2.sandbox import SandboxedEnvironment
 from pydantic import Field
 
 from controller.durations import Duration, format_duration
 from playbooks.actions.base import Action, ActionContext, ActionError, PlannedCall
 from probes.base import Strict
 
-_TEMPLATES = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
+if TYPE_CHECKING:
+    from jinja2.sandbox import SandboxedEnvironment
+
+
+@functools.cache
+def templates() -> SandboxedEnvironment:
+    """The sandboxed template environment, built on first use: `continuity validate` loads this
+    module's parameter models and should not pay for importing jinja2 (issue 13)."""
+    from jinja2 import StrictUndefined
+    from jinja2.sandbox import SandboxedEnvironment
+
+    return SandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
 
 
 class WaitHealthyParams(Strict):
@@ -102,8 +112,10 @@ class Notify(Action):
         return [PlannedCall("notifiers", "send", {"message": self.p.message})]
 
     async def apply(self, ctx: ActionContext) -> str:
+        from jinja2 import TemplateError
+
         try:
-            text = _TEMPLATES.from_string(self.p.message).render(ctx.variables)
+            text = templates().from_string(self.p.message).render(ctx.variables)
         except TemplateError as exc:
             raise ActionError(f"message template: {exc}", retryable=False) from None
         await ctx.notify(text, self.p.details)

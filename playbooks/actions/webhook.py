@@ -14,13 +14,12 @@ import time
 from typing import Any, Literal
 
 import requests
-from jinja2 import TemplateError
 from pydantic import Field
 
 from controller.durations import Duration
 from controller.executors import ACTIONS, run_in
 from playbooks.actions.base import Action, ActionContext, ActionError, PlannedCall
-from playbooks.actions.flow import _TEMPLATES
+from playbooks.actions.flow import templates
 from probes.base import Strict
 
 
@@ -52,7 +51,7 @@ class HttpParams(Strict):
 
 def render(value: Any, variables: dict[str, Any]) -> Any:
     if isinstance(value, str):
-        return _TEMPLATES.from_string(value).render(variables)
+        return templates().from_string(value).render(variables)
     if isinstance(value, dict):
         return {k: render(v, variables) for k, v in value.items()}
     if isinstance(value, list):
@@ -97,6 +96,8 @@ class Http(Action):
         return out
 
     def _apply(self, ctx: ActionContext) -> str:
+        from jinja2 import TemplateError
+
         headers = self._headers()
         try:
             body = render(self.p.body, ctx.variables)
