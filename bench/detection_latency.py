@@ -33,7 +33,7 @@ from figures import record
 from controller.config import load_config
 from controller.demo.marketplace import serve
 from controller.loop import Controller
-from controller.store import SQLiteStore
+from controller.stores import SQLiteStore
 
 
 def quiet() -> None:

@@ -31,7 +31,7 @@ from figures import record
 
 from controller.demo.environment import CLUSTER, PRIMARY_IP, WRITER, ZONE, DemoEnvironment
 from controller.loop import Controller
-from controller.store import SQLiteStore
+from controller.stores import SQLiteStore
 
 AWS_STEPS = ("move-database-writer", "switch-dns")
 

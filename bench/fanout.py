@@ -60,7 +60,7 @@ async def measure(args: argparse.Namespace, port: int) -> tuple[float, float, in
     from controller.config import PagerDuty
     from controller.notify import pagerduty
     from controller.notify.outbox import Channel, Dispatcher
-    from controller.store import SQLiteStore
+    from controller.stores import SQLiteStore
 
     pd = PagerDuty(routing_key_env="UNUSED", events_url=f"http://127.0.0.1:{port}/v2/enqueue", source="bench")
     channel = Channel(

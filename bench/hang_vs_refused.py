@@ -22,7 +22,7 @@ from typing import Any
 from controller.config import load_config
 from controller.durations import parse_duration
 from controller.loop import Controller
-from controller.store import SQLiteStore
+from controller.stores import SQLiteStore
 
 PAIRS = 4
 

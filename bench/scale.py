@@ -44,7 +44,7 @@ def child(n: int, repeats: int) -> dict[str, Any]:
     from controller import decide as d
     from controller.config import load_config
     from controller.loop import Controller
-    from controller.store import SQLiteStore
+    from controller.stores import SQLiteStore
     from probes.base import ProbeResult
 
     base = rss_mb()

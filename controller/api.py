@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from controller import commands, remote
 from controller.loop import Controller
-from controller.store import StoreError
+from controller.stores import StoreError
 from probes import passive
 
 log = structlog.get_logger("continuity.api")
@@ -204,7 +204,9 @@ def app(controller: Controller) -> web.Application:
             if not want or not hmac.compare_digest(given.encode(), f"Bearer {want}".encode()):
                 controller.metrics.pushes_refused.labels("heartbeat", "auth").inc()
                 return web.json_response({"error": "a valid bearer token is required"}, status=401)
-        elif not (cfg.public or insecure) and refused("heartbeat", denied := authorised(request)):
+        elif (
+            not (cfg.public or insecure) and (denied := refused("heartbeat", authorised(request))) is not None
+        ):
             return denied
         controller.heartbeat(name)
         return web.json_response({"result": f"heartbeat for {name} recorded"})
@@ -212,7 +214,7 @@ def app(controller: Controller) -> web.Application:
     async def alertmanager(request: web.Request) -> web.Response:
         if (limited := gate(request, "alertmanager")) is not None:
             return limited
-        if not insecure and refused("alertmanager", denied := authorised(request)):
+        if not insecure and (denied := refused("alertmanager", authorised(request))) is not None:
             return denied
         try:
             payload = await request.json()
@@ -235,7 +237,7 @@ def app(controller: Controller) -> web.Application:
         """Results from `continuity agent` at another vantage point; agents must authenticate."""
         if (limited := gate(request, "results")) is not None:
             return limited
-        if refused("results", denied := authorised(request)):
+        if (denied := refused("results", authorised(request))) is not None:
             return denied
         try:
             body = await request.json()

@@ -23,7 +23,7 @@ from typing import Any
 
 from controller.config import Config, ConfigError, json_schema, listen_address, load_config
 from controller.durations import format_duration, parse_duration
-from controller.store import Store, StoreError, open_store
+from controller.stores import Store, StoreError, open_store
 
 DEFAULT_CONFIG = "continuity.yaml"
 RELOAD_TIMEOUT = 30.0
@@ -390,7 +390,7 @@ def _when(ts: float | None) -> str:
 
 def _reading_store(args: argparse.Namespace) -> Store:
     """The store to read incidents from: the config's, or with only --data-dir, SQLite there."""
-    from controller.store import SQLiteStore
+    from controller.stores import SQLiteStore
 
     if args.data_dir and args.config == DEFAULT_CONFIG and not Path(args.config).exists():
         if not Path(args.data_dir).is_dir():
@@ -725,7 +725,7 @@ def cmd_demo(_: argparse.Namespace) -> int:
 
 def _results_store(args: argparse.Namespace, target: str | None = None) -> Store:
     """Where drill results are kept: the store of the config in play, else `--data-dir`/.continuity."""
-    from controller.store import SQLiteStore
+    from controller.stores import SQLiteStore
 
     path = target or args.config
     if target or Path(path).exists():
@@ -757,7 +757,8 @@ def _drill_out(args: argparse.Namespace) -> Path:
 def cmd_drill(args: argparse.Namespace) -> int:
     from controller import logs
     from controller.drills import report
-    from controller.drills.runner import DrillError, run_demo_drill, run_target_drill
+    from controller.drills.drill import DrillError
+    from controller.drills.runner import run_demo_drill, run_target_drill
     from controller.drills.scenarios import BUILTIN
 
     if args.list:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from controller.store import Store
+from controller.stores import Store
 
 
 class CommandError(Exception):

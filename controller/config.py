@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import os
 import reprlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -21,7 +21,6 @@ from controller.comms.settings import Communications, Roles
 from controller.console_settings import ConsoleSettings, InboundSettings
 from controller.detect import Rules
 from controller.durations import Duration, format_duration, parse_duration
-from controller.grouping import Grouping
 from probes.base import Comparison, Strict
 from probes.dns import DnsProbe
 from probes.http import HttpProbe, TransactionProbe, Window
@@ -405,7 +404,7 @@ class ControllerSettings(Strict):
     @field_validator("resolver_nameservers")
     @classmethod
     def _servers(cls, value: list[str]) -> list[str]:
-        from probes.dns import parse_server
+        from probes.resolve import parse_server
 
         for server in value:
             parse_server(server)
@@ -515,6 +514,21 @@ class DrillSettings(Strict):
     max_age: Duration = Field(
         default=180 * 86400.0, gt=0, description="A scenario's latest drill older than this is flagged stale."
     )
+
+
+class Grouping(Strict):
+    """`grouping:` how failures of one region's services become one incident."""
+
+    by_region: bool = Field(default=True, description="Group services that share a `region`.")
+    window: Duration = Field(
+        default=120.0, gt=0, description="Failures starting this close together are one outage."
+    )
+
+
+def display_name(name: str, svc: Service | None) -> str:
+    """How people read a service's name: its `display_name`, else the name capitalised (`order-api` ->
+    "Order api")."""
+    return (svc.display_name if svc and svc.display_name else name.replace("-", " ").capitalize()) or name
 
 
 class Config(Strict):
@@ -637,7 +651,7 @@ def _annotation_types(annotation: Any) -> Iterable[type]:
         yield from _annotation_types(arg)
 
 
-def _sentence(err: dict[str, Any]) -> str:
+def _sentence(err: Mapping[str, Any]) -> str:
     kind = err["type"]
     ctx = err.get("ctx") or {}
     value = err.get("input")
@@ -682,7 +696,7 @@ def _sentence(err: dict[str, Any]) -> str:
     return f"expected {err['msg'].lower()}, found {_found(value)}"
 
 
-def _format(errors: list[dict[str, Any]], origin: Any, prefix: tuple[Any, ...] = ()) -> list[str]:
+def _format(errors: Sequence[Mapping[str, Any]], origin: Any, prefix: tuple[Any, ...] = ()) -> list[str]:
     out = []
     for err in errors:
         loc = list(prefix) + list(err["loc"])
@@ -889,13 +903,18 @@ def load_raw(path: str | Path) -> tuple[dict[str, Any], dict[tuple[str, str], Pa
     return merged, origin
 
 
+def _mapping(value: Any) -> dict[str, Any]:
+    """A section as written when it is a mapping; anything else is pydantic's to report."""
+    return value if isinstance(value, dict) else {}
+
+
 def _cross_references(raw: dict[str, Any]) -> list[tuple[list[Any], str]]:
     """Checks pydantic cannot do alone: names that point across sections, and action parameters."""
 
     found: list[tuple[list[Any], str]] = []
-    probes = raw.get("probes") if isinstance(raw.get("probes"), dict) else {}
-    playbooks = raw.get("playbooks") if isinstance(raw.get("playbooks"), dict) else {}
-    services = raw.get("services") if isinstance(raw.get("services"), dict) else {}
+    probes = _mapping(raw.get("probes"))
+    playbooks = _mapping(raw.get("playbooks"))
+    services = _mapping(raw.get("services"))
     for sname, svc in services.items():
         if not isinstance(svc, dict):
             continue
@@ -958,7 +977,7 @@ def _check_names(
     """Every other name that points across sections: a typo here must fail `validate`, never reach
     the reconcile loop (a misspelt reference probe used to raise KeyError on every tick)."""
     found: list[tuple[list[Any], str]] = []
-    detection = raw.get("detection") if isinstance(raw.get("detection"), dict) else {}
+    detection = _mapping(raw.get("detection"))
     refs = detection.get("reference_probes")
     refs = refs if isinstance(refs, list) else []
     for i, ref in enumerate(refs):
@@ -994,7 +1013,7 @@ def _check_names(
                         f"expected a service ({_known(services)}), found {sname!r}",
                     )
                 )
-    notifiers = raw.get("notifiers") if isinstance(raw.get("notifiers"), dict) else {}
+    notifiers = _mapping(raw.get("notifiers"))
     sp = notifiers.get("statuspage")
     components = sp.get("components") if isinstance(sp, dict) else None
     for sname in components if isinstance(components, dict) else {}:
@@ -1013,7 +1032,7 @@ def _check_risks(raw: dict[str, Any], services: dict[str, Any]) -> list[tuple[li
     from controller.drills.names import SCENARIOS
 
     found: list[tuple[list[Any], str]] = []
-    risks = raw.get("risks") if isinstance(raw.get("risks"), dict) else {}
+    risks = _mapping(raw.get("risks"))
     for rname, risk in risks.items():
         if not isinstance(risk, dict):
             continue

@@ -43,7 +43,7 @@ from controller import commands
 from controller.commands import CommandError
 from controller.comms import commands as comms_commands
 from controller.durations import format_duration, parse_duration
-from controller.store import Incident, Run
+from controller.stores import Incident, Run
 
 if TYPE_CHECKING:
     from controller.loop import Controller

@@ -162,7 +162,7 @@ LIVE_RUN_STATES = ("running", "awaiting_approval")
 
 @dataclass(frozen=True)
 class FailoverView:
-    """A service's persisted failover state as decide reads it (see `controller.store.FailoverRecord`)."""
+    """A service's persisted failover state as decide reads it (see `controller.stores.FailoverRecord`)."""
 
     state: str = "primary"
     run_id: str | None = None

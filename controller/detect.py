@@ -245,8 +245,8 @@ def prior_rate(state: ProbeState) -> float:
     before = [failed for at, failed in state.runs if start is None or at < start][-PRIOR_RUNS:]
     kept: list[bool] = []
     streak: list[bool] = []
-    for failed in [*before, False]:  # a final pass closes the last streak
-        if failed:
+    for run_failed in [*before, False]:  # a final pass closes the last streak
+        if run_failed:
             streak.append(True)
             continue
         if len(streak) < PRIOR_LONG_STREAK:
@@ -384,7 +384,7 @@ def service_health(
     service: str,
     probes: list[str],
     states: dict[str, ProbeState],
-    impact: dict[str, str],
+    impact: Mapping[str, str],
     flapping_probes: Iterable[str] = (),
     *,
     now: float | None = None,
@@ -424,7 +424,7 @@ def service_health(
             hit = intermittent(seen[p], now, r)
             if hit is not None:
                 failed, total = hit
-                latest = seen[p].last.reason if seen[p].last is not None and not seen[p].last.ok else ""
+                latest = last.reason if (last := seen[p].last) is not None and not last.ok else ""
                 flaky[p] = (
                     f"{p} failed {round(100 * failed / total)}% of runs in the last "
                     f"{_window_words(r.intermittent_window)} ({failed} of {total})"
@@ -450,9 +450,9 @@ def service_health(
     else:
         state, failing = ServiceState.UP, []
     reasons = tuple(
-        (p, flaky[p] if p in flaky else (seen[p].last.reason if seen[p].last else "")) for p in failing
+        (p, flaky[p] if p in flaky else (last.reason if (last := seen[p].last) else "")) for p in failing
     )
-    starts = [seen[p].first_failure_at for p in failing if seen[p].first_failure_at is not None]
+    starts = [at for p in failing if (at := seen[p].first_failure_at) is not None]
     flapping_set = set(flapping_probes)
     flaps = tuple(p for p in probes if p in flapping_set)
     unsettled = tuple(

@@ -17,30 +17,33 @@ Pure functions over the decision's Observation; `decide` and the loop call them 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from pydantic import Field
-
+from controller.config import Config, display_name
 from controller.detect import ServiceHealth, ServiceState
-from controller.durations import Duration
-from probes.base import Strict
 
 if TYPE_CHECKING:
-    from controller.config import Config
-    from controller.decide import Observation
-    from controller.store import Store
+    from controller.stores import Store
+
+
+class _OpenIncident(Protocol):
+    @property
+    def id(self) -> str: ...
+
+
+class Observation(Protocol):
+    """What grouping reads of `decide.Observation`. A protocol rather than an import: `decide` calls
+    grouping, so grouping naming decide's module would be an import cycle."""
+
+    @property
+    def health(self) -> Mapping[str, ServiceHealth]: ...
+    @property
+    def incidents(self) -> Mapping[str, _OpenIncident]: ...
+
 
 TIER_RANK = {"critical": 0, "important": 1, "supporting": 2}
-
-
-class Grouping(Strict):
-    """`grouping:` how failures of one region's services become one incident."""
-
-    by_region: bool = Field(default=True, description="Group services that share a `region`.")
-    window: Duration = Field(
-        default=120.0, gt=0, description="Failures starting this close together are one outage."
-    )
 
 
 @dataclass(frozen=True)
@@ -123,8 +126,6 @@ def members_failing(obs: Observation, config: Config, leader: str) -> list[str]:
 
 
 def names(config: Config, services: list[str]) -> str:
-    from controller.comms.communicator import display_name
-
     shown = [display_name(s, config.services.get(s)) for s in services]
     return shown[0] if len(shown) == 1 else ", ".join(shown[:-1]) + " and " + shown[-1]
 

@@ -24,7 +24,8 @@ Why our own Lease elector rather than ``kubernetes.leaderelection`` from the cli
   one second (which our fast tests need).
 
 The algorithm is client-go's, in a small asyncio class over ``CoordinationV1Api``; the blocking
-client calls run in ``asyncio.to_thread`` with a per-call timeout no longer than the retry period.
+client calls run on the elector's own thread pool (``controller.executors.LEADER``, shared with
+nothing slow) with a per-call timeout no longer than the retry period.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ import structlog
 from kubernetes.client import ApiClient, CoordinationV1Api
 from kubernetes.client.rest import ApiException
 from prometheus_client import REGISTRY, CollectorRegistry, Gauge
+
+from controller.executors import LEADER, Pool, run_in
 
 log = structlog.get_logger(__name__)
 
@@ -215,6 +218,7 @@ class LeaseElector(_LeadershipSignals):
         on_started_leading: Callback | None = None,
         on_stopped_leading: Callback | None = None,
         registry: CollectorRegistry | None = REGISTRY,
+        pool: Pool | None = LEADER,
     ) -> None:
         if not identity:
             raise ValueError("identity must not be empty: an empty holderIdentity means 'no leader'")
@@ -242,6 +246,7 @@ class LeaseElector(_LeadershipSignals):
         self.renew_deadline = renew_deadline
         self.retry_period = retry_period
         self.request_timeout = timeout
+        self._pool = pool  # its own threads: a slow boto3 wait elsewhere never delays a renewal
         self._api = CoordinationV1Api(api_client)
         self._serialize = api_client.sanitize_for_serialization
         self._clock = clock
@@ -308,10 +313,11 @@ class LeaseElector(_LeadershipSignals):
 
     # ---- internals -------------------------------------------------------------------------
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run one blocking client call off the event loop, bounded twice: urllib3 gets
-        ``_request_timeout`` and we stop waiting at the same time even if the client retries."""
+        """Run one blocking client call off the event loop on the elector's own pool, bounded twice:
+        urllib3 gets ``_request_timeout`` and we stop waiting at the same time even if the client
+        retries."""
         return await asyncio.wait_for(
-            asyncio.to_thread(fn, *args, _request_timeout=self.request_timeout),
+            run_in(self._pool, fn, *args, _request_timeout=self.request_timeout),
             timeout=self.request_timeout,
         )
 
@@ -509,6 +515,6 @@ def _reason(e: ApiException) -> str:
     """The Kubernetes Status ``reason`` (NotFound, Conflict, ...), falling back to the HTTP phrase
     when something in front of the API server answered with a non-Status body."""
     try:
-        return str(json.loads(e.body)["reason"])
+        return str(json.loads(e.body or "")["reason"])
     except (TypeError, ValueError, KeyError):
         return str(e.reason)

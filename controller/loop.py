@@ -23,6 +23,7 @@ import structlog
 from controller import decide as d
 from controller import grouping
 from controller.aws import client_factory
+from controller.comms.communicator import attach
 from controller.config import Config, resolve_secret
 from controller.detect import (
     SERVICE_STATE_VALUE,
@@ -43,7 +44,7 @@ from controller.leader import Elector
 from controller.metrics import Metrics
 from controller.notify import pagerduty
 from controller.notify.outbox import Channel, Dispatcher
-from controller.store import Incident, OutboxMessage, Store
+from controller.stores import Incident, OutboxMessage, Store
 from playbooks.actions import ActionContext
 from playbooks.engine import Engine, RunResult, render_plan
 from probes import passive, resolve
@@ -140,8 +141,6 @@ class Controller:
         self.dispatcher.may_send = self.may_act
         self.dispatcher.on_error = self.metrics.task_restarts.labels("outbox").inc
         self._recover_from_restart()
-        from controller.comms.communicator import attach
-
         self.communicator = attach(self)
 
     # ------------------------------------------------------------------ start-up
@@ -155,7 +154,7 @@ class Controller:
         return {
             "pagerduty": Channel(
                 "pagerduty",
-                lambda p, pd=pd, key=key: (
+                lambda p: (
                     pagerduty.url_for(pd, p["kind"]),
                     {"routing_key": key, **p["body"]},
                 ),
@@ -311,7 +310,8 @@ class Controller:
                 probe=result.probe,
                 error=result.reason,
             )
-        self._emit("prober_error", probe=result.probe, kind=kind, message=result.reason)
+        # `kind` is _emit's own first parameter: the prober error's kind goes as `prober_error`.
+        self._emit("prober_error", probe=result.probe, prober_error=kind, message=result.reason)
 
     async def run_once(self, name: str, cfg: Any) -> ProbeResult:
         """Run a probe once: polled kinds go out on the network, passive ones read pushed signals."""
@@ -414,7 +414,9 @@ class Controller:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        return [t.result() for t in tasks if not t.cancelled() and t.exception() is None and t.result()]
+        return [
+            r for t in tasks if not t.cancelled() and t.exception() is None and (r := t.result()) is not None
+        ]
 
     def probe_healthy(self, name: str) -> bool | None:
         status = self.states[name].status if name in self.states else Health.UNKNOWN
@@ -594,9 +596,9 @@ class Controller:
             log.warning("controller no longer isolated", after_s=round(now - self.isolated_since, 1))
             self._emit("isolated", message="controller no longer isolated")
             self.isolated_since = None
-            key = self.store.get_flag("isolation_key")
-            if pd is not None and key:
-                self._enqueue(None, f"{key}/resolve", pagerduty.resolve(key), "isolation resolved")
+            open_key = self.store.get_flag("isolation_key")
+            if pd is not None and open_key:
+                self._enqueue(None, f"{open_key}/resolve", pagerduty.resolve(open_key), "isolation resolved")
                 self.store.set_flag("isolation_key", None)
 
     def silenced(self, now: float) -> dict[str, str]:

@@ -17,7 +17,7 @@ from controller.drills.names import SCENARIOS
 from controller.drills.report import latest
 from controller.durations import format_duration
 from controller.report import Doc
-from controller.store import Store
+from controller.stores import Store
 
 TIER_ORDER = {"critical": 0, "important": 1, "supporting": 2}
 LIKELIHOOD = ["rare", "unlikely", "possible", "likely", "almost_certain"]

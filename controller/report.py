@@ -17,7 +17,7 @@ from typing import Any
 from controller.config import Config
 from controller.durations import format_duration
 from controller.notify.common import human_time
-from controller.store import Event, Incident, Store
+from controller.stores import Event, Incident, Store
 
 
 class ReportError(Exception):

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import jinja2
 from aiohttp import web
 
-from controller.comms.communicator import display_name
+from controller.config import display_name
 from controller.notify.common import human_time, iso
 from controller.templates_path import TEMPLATES
 

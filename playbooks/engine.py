@@ -25,7 +25,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 from controller.config import Playbook, PlaybookStep
 from controller.durations import format_duration
 from controller.metrics import Metrics
-from controller.store import Run, Store
+from controller.stores import Run, Store
 from playbooks import guards
 from playbooks.actions import ACTIONS, Action, ActionContext, ActionError, PlannedCall
 
@@ -250,7 +250,7 @@ class Engine:
         timeout: float,
         note: Callable[[str, str], None],
     ) -> str:
-        """Apply within the step's timeout. `asyncio.wait_for` around `to_thread` cancels the
+        """Apply within the step's timeout. `asyncio.wait_for` around a thread cancels the
         coroutine, not the thread: an action running in a thread that has not answered in time
         may still act. Its outcome is then unknown: recorded as such, and waited for (up to
         `late_grace`, at least one more timeout) before anything else; never called failed, never

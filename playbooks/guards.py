@@ -7,7 +7,6 @@ lost more data than the RPO allows is worse than waiting for a human.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +15,7 @@ import aiohttp
 
 from controller.config import CloudWatchMetric, Guard, PromQuery
 from controller.durations import format_duration
+from controller.executors import ACTIONS, run_in
 from playbooks.actions import ActionContext
 
 
@@ -87,7 +87,7 @@ async def _evaluate(guard: Guard, ctx: ActionContext) -> GuardResult:
             lag = await prom_value(lag_cfg.prometheus)
         else:
             assert lag_cfg.cloudwatch is not None
-            lag = await asyncio.to_thread(cloudwatch_value, ctx, lag_cfg.cloudwatch)
+            lag = await run_in(ACTIONS, cloudwatch_value, ctx, lag_cfg.cloudwatch)
         ok = lag <= float(limit)
         verdict = "within" if ok else "OVER"
         return GuardResult(

@@ -19,6 +19,7 @@ from pydantic import Field, field_validator
 
 from probes.base import Check, Comparison, ProbeResult, Strict, latency_check, prober_error_of, single_step
 from probes.http import ProbeCommon
+from probes.resolve import parse_server
 from probes.tcp import describe_os_error
 
 if TYPE_CHECKING:
@@ -29,32 +30,6 @@ if TYPE_CHECKING:
 
 RecordType = Literal["A", "AAAA", "CNAME", "MX", "TXT", "NS", "SRV"]
 Rcode = Literal["NOERROR", "NXDOMAIN", "SERVFAIL", "REFUSED", "FORMERR", "NOTIMP"]
-
-
-def parse_server(text: str) -> tuple[str, int]:
-    """`10.0.0.2`, `10.0.0.2:5353`, `::1`, `[::1]:5353` -> (ip, port). Raise ValueError if not."""
-    text = text.strip()
-    host, port = text, 53
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        if rest:
-            if not rest.startswith(":") or not rest[1:].isdigit():
-                raise ValueError(f"an IP address with an optional :port, found {text!r}")
-            port = int(rest[1:])
-    elif text.count(":") == 1:
-        host, _, raw = text.partition(":")
-        if not raw.isdigit():
-            raise ValueError(f"an IP address with an optional :port, found {text!r}")
-        port = int(raw)
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(
-            f"an IP address with an optional :port (e.g. 10.0.0.2:53 or [::1]:53), found {text!r}"
-        ) from None
-    if not 1 <= port <= 65535:
-        raise ValueError(f"a port between 1 and 65535, found {port}")
-    return host, port
 
 
 class DnsExpect(Strict):
@@ -108,6 +83,9 @@ def _norm_name(text: str) -> str:
 
 def _forms(rdata: dns.rdata.Rdata) -> set[str]:
     import dns.rdatatype
+    import dns.rdtypes.IN.SRV
+    import dns.rdtypes.mxbase
+    import dns.rdtypes.txtbase
 
     """Every spelling of one answer an SRE might write in `contains`, normalised."""
     forms = {rdata.to_text().lower()}
@@ -116,14 +94,14 @@ def _forms(rdata: dns.rdata.Rdata) -> set[str]:
         forms.add(str(ipaddress.ip_address(rdata.to_text())))
     elif rtype in (dns.rdatatype.CNAME, dns.rdatatype.NS):
         forms.add(_norm_name(rdata.to_text()))
-    elif rtype == dns.rdatatype.MX:
-        exchange = _norm_name(rdata.exchange.to_text())  # type: ignore[attr-defined]
-        forms |= {exchange, f"{rdata.preference} {exchange}"}  # type: ignore[attr-defined]
-    elif rtype == dns.rdatatype.SRV:
-        target = _norm_name(rdata.target.to_text())  # type: ignore[attr-defined]
-        forms |= {target, f"{rdata.priority} {rdata.weight} {rdata.port} {target}"}  # type: ignore[attr-defined]
-    elif rtype == dns.rdatatype.TXT:
-        forms.add(b"".join(rdata.strings).decode("utf-8", errors="replace").lower())  # type: ignore[attr-defined]
+    elif rtype == dns.rdatatype.MX and isinstance(rdata, dns.rdtypes.mxbase.MXBase):
+        exchange = _norm_name(rdata.exchange.to_text())
+        forms |= {exchange, f"{rdata.preference} {exchange}"}
+    elif rtype == dns.rdatatype.SRV and isinstance(rdata, dns.rdtypes.IN.SRV.SRV):
+        target = _norm_name(rdata.target.to_text())
+        forms |= {target, f"{rdata.priority} {rdata.weight} {rdata.port} {target}"}
+    elif rtype == dns.rdatatype.TXT and isinstance(rdata, dns.rdtypes.txtbase.TXTBase):
+        forms.add(b"".join(rdata.strings).decode("utf-8", errors="replace").lower())
     return forms
 
 
@@ -141,6 +119,7 @@ def _wanted(text: str) -> set[str]:
 def _system_server() -> tuple[str, int]:
     """The resolver the machine uses (resolv.conf), for probes that name no server."""
     import dns.exception
+    import dns.nameserver
     import dns.resolver
 
     try:
@@ -150,7 +129,11 @@ def _system_server() -> tuple[str, int]:
     if not servers:
         raise LookupError("no nameserver in /etc/resolv.conf; set `server`")
     first = servers[0]
-    return (first, 53) if isinstance(first, str) else (first.address, first.port)
+    if isinstance(first, str):
+        return first, 53
+    if isinstance(first, dns.nameserver.AddressAndPortNameserver):
+        return first.address, first.port
+    raise LookupError(f"the system resolver's first nameserver is {first} (not plain DNS); set `server`")
 
 
 async def run(name: str, cfg: DnsProbe) -> ProbeResult:

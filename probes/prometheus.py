@@ -67,7 +67,7 @@ def _checks(data: dict[str, Any], expect: PrometheusExpect) -> tuple[list[Check]
     kind = data.get("resultType")
     result = data.get("result")
     if kind == "scalar" and isinstance(result, list) and len(result) == 2:
-        series = [({}, _number(result[1]))]
+        series: list[tuple[dict[str, Any], float]] = [({}, _number(result[1]))]
     elif kind == "vector" and isinstance(result, list):
         series = [
             (s.get("metric") or {}, _number((s.get("value") or [None, None])[1]))
@@ -144,7 +144,8 @@ async def run(name: str, cfg: PrometheusProbe) -> ProbeResult:
         return single_step(
             name, started_at, t0, request, error=f"PromQL error ({kind}): {doc.get('error') or 'no message'}"
         )
-    data = doc.get("data") if isinstance(doc.get("data"), dict) else {}
+    found = doc.get("data")
+    data: dict[str, Any] = found if isinstance(found, dict) else {}
     checks, count, problem = _checks(data, cfg.expect)
     details = {"series": count, "query_seconds": round(time.perf_counter() - t0, 6)}
     return single_step(name, started_at, t0, request, tuple(checks), error=problem, details=details)

@@ -25,7 +25,7 @@ from controller.notify.receivers import (
     WebhookReceiver,
     serve,
 )
-from controller.store import SQLiteStore
+from controller.stores import SQLiteStore
 from probes.base import ProbeResult
 from tests.fakes.smtp import Recorder, self_signed, smtp_server
 

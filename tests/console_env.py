@@ -17,7 +17,7 @@ from controller.config import load_config
 from controller.demo.pagerduty import PagerDutyReceiver
 from controller.loop import Controller
 from controller.notify.receivers import SlackReceiver, serve
-from controller.store import Incident, Run, SQLiteStore
+from controller.stores import Incident, Run, SQLiteStore
 from probes.base import ProbeResult
 from tests.comms_env import PD_KEY, FakeClock, cycle
 

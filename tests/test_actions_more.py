@@ -17,7 +17,7 @@ from kubernetes import client
 from pydantic import ValidationError
 
 from controller.config import ConfigError, Playbook, load_config
-from controller.store import SQLiteStore
+from controller.stores import SQLiteStore
 from playbooks.actions import ACTIONS, ActionContext, ActionError
 from playbooks.actions.kubernetes import RESTARTED_AT
 from playbooks.engine import Engine

@@ -41,8 +41,8 @@ import yaml
 from aiohttp import web
 
 from controller.demo.pagerduty import PagerDutyReceiver
-from controller.kubestore import KubernetesStore
-from controller.store import Run
+from controller.stores import Run
+from controller.stores.kube import KubernetesStore
 from tests.conftest import World
 from tests.fakes.awsproxy import AwsProxy
 from tests.fakes.kubeapi import FakeKubeAPI

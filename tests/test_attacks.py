@@ -39,7 +39,7 @@ from controller.config import ConfigError, listen_address, load_config
 from controller.demo.marketplace import serve
 from controller.loop import Controller
 from controller.metrics import Metrics
-from controller.store import SQLiteStore
+from controller.stores import SQLiteStore
 from probes.base import ProbeResult
 from probes.http import MAX_BODY, MAX_REDIRECTS, run_journey
 from probes.runner import run_probe

@@ -31,7 +31,7 @@ from controller.notify.receivers import (
     serve,
     validate_slack,
 )
-from controller.store import SQLiteStore
+from controller.stores import SQLiteStore
 from tests.fakes.smtp import Recorder, self_signed, smtp_server
 
 INCIDENT: dict[str, Any] = {

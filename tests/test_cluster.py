@@ -25,8 +25,8 @@ from typing import Any
 
 import pytest
 
-from controller.kubestore import KubernetesStore
-from controller.store import Run
+from controller.stores import Run
+from controller.stores.kube import KubernetesStore
 from tests.conftest import World
 from tests.fakes.awsproxy import AwsProxy, Recorded
 from tests.fakes.kubeapi import FakeKubeAPI

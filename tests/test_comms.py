@@ -14,7 +14,7 @@ from controller.comms import lifecycle as lc
 from controller.comms.settings import Cadence
 from controller.config import ConfigError
 from controller.report import write_report
-from controller.store import SQLiteStore
+from controller.stores import SQLiteStore
 from tests.comms_env import (
     FakeClock,
     controller,

@@ -17,7 +17,7 @@ from controller.config import Config, load_config
 from controller.demo.marketplace import serve
 from controller.demo.pagerduty import PagerDutyReceiver
 from controller.loop import Controller
-from controller.store import Incident, SQLiteStore
+from controller.stores import Incident, SQLiteStore
 
 KEY = "controller0test0routing0key00000"  # 32 characters
 

@@ -26,7 +26,7 @@ from controller.config import Config, load_config
 from controller.demo.marketplace import serve
 from controller.demo.pagerduty import PagerDutyReceiver
 from controller.loop import Controller
-from controller.store import SQLiteStore
+from controller.stores import SQLiteStore
 
 KEY = "detect0integration0routing0key00"  # 32 characters
 

@@ -39,7 +39,7 @@ from controller.detect import (
     observe,
 )
 from controller.loop import Controller
-from controller.store import SQLiteStore
+from controller.stores import SQLiteStore
 from probes.base import ProbeResult
 from probes.http import TransactionProbe
 from probes.runner import run_probe

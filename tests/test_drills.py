@@ -21,7 +21,7 @@ from controller.drills import report
 from controller.drills.names import SCENARIOS
 from controller.drills.runner import run_demo_drill
 from controller.drills.scenarios import BUILTIN
-from controller.store import SQLiteStore
+from controller.stores import SQLiteStore
 from tests.conftest import World
 
 MEASURES = {

@@ -35,7 +35,7 @@ from controller.loop import Controller
 from controller.notify import pagerduty, slack
 from controller.notify.outbox import Channel, Dispatcher
 from controller.notify.receivers import SlackReceiver
-from controller.store import SQLiteStore, StoreError
+from controller.stores import SQLiteStore, StoreError
 from tests.conftest import World
 from tests.fakes.awsproxy import AwsProxy, matcher
 

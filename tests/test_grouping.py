@@ -9,7 +9,7 @@ from controller import decide as d
 from controller import grouping
 from controller.config import Config, load_config
 from controller.detect import ServiceHealth, ServiceState
-from controller.store import SQLiteStore
+from controller.stores import SQLiteStore
 
 CONFIG = """
 services:

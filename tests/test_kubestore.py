@@ -19,8 +19,8 @@ import yaml
 from kubernetes.client.rest import ApiException
 
 from controller.config import Config, ConfigError, StoreSettings, load_config
-from controller.kubestore import GROUP, VERSION, KubernetesStore, object_name, outbox_name
-from controller.store import SQLiteStore, Store, StoreError, open_store
+from controller.stores import SQLiteStore, Store, StoreError, open_store
+from controller.stores.kube import GROUP, VERSION, KubernetesStore, object_name, outbox_name
 from tests.fakes.kubeapi import FakeKubeAPI
 
 NS = "continuity"

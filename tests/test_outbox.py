@@ -16,7 +16,7 @@ from controller.demo.marketplace import serve
 from controller.demo.pagerduty import PagerDutyReceiver
 from controller.notify import pagerduty
 from controller.notify.outbox import Channel, Dispatcher, post_json
-from controller.store import OutboxMessage, SQLiteStore
+from controller.stores import OutboxMessage, SQLiteStore
 
 KEY = "0123456789abcdef0123456789abcdef"  # 32 characters, like a PagerDuty integration key
 

@@ -9,7 +9,7 @@ import asyncio
 from pathlib import Path
 
 from controller.notify.outbox import Channel, Dispatcher
-from controller.store import OutboxMessage, SQLiteStore, StoreError
+from controller.stores import OutboxMessage, SQLiteStore, StoreError
 
 
 class SickStore(SQLiteStore):

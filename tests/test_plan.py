@@ -9,7 +9,7 @@ from pathlib import Path
 from controller.cli import main
 from controller.config import load_config
 from controller.plan import render
-from controller.store import SQLiteStore
+from controller.stores import SQLiteStore
 
 CONFIG = """
 services:

@@ -29,7 +29,7 @@ from controller.config import Aws, ConfigError, Playbook, load_config
 from controller.demo.marketplace import serve
 from controller.demo.pagerduty import PagerDutyReceiver
 from controller.loop import Controller
-from controller.store import Run, SQLiteStore
+from controller.stores import Run, SQLiteStore
 from playbooks.engine import Engine, RunResult, make_context
 from tests.conftest import World, aws_client
 from tests.fakes.awsproxy import AwsProxy, Recorded, matcher

@@ -12,7 +12,7 @@ import pytest
 
 from controller.aws import client_factory
 from controller.config import Aws, Playbook
-from controller.store import SQLiteStore, StepRecord
+from controller.stores import SQLiteStore, StepRecord
 from playbooks.engine import Engine, RunResult, make_context, render_plan
 from tests.conftest import World
 from tests.fakes.awsproxy import AwsProxy, matcher

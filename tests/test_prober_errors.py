@@ -36,7 +36,7 @@ from controller.config import load_config
 from controller.demo.marketplace import serve
 from controller.demo.pagerduty import PagerDutyReceiver
 from controller.loop import Controller
-from controller.store import SQLiteStore
+from controller.stores import SQLiteStore
 from tests.test_detect_integration import Target, until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,7 +73,7 @@ CHILD = textwrap.dedent(
     import asyncio, json, os, resource, sys, time
     from controller.config import load_config
     from controller.loop import Controller
-    from controller.store import SQLiteStore
+    from controller.stores import SQLiteStore
 
     async def main():
         cfg = load_config(sys.argv[1])

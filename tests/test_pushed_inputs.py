@@ -33,7 +33,7 @@ from controller.config import load_config
 from controller.demo.marketplace import serve
 from controller.loop import Controller
 from controller.remote import Agent
-from controller.store import SQLiteStore
+from controller.stores import SQLiteStore
 from probes.base import ProbeResult
 
 ROOT = Path(__file__).resolve().parents[1]

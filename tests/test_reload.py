@@ -20,7 +20,7 @@ from controller.demo.pagerduty import PagerDutyReceiver
 from controller.loop import Controller
 from controller.metrics import Metrics
 from controller.notify.receivers import SlackReceiver, serve
-from controller.store import SQLiteStore
+from controller.stores import SQLiteStore
 from tests.test_cluster import Target
 
 PD_KEY = "0123456789abcdef0123456789abcdef"

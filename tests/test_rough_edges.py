@@ -13,12 +13,12 @@ from controller.cli import _drill_out
 from controller.comms.templates import SAMPLE, Templates
 from controller.config import load_config
 from controller.detect import Health, ProbeState, ServiceHealth, ServiceState
+from controller.drills.drill import DrillResult
 from controller.drills.report import chart, mark_lanes
-from controller.drills.runner import DrillResult
 from controller.durations import DURATION_PATTERN, parse_duration
 from controller.loop import Controller
 from controller.notify import slack
-from controller.store import SQLiteStore
+from controller.stores import SQLiteStore
 from probes.base import ProbeResult
 from tests.test_cli import cli, good_config
 

@@ -16,9 +16,9 @@ from aiohttp import web
 
 from controller.config import load_config
 from controller.demo.marketplace import serve
-from controller.kubestore import KubernetesStore
 from controller.loop import Controller
-from controller.store import SQLiteStore, Store
+from controller.stores import SQLiteStore, Store
+from controller.stores.kube import KubernetesStore
 from tests.fakes.kubeapi import FakeKubeAPI
 from tests.test_step_outcomes import SlowReceiver
 

@@ -18,7 +18,7 @@ import pytest
 
 from controller.aws import client_factory
 from controller.config import Aws, ConfigError, Playbook, load_config
-from controller.store import SQLiteStore
+from controller.stores import SQLiteStore
 from playbooks.engine import Engine, make_context
 from tests.conftest import World
 from tests.fakes.awsproxy import AwsProxy, matcher

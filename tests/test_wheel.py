@@ -182,7 +182,7 @@ def test_report_without_the_charts_extra_says_how_to_add_the_chart(plain: Venv) 
     opened = plain.run(
         "python",
         "-c",
-        "import time; from controller.store import SQLiteStore\n"
+        "import time; from controller.stores import SQLiteStore\n"
         "s = SQLiteStore('state'); now = time.time()\n"
         "print(s.open_incident('checkout', 'critical', 'checkout down', now, now - 30, {}).id)",
     )

@@ -15,7 +15,7 @@ from typing import Any
 
 from controller.commands import CommandError
 from controller.durations import format_duration, parse_duration
-from controller.store import Store
+from controller.stores import Store
 
 PREFIX = "comms:request:"
 UPDATE_STATUSES = ("investigating", "identified", "monitoring")

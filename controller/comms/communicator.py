@@ -11,7 +11,8 @@ functions of `lifecycle`; this class reads state, calls them, and writes.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 from prometheus_client import Counter, Gauge, Histogram
@@ -19,15 +20,36 @@ from prometheus_client import Counter, Gauge, Histogram
 from controller.comms import commands as requests_
 from controller.comms import lifecycle as lc
 from controller.comms.templates import Templates
-from controller.config import Config, Service
+from controller.config import Config, Service, display_name
 from controller.durations import format_duration
 from controller.notify import email, pagerduty, slack, statuspage, teams, webhook
 from controller.notify.common import human_time
 from controller.notify.outbox import Channel
-from controller.store import Incident
+from controller.stores import Incident, Store
 
 if TYPE_CHECKING:
-    from controller.loop import Controller
+    from controller.detect import ServiceHealth
+    from controller.metrics import Metrics
+    from controller.notify.outbox import Dispatcher
+
+
+class Host(Protocol):
+    """What the communicator needs of the controller that creates it (`loop.Controller` is one). A
+    protocol, not an import of the loop: the loop imports this module, and the reverse would be an
+    import cycle."""
+
+    @property
+    def store(self) -> Store: ...
+    @property
+    def config(self) -> Config: ...
+    @property
+    def metrics(self) -> Metrics: ...
+    @property
+    def dispatcher(self) -> Dispatcher: ...
+    @property
+    def tick_hooks(self) -> list[Callable[[float], None]]: ...
+    def health(self) -> dict[str, ServiceHealth]: ...
+
 
 log = structlog.get_logger("continuity.comms")
 
@@ -35,10 +57,6 @@ CHAT = ("slack", "teams")
 BUILDER_EVENT = {"opened": "opened", "update": "update", "resolved": "resolved", "followup": "resolved"}
 """The channel builders know opened/update/resolved; a follow-up is about a resolved incident."""
 MAX_UPDATES_KEPT = 50
-
-
-def display_name(name: str, svc: Service | None) -> str:
-    return (svc.display_name if svc and svc.display_name else name.replace("-", " ").capitalize()) or name
 
 
 def default_roles(svc: Service | None) -> dict[str, Any]:
@@ -54,7 +72,7 @@ def default_roles(svc: Service | None) -> dict[str, Any]:
 
 
 class Communicator:
-    def __init__(self, controller: Controller) -> None:
+    def __init__(self, controller: Host) -> None:
         self.c = controller
         self.store = controller.store
         self._templates_for: str | None = None
@@ -647,7 +665,7 @@ def _metric(kind: Any, name: str, doc: str, *args: Any, **kwargs: Any) -> Any:
         return found
 
 
-def attach(controller: Controller) -> Communicator:
+def attach(controller: Host) -> Communicator:
     """Subscribe a Communicator to a controller: ticked after each reconcile."""
     comm = Communicator(controller)
     controller.tick_hooks.append(comm.tick)

@@ -6,7 +6,7 @@ models every other part of the controller reads; config.py only mounts them.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field
 
@@ -14,6 +14,8 @@ from controller.durations import Duration
 from probes.base import Strict
 
 Audience = Literal["customers", "internal", "partners", "executives"]
+MailAudience = Literal["customers", "internal", "executives"]
+"""Who an incident e-mail can go to (partners get webhooks, not mail)."""
 AUDIENCES: tuple[str, ...] = ("customers", "internal", "partners", "executives")
 
 
@@ -48,8 +50,8 @@ class ChannelAudiences(Strict):
     teams: Audience = "internal"
     webhook: Audience = "partners"
     statuspage: Audience = "customers"
-    email: list[Literal["customers", "internal", "executives"]] = Field(
-        default_factory=lambda: ["customers", "internal", "executives"],
+    email: list[MailAudience] = Field(
+        default_factory=lambda: list(get_args(MailAudience)),
         description="Audiences mailed (each to its own list under notifiers.email.to).",
     )
 

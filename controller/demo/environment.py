@@ -48,8 +48,11 @@ class DemoEnvironment:
     """Async context manager; after entering, `config_path`, `config` and the parts are ready."""
 
     def __init__(self, data_dir: str | None = None) -> None:
-        self._tmp = tempfile.TemporaryDirectory(prefix="continuity-demo-") if data_dir is None else None
-        self.workdir = Path(data_dir or self._tmp.name)  # type: ignore[union-attr]
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if data_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="continuity-demo-")
+            data_dir = self._tmp.name
+        self.workdir = Path(data_dir)
         self.primary = Region("eu-west-1", PRIMARY_IP)
         self.secondary = Region("eu-central-1", SECONDARY_IP)
         self.pagerduty = PagerDutyReceiver()

@@ -18,7 +18,7 @@ import aiohttp
 from controller.demo.environment import SECONDARY_IP, STANDBY, ZONE, DemoEnvironment
 from controller.durations import format_duration
 from controller.loop import Controller
-from controller.store import SQLiteStore
+from controller.stores import SQLiteStore
 
 
 @dataclass

@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from controller.drills.runner import DrillResult
+from controller.drills.drill import DrillResult
 from controller.durations import format_duration
 from controller.report import NO_CHART, Doc, charts_available
-from controller.store import Store
+from controller.stores import Store
 
 MEASURES = [
     ("detect_s", "Time to detect"),

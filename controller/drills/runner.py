@@ -23,155 +23,21 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from controller.config import Config, PagerDuty, load_config
-from controller.drills.scenarios import BUILTIN, Scenario
+from controller.config import PagerDuty, load_config
+from controller.drills.drill import Drill, DrillError, DrillResult, Objective, Scenario
+from controller.drills.scenarios import BUILTIN
 from controller.durations import format_duration
-from controller.store import Incident, SQLiteStore, Store
+from controller.stores import SQLiteStore
 
 ROOT = str(Path(__file__).resolve().parents[2])
 """Where the `controller` package lives: the child processes import it from here."""
 DRILL_PD_KEY = "drill0routing0key000000000000000"  # 32 characters, like a real integration key
-
-
-class DrillError(Exception):
-    """The drill could not be run (not the same as a drill that failed its objectives)."""
-
-
-@dataclass
-class Objective:
-    name: str
-    target: str
-    actual: str
-    passed: bool
-
-
-@dataclass
-class DrillResult:
-    scenario: str
-    title: str
-    mode: str
-    expected: str
-    right_outcome: str
-    outcome: str
-    passed: bool
-    started_at: float
-    wall_s: float
-    service: str | None
-    rto_s: float
-    rpo_s: float
-    measures: dict[str, float | None]
-    objectives: list[Objective]
-    actions_taken: list[str]
-    actions_wrongly_taken: list[str]
-    messages_sent: list[str]
-    notes: list[str]
-    marks: dict[str, float] = field(default_factory=dict)
-    series: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
-    files: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def missed(self) -> list[Objective]:
-        return [o for o in self.objectives if not o.passed]
-
-
-class Drill:
-    """What a scenario's functions see while the drill runs, and what the scoring reads."""
-
-    def __init__(self, scenario: Scenario, env: Any = None) -> None:
-        self.scenario = scenario
-        self.env = env
-        self.store: Store = None  # type: ignore[assignment]  # set before the controller starts
-        self.config: Config | None = None
-        self.focus: str | None = None
-        """The service the scenario aims at (the one with the failover playbook)."""
-        self.t0: float | None = None
-        self.marks: dict[str, float] = {}
-        self.extra: dict[str, Any] = {}
-        self.cleanups: list[Callable[[], Awaitable[None]]] = []
-        self.notes: list[tuple[float, str]] = []
-        self.pages: list[tuple[float, dict[str, Any]]] = []
-        self.verdicts: list[tuple[float, str, str]] = []
-        self.record_moves: list[tuple[float, str]] = []
-        self.writer_moves: list[tuple[float, str]] = []
-
-    # -------------------------------------------------------------- for scenarios
-
-    def now(self) -> float:
-        return time.time()
-
-    def since_injection(self) -> float:
-        return 0.0 if self.t0 is None else self.now() - self.t0
-
-    def note(self, text: str) -> None:
-        self.notes.append((self.now(), text))
-
-    def mark(self, name: str) -> None:
-        self.marks.setdefault(name, self.now())
-
-    def incidents(self) -> list[Incident]:
-        return sorted(self.store.list_incidents(), key=lambda i: i.opened_at)
-
-    def first_incident(self) -> Incident | None:
-        """The first incident of the service under drill (others may open alongside)."""
-        found = [i for i in self.incidents() if self.focus is None or i.service == self.focus]
-        return found[0] if found else None
-
-    def triggers(self) -> list[dict[str, Any]]:
-        return [e for _, e in self.pages if e.get("event_action") == "trigger"]
-
-    def runs_in_progress(self) -> bool:
-        return any(r.state in ("running", "awaiting_approval") for r in self.store.runs())
-
-    # -------------------------------------------------------------- observers
-
-    def on_page(self, event: dict[str, Any]) -> None:
-        self.pages.append((self.now(), event))
-
-    def on_event(self, kind: str, facts: dict[str, Any]) -> None:
-        if kind == "probe_verdict":
-            self.verdicts.append((self.now(), facts["probe"], facts["status"]))
-
-    async def watch(self) -> None:
-        """Read Route 53 and the Aurora writer back from moto, as an outsider would."""
-        assert self.env is not None
-        last_ip, last_writer = (
-            await asyncio.to_thread(self.env.record),
-            await asyncio.to_thread(self.env.writer),
-        )
-        while True:
-            await asyncio.sleep(0.25)
-            ip, writer = await asyncio.to_thread(self.env.record), await asyncio.to_thread(self.env.writer)
-            if ip != last_ip:
-                self.record_moves.append((self.now(), ip[0]))
-            if writer != last_writer:
-                self.writer_moves.append((self.now(), str(writer)))
-            last_ip, last_writer = ip, writer
-
-    async def wait_until(self, what: str, ready: Callable[[], bool], timeout: float) -> None:
-        end = time.monotonic() + timeout
-        while not ready():
-            if time.monotonic() > end:
-                raise DrillError(f"{what}: not reached within {format_duration(timeout)}")
-            await asyncio.sleep(0.1)
-
-    async def until_done(self) -> bool:
-        """Wait for the scenario's end condition; False if the deadline passed first."""
-        end = time.monotonic() + self.scenario.deadline
-        while not self.scenario.done(self):
-            if time.monotonic() > end:
-                self.note(f"deadline of {format_duration(self.scenario.deadline)} reached; scoring as is")
-                return False
-            await asyncio.sleep(0.1)
-        return True
 
 
 # ------------------------------------------------------------------ demo mode
@@ -207,8 +73,8 @@ async def run_demo_drill(
             for cleanup in reversed(drill.cleanups):
                 with contextlib.suppress(Exception):
                     await cleanup()
-            if drill.store is not None:
-                drill.store.close()
+            if drill.opened is not None:
+                drill.opened.close()
 
 
 async def _run_in_process(drill: Drill) -> None:
@@ -216,8 +82,8 @@ async def _run_in_process(drill: Drill) -> None:
 
     cfg = drill.config
     assert cfg is not None
-    drill.store = SQLiteStore(cfg.controller.data_dir)
-    controller = Controller(cfg, drill.store)
+    drill.opened = SQLiteStore(cfg.controller.data_dir)
+    controller = Controller(cfg, drill.opened)
     controller.listeners.append(drill.on_event)
     await controller.start()
     tasks: list[asyncio.Task[Any]] = []
@@ -255,7 +121,7 @@ async def _run_processes(drill: Drill, path: Path) -> None:
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
     }
-    drill.store = SQLiteStore(cfg.controller.data_dir)
+    drill.opened = SQLiteStore(cfg.controller.data_dir)
     procs: list[subprocess.Popen[bytes]] = []
 
     def start(n: int) -> tuple[subprocess.Popen[bytes], int]:
@@ -361,20 +227,22 @@ async def run_target_drill(
     drill = Drill(sc)
     drill.config = cfg
     drill.focus = svc_name
-    drill.store = SQLiteStore(tmp.name)
+    drill.opened = SQLiteStore(tmp.name)
     receiver.on_event = drill.on_page
-    controller = Controller(cfg, drill.store, env=lambda name: DRILL_PD_KEY)
+    controller = Controller(cfg, drill.opened, env=lambda name: DRILL_PD_KEY)
     controller.listeners.append(drill.on_event)
     svc_probes = list(cfg.services[svc_name].probes)
     targets = list(cfg.probes) if sc.target_faults == "all" else svc_probes
     faults: set[str] = set()
     real = controller.run_once
 
-    async def run_once(name: str, pcfg: Any) -> ProbeResult:
+    async def run_once(name: str, cfg: Any) -> ProbeResult:
         if name in faults:
             return ProbeResult(name, False, controller.clock(), 0.0, error=f"drill {sc.name}: injected fault")
-        return await real(name, pcfg)
+        return await real(name, cfg)
 
+    # Faults at the probes: the real controller, its probe runner swapped for this one (mypy forbids
+    # assigning to a method; the instance attribute is exactly what the drill means to replace).
     controller.run_once = run_once  # type: ignore[method-assign]
     tasks: list[asyncio.Task[Any]] = []
 
@@ -580,8 +448,8 @@ def score(drill: Drill, mode: str, wall: float, service: str | None = None) -> D
         "recover_s": "recovered",
     }
     for key, label in names.items():
-        if measures[key] is not None:
-            marks[label] = float(measures[key])  # type: ignore[arg-type]
+        if (value := measures[key]) is not None:
+            marks[label] = float(value)
     for key, ts in drill.marks.items():
         if key != "traffic_moved":
             marks[key.replace("_", " ")] = round(ts - t0, 3)

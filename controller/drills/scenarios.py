@@ -1,67 +1,22 @@
 """The built-in disasters, as data plus small functions: how to bend the demo config, how to inject
 the fault, when the drill has seen enough, and the checks particular to the scenario.
 
-The generic objectives (outcome, RTO, RPO, nothing done wrongly) are in `runner.py`; a scenario only
-adds what is special about it (one isolation alert, the second outage paged, the run resumed once).
+The generic objectives (outcome, RTO, RPO, nothing done wrongly) are in `runner.py`, the `Scenario`
+and `Drill` types in `drill.py`; a scenario only adds what is special about it (one isolation alert,
+the second outage paged, the run resumed once).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
+from controller.drills.drill import Drill, Objective, Scenario
 from controller.drills.names import SCENARIOS
 
-if TYPE_CHECKING:
-    from controller.drills.runner import Drill, Objective
-
 ALL_FEATURES = {"health", "products", "cart", "checkout"}
-
-
-def _nothing(raw: dict[str, Any], drill: Drill) -> None:
-    return None
-
-
-async def _no_prepare(drill: Drill) -> None:
-    return None
-
-
-@dataclass(frozen=True)
-class Scenario:
-    name: str
-    title: str
-    rehearses: str
-    """The risk in words: what happens to the business."""
-    expected: str
-    """failover | no_failover | page_only (from names.SCENARIOS)."""
-    right_outcome: str
-    """The right outcome in words, for the report."""
-    inject: Callable[[Drill], Awaitable[None]]
-    """Break things. May keep running (a flapping link) until the drill ends; it is then cancelled."""
-    done: Callable[[Drill], bool]
-    """True once the drill has seen enough to score (checked every 100 ms)."""
-    deadline: float = 40.0
-    """Give up waiting after this many seconds from the injection."""
-    tweak: Callable[[dict[str, Any], Drill], None] = _nothing
-    """Edit the demo config (the raw YAML mapping) for this drill."""
-    prepare: Callable[[Drill], Awaitable[None]] = _no_prepare
-    """Start extra targets before the controller starts (reference servers)."""
-    checks: Callable[[Drill], list[Objective]] = field(default=lambda drill: [])
-    subprocess: bool = False
-    """Run the controller as `python -m controller.cli run` processes rather than in-process."""
-    database: bool = True
-    """The primary database is lost with the fault (data-loss window measured against the RPO)."""
-    replica_lag: float = 0.5
-    """Simulated asynchronous replication lag of the standby at the moment of the loss."""
-    target_faults: str | None = None
-    """With --target, how the fault is injected at the probe level: service | all | flap; None: demo only."""
-
-    def __post_init__(self) -> None:
-        assert SCENARIOS[self.name] == self.expected, self.name
 
 
 # ---------------------------------------------------------------- done predicates
@@ -178,8 +133,6 @@ async def _cut_off(drill: Drill) -> None:
 
 
 def _no_page(drill: Drill) -> list[Objective]:
-    from controller.drills.runner import Objective
-
     n = len(drill.triggers())
     return [Objective("no page for a blip", "0 pages", f"{n} page(s)", n == 0)]
 
@@ -193,8 +146,6 @@ def _cut_off_done(drill: Drill) -> bool:
 
 
 def _cut_off_checks(drill: Drill) -> list[Objective]:
-    from controller.drills.runner import Objective
-
     alerts = _isolation_alerts(drill)
     incidents = drill.incidents()
     return [
@@ -224,8 +175,6 @@ def _second_done(drill: Drill) -> bool:
 
 
 def _second_checks(drill: Drill) -> list[Objective]:
-    from controller.drills.runner import Objective
-
     at = drill.marks.get("second_outage")
     second = [i for i in drill.incidents() if at is not None and i.opened_at >= at]
     held = any(
@@ -245,8 +194,6 @@ def _drain_step(raw: dict[str, Any], drill: Drill) -> None:
 
 
 def _killed_checks(drill: Drill) -> list[Objective]:
-    from controller.drills.runner import Objective
-
     runs = drill.store.runs()
     ok = len(runs) == 1 and runs[0].state == "succeeded"
     states = [s.state for s in drill.store.steps(runs[0].id)] if runs else []
@@ -266,8 +213,6 @@ def _killed_checks(drill: Drill) -> list[Objective]:
 
 def _one_page(drill: Drill) -> list[Objective]:
     """A region outage is one outage: one incident pages once, whatever number of services it took."""
-    from controller.drills.runner import Objective
-
     keys = sorted({str(e.get("dedup_key")) for e in drill.triggers()})
     return [
         Objective(

@@ -24,7 +24,7 @@ import requests
 import structlog
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-from controller.store import OutboxMessage, Store
+from controller.stores import OutboxMessage, Store
 
 log = structlog.get_logger("continuity.outbox")
 

@@ -29,7 +29,7 @@ from typing import Any
 from controller.config import Statuspage
 from controller.notify.common import check_event, public_status, secret
 from controller.notify.outbox import Channel, Permanent, Transient, http_post
-from controller.store import Store
+from controller.stores import Store
 
 REFUSED = "!refused"
 IMPACT = {

@@ -9,12 +9,12 @@ not forward to.
 
 from __future__ import annotations
 
-import asyncio
 import copy
 from typing import Any
 
 from pydantic import Field, model_validator
 
+from controller.executors import ACTIONS, run_in
 from playbooks.actions.base import Action, ActionContext, ActionError, PlannedCall
 from probes.base import Strict
 
@@ -156,7 +156,7 @@ class SetListenerWeights(Action):
         return listener, idx, groups, self._resolve(groups)
 
     async def check(self, ctx: ActionContext) -> bool:
-        _, _, groups, want = await asyncio.to_thread(self._state, ctx)
+        _, _, groups, want = await run_in(ACTIONS, self._state, ctx)
         have = {g["TargetGroupArn"]: g.get("Weight", 1) for g in groups}
         return all(have[arn] == w for arn, w in want.items())
 
@@ -184,4 +184,4 @@ class SetListenerWeights(Action):
         return f"listener {where} weights {before} -> {after}"
 
     async def apply(self, ctx: ActionContext) -> str:
-        return await asyncio.to_thread(self._apply, ctx)
+        return await run_in(ACTIONS, self._apply, ctx)

@@ -7,13 +7,13 @@ simple one. Each change is waited on until Route 53 reports it INSYNC.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
 from pydantic import Field
 
 from controller.durations import Duration
+from controller.executors import ACTIONS, run_in
 from playbooks.actions.base import Action, ActionContext, ActionError, PlannedCall
 from probes.base import Strict
 
@@ -143,7 +143,7 @@ class SwitchRecord(_Route53):
         return zone_id, self._select(self.records(r53, zone_id))
 
     async def check(self, ctx: ActionContext) -> bool:
-        _, cur = await asyncio.to_thread(self._current_values, ctx)
+        _, cur = await run_in(ACTIONS, self._current_values, ctx)
         have = sorted(r["Value"] for r in (cur or {}).get("ResourceRecords", []))
         return have == sorted(self.p.values)
 
@@ -175,7 +175,7 @@ class SwitchRecord(_Route53):
         )
 
     async def apply(self, ctx: ActionContext) -> str:
-        return await asyncio.to_thread(self._apply, ctx)
+        return await run_in(ACTIONS, self._apply, ctx)
 
 
 class SetWeightsParams(_RecordRef):
@@ -227,7 +227,7 @@ class SetWeights(_Route53):
         return zone_id, {r["SetIdentifier"]: r for r in self.records(r53, zone_id) if "SetIdentifier" in r}
 
     async def check(self, ctx: ActionContext) -> bool:
-        _, sets = await asyncio.to_thread(self._weights, ctx)
+        _, sets = await run_in(ACTIONS, self._weights, ctx)
         return all(sid in sets and sets[sid].get("Weight") == w for sid, w in self.p.weights.items())
 
     def _apply(self, ctx: ActionContext) -> str:
@@ -253,4 +253,4 @@ class SetWeights(_Route53):
         return f"{_fqdn(self.p.record)} weights now {after} (was {before}); INSYNC after {took:.1f}s"
 
     async def apply(self, ctx: ActionContext) -> str:
-        return await asyncio.to_thread(self._apply, ctx)
+        return await run_in(ACTIONS, self._apply, ctx)

@@ -8,7 +8,6 @@ worth another attempt; any other 4xx (forbidden, not found, invalid) is not.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import Field, model_validator
 
+from controller.executors import ACTIONS, run_in
 from playbooks.actions.base import Action, ActionContext, ActionError, PlannedCall
 from probes.base import Strict
 
@@ -140,10 +140,10 @@ class Scale(Action):
             self.p.deployment,
             self.p.namespace,
         )
-        return int(scale.spec.replicas or 0)
+        return int(scale.spec.replicas or 0) if scale.spec else 0
 
     async def check(self, ctx: ActionContext) -> bool:
-        return await asyncio.to_thread(self._current, ctx) == self.p.replicas
+        return await run_in(ACTIONS, self._current, ctx) == self.p.replicas
 
     def _apply(self, ctx: ActionContext) -> str:
         import kubernetes.client
@@ -164,10 +164,10 @@ class Scale(Action):
             body,
             _content_type=MERGE_PATCH,
         )
-        return f"{self._what()} replicas {before} -> {scale.spec.replicas}"
+        return f"{self._what()} replicas {before} -> {scale.spec.replicas if scale.spec else '?'}"
 
     async def apply(self, ctx: ActionContext) -> str:
-        return await asyncio.to_thread(self._apply, ctx)
+        return await run_in(ACTIONS, self._apply, ctx)
 
 
 # ---------------------------------------------------------------- patch
@@ -270,7 +270,7 @@ class Patch(Action):
         return json.loads(resp.data)
 
     async def check(self, ctx: ActionContext) -> bool:
-        obj = await asyncio.to_thread(self._read, ctx)
+        obj = await run_in(ACTIONS, self._read, ctx)
         return not _missing(obj, self.p.patch)
 
     def _apply(self, ctx: ActionContext) -> str:
@@ -297,7 +297,7 @@ class Patch(Action):
         return f"{self._what()} patched: {changes}"
 
     async def apply(self, ctx: ActionContext) -> str:
-        return await asyncio.to_thread(self._apply, ctx)
+        return await run_in(ACTIONS, self._apply, ctx)
 
 
 # ---------------------------------------------------------------- rollout restart
@@ -374,4 +374,4 @@ class RolloutRestart(Action):
         return f"{self._what()} restarted: {RESTARTED_AT} {before} -> {now}"
 
     async def apply(self, ctx: ActionContext) -> str:
-        return await asyncio.to_thread(self._apply, ctx)
+        return await run_in(ACTIONS, self._apply, ctx)

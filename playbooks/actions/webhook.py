@@ -9,7 +9,6 @@ outside `expect_status` is not.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from typing import Any, Literal
@@ -18,6 +17,7 @@ import requests
 from pydantic import Field
 
 from controller.durations import Duration
+from controller.executors import ACTIONS, run_in
 from playbooks.actions.base import Action, ActionContext, ActionError, PlannedCall
 from playbooks.actions.flow import templates
 from probes.base import Strict
@@ -152,4 +152,4 @@ class Http(Action):
     async def apply(self, ctx: ActionContext) -> str:
         # check() stays False: a webhook call is not idempotent in general; the engine's journal
         # keeps a done step from being repeated when a run resumes.
-        return await asyncio.to_thread(self._apply, ctx)
+        return await run_in(ACTIONS, self._apply, ctx)

@@ -28,7 +28,7 @@ import requests
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 from requests.structures import CaseInsensitiveDict
 
-from controller.store import StoreError
+from controller.stores import StoreError
 from probes.base import ProbeResult, StepResult
 from tests.sim.vloop import InlineExecutor
 from tests.sim.world import CHECKOUT, IP_REGION, REGION_IP, Call, World
@@ -519,7 +519,7 @@ class SimElector:
 
 
 class SeededSecrets:
-    """`secrets` for controller.store during a run: ids from the seed, so a replay is identical."""
+    """`secrets` for controller.stores.model during a run: ids from the seed, so a replay is identical."""
 
     def __init__(self, seed: int) -> None:
         self.rng = random.Random(seed ^ 0x1D5)

@@ -20,10 +20,10 @@ from typing import Any
 
 import structlog
 
-import controller.store as store_module
+import controller.stores.model as store_module
 from controller.config import Config
 from controller.loop import Controller
-from controller.store import SQLiteStore
+from controller.stores import SQLiteStore
 from tests.sim import invariants
 from tests.sim.edges import (
     ACTOR,
@@ -111,7 +111,7 @@ class Harness:
 
     def _open_store(self) -> Any:
         if self.s.store == "kube":
-            from controller.kubestore import KubernetesStore
+            from controller.stores.kube import KubernetesStore
 
             store = KubernetesStore(
                 _kube_api().api_client(), self.namespace, request_timeout=5.0, backoff=0.0, max_backoff=0.0

@@ -23,6 +23,8 @@ import selectors
 from collections.abc import Callable
 from typing import Any
 
+from controller import executors
+
 START = 1_800_000_000.0
 """Virtual epoch at the start of every run (2027-01-15): any fixed value keeps runs identical."""
 
@@ -75,6 +77,7 @@ class VirtualLoop(asyncio.SelectorEventLoop):
         self._clock_resolution = 1e-6
         self.executor = InlineExecutor(self)
         self.set_default_executor(self.executor)
+        executors.route_all(self, self.executor)  # the named pools too (controller/executors.py)
 
     def time(self) -> float:
         return self._now

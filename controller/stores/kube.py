@@ -76,7 +76,7 @@ from kubernetes.client import ApiClient, CustomObjectsApi
 from kubernetes.client.rest import ApiException
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-from controller.store import (
+from controller.stores.model import (
     FAILOVER_STATES,
     Event,
     FailoverRecord,
@@ -244,6 +244,13 @@ def _guarded(fn: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
+def _object(what: str, answer: object) -> dict[str, Any]:
+    """The client types custom objects as `object`; a JSON object is what the API server sends."""
+    if not isinstance(answer, dict):
+        raise StoreError(f"kubernetes store: {what}: expected a JSON object, got {type(answer).__name__}")
+    return answer
+
+
 class KubernetesStore:
     """The `Store` protocol on Kubernetes custom objects in one namespace (see the module doc)."""
 
@@ -298,7 +305,7 @@ class KubernetesStore:
 
     def _get(self, plural: str, name: str) -> dict[str, Any] | None:
         try:
-            return self._call(
+            found = self._call(
                 f"get {plural}/{name}",
                 self.api.get_namespaced_custom_object,
                 GROUP,
@@ -311,6 +318,7 @@ class KubernetesStore:
             if exc.status == 404:
                 return None
             raise
+        return _object(f"get {plural}/{name}", found)
 
     def _list(self, plural: str, selector: dict[str, str] | str | None = None) -> list[dict[str, Any]]:
         if isinstance(selector, dict):
@@ -325,7 +333,7 @@ class KubernetesStore:
             plural,
             **kwargs,
         )
-        return list(result.get("items") or [])
+        return list(_object(f"list {plural}", result).get("items") or [])
 
     def _create(
         self, plural: str, kind: str, name: str, labels: dict[str, str], spec: dict[str, Any]

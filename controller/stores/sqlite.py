@@ -1,24 +1,30 @@
-"""State: incidents, timelines, playbook runs and their journal, and the notification outbox.
+"""The embedded default store: SQLite in WAL mode.
 
-One small interface (`Store`) so that a Kubernetes-backed store can replace SQLite in a cluster.
-SQLite runs in WAL mode: a reader (the CLI listing incidents) never blocks the controller, and a
-crash loses at most the transaction in hand. Every write commits before the caller goes on, so
-what the timeline says happened, happened.
+A reader (the CLI listing incidents) never blocks the controller, and a crash loses at most the
+transaction in hand. Every write commits before the caller goes on, so what the timeline says
+happened, happened.
 """
 
 from __future__ import annotations
 
 import json
-import secrets
 import sqlite3
 import threading
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
-if TYPE_CHECKING:
-    from controller.config import Config
+from controller.stores.model import (
+    FAILOVER_STATES,
+    Event,
+    FailoverRecord,
+    Incident,
+    OutboxMessage,
+    Run,
+    StepRecord,
+    StoreError,
+    new_id,
+    new_incident,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS incidents (
@@ -101,182 +107,6 @@ CREATE TABLE IF NOT EXISTS channel_refs (
     PRIMARY KEY (channel, incident_id)
 );
 """
-
-
-@dataclass
-class Incident:
-    id: str
-    service: str
-    severity: str
-    status: str
-    title: str
-    opened_at: float
-    started_at: float
-    resolved_at: float | None
-    dedup_key: str
-    data: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-@dataclass
-class Event:
-    incident_id: str
-    ts: float
-    kind: str
-    message: str
-    data: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Run:
-    id: str
-    incident_id: str | None
-    service: str | None
-    playbook: str
-    state: str
-    dry_run: bool
-    started_at: float
-    ended_at: float | None
-    error: str | None
-    owner: str | None = None
-    """The controller process that may apply this run's steps (see `Store.claim_run`)."""
-
-
-FAILOVER_STATES = (
-    "primary",
-    "awaiting_approval",
-    "failing_over",
-    "failed_over",
-    "awaiting_failback_approval",
-    "failing_back",
-    "failover_failed",
-    "failback_failed",
-)
-"""Where a service stands; only `controller.decide` moves it, one compare-and-swap at a time."""
-
-
-@dataclass
-class FailoverRecord:
-    """The persisted failover state of one service. A service never written is `primary`, version 0."""
-
-    service: str
-    state: str = "primary"
-    run_id: str | None = None
-    """The run that owns the state: the failover or failback in progress or awaiting approval,
-    or the run whose outcome put the service where it is."""
-    incident_id: str | None = None
-    reason: str = ""
-    since: float = 0.0
-    version: int = 0
-
-
-@dataclass
-class StepRecord:
-    run_id: str
-    idx: int
-    name: str
-    state: str
-    attempts: int
-    started_at: float | None
-    ended_at: float | None
-    detail: str | None
-
-
-@dataclass
-class OutboxMessage:
-    id: int
-    channel: str
-    key: str
-    incident_id: str | None
-    payload: dict[str, Any]
-    created_at: float
-    attempts: int
-    next_attempt_at: float
-    delivered_at: float | None
-    dead: bool
-    last_error: str | None
-
-
-class Store(Protocol):
-    """What the controller needs from state; SQLite here, Kubernetes objects in a cluster."""
-
-    def open_incident(
-        self,
-        service: str,
-        severity: str,
-        title: str,
-        opened_at: float,
-        started_at: float,
-        data: dict[str, Any],
-    ) -> Incident: ...
-    def open_incident_for(self, service: str) -> Incident | None: ...
-    def get_incident(self, incident_id: str) -> Incident | None: ...
-    def list_incidents(self, status: str | None = None, limit: int = 100) -> list[Incident]: ...
-    def update_incident(self, incident_id: str, **changes: Any) -> None: ...
-    def append(
-        self, incident_id: str, ts: float, kind: str, message: str, data: dict[str, Any] | None = None
-    ) -> None: ...
-    def timeline(self, incident_id: str) -> list[Event]: ...
-    def create_run(
-        self,
-        playbook: str,
-        incident_id: str | None,
-        service: str | None,
-        dry_run: bool,
-        started_at: float,
-        steps: list[str],
-    ) -> Run: ...
-    def update_run(self, run_id: str, **changes: Any) -> None: ...
-    def update_step(self, run_id: str, idx: int, **changes: Any) -> None: ...
-    def add_step(self, run_id: str, idx: int, name: str) -> None: ...
-    def get_run(self, run_id: str) -> Run | None: ...
-    def get_flag(self, name: str) -> str | None: ...
-    def set_flag(self, name: str, value: str | None) -> None: ...
-    def flags(self, prefix: str = "") -> dict[str, str]: ...
-    def runs(self, service: str | None = None, playbook: str | None = None) -> list[Run]: ...
-    def steps(self, run_id: str) -> list[StepRecord]: ...
-    def enqueue(
-        self, channel: str, key: str, payload: dict[str, Any], incident_id: str | None, now: float
-    ) -> bool: ...
-    def due(self, now: float, limit: int = 50) -> list[OutboxMessage]: ...
-    def delivered(self, msg_id: int, now: float) -> None: ...
-    def retry_later(self, msg_id: int, next_at: float, error: str) -> None: ...
-    def give_up(self, msg_id: int, error: str) -> None: ...
-    def outbox(self, include_delivered: bool = False) -> list[OutboxMessage]: ...
-    def set_ref(self, channel: str, incident_id: str, ref: str) -> None: ...
-    def get_ref(self, channel: str, incident_id: str) -> str | None: ...
-    def failover_states(self) -> dict[str, FailoverRecord]: ...
-    def transition_failover(
-        self,
-        service: str,
-        expect_version: int,
-        state: str,
-        run_id: str | None,
-        incident_id: str | None,
-        reason: str,
-        at: float,
-    ) -> FailoverRecord | None: ...
-    def claim_run(self, run_id: str, owner: str, expect: str | None) -> bool: ...
-    def close(self) -> None: ...
-
-
-class StoreError(Exception):
-    """The state store cannot be used (missing directory, corrupt file, disk full)."""
-
-
-def new_incident(
-    service: str, severity: str, title: str, opened_at: float, started_at: float, data: dict[str, Any]
-) -> Incident:
-    """A fresh open incident; its PagerDuty dedup_key is fixed here, once, for every backend."""
-    inc = Incident(new_id("INC"), service, severity, "open", title, opened_at, started_at, None, "", data)
-    inc.dedup_key = f"continuity/{inc.id}"
-    return inc
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{time.strftime('%Y%m%d', time.gmtime())}-{secrets.token_hex(3)}"
 
 
 class SQLiteStore:
@@ -584,30 +414,3 @@ class SQLiteStore:
             "SELECT ref FROM channel_refs WHERE channel=? AND incident_id=?", (channel, incident_id)
         ).fetchone()
         return str(row["ref"]) if row else None
-
-
-def open_store(cfg: Config, data_dir_override: str | None = None) -> Store:
-    """The store the config asks for: SQLite in the data directory (``data_dir_override`` wins over
-    ``controller.data_dir``), or Kubernetes objects in ``store.namespace`` with the in-cluster
-    service account when running in a pod (KUBERNETES_SERVICE_HOST set), else the kubeconfig."""
-    if cfg.store.backend == "sqlite":
-        return SQLiteStore(data_dir_override or cfg.controller.data_dir)
-
-    import os
-
-    from kubernetes import client, config
-
-    from controller.kubestore import KubernetesStore
-
-    try:
-        if os.environ.get("KUBERNETES_SERVICE_HOST"):
-            configuration = client.Configuration()
-            config.load_incluster_config(client_configuration=configuration)
-            api = client.ApiClient(configuration)
-        else:
-            api = config.new_client_from_config()
-    except (config.ConfigException, OSError) as exc:
-        raise StoreError(f"kubernetes store: no usable cluster credentials: {exc}") from None
-    # The chart sets POD_NAMESPACE (downward API): the Lease and the objects share the pod's namespace.
-    namespace = cfg.store.namespace or os.environ.get("POD_NAMESPACE") or cfg.store.resolved_namespace()
-    return KubernetesStore(api, namespace)
