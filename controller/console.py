@@ -179,36 +179,23 @@ def _local_next(value: str | None, default: str = "/console") -> str:
 # ---------------------------------------------------------------- views (plain data)
 
 
-def failover_state(controller: Controller, service: str) -> dict[str, Any]:
-    """The service's failover state for the console. Today the store keeps runs, not a state
-    machine, so it is derived: the persisted state (`store.failover_state(service)`, when a store
-    offers one) wins; else failed over while a succeeded failover has no failback after it."""
-    persisted = getattr(controller.store, "failover_state", None)
-    if callable(persisted):
-        state = persisted(service)
-        if state is not None:
-            return state if isinstance(state, dict) else {"state": str(state)}
+def failover_state(
+    controller: Controller, service: str, states: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The service's persisted failover state, as decide moved it (`store.failover_states()`; a
+    service never moved is on its primary). `states` is one read shared by a page of services."""
     svc = controller.config.services.get(service)
-    runs = [r for r in controller.store.runs(service=service)]
     if svc is None or not svc.playbook:
         return {"state": "no playbook", "run": None}
-    active = next((r for r in reversed(runs) if r.state in ("running", "awaiting_approval")), None)
-    if active is not None:
-        moving = (
-            "failing back" if svc.failback and active.playbook == svc.failback.playbook else "failing over"
-        )
-        return {"state": moving if active.state == "running" else "awaiting approval", "run": active.id}
-    forward = [r for r in runs if r.playbook == svc.playbook and r.state == "succeeded" and not r.dry_run]
-    if forward:
-        last = forward[-1]
-        back = [
-            r
-            for r in runs
-            if svc.failback and r.playbook == svc.failback.playbook and r.started_at >= last.started_at
-        ]
-        if not back or back[-1].state != "succeeded":
-            return {"state": "failed over", "run": last.id}
-    return {"state": "primary", "run": None}
+    record = (states if states is not None else controller.store.failover_states()).get(service)
+    if record is None:
+        return {"state": "primary", "run": None}
+    return {
+        "state": record.state.replace("_", " "),
+        "run": record.run_id,
+        "reason": record.reason,
+        "since": record.since,
+    }
 
 
 def _run_view(controller: Controller, run: Run) -> dict[str, Any]:
@@ -243,6 +230,7 @@ def overview(controller: Controller) -> dict[str, Any]:
     health = controller.health()
     silenced = controller.silenced(now)
     frozen = {k.removeprefix("frozen:"): v for k, v in store.flags("frozen:").items()}
+    states = store.failover_states()
     services = []
     for name, svc in controller.config.services.items():
         h = health.get(name)
@@ -254,7 +242,7 @@ def overview(controller: Controller) -> dict[str, Any]:
                 "failing": list(h.failing) if h else [],
                 "silenced": silenced.get(name),
                 "frozen": frozen.get(name),
-                "failover": failover_state(controller, name),
+                "failover": failover_state(controller, name, states),
                 "region": getattr(svc, "region", None),
             }
         )
