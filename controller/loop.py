@@ -347,7 +347,14 @@ class Controller:
             for b in burst:
                 if b.prober_error:
                     self._prober_error(b)
-            burst = [b for b in burst if not b.prober_error and (b.ok or not self._cut_off(b.started_at))]
+            # A run while the controller may be cut off is no evidence about a target, except for
+            # the reference targets: their bursts are how the isolation itself is confirmed.
+            reference = name in self.config.detection.reference_probes
+            burst = [
+                b
+                for b in burst
+                if not b.prober_error and (b.ok or reference or not self._cut_off(b.started_at))
+            ]
             state = self.vstates[name].get("local", ProbeState())
             if state.status is not Health.SUSPECT or not burst:
                 return  # a scheduled run already cleared the suspicion

@@ -327,14 +327,14 @@ def test_isolation_holds_every_failover_and_pages_once(tmp_path: Path) -> None:
                 assert metric(c, "continuity_isolated") == 0
                 env.target.set(503, "web", "ref-a", "ref-b")  # the controller's own network is cut
                 await until(lambda: c.isolated_since is not None, what="isolated")
-                await until(lambda: c.states["web"].status is Health.DOWN, what="web down")
                 await until(lambda: env.triggers(), what="isolation alert")
                 await asyncio.sleep(1.0)  # many ticks while cut off
                 assert c.store.runs() == [], "no failover while the controller may be the one cut off"
                 assert c.store.list_incidents() == [], "no incident while the references fail"
-                held = [x for x in decide(c.observation(), c.config) if isinstance(x, Hold)]
-                assert [h.key for h in held] == ["isolated"]
-                assert "the controller is isolated" in held[0].reason
+                # Runs made while cut off are no evidence: web is not DOWN from them, so nothing
+                # is even held for it; only the controller's own alert speaks.
+                assert c.states["web"].status is not Health.DOWN
+                assert not [x for x in decide(c.observation(), c.config) if not isinstance(x, Hold)]
                 assert metric(c, "continuity_isolated") == 1
                 [alert] = env.triggers()
                 assert "isolated" in alert["payload"]["summary"]
