@@ -38,6 +38,7 @@ BENCHES: dict[str, tuple[list[str], list[str], int]] = {
     "failover_e2e": (["--runs", "20"], ["--runs", "5"], 1),
     "scale": (["--sizes", "1000", "5000", "20000"], ["--sizes", "1000", "5000"], 1),
     "fanout": (["--messages", "2000"], ["--messages", "500"], 1),
+    "kube_store_loop": ([], ["--seconds", "12"], 1),
 }
 
 _GOAL = re.compile(r"^\s*(<=|>=|<|>)\s*([-+0-9.eE]+)")
