@@ -23,6 +23,7 @@ from typing import Any
 
 from controller.config import Config, ConfigError, json_schema, listen_address, load_config
 from controller.durations import format_duration, parse_duration
+from controller.executors import IO, run_in
 from controller.stores import Store, StoreError, open_store
 
 DEFAULT_CONFIG = "continuity.yaml"
@@ -507,7 +508,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError([f"{args.config}: {p}" for p in problems])
     for warning in placement_warnings(cfg, os.environ):
         logs.get("continuity.config").warning("controller placement", problem=warning)
-    store = _store(cfg, args.data_dir)
+    store = open_store(cfg, args.data_dir, cache=True)  # every tick reads: served from memory
     try:
         _event_loop_policy()
         asyncio.run(_serve(cfg, store, args.config))
@@ -687,7 +688,7 @@ async def _watch_config(controller: Any, path: str, reload_now: asyncio.Event, s
         try:
             # In a worker thread, never on the loop; the loader's bounds (size, depth, values after
             # aliases) keep it short, and a reload that still takes too long is refused, not awaited.
-            new = await asyncio.wait_for(asyncio.to_thread(load_config, path), timeout=RELOAD_TIMEOUT)
+            new = await asyncio.wait_for(run_in(IO, load_config, path), timeout=RELOAD_TIMEOUT)
         except TimeoutError:
             controller.metrics.reloads.labels("rejected").inc()
             log.error("config reload rejected: parsing took too long", seconds=RELOAD_TIMEOUT)

@@ -6,7 +6,11 @@ plus probes' and the outbox's blocking calls, and the leader elector's lease ren
 them, misses its renew deadline and the controller steps down in the middle of a failover. So:
 
 - `LEADER`: the leader elector's Kubernetes calls, and nothing else;
-- `ACTIONS`: every blocking playbook action and guard (boto3, the Kubernetes API, webhooks).
+- `ACTIONS`: every blocking playbook action and guard (boto3, the Kubernetes API, webhooks);
+- `STORE`: the state store's calls (`controller.stores.aio.AsyncStore`): with the Kubernetes store
+  each is an HTTP round trip, retried for seconds on a sick API server, and none may stall the loop;
+- `IO`: the rest of the controller's blocking work (outbox sends, the pod label, reading a config
+  to reload), so that none of it queues behind a full default executor or holds one of its threads.
 
 Each pool is process-wide (one elector, many runs; the threads outlive any one event loop, as the
 default executor's do not need to) and created on first use. Threads are named after the pool, so a
@@ -61,6 +65,15 @@ four threads outlast any backlog of abandoned calls the renew deadline allows.""
 ACTIONS = Pool("continuity-actions", max_workers=16)
 """Blocking playbook actions and guards: boto3 (Route 53, RDS/Aurora waits, ELBv2, CloudWatch), the
 Kubernetes API, webhooks. Bounded: a storm of runs queues here instead of starving everything else."""
+
+
+STORE = Pool("continuity-store", max_workers=4)
+"""State store calls. Bounded and apart from ACTIONS: a storm of playbook steps cannot delay an
+incident write, and a sick API server holds at most four threads (each call bounded by the store's
+request timeout and retries)."""
+
+IO = Pool("continuity-io", max_workers=8)
+"""Outbox sends (requests, one timeout each), the leader's pod label, config reload parsing."""
 
 
 _ROUTED: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Executor] = weakref.WeakKeyDictionary()

@@ -26,6 +26,8 @@ from typing import Any
 import structlog
 from kubernetes.client import ApiClient, CoreV1Api
 
+from controller.executors import IO, run_in
+
 log = structlog.get_logger("continuity.podlabel")
 
 ROLE_LABEL = "continuity.dev/role"
@@ -121,7 +123,8 @@ class PodLabeler:
 
     async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         return await asyncio.wait_for(
-            asyncio.to_thread(fn, *args, _request_timeout=self.request_timeout, **kwargs),
+            # The IO pool, not the default executor: a full default pool must not hold the label back.
+            run_in(IO, fn, *args, _request_timeout=self.request_timeout, **kwargs),
             timeout=self.request_timeout + 1,
         )
 

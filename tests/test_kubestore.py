@@ -40,15 +40,17 @@ def kstore(kube: FakeKubeAPI, **kw: Any) -> KubernetesStore:
     return KubernetesStore(kube.api_client(), NS, **kw)
 
 
-@pytest.fixture(params=["sqlite", "kubernetes"])
+@pytest.fixture(params=["sqlite", "kubernetes", "kubernetes-cached"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """Each contract test on SQLite, on Kubernetes, and on Kubernetes with the read cache the
+    controller uses (`open_store` turns it on): the cache must change no answer."""
     if request.param == "sqlite":
         s: Store = SQLiteStore(tmp_path)
         yield s
         s.close()
     else:
         with FakeKubeAPI() as api:
-            s = kstore(api)
+            s = kstore(api, cache=request.param == "kubernetes-cached")
             yield s
             s.close()
 

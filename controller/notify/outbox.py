@@ -24,6 +24,7 @@ import requests
 import structlog
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
+from controller.executors import IO, STORE, run_in
 from controller.stores import OutboxMessage, Store
 
 log = structlog.get_logger("continuity.outbox")
@@ -164,11 +165,11 @@ class Dispatcher:
             if inspect.iscoroutinefunction(channel.send):
                 await channel.send(msg.payload, msg.key)
             else:
-                await asyncio.to_thread(channel.send, msg.payload, msg.key)
+                await run_in(IO, channel.send, msg.payload, msg.key)
             return
         assert channel.request is not None
         url, body = channel.request(msg.payload)
-        await asyncio.to_thread(post_json, url, body, channel.timeout)
+        await run_in(IO, post_json, url, body, channel.timeout)
 
     async def _send(self, channel: Channel, msg: OutboxMessage) -> None:
         async for attempt in AsyncRetrying(
@@ -197,14 +198,14 @@ class Dispatcher:
         if not self.may_send():
             return 0  # a standby never sends: the leader owns the outbox
         for msg_id in list(self._sent_unrecorded):  # sent, but the store failed to say so
-            self.store.delivered(msg_id, self._sent_unrecorded[msg_id])
+            await run_in(STORE, self.store.delivered, msg_id, self._sent_unrecorded[msg_id])
             del self._sent_unrecorded[msg_id]
-        due = self.store.due(self.clock())
+        due = await run_in(STORE, self.store.due, self.clock())
         if not due:
             return 0
         # The oldest message still waiting in each (channel, incident) conversation; later ones wait.
         head: dict[tuple[str, str], int] = {}
-        for pending in self.store.outbox():
+        for pending in await run_in(STORE, self.store.outbox):
             if not pending.dead:
                 group = _conversation(pending)
                 head[group] = min(head.get(group, pending.id), pending.id)
@@ -225,7 +226,7 @@ class Dispatcher:
                 await self._send(channel, msg)
             except Permanent as exc:
                 head.pop(group, None)  # given up: it no longer holds the conversation back
-                self.store.give_up(msg.id, str(exc))
+                await run_in(STORE, self.store.give_up, msg.id, str(exc))
                 log.error("notification refused", channel=msg.channel, key=msg.key, error=str(exc))
                 self.on_event(msg, "refused", str(exc))
             except Transient as exc:
@@ -233,7 +234,7 @@ class Dispatcher:
                 delay = self.backoff(msg.attempts + 1, exc.retry_after)
                 if exc.retry_after is not None:
                     self.paused_until[channel.name] = self.clock() + exc.retry_after
-                self.store.retry_later(msg.id, self.clock() + delay, str(exc))
+                await run_in(STORE, self.store.retry_later, msg.id, self.clock() + delay, str(exc))
                 log.warning(
                     "notification not delivered, will retry",
                     channel=msg.channel,
@@ -245,7 +246,7 @@ class Dispatcher:
             else:
                 at = self.clock()
                 try:
-                    self.store.delivered(msg.id, at)
+                    await run_in(STORE, self.store.delivered, msg.id, at)
                 except Exception:
                     self._sent_unrecorded[msg.id] = at  # never resent; the record is retried first
                     raise

@@ -41,10 +41,12 @@ __all__ = [
 ]
 
 
-def open_store(cfg: Config, data_dir_override: str | None = None) -> Store:
+def open_store(cfg: Config, data_dir_override: str | None = None, *, cache: bool = False) -> Store:
     """The store the config asks for: SQLite in the data directory (``data_dir_override`` wins over
     ``controller.data_dir``), or Kubernetes objects in ``store.namespace`` with the in-cluster
-    service account when running in a pod (KUBERNETES_SERVICE_HOST set), else the kubeconfig."""
+    service account when running in a pod (KUBERNETES_SERVICE_HOST set), else the kubeconfig.
+    ``cache``: the Kubernetes store keeps a resynced read cache (the long-running controller, whose
+    every tick reads; a one-shot CLI command reads once and wants no background thread)."""
     if cfg.store.backend == "sqlite":
         return SQLiteStore(data_dir_override or cfg.controller.data_dir)
 
@@ -65,4 +67,4 @@ def open_store(cfg: Config, data_dir_override: str | None = None) -> Store:
         raise StoreError(f"kubernetes store: no usable cluster credentials: {exc}") from None
     # The chart sets POD_NAMESPACE (downward API): the Lease and the objects share the pod's namespace.
     namespace = cfg.store.namespace or os.environ.get("POD_NAMESPACE") or cfg.store.resolved_namespace()
-    return KubernetesStore(api, namespace)
+    return KubernetesStore(api, namespace, cache=cache)

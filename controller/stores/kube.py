@@ -182,6 +182,34 @@ def outbox_name(key: str) -> str:
     return "msg-" + hashlib.sha256(key.encode()).hexdigest()
 
 
+CACHED = (INCIDENTS, RUNS, OUTBOX, STATES, FAILOVERS)
+"""Every kind the store keeps, all of which the read cache holds when it is on."""
+
+
+def _rv(obj: dict[str, Any]) -> int:
+    """An object's (or a list's) resourceVersion as a number. Kubernetes calls it opaque; etcd's
+    revisions are integers in practice, and comparing them only decides which of two copies of the
+    same object the cache keeps (a wrong guess costs a 409 and a fresh read, never a lost write)."""
+    try:
+        return int((obj.get("metadata") or {}).get("resourceVersion") or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _label_test(key: str, value: str, negate: bool, labels: dict[str, str]) -> bool:
+    return (labels.get(key) == value) != negate
+
+
+def _selector(text: str) -> list[Callable[[dict[str, str]], bool]]:
+    """The label selectors this module writes (``k=v``, ``k==v``, ``k!=v``, comma-joined) as tests."""
+    tests: list[Callable[[dict[str, str]], bool]] = []
+    for term in filter(None, (t.strip() for t in text.split(","))):
+        negate = "!=" in term
+        key, value = (part.strip() for part in term.replace("!=", "=").replace("==", "=").split("=", 1))
+        tests.append(functools.partial(_label_test, key, value, negate))
+    return tests
+
+
 def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, ApiException):
         return exc.status == 0 or exc.status is None or exc.status == 429 or exc.status >= 500
@@ -264,6 +292,8 @@ class KubernetesStore:
         backoff: float = 0.25,
         max_backoff: float = 2.0,
         timeline_cap: int = TIMELINE_CAP,
+        cache: bool = False,
+        resync: float = 1.0,
     ) -> None:
         self.api = CustomObjectsApi(api_client)
         self._client = api_client
@@ -277,9 +307,78 @@ class KubernetesStore:
         self._outbox_names: dict[int, str] = {}  # id -> object name; immutable once created
         self._lock = threading.Lock()
         self._object_locks: dict[tuple[str, str], threading.Lock] = {}
+        # The read cache (see "Reads" in the module doc): plural -> name -> object as last seen.
+        self.caching = cache
+        self.resync = resync
+        self._cache: dict[str, dict[str, dict[str, Any]]] = {}
+        self._synced: set[str] = set()
+        self._cache_lock = threading.Lock()
+        self._stop_sync = threading.Event()
+        self._sync_thread: threading.Thread | None = None
+        self.resyncs = 0
+        """Completed resyncs of every kind (tests wait on it)."""
+        if cache:
+            try:
+                self.sync()
+            except StoreError as exc:  # reads go to the API until a resync succeeds
+                log.warning("kubernetes store: first sync of the read cache failed", error=str(exc))
+            self._sync_thread = threading.Thread(
+                target=self._sync_loop, name="continuity-store-sync", daemon=True
+            )
+            self._sync_thread.start()
 
     def close(self) -> None:
+        self._stop_sync.set()
+        if self._sync_thread is not None:
+            self._sync_thread.join(timeout=self.request_timeout + 1)
         self._client.close()
+
+    # ---------------------------------------------------------------- the read cache
+
+    def sync(self) -> None:
+        """List every kind once and merge what came back into the cache: objects other writers
+        created or changed since the last resync appear, objects they deleted go. An object this
+        store wrote after the list was served (a higher resourceVersion) is kept as written."""
+        for plural in CACHED:
+            items, list_rv = self._list_api(plural)
+            with self._cache_lock:
+                current = self._cache.setdefault(plural, {})
+                listed = {o["metadata"]["name"]: o for o in items}
+                for name, obj in listed.items():
+                    held = current.get(name)
+                    if held is None or _rv(held) <= _rv(obj):
+                        current[name] = obj
+                for name in [n for n in current if n not in listed]:
+                    if _rv(current[name]) <= list_rv:
+                        del current[name]
+                self._synced.add(plural)
+        self.resyncs += 1
+
+    def _sync_loop(self) -> None:
+        while not self._stop_sync.wait(self.resync):
+            try:
+                self.sync()
+            except Exception as exc:  # a sick API server: keep serving what we have, try again
+                log.debug("kubernetes store: resync failed", error=f"{type(exc).__name__}: {exc}")
+
+    def _cached(self, plural: str) -> bool:
+        return self.caching and plural in self._synced
+
+    def _remember(self, plural: str, obj: object) -> None:
+        """Write-through: what the API server answered to our own create or replace."""
+        if not self.caching or not isinstance(obj, dict) or "metadata" not in obj:
+            return
+        name = obj["metadata"].get("name")
+        with self._cache_lock:
+            current = self._cache.setdefault(plural, {})
+            held = current.get(name)
+            if held is None or _rv(held) <= _rv(obj):
+                current[name] = obj
+
+    def _forget(self, plural: str, name: str) -> None:
+        if self.caching:
+            with self._cache_lock:
+                self._cache.get(plural, {}).pop(name, None)
 
     # ---------------------------------------------------------------- API plumbing
 
@@ -303,7 +402,12 @@ class KubernetesStore:
                 ) from None
             raise
 
-    def _get(self, plural: str, name: str) -> dict[str, Any] | None:
+    def _get(self, plural: str, name: str, fresh: bool = False) -> dict[str, Any] | None:
+        """One object (a deep copy: callers change it in place), from the cache unless `fresh`."""
+        if not fresh and self._cached(plural):
+            with self._cache_lock:
+                held = self._cache[plural].get(name)
+            return copy.deepcopy(held) if held is not None else None
         try:
             found = self._call(
                 f"get {plural}/{name}",
@@ -316,13 +420,29 @@ class KubernetesStore:
             )
         except ApiException as exc:
             if exc.status == 404:
+                self._forget(plural, name)
                 return None
             raise
-        return _object(f"get {plural}/{name}", found)
+        obj = _object(f"get {plural}/{name}", found)
+        self._remember(plural, obj)
+        return obj
 
     def _list(self, plural: str, selector: dict[str, str] | str | None = None) -> list[dict[str, Any]]:
+        """Objects matching a label selector, from the cache when it holds the kind. Cached objects
+        are shared, not copied: callers only read them (the converters copy what they keep)."""
         if isinstance(selector, dict):
             selector = ",".join(f"{k}={v}" for k, v in selector.items())
+        if self._cached(plural):
+            wanted = _selector(selector or "")
+            with self._cache_lock:
+                held = list(self._cache[plural].values())
+            return [
+                o for o in held if all(test((o.get("metadata") or {}).get("labels") or {}) for test in wanted)
+            ]
+        return self._list_api(plural, selector)[0]
+
+    def _list_api(self, plural: str, selector: str | None = None) -> tuple[list[dict[str, Any]], int]:
+        """A LIST from the API server: the items and the list's resourceVersion."""
         kwargs = {"label_selector": selector} if selector else {}
         result = self._call(
             f"list {plural}",
@@ -333,7 +453,8 @@ class KubernetesStore:
             plural,
             **kwargs,
         )
-        return list(_object(f"list {plural}", result).get("items") or [])
+        answer = _object(f"list {plural}", result)
+        return list(answer.get("items") or []), _rv(answer)
 
     def _create(
         self, plural: str, kind: str, name: str, labels: dict[str, str], spec: dict[str, Any]
@@ -346,7 +467,7 @@ class KubernetesStore:
             "metadata": {"name": name, "labels": {**MANAGED, **labels}},
             "spec": spec,
         }
-        self._call(
+        created = self._call(
             f"create {plural}/{name}",
             self.api.create_namespaced_custom_object,
             GROUP,
@@ -355,6 +476,7 @@ class KubernetesStore:
             plural,
             body,
         )
+        self._remember(plural, created)
 
     def _create_own(
         self, plural: str, kind: str, name: str, labels: dict[str, str], spec: dict[str, Any]
@@ -366,7 +488,7 @@ class KubernetesStore:
         except ApiException as exc:
             if exc.status != 409:
                 raise
-            existing = self._get(plural, name)
+            existing = self._get(plural, name, fresh=True)
             if existing is None or existing["spec"].get("id") != spec["id"]:
                 raise
 
@@ -383,13 +505,14 @@ class KubernetesStore:
         for attempt in range(CONFLICT_RETRIES):
             if attempt:  # de-synchronise from the other writer before re-reading
                 time.sleep(random.uniform(0, min(self.max_backoff, self.backoff * 2**attempt)))
-            obj = self._get(plural, name)
+            # The first read may come from the cache: a stale copy costs a 409 and a fresh read.
+            obj = self._get(plural, name, fresh=attempt > 0)
             if obj is None:
                 return False
             if change(obj) is False:
                 return True
             try:
-                self._call(
+                replaced = self._call(
                     f"replace {plural}/{name}",
                     self.api.replace_namespaced_custom_object,
                     GROUP,
@@ -399,11 +522,13 @@ class KubernetesStore:
                     name,
                     obj,
                 )
+                self._remember(plural, replaced)
                 return True
             except ApiException as exc:
                 if exc.status == 409:
                     continue
                 if exc.status == 404:
+                    self._forget(plural, name)
                     return False
                 raise
         raise StoreError(
@@ -510,17 +635,33 @@ class KubernetesStore:
     def append(
         self, incident_id: str, ts: float, kind: str, message: str, data: dict[str, Any] | None = None
     ) -> None:
-        payload = json.loads(json.dumps(data or {}, default=str))
+        self._append(incident_id, [Event(incident_id, ts, kind, message, data or {})])
+
+    @_guarded
+    def append_many(self, events: list[Event]) -> None:
+        """One read-modify-write of each incident named, however many entries it gets: a tick's
+        timeline costs one PUT per incident instead of one per entry."""
+        by_incident: dict[str, list[Event]] = {}
+        for e in events:
+            by_incident.setdefault(e.incident_id, []).append(e)
+        for incident_id, entries in by_incident.items():
+            self._append(incident_id, entries)
+
+    def _append(self, incident_id: str, events: list[Event]) -> None:
+        payloads = [json.loads(json.dumps(e.data or {}, default=str)) for e in events]
 
         def change(obj: dict[str, Any]) -> None:
             spec = obj["spec"]
-            seq = int(spec.get("timelineSeq") or 0) + 1
-            spec["timelineSeq"] = seq
-            entry = {"ts": float(ts), "at": rfc3339(ts), "seq": seq, "kind": kind, "message": message}
-            if payload:
-                entry["data"] = payload
+            seq = int(spec.get("timelineSeq") or 0)
             timeline = list(spec.get("timeline") or [])
-            timeline.append(entry)
+            for e, payload in zip(events, payloads, strict=True):
+                seq += 1
+                entry = {"ts": float(e.ts), "at": rfc3339(e.ts), "seq": seq, "kind": e.kind}
+                entry["message"] = e.message
+                if payload:
+                    entry["data"] = payload
+                timeline.append(entry)
+            spec["timelineSeq"] = seq
             timeline.sort(key=lambda e: (float(e["ts"]), int(e["seq"])))
             over = len(timeline) - self.timeline_cap
             if over > 0:
@@ -529,7 +670,11 @@ class KubernetesStore:
             spec["timeline"] = timeline
 
         if not self._mutate(INCIDENTS, object_name(incident_id), change):
-            log.warning("timeline entry for an unknown incident dropped", incident=incident_id, kind=kind)
+            log.warning(
+                "timeline entries for an unknown incident dropped",
+                incident=incident_id,
+                kinds=[e.kind for e in events],
+            )
 
     @_guarded
     def timeline(self, incident_id: str) -> list[Event]:
@@ -756,7 +901,8 @@ class KubernetesStore:
             except ApiException as exc:
                 if exc.status != 409:
                     raise
-                existing = self._get(FAILOVERS, name)  # ours, if a create that timed out had landed
+                # Ours, if a create that timed out had landed.
+                existing = self._get(FAILOVERS, name, fresh=True)
                 if existing is None or self._failover(existing) != new:
                     return None
             return new
@@ -787,7 +933,7 @@ class KubernetesStore:
         except ApiException as exc:
             if exc.status != 409:
                 raise
-        obj = self._get(STATES, STATE_NAME)
+        obj = self._get(STATES, STATE_NAME, fresh=True)
         if obj is None:
             raise StoreError(f"Kubernetes API ({self._where}): {STATES}/{STATE_NAME} vanished after create")
         return obj

@@ -130,6 +130,11 @@ class Store(Protocol):
     def append(
         self, incident_id: str, ts: float, kind: str, message: str, data: dict[str, Any] | None = None
     ) -> None: ...
+    def append_many(self, events: list[Event]) -> None:
+        """Several timeline entries in one write (one transaction, one object update per incident):
+        what `controller.stores.aio.TimelineBatch` flushes once per tick."""
+        ...
+
     def timeline(self, incident_id: str) -> list[Event]: ...
     def create_run(
         self,

@@ -215,6 +215,25 @@ class SQLiteStore:
             (incident_id, ts, kind, message, json.dumps(data or {}, default=str)),
         )
 
+    def append_many(self, events: list[Event]) -> None:
+        """All of `events` in one transaction: every entry lands, or none does (and the caller retries)."""
+        rows = [
+            (e.incident_id, e.ts, e.kind, e.message, json.dumps(e.data or {}, default=str)) for e in events
+        ]
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    self._db.executemany(
+                        "INSERT INTO timeline (incident_id, ts, kind, message, data) VALUES (?,?,?,?,?)", rows
+                    )
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.DatabaseError as exc:
+                raise StoreError(f"{self.path}: {exc}") from None
+
     def timeline(self, incident_id: str) -> list[Event]:
         rows = self._exec(
             "SELECT incident_id, ts, kind, message, data FROM timeline WHERE incident_id=? ORDER BY ts, seq",

@@ -449,6 +449,7 @@ WRITES = {
     "open_incident",
     "update_incident",
     "append",
+    "append_many",
     "create_run",
     "update_run",
     "update_step",
