@@ -24,6 +24,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 
 from controller.config import Playbook, PlaybookStep
 from controller.durations import format_duration
+from controller.executors import STORE, run_in
 from controller.metrics import Metrics
 from controller.stores import Run, Store
 from playbooks import guards
@@ -168,12 +169,12 @@ class Engine:
     ) -> RunResult:
         """Run (or resume) a journaled run: steps already done are skipped, the rest run in order."""
         started = time.monotonic()
-        if not self.store.claim_run(run_id, self.owner, None):
-            run = self.store.get_run(run_id)
+        if not await run_in(STORE, self.store.claim_run, run_id, self.owner, None):
+            run = await run_in(STORE, self.store.get_run, run_id)
             return self._not_ours(name, run_id, ctx, run.owner if run else None)
-        journal = {r.idx: r for r in self.store.steps(run_id)}
+        journal = {r.idx: r for r in await run_in(STORE, self.store.steps, run_id)}
         resumed = any(r.state != "pending" for r in journal.values())
-        self.store.update_run(run_id, state="running")
+        await run_in(STORE, self.store.update_run, run_id, state="running")
         mode = " (dry run: nothing will change)" if dry_run else ""
         verb = "resumed" if resumed else "started"
         ctx.record("playbook", f"playbook {name} {verb} as {run_id}{mode}", {"run_id": run_id})
@@ -191,7 +192,7 @@ class Engine:
                     {"run_id": run_id},
                 )
                 return result
-            holder = self.store.get_run(run_id)
+            holder = await run_in(STORE, self.store.get_run, run_id)
             if holder is None or holder.owner != self.owner:
                 return self._not_ours(name, run_id, ctx, holder.owner if holder else None)
             todo = [i for i in group if journal.get(i) is None or journal[i].state not in ("done", "skipped")]
@@ -217,8 +218,13 @@ class Engine:
                 result.error = "; ".join(f"step {o.name} {o.state}: {o.detail}" for o in failed)
                 later = [i for i in range(len(pb.steps)) if i > max(group)]
                 for i in later:
-                    self.store.update_step(
-                        run_id, i, state="skipped", detail="not run: an earlier step failed"
+                    await run_in(
+                        STORE,
+                        self.store.update_step,
+                        run_id,
+                        i,
+                        state="skipped",
+                        detail="not run: an earlier step failed",
                     )
                 break
         if not result.ok and pb.on_failure == "rollback" and not dry_run:
@@ -231,7 +237,14 @@ class Engine:
         else:
             state = "rolled_back" if result.rolled_back else "failed"
         result.state = state
-        self.store.update_run(run_id, state=state, ended_at=self.clock(), error=result.error or None)
+        await run_in(
+            STORE,
+            self.store.update_run,
+            run_id,
+            state=state,
+            ended_at=self.clock(),
+            error=result.error or None,
+        )
         self.metrics.playbook_runs.labels(name, "dry_run" if dry_run else state).inc()
         ctx.record(
             "playbook",
@@ -320,7 +333,7 @@ class Engine:
                 continue
             spec = specs[step.rollback]
             idx = base + n
-            self.store.add_step(run_id, idx, f"rollback:{spec.name}")
+            await run_in(STORE, self.store.add_step, run_id, idx, f"rollback:{spec.name}")
             ctx.record("rollback", f"rolling back step {step.name} with {spec.name}", {"run_id": run_id})
             outcome = await self._attempts(
                 name,
@@ -333,7 +346,7 @@ class Engine:
                 ctx,
             )
             if outcome.state == "done":
-                self.store.update_step(run_id, i, state="rolled_back")
+                await run_in(STORE, self.store.update_step, run_id, i, state="rolled_back")
             else:
                 ok = False
         return ok
@@ -365,13 +378,29 @@ class Engine:
             failed = [r.text for _, r in results if not r.ok]
             if failed:
                 why = "guard failed: " + "; ".join(failed)
-                self.store.update_step(run_id, idx, state="blocked", ended_at=self.clock(), detail=why)
+                await run_in(
+                    STORE,
+                    self.store.update_step,
+                    run_id,
+                    idx,
+                    state="blocked",
+                    ended_at=self.clock(),
+                    detail=why,
+                )
                 return StepOutcome(step.name, "blocked", why, 0.0, 0)
         if dry_run:
-            self.store.update_step(run_id, idx, state="running", started_at=self.clock())
+            await run_in(STORE, self.store.update_step, run_id, idx, state="running", started_at=self.clock())
             calls = [c.render() for c in action.plan()]
             detail = "dry run: would call " + "; ".join(calls) if calls else "dry run"
-            self.store.update_step(run_id, idx, state="skipped", ended_at=self.clock(), detail=detail)
+            await run_in(
+                STORE,
+                self.store.update_step,
+                run_id,
+                idx,
+                state="skipped",
+                ended_at=self.clock(),
+                detail=detail,
+            )
             ctx.record(
                 "step", f"step {step.name}: {detail}", {"run_id": run_id, "step": step.name, "calls": calls}
             )
@@ -390,11 +419,11 @@ class Engine:
         ctx: ActionContext,
     ) -> StepOutcome:
         t0 = time.monotonic()
-        before = {r.idx: r for r in self.store.steps(run_id)}.get(idx)
+        before = {r.idx: r for r in await run_in(STORE, self.store.steps, run_id)}.get(idx)
         # A step journaled in progress (or unknown) was cut off by a crash or a lost lease: whatever
         # it sent may have landed. Say so, and check before re-applying (every attempt checks first).
         unknown = before is not None and before.state in ("running", "unknown")
-        self.store.update_step(run_id, idx, state="running", started_at=self.clock())
+        await run_in(STORE, self.store.update_step, run_id, idx, state="running", started_at=self.clock())
         ctx = dataclasses.replace(ctx, idempotency_key=f"{run_id}-{name}")
         if unknown:
             ctx.record(
@@ -426,7 +455,7 @@ class Engine:
         async def attempt() -> str:
             nonlocal attempts, unknown
             attempts += 1
-            self.store.update_step(run_id, idx, attempts=attempts)
+            await run_in(STORE, self.store.update_step, run_id, idx, attempts=attempts)
             actx = dataclasses.replace(ctx, deadline=time.monotonic() + timeout)
             present = await _bounded_read(action.check(actx), timeout)
             if unknown:
@@ -452,7 +481,14 @@ class Engine:
                 unknown = True
                 if not isinstance(exc, OutcomeUnknown):
                     note(f"step {name} attempt {attempts}: outcome unknown: {exc}", "unknown")
-                self.store.update_step(run_id, idx, state="unknown", detail=f"outcome unknown: {exc}")
+                await run_in(
+                    STORE,
+                    self.store.update_step,
+                    run_id,
+                    idx,
+                    state="unknown",
+                    detail=f"outcome unknown: {exc}",
+                )
                 if exc.retryable and not action.verifiable:
                     raise OutcomeUnknown(
                         f"{exc}; {action.name} cannot check whether it took effect, so it is not "
@@ -481,8 +517,15 @@ class Engine:
             state = "unknown" if getattr(exc, "unknown", False) else "failed"
             if state == "unknown" and not why.startswith("outcome unknown"):
                 why = f"outcome unknown: {why}"
-            self.store.update_step(
-                run_id, idx, state=state, ended_at=self.clock(), detail=why, attempts=attempts
+            await run_in(
+                STORE,
+                self.store.update_step,
+                run_id,
+                idx,
+                state=state,
+                ended_at=self.clock(),
+                detail=why,
+                attempts=attempts,
             )
             self.metrics.step_duration.labels(playbook, name).observe(took)
             ctx.record(
@@ -493,8 +536,15 @@ class Engine:
             log.error("playbook step failed", playbook=playbook, step=name, error=why, state=state)
             return StepOutcome(name, state, why, took, attempts)
         took = time.monotonic() - t0
-        self.store.update_step(
-            run_id, idx, state="done", ended_at=self.clock(), detail=detail, attempts=attempts
+        await run_in(
+            STORE,
+            self.store.update_step,
+            run_id,
+            idx,
+            state="done",
+            ended_at=self.clock(),
+            detail=detail,
+            attempts=attempts,
         )
         self.metrics.step_duration.labels(playbook, name).observe(took)
         ctx.record(
