@@ -8,13 +8,17 @@ loop that waited on the API (seconds) from one that did not (milliseconds)."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from controller.config import load_config
+from controller.loop import Controller
 from controller.stores import Event, SQLiteStore, Store
 from controller.stores.aio import AsyncStore, TimelineBatch
 from controller.stores.kube import KubernetesStore
@@ -283,3 +287,83 @@ def test_a_slow_or_failing_api_server_does_not_stall_the_loop(kube: FakeKubeAPI)
     finally:
         kube.clear_faults()
         s.close()
+
+
+class _Target(BaseHTTPRequestHandler):
+    """200, or 500 on the paths the test lists in `failing`."""
+
+    failing: set[str] = set()
+
+    def do_GET(self) -> None:
+        self.send_response(500 if self.path in self.failing else 200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_the_controller_keeps_probing_on_time_through_an_api_brownout(
+    kube: FakeKubeAPI, tmp_path: Path
+) -> None:
+    """The real Controller on the cached Kubernetes store. Every API call fails for 2 s (each store
+    call retrying for about a second and a half) while one service goes down, so the controller has
+    an incident to write: the loop is never late by more than a few hundred milliseconds, no result
+    of the healthy service's probes fails, and the incident is opened once the API is back."""
+    target = ThreadingHTTPServer(("127.0.0.1", 0), _Target)
+    threading.Thread(target=target.serve_forever, args=(0.05,), daemon=True).start()
+    port = target.server_address[1]
+    probes = "".join(
+        f'\n  {n}: {{kind: http, url: "http://127.0.0.1:{port}/{n}", interval: 200ms, timeout: 500ms}}'
+        for n in ("ok0", "ok1", "down0", "down1")
+    )
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "services:\n  shop: {tier: critical, rto: 5m, probes: [down0, down1]}\n"
+        "  other: {tier: critical, rto: 5m, probes: [ok0, ok1]}\n"
+        f"probes:{probes}\n"
+        "detection: {failure_threshold: 2, success_threshold: 2}\n"
+        f'controller: {{tick: 200ms, data_dir: "{tmp_path}"}}\n'
+    )
+    cfg = load_config(path)
+    store = kstore(kube, cache=True, resync=0.2, attempts=4, backoff=0.25, max_backoff=1.0)
+    failed: list[str] = []
+
+    async def scenario() -> tuple[float, float | None]:
+        c = Controller(cfg, store)
+        inner = c.ingest
+
+        def ingest(result: Any) -> None:
+            if not result.ok and result.probe.startswith("ok"):
+                failed.append(f"{result.probe}: {result.error or result.prober_error}")
+            inner(result)
+
+        c.ingest = ingest  # type: ignore[method-assign]
+        await c.start()
+        try:
+            for _ in range(100):
+                if all(c.probe_healthy(n) for n in ("ok0", "ok1", "down0", "down1")):
+                    break
+                await asyncio.sleep(0.05)
+            kube.fail(503, seconds=2.0)
+            _Target.failing.update({"/down0", "/down1"})
+            lag, _ = await _max_lag(asyncio.sleep(2.0))
+            ended = time.monotonic()
+            for _ in range(200):
+                if await asyncio.to_thread(store.open_incident_for, "shop") is not None:
+                    return lag, time.monotonic() - ended
+                await asyncio.sleep(0.05)
+            return lag, None
+        finally:
+            _Target.failing.clear()
+            await c.stop()
+
+    try:
+        lag, opened_after = asyncio.run(scenario())
+    finally:
+        target.shutdown()
+        store.close()
+    assert lag < 0.3, f"the loop stalled {lag:.2f} s during the brownout"
+    assert failed == []
+    assert opened_after is not None and opened_after < 5.0, opened_after

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import structlog
@@ -39,6 +40,38 @@ from controller.stores.model import (
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything one reconcile reads from the store, read in one trip to the `STORE` pool (with the
+    Kubernetes store's cache, from memory): the open incidents, every flag, the failover states,
+    the runs and the outbox. The tick decides on this and on nothing read later."""
+
+    open_incidents: list[Incident]
+    """Newest first, as `list_incidents` returns them."""
+    all_flags: dict[str, str]
+    failover: dict[str, FailoverRecord]
+    runs: list[Run]
+    outbox: list[OutboxMessage]
+    """Messages not yet delivered (the depth gauges)."""
+
+    def flag(self, name: str) -> str | None:
+        return self.all_flags.get(name)
+
+    def flags(self, prefix: str = "") -> dict[str, str]:
+        return {k: v for k, v in self.all_flags.items() if k.startswith(prefix)}
+
+
+def read_snapshot(store: Store) -> Snapshot:
+    """One tick's reads (blocking: call it through `AsyncStore.snapshot`)."""
+    return Snapshot(
+        open_incidents=store.list_incidents(status="open", limit=1_000_000),
+        all_flags=store.flags(),
+        failover=store.failover_states(),
+        runs=store.runs(),
+        outbox=store.outbox(),
+    )
 
 
 class TimelineBatch:
@@ -136,6 +169,9 @@ class AsyncStore:
     async def call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """Any blocking function of the store (or one that calls several of its methods) on the pool."""
         return await run_in(self.pool, fn, *args, **kwargs)
+
+    async def snapshot(self) -> Snapshot:
+        return await self.call(read_snapshot, self.store)
 
     # ---- timeline: queued, flushed per tick
     def append(
