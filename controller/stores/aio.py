@@ -165,6 +165,8 @@ class AsyncStore:
         self.store = store
         self.pool = pool
         self.batch = TimelineBatch(store, pool, flush_at)
+        self.batching = BatchingStore(store, self.batch)
+        """The synchronous view whose `append` queues here (see `BatchingStore`)."""
 
     async def call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """Any blocking function of the store (or one that calls several of its methods) on the pool."""
@@ -277,3 +279,27 @@ class AsyncStore:
 
     async def claim_run(self, run_id: str, owner: str, expect: str | None) -> bool:
         return await self.call(self.store.claim_run, run_id, owner, expect)
+
+
+class BatchingStore:
+    """A `Store` whose `append` queues into a `TimelineBatch` instead of writing: handed to the
+    parts of the controller that record on the timeline from the loop (effects, runs, the tracker,
+    the communicator), so that no timeline entry is a round trip on the loop. Everything else passes
+    through to the wrapped store; `timeline` includes what is still queued."""
+
+    def __init__(self, store: Store, batch: TimelineBatch) -> None:
+        self._inner = store
+        self._batch = batch
+
+    def append(
+        self, incident_id: str, ts: float, kind: str, message: str, data: dict[str, Any] | None = None
+    ) -> None:
+        self._batch.add(incident_id, ts, kind, message, data)
+
+    def timeline(self, incident_id: str) -> list[Event]:
+        written = self._inner.timeline(incident_id)
+        queued = [e for e in self._batch.pending() if e.incident_id == incident_id]
+        return sorted([*written, *queued], key=lambda e: e.ts) if queued else written
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
