@@ -233,6 +233,38 @@ def test_a_full_batch_flushes_without_waiting_for_the_tick(kube: FakeKubeAPI) ->
         s.close()
 
 
+def test_the_batching_view_queues_appends_and_deferred_flags_survive_an_error(kube: FakeKubeAPI) -> None:
+    """What effects and runs are handed: `append` costs no API call, `timeline` already shows the
+    queued entry; a deferred flag (a heartbeat) whose write failed is written by the next flush,
+    and only its latest value."""
+    s = kstore(kube)
+    astore = AsyncStore(s, pool=None)
+    view = astore.batching
+    try:
+        inc = s.open_incident("checkout", "critical", "down", 1.0, 1.0, {})
+        kube.clear_log()
+        view.append(inc.id, 2.0, "decision", "queued")
+        assert kube.requests == []
+        assert [e.message for e in view.timeline(inc.id)] == ["queued"]
+
+        async def scenario() -> None:
+            kube.fail(503)
+            astore.defer_flag("heartbeat:job", "1.0")
+            await astore.flush()
+            assert astore.deferred_flags() == {"heartbeat:job": "1.0"}
+            assert [e.message for e in astore.batch.pending()] == ["queued"]
+            astore.defer_flag("heartbeat:job", "2.0")
+            kube.clear_faults()
+            await astore.flush()
+
+        asyncio.run(scenario())
+        assert astore.deferred_flags() == {} and astore.batch.pending() == []
+        assert s.get_flag("heartbeat:job") == "2.0"
+        assert [e.message for e in s.timeline(inc.id)] == ["queued"]
+    finally:
+        s.close()
+
+
 # ---------------------------------------------------------------- the loop stays free
 
 

@@ -167,6 +167,9 @@ class AsyncStore:
         self.batch = TimelineBatch(store, pool, flush_at)
         self.batching = BatchingStore(store, self.batch)
         """The synchronous view whose `append` queues here (see `BatchingStore`)."""
+        self._flags: dict[str, str | None] = {}
+        self._flag_lock = threading.Lock()
+        """The synchronous view whose `append` queues here (see `BatchingStore`)."""
 
     async def call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """Any blocking function of the store (or one that calls several of its methods) on the pool."""
@@ -181,12 +184,41 @@ class AsyncStore:
     ) -> None:
         self.batch.add(incident_id, ts, kind, message, data)
 
-    async def flush(self) -> int:
-        return await self.batch.flush()
+    def defer_flag(self, name: str, value: str | None) -> None:
+        """Set a flag at the next flush, never blocking (pushed signals: heartbeats, alerts). Only the
+        latest value of each name is written; a failed write stays queued unless a newer one came."""
+        with self._flag_lock:
+            self._flags.pop(name, None)
+            self._flags[name] = value
 
-    async def close(self) -> bool:
-        """Flush what is queued (the store itself is closed by whoever opened it)."""
-        return await self.batch.close()
+    def deferred_flags(self) -> dict[str, str | None]:
+        with self._flag_lock:
+            return dict(self._flags)
+
+    async def flush(self) -> int:
+        """Write the queued timeline entries, then the deferred flags; return the entries written."""
+        written = await self.batch.flush()
+        for name, value in self.deferred_flags().items():
+            try:
+                await self.call(self.store.set_flag, name, value)
+            except Exception as exc:
+                log.warning("deferred flag not written; retried next flush", flag=name, error=str(exc))
+                continue
+            with self._flag_lock:
+                if name in self._flags and self._flags[name] == value:
+                    del self._flags[name]
+        return written
+
+    async def close(self, attempts: int = 5, pause: float = 0.5) -> bool:
+        """Flush what is queued, retrying a few times (the controller's stop); True when nothing is
+        left. The store itself is closed by whoever opened it."""
+        for attempt in range(attempts):
+            await self.flush()
+            if not self.batch.pending() and not self.deferred_flags():
+                return True
+            if attempt + 1 < attempts:
+                await asyncio.sleep(pause)
+        return await self.batch.close(attempts=1) and not self.deferred_flags()
 
     async def timeline(self, incident_id: str) -> list[Event]:
         """What is written, then what is still queued for this incident (in time order)."""
