@@ -29,15 +29,7 @@ from controller.detect import (
     SERVICE_STATE_VALUE,
     Health,
     ProbeState,
-    Rules,
     ServiceHealth,
-    combine,
-    confirm,
-    discount,
-    flapping,
-    observe,
-    prior_rate,
-    service_health,
 )
 from controller.durations import format_duration
 from controller.leader import Elector
@@ -45,6 +37,7 @@ from controller.metrics import Metrics
 from controller.notify import pagerduty
 from controller.notify.outbox import Channel, Dispatcher
 from controller.stores import Incident, OutboxMessage, Store
+from controller.tracker import DetectionTracker
 from playbooks.actions import ActionContext
 from playbooks.engine import Engine, RunResult, render_plan
 from probes import passive, resolve
@@ -88,27 +81,14 @@ class Controller:
         self.identity = getattr(elector, "identity", None) or new_identity()
         """Who owns the runs this process executes (the elector's identity when there is one)."""
         self.engine = Engine(store, self.metrics, clock, owner=self.identity)
-        self.states: dict[str, ProbeState] = {name: ProbeState() for name in config.probes}
-        """The verdict per probe, all vantage points combined under the quorum."""
-        self.vstates: dict[str, dict[str, ProbeState]] = {name: {} for name in config.probes}
-        self._bursting: set[str] = set()
-        self._burst_tasks: set[asyncio.Task[None]] = set()
-        self.burst_notes: dict[str, tuple[float, str]] = {}
+        self._kick = asyncio.Event()
+        self.detection = DetectionTracker(self, store, clock, self.metrics, self._emit, self._kick)
         self.isolated_since: float | None = None
-        self._cut_since: float | None = None
-        """While the reference targets fail together: since when the controller may have been cut off
-        (the latest pass of a failing reference); None when not."""
-        self._cut_windows: list[tuple[float, float]] = []
-        """Recent closed [since, until) windows: a run started inside one is no evidence when it lands."""
-        self._ref_passed: dict[str, float] = {}
-        """When each reference target's latest passing local run started."""
         self.task_backoff: tuple[float, float] = (0.5, 30.0)
         """First and longest pause before a failed background task restarts (doubling between)."""
-        self._prober_logged: dict[str, float] = {}
         resolve.configure(config.controller.resolver_nameservers)
         self.signals = Signals(started_at=clock())
         self._load_signals()
-        self.impact = {name: p.impact for name, p in config.probes.items()}
         self.running: dict[str, asyncio.Task[RunResult]] = {}
         self._live: dict[str, asyncio.Task[RunResult]] = {}
         """Run id -> the task of this process executing it."""
@@ -121,7 +101,6 @@ class Controller:
         self._tasks: list[asyncio.Task[Any]] = []
         self._probe_tasks: list[asyncio.Task[Any]] = []
         self._probe_stop = asyncio.Event()
-        self._kick = asyncio.Event()
         self.stop_event = asyncio.Event()
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
         """Observers of what the controller does (the demo prints them): (kind, facts)."""
@@ -217,101 +196,44 @@ class Controller:
             if floor:
                 self.floors[inc.id] = floor
 
-    # ------------------------------------------------------------------ observe
+    # ------------------------------------------------------------------ detection (controller/tracker.py)
+
+    @property
+    def states(self) -> dict[str, ProbeState]:
+        return self.detection.states
+
+    @property
+    def vstates(self) -> dict[str, dict[str, ProbeState]]:
+        return self.detection.vstates
+
+    @property
+    def burst_notes(self) -> dict[str, tuple[float, str]]:
+        return self.detection.burst_notes
+
+    @property
+    def impact(self) -> dict[str, str]:
+        return self.detection.impact
+
+    @property
+    def _burst_tasks(self) -> set[asyncio.Task[None]]:
+        return self.detection._burst_tasks
 
     def ingest(self, result: ProbeResult) -> None:
-        """Fold a probe result (local or from an agent) into detection state.
+        self.detection.ingest(result)
 
-        Local results that make a probe SUSPECT start a confirmation burst; the per-vantage verdicts
-        are then combined under the quorum, and a change of verdict triggers a reconcile at once.
-        """
-        name = result.probe
-        if name not in self.states:
-            return
-        if result.prober_error:
-            self._prober_error(result)
-            return  # our trouble is no vote: the probe's state (and its freshness) stays as it was
-        vantage = result.vantage
-        local = vantage == "local"
-        if local and name in self.config.detection.reference_probes:
-            if result.ok:
-                self._ref_passed[name] = max(self._ref_passed.get(name, result.started_at), result.started_at)
-        elif local and not result.ok and self._cut_off(result.started_at):
-            return  # run while the controller itself was cut off: no vote (the probe goes stale)
-        rules = self.config.rules(name, confirm=local)
-        before = self.vstates[name].get(vantage, ProbeState())
-        after = observe(before, result, rules=rules)
-        self.vstates[name][vantage] = after
-        self.metrics.probe_success.labels(name, vantage).set(1 if result.ok else 0)
-        self.metrics.probe_duration.labels(name, vantage).observe(result.latency)
-        if not result.ok and before.failures == 0 and before.degraded == 0:
-            self._emit(
-                "probe_failed", probe=name, reason=result.reason, at=result.started_at, vantage=vantage
-            )
-        # A failed run while SUSPECT with no burst in flight starts one: a burst that could not decide
-        # (its runs were prober errors, or it crashed) is retried, never left suspect for good.
-        if (
-            local
-            and after.status is Health.SUSPECT
-            and (before.status is not Health.SUSPECT or not result.ok)
-        ):
-            if name not in self._bursting:
-                self._bursting.add(name)
-                self._burst_tasks.add(asyncio.create_task(self._confirm(name)))
-        self._recombine(name, result)
+    def probe_healthy(self, name: str) -> bool | None:
+        return self.detection.probe_healthy(name)
 
-    def _recombine(self, name: str, result: ProbeResult) -> None:
-        before = self.states[name]
-        after = combine(
-            self.vstates[name].values(), self.config.quorum(name), self.config.freshness(name), self.clock()
-        )
-        self.states[name] = after
-        if after.status is before.status:
-            return
-        rules = self.config.rules(name)
-        self.metrics.probe_flapping.labels(name).set(1 if flapping(after, self.clock(), rules) else 0)
-        votes = {v: s.status.value for v, s in self.vstates[name].items()}
-        verdict = f"probe {name} is {after.status.value.upper()}"
-        if after.status is Health.DOWN:
-            verdict += f" after {after.failures} consecutive failures: {result.reason}"
-        elif after.status is Health.DEGRADED:
-            verdict += f" after {after.degraded} degraded runs: {result.reason}"
-        elif before.status is Health.DOWN:
-            verdict += f" after {after.successes} consecutive successes"
-        if len(votes) > 1:
-            verdict += f" (vantage points: {', '.join(f'{v} {s}' for v, s in sorted(votes.items()))})"
-        log.info("probe verdict", probe=name, status=after.status.value, reason=result.reason, votes=votes)
-        self._emit("probe_verdict", probe=name, status=after.status.value, at=result.started_at)
-        # The timeline is the leader's to write: a standby appending its own verdicts would double
-        # every entry, and would block its event loop on the store while the API is sick.
-        try:
-            for svc in self.config.services_of(name) if self.may_act() else ():
-                inc = self.store.open_incident_for(svc)
-                if inc is not None:
-                    self.store.append(inc.id, result.started_at, "probe", verdict, result.to_dict())
-        except Exception:  # a store error must not stop detection: the verdict stands, the loop is kicked
-            log.exception("cannot record a probe verdict on the timeline", probe=name)
-            self.metrics.task_restarts.labels("ingest").inc()
-        self._kick.set()
+    def health(self) -> dict[str, ServiceHealth]:
+        return self.detection.health()
 
-    def _prober_error(self, result: ProbeResult) -> None:
-        """Our own trouble (fd limit, resolver, stalled loop): counted, logged, and the controller's
-        own alert (ContinuityProberErrors on continuity_prober_errors_total) fires; the target's
-        state is untouched. Logged at most once a minute per kind: at the fd limit every probe fails."""
-        kind = result.prober_error or "unknown"
-        self.metrics.prober_errors.labels(kind).inc()
-        now = self.clock()
-        if now - self._prober_logged.get(kind, float("-inf")) >= 60.0:
-            self._prober_logged[kind] = now
-            log.error(
-                "prober error: the controller itself cannot probe; the result counts as UNKNOWN, not as "
-                "the target failing",
-                kind=kind,
-                probe=result.probe,
-                error=result.reason,
-            )
-        # `kind` is _emit's own first parameter: the prober error's kind goes as `prober_error`.
-        self._emit("prober_error", probe=result.probe, prober_error=kind, message=result.reason)
+    def references(self) -> tuple[bool, bool, str]:
+        return self.detection.references()
+
+    def isolation_forming(self) -> bool:
+        return self.detection.isolation_forming()
+
+    # ------------------------------------------------------------------ observe
 
     async def run_once(self, name: str, cfg: Any) -> ProbeResult:
         """Run a probe once: polled kinds go out on the network, passive ones read pushed signals."""
@@ -337,136 +259,6 @@ class Controller:
                 if cfg.kind == "alertmanager":
                     self.ingest(passive.evaluate(name, cfg, self.signals, self.clock()))
         return applied, dupes
-
-    async def _confirm(self, name: str) -> None:
-        """Re-probe a SUSPECT target at once, a few times: only a burst that fails throughout is DOWN."""
-        try:
-            cfg = self.config.probes[name]
-            spec = self.config.detection.confirm
-            burst = await self._burst(name, cfg, spec.probes, spec.spacing)
-            for b in burst:
-                if b.prober_error:
-                    self._prober_error(b)
-            # A run while the controller may be cut off is no evidence about a target, except for
-            # the reference targets: their bursts are how the isolation itself is confirmed.
-            reference = name in self.config.detection.reference_probes
-            burst = [
-                b
-                for b in burst
-                if not b.prober_error and (b.ok or reference or not self._cut_off(b.started_at))
-            ]
-            state = self.vstates[name].get("local", ProbeState())
-            if state.status is not Health.SUSPECT or not burst:
-                return  # a scheduled run already cleared the suspicion
-            new = confirm(state, burst, self.config.rules(name))
-            self.vstates[name]["local"] = new
-            failed = sum(1 for b in burst if not b.ok)
-            outcome = {
-                Health.DOWN: "confirmed: DOWN",
-                Health.SUSPECT: f"all failed, but it failed {prior_rate(new):.0%} of its runs before this "
-                "streak: not yet beyond chance, still SUSPECT",
-            }.get(new.status, "not confirmed, back to UP")
-            note = f"confirmation burst for {name}: {failed} of {len(burst)} runs failed, {outcome}"
-            self.burst_notes[name] = (burst[-1].started_at, note)
-            log.info(
-                "confirmation burst",
-                probe=name,
-                failed=failed,
-                runs=len(burst),
-                down=new.status is Health.DOWN,
-            )
-            self._emit("burst", probe=name, message=note)
-            self._recombine(name, burst[-1])
-        except Exception:  # supervised: logged and counted; the next failed run starts a new burst
-            log.exception("confirmation burst failed", probe=name)
-            self.metrics.task_restarts.labels("burst").inc()
-        finally:
-            self._bursting.discard(name)
-
-    async def _burst(self, name: str, cfg: Any, runs: int, spacing: float) -> list[ProbeResult]:
-        """The burst's runs start `spacing` apart without waiting for each other: a hanging target
-        costs one timeout, not one per run. The first pass disproves the outage and cancels the
-        rest. Results come back in start order."""
-        passed = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        watch: Scheduler | None = getattr(self, "scheduler", None)  # its loop-stall watchdog
-
-        async def one(i: int) -> ProbeResult | None:
-            if i:
-                try:
-                    await asyncio.wait_for(passed.wait(), timeout=i * spacing)
-                    return None  # an earlier run passed: this one is not needed
-                except TimeoutError:
-                    pass
-            began = loop.time()
-            r = await self.run_once(name, cfg)
-            if r.ok:
-                passed.set()
-            elif r.prober_error is None and (
-                stalled := watch.stalled_during(began, loop.time()) if watch else 0
-            ):
-                r = dataclasses.replace(
-                    r, prober_error="loop_stall", error=f"event loop blocked {stalled:.1f}s"
-                )
-            return r
-
-        tasks = [asyncio.create_task(one(i)) for i in range(runs)]
-        try:
-            pending: set[asyncio.Task[ProbeResult | None]] = set(tasks)
-            while pending:
-                _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                if passed.is_set():
-                    break
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        return [
-            r for t in tasks if not t.cancelled() and t.exception() is None and (r := t.result()) is not None
-        ]
-
-    def probe_healthy(self, name: str) -> bool | None:
-        status = self.states[name].status if name in self.states else Health.UNKNOWN
-        return None if status is Health.UNKNOWN else status is Health.UP
-
-    def health(self) -> dict[str, ServiceHealth]:
-        now = self.clock()
-        # Only a probe that has changed verdict recently can be flapping: skip building rules for the rest.
-        flaps = [p for p, st in self.states.items() if st.changes and flapping(st, now, self.config.rules(p))]
-        rules, fresh = self._probe_settings()
-        return {
-            name: service_health(
-                name, svc.probes, self.states, self.impact, flaps, now=now, freshness=fresh, rules=rules
-            )
-            for name, svc in self.config.services.items()
-        }
-
-    def _probe_settings(self) -> tuple[dict[str, Rules], dict[str, float]]:
-        """Each probe's rules and freshness, built once per config (health() runs every tick)."""
-        cached = getattr(self, "_settings_cache", None)
-        if cached is None or cached[0] is not self.config:
-            cfg = self.config
-            cached = (
-                cfg,
-                {p: cfg.rules(p) for p in cfg.probes},
-                {p: cfg.freshness(p) for p in cfg.probes},
-            )
-            self._settings_cache = cached
-        return cached[1], cached[2]
-
-    def references(self) -> tuple[bool, bool, str]:
-        """(ok, isolated, note): ok while every reference target is UP with no failure in its current
-        streak (unknown is not up); isolated when `isolation_quorum` of them (default: all) are DOWN."""
-        det = self.config.detection
-        refs = det.reference_probes
-        if not refs:
-            return True, False, ""
-        seen = {r: self.states.get(r, ProbeState()) for r in refs}  # validate checks the names
-        bad = {r: st for r, st in seen.items() if st.status is not Health.UP or st.failures}
-        down = sum(1 for st in seen.values() if st.status is Health.DOWN)
-        isolated = down >= (det.isolation_quorum or len(refs))
-        note = ", ".join(f"{r} {st.status.value}" for r, st in bad.items())
-        return not bad, isolated, note
 
     def _failover_observation(self) -> dict[str, Any]:
         """The persisted failover state of every service and the runs it needs to decide on: those
@@ -503,76 +295,6 @@ class Controller:
         failed_over = {n: fo.incident_id or "" for n, fo in states.items() if fo.state == "failed_over"}
         return {"failover": states, "runs": runs, "identity": self.identity, "failed_over": failed_over}
 
-    def isolation_forming(self) -> bool:
-        """True while `isolation_quorum` reference targets fail, confirmed or not: no incident opens
-        until their bursts decide, so a cut-off controller whose service probes happen to be
-        confirmed first does not page for an outage that is its own."""
-        det = self.config.detection
-        refs = det.reference_probes
-        if not refs:
-            return False
-        failing = sum(
-            1
-            for r in refs
-            if (st := self.states.get(r, ProbeState())).status in (Health.SUSPECT, Health.DOWN)
-            or (st.status is not Health.UNKNOWN and st.failures)
-        )
-        return failing >= (det.isolation_quorum or len(refs))
-
-    def _cut_off(self, at: float) -> bool:
-        """Was the controller possibly cut off when a run started at `at`? (Reference probes' own
-        runs are never asked: they are how isolation is seen.)"""
-        if self._cut_since is not None and at >= self._cut_since:
-            return True
-        return any(a <= at < b for a, b in self._cut_windows)
-
-    def _track_cut(self, now: float) -> None:
-        """Open a cut-off window when the reference targets fail together; when they stop failing
-        together, forget every failure the other probes saw inside it (detect.discount): a verdict
-        built while isolated must not start a failover the moment the references pass again."""
-        refs = self.config.detection.reference_probes
-        if not refs:
-            return
-        forming = self.isolation_forming()
-        if forming and self._cut_since is None:
-            failing = [
-                r
-                for r in refs
-                if (st := self.states.get(r, ProbeState())).status in (Health.SUSPECT, Health.DOWN)
-                or st.failures
-            ]
-            # The cut began after the latest pass of a failing reference; none seen: since ever.
-            self._cut_since = max((self._ref_passed.get(r, float("-inf")) for r in failing), default=now)
-        elif not forming and self._cut_since is not None:
-            since, self._cut_since = self._cut_since, None
-            self._cut_windows = [*self._cut_windows[-3:], (since, now)]
-            forgotten = []
-            for name, per in self.vstates.items():
-                if name in refs or "local" not in per:
-                    continue
-                before = per["local"]
-                after = discount(before, since, now)
-                if after is before:
-                    continue
-                per["local"] = after
-                self.states[name] = combine(
-                    per.values(), self.config.quorum(name), self.config.freshness(name), now
-                )
-                if after.status is not before.status:
-                    forgotten.append(f"{name} {before.status.value} -> {after.status.value}")
-            note = (
-                "reference targets pass again: failures seen while they failed together are not "
-                "evidence" + (f" ({', '.join(forgotten)})" if forgotten else "")
-            )
-            log.warning(note, since=since, until=now)
-            self._emit("references", ok=True, message=note)
-
-    def _isolation_count(self) -> str:
-        det = self.config.detection
-        refs = det.reference_probes
-        down = sum(1 for r in refs if self.states.get(r, ProbeState()).status is Health.DOWN)
-        return f"{down} of {len(refs)} (isolation quorum {det.isolation_quorum or len(refs)})"
-
     def _isolation(self, isolated: bool, note: str, now: float) -> None:
         """One 'controller isolated' alert while every reference target is down; resolved when one is back."""
         self.metrics.isolated.set(1 if isolated else 0)
@@ -590,8 +312,9 @@ class Controller:
                 body = pagerduty.trigger(
                     pd,
                     dedup_key=key,
-                    summary=f"Continuity controller isolated: {self._isolation_count()} reference targets "
-                    f"down ({note}); no incident opens and automatic failover is suspended",
+                    summary="Continuity controller isolated: "
+                    f"{self.detection.isolation_count()} reference targets down ({note}); no incident opens "
+                    "and automatic failover is suspended",
                     severity="critical",
                     service="continuity",
                     tier="critical",
@@ -636,7 +359,7 @@ class Controller:
                 )
         running = frozenset(s for s, t in self.running.items() if not t.done())
         now = self.clock()
-        self._track_cut(now)
+        self.detection.track_cut(now)
         refs_ok, isolated, refs_note = self.references()
         self._isolation(isolated, refs_note, now)
         if refs_ok != getattr(self, "_refs_ok", True):
@@ -1240,10 +963,7 @@ class Controller:
             t.cancel()
         await asyncio.gather(*self._probe_tasks, return_exceptions=True)
         self.config = new
-        same = {name for name, cfg in new.probes.items() if name in old.probes and old.probes[name] == cfg}
-        self.states = {name: self.states[name] if name in same else ProbeState() for name in new.probes}
-        self.vstates = {name: self.vstates[name] if name in same else {} for name in new.probes}
-        self.impact = {name: p.impact for name, p in new.probes.items()}
+        self.detection.reload(old, new)
         self._rebuild_derived(old, new, channels)
         resolve.configure(new.controller.resolver_nameservers)
         self._start_probes()
