@@ -21,7 +21,6 @@ from typing import Any
 import structlog
 
 from controller import decide as d
-from controller import grouping
 from controller.aws import client_factory
 from controller.comms.communicator import attach
 from controller.config import Config, resolve_secret
@@ -32,11 +31,12 @@ from controller.detect import (
     ServiceHealth,
 )
 from controller.durations import format_duration
+from controller.effects import Effects
 from controller.leader import Elector
 from controller.metrics import Metrics
 from controller.notify import pagerduty
 from controller.notify.outbox import Channel, Dispatcher
-from controller.stores import Incident, OutboxMessage, Store
+from controller.stores import Store
 from controller.tracker import DetectionTracker
 from playbooks.actions import ActionContext
 from playbooks.engine import Engine, RunResult, render_plan
@@ -83,7 +83,7 @@ class Controller:
         self.engine = Engine(store, self.metrics, clock, owner=self.identity)
         self._kick = asyncio.Event()
         self.detection = DetectionTracker(self, store, clock, self.metrics, self._emit, self._kick)
-        self.isolated_since: float | None = None
+        self.effects = Effects(self, store, clock, self.metrics, self.detection, self._emit)
         self.task_backoff: tuple[float, float] = (0.5, 30.0)
         """First and longest pause before a failed background task restarts (doubling between)."""
         resolve.configure(config.controller.resolver_nameservers)
@@ -97,7 +97,6 @@ class Controller:
         self.run_starts: list[float] = []
         """When automatic runs started, for the cap on runs per hour."""
         self.floors: dict[str, str] = {}
-        self._held: dict[str, str] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self._probe_tasks: list[asyncio.Task[Any]] = []
         self._probe_stop = asyncio.Event()
@@ -114,7 +113,7 @@ class Controller:
             store,
             self._pagerduty_channel(config),
             clock,
-            on_event=self._delivery_event,
+            on_event=self.effects.delivery_event,
             first_retry=config.controller.outbox_retry,
         )
         self.dispatcher.may_send = self.may_act
@@ -295,42 +294,6 @@ class Controller:
         failed_over = {n: fo.incident_id or "" for n, fo in states.items() if fo.state == "failed_over"}
         return {"failover": states, "runs": runs, "identity": self.identity, "failed_over": failed_over}
 
-    def _isolation(self, isolated: bool, note: str, now: float) -> None:
-        """One 'controller isolated' alert while every reference target is down; resolved when one is back."""
-        self.metrics.isolated.set(1 if isolated else 0)
-        pd = self.config.notifiers.pagerduty
-        if isolated and self.isolated_since is None:
-            self.isolated_since = now
-            log.error(
-                "controller isolated: reference targets down; no incident opens, no failover starts",
-                refs=note,
-            )
-            self._emit("isolated", message=f"controller isolated: {note}")
-            if pd is not None:
-                key = f"continuity/isolated/{int(now)}"
-                self.store.set_flag("isolation_key", key)
-                body = pagerduty.trigger(
-                    pd,
-                    dedup_key=key,
-                    summary="Continuity controller isolated: "
-                    f"{self.detection.isolation_count()} reference targets down ({note}); no incident opens "
-                    "and automatic failover is suspended",
-                    severity="critical",
-                    service="continuity",
-                    tier="critical",
-                    ts=now,
-                    details={"reference_probes": self.config.detection.reference_probes, "note": note},
-                )
-                self._enqueue(None, f"{key}/trigger", body, "isolation alert")
-        elif not isolated and self.isolated_since is not None:
-            log.warning("controller no longer isolated", after_s=round(now - self.isolated_since, 1))
-            self._emit("isolated", message="controller no longer isolated")
-            self.isolated_since = None
-            open_key = self.store.get_flag("isolation_key")
-            if pd is not None and open_key:
-                self._enqueue(None, f"{open_key}/resolve", pagerduty.resolve(open_key), "isolation resolved")
-                self.store.set_flag("isolation_key", None)
-
     def silenced(self, now: float) -> dict[str, str]:
         out: dict[str, str] = {}
         for window in self.config.maintenance:
@@ -361,7 +324,7 @@ class Controller:
         now = self.clock()
         self.detection.track_cut(now)
         refs_ok, isolated, refs_note = self.references()
-        self._isolation(isolated, refs_note, now)
+        self.effects.isolation(isolated, refs_note, now)
         if refs_ok != getattr(self, "_refs_ok", True):
             self._refs_ok = refs_ok
             if refs_ok:
@@ -404,26 +367,12 @@ class Controller:
         for hook in self.tick_hooks:
             hook(self.clock())
         self.metrics.last_tick.set(self.clock())
-        self._update_incident_gauge()
+        self.effects.update_incident_gauge()
         return decisions
 
     async def _act(self, decision: d.Decision, obs: d.Observation) -> None:
         now = self.clock()
-        if isinstance(decision, d.OpenIncident):
-            self._open(decision, now)
-        elif isinstance(decision, d.ChangeSeverity):
-            self.store.update_incident(decision.incident_id, severity=decision.new)
-            self.store.append(decision.incident_id, now, "incident", f"severity changed: {decision.reason}")
-            log.warning(
-                "incident severity changed", incident=decision.incident_id, old=decision.old, new=decision.new
-            )
-            inc = self.store.get_incident(decision.incident_id)
-            if inc is not None:
-                self._page(inc, f"severity-{decision.new}")
-            self._emit("severity_changed", incident=decision.incident_id, severity=decision.new)
-        elif isinstance(decision, d.ResolveIncident):
-            self._resolve(decision, now)
-        elif isinstance(decision, d.StartPlaybook):
+        if isinstance(decision, d.StartPlaybook):
             self._start_playbook(decision, now)
         elif isinstance(decision, d.Transition):
             self._transition(decision, now)
@@ -434,154 +383,17 @@ class Controller:
             if decision.incident_id:
                 self.store.append(decision.incident_id, now, "playbook", decision.reason)
             log.warning("run abandoned", run=decision.run_id, reason=decision.reason)
-        elif isinstance(decision, d.Escalate):
-            self.store.set_flag(f"escalated:{decision.run_id}", str(now))
-            if decision.incident_id:
-                self.store.append(decision.incident_id, now, "approval", decision.reason)
-                self._page_incident(
-                    decision.incident_id,
-                    f"escalate-{decision.run_id}",
-                    f"STILL waiting for approval of {decision.playbook}",
-                )
-        elif isinstance(decision, d.JoinIncident):
-            if self._held.get(decision.service) != f"join:{decision.incident_id}":
-                self._held[decision.service] = f"join:{decision.incident_id}"
-                self.store.append(
-                    decision.incident_id,
-                    now,
-                    "decision",
-                    decision.reason,
-                    {"joined_service": decision.service},
-                )
-                grouping.record_join(self.store, self.config, decision.incident_id, decision.service)
-                log.info("joined incident", service=decision.service, incident=decision.incident_id)
-        elif isinstance(decision, d.Hold):
-            key = decision.key or decision.reason
-            iid = decision.incident_id
-            if iid is None and key in ("references", "isolated"):  # opened in this same cycle
-                inc = self.store.open_incident_for(decision.service)
-                iid = inc.id if inc is not None else None
-            if self._held.get(decision.service) != key and iid:
-                self._held[decision.service] = key
-                self.store.append(iid, now, "decision", decision.reason)
-                log.info("holding", service=decision.service, reason=decision.reason)
+        else:
+            self.effects.act(decision, now)
+
+    # ------------------------------------------------------------------ incidents (controller/effects.py)
+
+    @property
+    def isolated_since(self) -> float | None:
+        return self.effects.isolated_since
 
     def _open(self, dec: d.OpenIncident, now: float) -> None:
-        svc = self.config.services[dec.service]
-        h = dec.health
-        started = h.since or now
-        data = {
-            "tier": svc.tier,
-            "rto_s": svc.rto,
-            "rpo_s": svc.rpo,
-            "owners": svc.owners,
-            "failing": list(h.failing),
-            "reasons": dict(h.reasons),
-        }
-        title = f"{dec.service} {h.state.value}: " + "; ".join(f"{p}: {r}" for p, r in h.reasons)
-        title, data = grouping.on_open(self.config, dec.service, self.health(), title, data)
-        inc = self.store.open_incident(dec.service, dec.severity, title[:500], now, started, data)
-        for probe in h.failing:
-            st = self.states[probe]
-            at, note = self.burst_notes.get(probe, (0.0, ""))
-            if note and at >= (st.first_failure_at or started):  # not a burst of an earlier streak
-                self.store.append(inc.id, at, "probe", note, {"probe": probe})
-            if st.first_failure_at is not None:
-                self.store.append(
-                    inc.id,
-                    st.first_failure_at,
-                    "probe",
-                    f"probe {probe} first failed",
-                    {"probe": probe, "outage_start_estimate": True},
-                )
-            if st.last is not None:
-                self.store.append(
-                    inc.id,
-                    st.changed_at or now,
-                    "probe",
-                    _verdict_line(probe, st, dict(h.reasons).get(probe, "")),
-                    st.last.to_dict(),
-                )
-        self.store.append(
-            inc.id,
-            now,
-            "incident",
-            f"incident opened, severity {dec.severity}: {dec.reason}",
-            {"severity": dec.severity},
-        )
-        log.error(
-            "incident opened", incident=inc.id, service=dec.service, severity=dec.severity, reason=dec.reason
-        )
-        self.metrics.incidents_total.labels(dec.service, dec.severity).inc()
-        self._page(inc, "trigger")
-        self._emit(
-            "incident_opened",
-            incident=inc.id,
-            service=dec.service,
-            severity=dec.severity,
-            reason=dec.reason,
-            at=now,
-            started_at=started,
-        )
-
-    def _page(self, inc: Incident, event: str, note: str = "") -> None:
-        pd = self.config.notifiers.pagerduty
-        if pd is None:
-            return
-        svc = self.config.services[inc.service]
-        details = {
-            "incident_id": inc.id,
-            "service": inc.service,
-            "tier": svc.tier,
-            "failing_probes": inc.data.get("failing", []),
-            "reasons": inc.data.get("reasons", {}),
-            "rto": format_duration(svc.rto),
-            "owners": svc.owners,
-        }
-        payload = pagerduty.trigger(
-            pd,
-            dedup_key=inc.dedup_key,
-            summary=f"[{inc.severity}] {note + ': ' if note else ''}{inc.title}",
-            severity=inc.severity,
-            service=inc.service,
-            tier=svc.tier,
-            ts=self.clock(),
-            details=details,
-        )
-        note = "PagerDuty trigger queued" if event == "trigger" else f"PagerDuty trigger queued ({event})"
-        self._enqueue(inc.id, f"{inc.id}/pagerduty/{event}", payload, note)
-
-    def _enqueue(self, incident_id: str | None, key: str, payload: dict[str, Any], note: str) -> None:
-        if self.store.enqueue("pagerduty", key, payload, incident_id, self.clock()):
-            if incident_id:
-                self.store.append(incident_id, self.clock(), "notification", note, {"key": key})
-            self.dispatcher.wake.set()
-
-    def _resolve(self, dec: d.ResolveIncident, now: float) -> None:
-        inc = self.store.get_incident(dec.incident_id)
-        if inc is None:
-            return
-        self.store.update_incident(inc.id, status="resolved", resolved_at=now)
-        took = now - inc.started_at
-        svc = self.config.services[inc.service]
-        verdict = "within" if took <= svc.rto else "OVER"
-        self.store.append(
-            inc.id,
-            now,
-            "incident",
-            f"incident resolved: {dec.reason}; outage lasted {format_duration(took)}, "
-            f"{verdict} the RTO of {format_duration(svc.rto)}",
-        )
-        self._held.pop(inc.service, None)
-        if self.config.notifiers.pagerduty is not None:
-            self._enqueue(
-                inc.id,
-                f"{inc.id}/pagerduty/resolve",
-                pagerduty.resolve(inc.dedup_key),
-                "PagerDuty resolve queued",
-            )
-        log.info("incident resolved", incident=inc.id, service=inc.service, duration_s=round(took, 1))
-        self._emit("incident_resolved", incident=inc.id, service=inc.service, at=now)
+        self.effects._open(dec, now)
 
     # ------------------------------------------------------------------ playbooks
 
@@ -625,7 +437,7 @@ class Controller:
                     f"or `continuity reject {run.id}` (expires in {format_duration(pb.approval_timeout)})",
                     {"run_id": run.id, "plan": plan},
                 )
-                self._page_incident(
+                self.effects.page_incident(
                     dec.incident_id,
                     f"approval-{run.id}",
                     f"approval needed for {dec.playbook} (run {run.id})",
@@ -681,7 +493,7 @@ class Controller:
             if dec.close_run == "expired" and dec.incident_id:
                 run = self.store.get_run(dec.run_id)
                 playbook = run.playbook if run else "the playbook"
-                self._page_incident(
+                self.effects.page_incident(
                     dec.incident_id, f"expired-{dec.run_id}", f"approval for {playbook} expired"
                 )
         if not self._move(
@@ -726,7 +538,7 @@ class Controller:
                 f"until `continuity ack {dec.service}`; a human must take over",
                 {"severity": "critical"},
             )
-        self._page_incident(inc.id, "blocked" if fz.blocked else "playbook-failed", what)
+        self.effects.page_incident(inc.id, "blocked" if fz.blocked else "playbook-failed", what)
 
     def _resume_run(self, dec: d.ResumeRun, now: float) -> None:
         """Take a run over from an owner that stopped (compare-and-swap on the owner) and continue
@@ -765,7 +577,7 @@ class Controller:
                 body = pagerduty.change(
                     pd, summary=summary, ts=self.clock(), details={"incident_id": incident_id, **details}
                 )
-                self._enqueue(
+                self.effects.enqueue(
                     incident_id,
                     f"{incident_id}/pagerduty/change/{zlib.crc32(summary.encode())}",
                     body,
@@ -823,24 +635,6 @@ class Controller:
         self._kick.set()
         return result
 
-    def _page_incident(self, incident_id: str, event: str, note: str) -> None:
-        """Page about an open incident; about a resolved one (a failback awaiting approval) send a
-        PagerDuty change event instead, because a trigger with its dedup_key would reopen the alert."""
-        inc = self.store.get_incident(incident_id)
-        if inc is None:
-            return
-        if inc.status == "open":
-            self._page(inc, event, note)
-            return
-        pd = self.config.notifiers.pagerduty
-        if pd is not None:
-            body = pagerduty.change(
-                pd, summary=f"{inc.service}: {note}", ts=self.clock(), details={"incident_id": inc.id}
-            )
-            self._enqueue(
-                inc.id, f"{inc.id}/pagerduty/change/{event}", body, f"PagerDuty change event queued: {note}"
-            )
-
     async def run_playbook_by_hand(self, playbook: str) -> RunResult:
         """A human started this run: no incident, no cooldown check, same journal and engine."""
         pb = self.config.playbooks[playbook]
@@ -849,32 +643,6 @@ class Controller:
         )
 
     # ------------------------------------------------------------------ record
-
-    def _delivery_event(self, msg: OutboxMessage, outcome: str, text: str) -> None:
-        self.metrics.notifications.labels(msg.channel, outcome).inc()
-        if msg.incident_id:
-            verb = {"delivered": "delivered", "retrying": "not delivered yet", "refused": "REFUSED"}[outcome]
-            self.store.append(
-                msg.incident_id,
-                self.clock(),
-                "notification",
-                f"{msg.channel} {_what(msg.payload)} {verb}" + (f": {text}" if text else ""),
-                {"key": msg.key},
-            )
-        self._emit("notification", channel=msg.channel, outcome=outcome, key=msg.key)
-
-    def _update_incident_gauge(self) -> None:
-        counts = {"critical": 0, "moderate": 0, "low": 0}
-        for inc in self.store.list_incidents(status="open"):
-            counts[inc.severity] = counts.get(inc.severity, 0) + 1
-        for sev, n in counts.items():
-            self.metrics.incidents_open.labels(sev).set(n)
-        depth: dict[str, int] = {}
-        for msg in self.store.outbox():
-            if not msg.dead:
-                depth[msg.channel] = depth.get(msg.channel, 0) + 1
-        for channel in self.dispatcher.channels:
-            self.metrics.outbox_depth.labels(channel).set(depth.get(channel, 0))
 
     def kick(self) -> None:
         """Re-evaluate now (a human answered an approval, paused, acknowledged)."""
@@ -1039,22 +807,3 @@ class Controller:
             self._elector_stop.set()  # the elector releases the lease so a standby takes over at once
             await asyncio.gather(self._elector, return_exceptions=True)
         log.info("controller stopped")
-
-
-def _verdict_line(probe: str, st: ProbeState, reason: str) -> str:
-    """What the timeline says about a failing probe when its incident opens: DOWN with its streak,
-    DEGRADED with its reason (slow, a non-critical step, a near expiry), or its failure rate."""
-    if st.status is Health.DOWN:
-        last = st.last.reason if st.last else ""
-        return f"probe {probe} is DOWN after {st.failures} consecutive failures: {last}"
-    if st.status is Health.DEGRADED:
-        why = st.last.reason if st.last else reason
-        return f"probe {probe} is DEGRADED after {st.degraded} degraded runs: {why}"
-    return f"probe {probe} is DEGRADED: {reason}"
-
-
-def _what(payload: dict[str, Any]) -> str:
-    """A few words for the timeline about a queued message, whatever its channel's shape."""
-    body = payload.get("body")
-    action = body.get("event_action") if isinstance(body, dict) else None
-    return str(action or payload.get("kind") or payload.get("op") or payload.get("event") or "message")
