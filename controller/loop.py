@@ -25,7 +25,6 @@ from controller.comms.communicator import attach
 from controller.config import Config, resolve_secret
 from controller.detect import (
     SERVICE_STATE_VALUE,
-    Health,
     ProbeState,
     ServiceHealth,
 )
@@ -34,6 +33,7 @@ from controller.leader import Elector
 from controller.metrics import Metrics
 from controller.notify import pagerduty
 from controller.notify.outbox import Channel, Dispatcher
+from controller.observation import ObservationBuilder
 from controller.runs import RUN_DECISIONS, Runs
 from controller.stores import Store
 from controller.tracker import DetectionTracker
@@ -93,6 +93,9 @@ class Controller:
             self.effects,
             self._emit,
             self._kick,
+        )
+        self.observer = ObservationBuilder(
+            self, store, clock, self.detection, self.effects, self.runs, self._emit
         )
         self.task_backoff: tuple[float, float] = (0.5, 30.0)
         """First and longest pause before a failed background task restarts (doubling between)."""
@@ -240,98 +243,11 @@ class Controller:
                     self.ingest(passive.evaluate(name, cfg, self.signals, self.clock()))
         return applied, dupes
 
-    def _failover_observation(self) -> dict[str, Any]:
-        """The persisted failover state of every service and the runs it needs to decide on: those
-        a state names and every run still running or awaiting approval (one read of each)."""
-        states = {
-            name: d.FailoverView(r.state, r.run_id, r.incident_id, r.since, r.reason, r.version)
-            for name, r in self.store.failover_states().items()
-        }
-        named = {fo.run_id for fo in states.values() if fo.run_id}
-        answers = self.store.flags("approval:")
-        escalated = self.store.flags("escalated:")
-        runs = {
-            r.id: d.RunView(
-                r.id,
-                r.service,
-                r.playbook,
-                r.state,
-                r.incident_id,
-                r.started_at,
-                r.error,
-                r.dry_run,
-                r.owner,
-                live=r.id in self.runs._live and not self.runs._live[r.id].done(),
-                answer=answers.get(f"approval:{r.id}"),
-                escalated=f"escalated:{r.id}" in escalated,
-            )
-            for r in self.store.runs()
-            if r.id in named
-            or (
-                r.state in d.LIVE_RUN_STATES
-                and (r.service in self.config.services or r.id in self.runs._left_running)
-            )
-        }
-        failed_over = {n: fo.incident_id or "" for n, fo in states.items() if fo.state == "failed_over"}
-        return {"failover": states, "runs": runs, "identity": self.identity, "failed_over": failed_over}
-
     def silenced(self, now: float) -> dict[str, str]:
-        out: dict[str, str] = {}
-        for window in self.config.maintenance:
-            if window.start.timestamp() <= now < window.end.timestamp():
-                for svc in window.services:
-                    out[svc] = f"maintenance until {window.end.isoformat()}" + (
-                        f": {window.reason}" if window.reason else ""
-                    )
-        for key, value in self.store.flags("silence:").items():
-            until, _, reason = value.partition("|")
-            if float(until) > now:
-                out[key.removeprefix("silence:")] = (
-                    f"silenced until {time.strftime('%H:%M:%S UTC', time.gmtime(float(until)))}"
-                    + (f": {reason}" if reason else "")
-                )
-        return out
+        return self.observer.silenced(now)
 
     def observation(self) -> d.Observation:
-        incidents = {}
-        # One read for every open incident, not one per service (20,000 probes: 2,000 services).
-        # Newest first, so if a service ever had two open, the newest is the one it acts on.
-        for inc in reversed(self.store.list_incidents(status="open", limit=1_000_000)):
-            if inc.service in self.config.services:
-                incidents[inc.service] = d.OpenIncidentView(
-                    inc.id, inc.severity, self.runs.floors.get(inc.id), self.runs.incident_runs.get(inc.id, 0)
-                )
-        running = frozenset(s for s, t in self.running.items() if not t.done())
-        now = self.clock()
-        self.detection.track_cut(now)
-        refs_ok, isolated, refs_note = self.references()
-        self.effects.isolation(isolated, refs_note, now)
-        if refs_ok != getattr(self, "_refs_ok", True):
-            self._refs_ok = refs_ok
-            if refs_ok:
-                log.info("reference targets pass again: automatic actions allowed")
-            else:
-                log.warning(
-                    "reference targets failing: automatic actions held (incidents still open and page)",
-                    refs=refs_note,
-                )
-            self._emit("references", ok=refs_ok, message=refs_note)
-        return d.Observation(
-            now,
-            self.health(),
-            incidents,
-            running,
-            dict(self.last_run_started),
-            runs_last_hour=sum(1 for t in self.runs.run_starts if now - t < 3600),
-            paused=self.store.get_flag("paused"),
-            frozen={k.removeprefix("frozen:"): v for k, v in self.store.flags("frozen:").items()},
-            silenced=self.silenced(now),
-            **self._failover_observation(),
-            up_since={p: s.changed_at or now for p, s in self.states.items() if s.status is Health.UP},
-            references_ok=refs_ok,
-            references_note=refs_note,
-            isolated=isolated or self.isolation_forming(),
-        )
+        return self.observer.observation()
 
     # ------------------------------------------------------------------ decide + act
 
