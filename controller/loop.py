@@ -8,8 +8,6 @@ timeline, the logs and the metrics. Only this module does I/O on behalf of the d
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import json
 import os
 import secrets
 import socket
@@ -29,6 +27,7 @@ from controller.detect import (
     ServiceHealth,
 )
 from controller.effects import Effects
+from controller.inputs import ProbeInputs
 from controller.leader import Elector
 from controller.metrics import Metrics
 from controller.notify import pagerduty
@@ -38,9 +37,9 @@ from controller.runs import RUN_DECISIONS, Runs
 from controller.stores import Store
 from controller.tracker import DetectionTracker
 from playbooks.engine import Engine, RunResult
-from probes import passive, resolve
+from probes import resolve
 from probes.base import ProbeResult
-from probes.passive import PASSIVE_KINDS, Signals
+from probes.passive import Signals
 from probes.runner import run_probe
 from probes.scheduler import Scheduler
 
@@ -67,8 +66,6 @@ class Controller:
         prober: Callable[[str, Any], Awaitable[ProbeResult]] = run_probe,
     ) -> None:
         self.config = config
-        self.prober = prober
-        """Runs one polled probe (the network edge): the simulation (tests/sim) passes its world's."""
         self.elector = elector
         self._elector_stop = asyncio.Event()
         self.store = store
@@ -100,8 +97,8 @@ class Controller:
         self.task_backoff: tuple[float, float] = (0.5, 30.0)
         """First and longest pause before a failed background task restarts (doubling between)."""
         resolve.configure(config.controller.resolver_nameservers)
-        self.signals = Signals(started_at=clock())
-        self._load_signals()
+        self.inputs = ProbeInputs(self, store, clock, prober)
+        self.inputs.load_signals()
         self._tasks: list[asyncio.Task[Any]] = []
         self._probe_tasks: list[asyncio.Task[Any]] = []
         self._probe_stop = asyncio.Event()
@@ -145,40 +142,6 @@ class Controller:
             )
         }
 
-    def _stored_signals(self) -> tuple[dict[str, str], dict[str, str]]:
-        return self.store.flags("heartbeat:"), self.store.flags("alert:")
-
-    async def _refresh_signals(self) -> None:
-        """A standby's copy of the pushed signals, read off the loop (a sick API must not stall it)."""
-        try:
-            stored = await asyncio.to_thread(self._stored_signals)
-        except Exception as exc:  # next tick tries again; the leader is unaffected
-            log.debug("standby could not refresh pushed signals", error=f"{type(exc).__name__}: {exc}")
-            return
-        if not self.may_act():  # a leader's own copy is newer than a read that started before it led
-            self._load_signals(stored)
-
-    def _load_signals(self, stored: tuple[dict[str, str], dict[str, str]] | None = None) -> None:
-        """Pushed signals kept in the store: heartbeats jobs sent and alerts still firing (each sent
-        only once by Alertmanager). Read at start, by a standby every tick and again on becoming
-        leader: pushes reach the leader only, and a standby whose passive probes judged from stale
-        signals would, on taking over, resolve the open incident and reopen it (a second page)."""
-        heartbeats, alerts = stored if stored is not None else self._stored_signals()
-        for key, value in heartbeats.items():
-            name = key.removeprefix("heartbeat:")
-            self.signals.heartbeats[name] = max(float(value), self.signals.heartbeats.get(name, 0.0))
-        # A store written before the bound existed must not blow memory at start.
-        stored_alerts = [
-            passive.Alert(**json.loads(value)) for value in list(alerts.values())[: passive.MAX_ALERTS]
-        ]
-        firing = {alert.fingerprint for alert in stored_alerts}
-        for fp, alert in list(self.signals.alerts.items()):
-            if alert.status == "firing" and fp not in firing:  # resolved while we stood by
-                del self.signals.alerts[fp]
-        for alert in stored_alerts:
-            self.signals.alerts[alert.fingerprint] = alert
-            self.signals.seen[(alert.fingerprint, alert.starts_at, alert.status)] = alert.received_at
-
     # ------------------------------------------------------------------ detection (controller/tracker.py)
 
     @property
@@ -216,32 +179,22 @@ class Controller:
     def isolation_forming(self) -> bool:
         return self.detection.isolation_forming()
 
-    # ------------------------------------------------------------------ observe
+    # ------------------------------------------------------------------ probe inputs (controller/inputs.py)
+
+    @property
+    def signals(self) -> Signals:
+        return self.inputs.signals
 
     async def run_once(self, name: str, cfg: Any) -> ProbeResult:
-        """Run a probe once: polled kinds go out on the network, passive ones read pushed signals."""
-        if cfg.kind in PASSIVE_KINDS:
-            return passive.evaluate(name, cfg, self.signals, self.clock())
-        return await self.prober(name, cfg)
+        return await self.inputs.run_once(name, cfg)
 
     def heartbeat(self, name: str) -> None:
-        now = self.clock()
-        self.signals.heartbeats[name] = now
-        self.store.set_flag(f"heartbeat:{name}", repr(now))
+        self.inputs.heartbeat(name)
 
     def alertmanager(self, payload: Any) -> tuple[int, int]:
-        """Apply an Alertmanager webhook; matching probes are re-evaluated at once."""
-        before = dict(self.signals.alerts)
-        applied, dupes = passive.apply_alertmanager(self.signals, payload, self.clock())
-        for fp, alert in self.signals.alerts.items():
-            if before.get(fp) is not alert:  # kept while firing: a restart must not forget it
-                firing = alert.status == "firing"
-                self.store.set_flag(f"alert:{fp}", json.dumps(dataclasses.asdict(alert)) if firing else None)
-        if applied:
-            for name, cfg in self.config.probes.items():
-                if cfg.kind == "alertmanager":
-                    self.ingest(passive.evaluate(name, cfg, self.signals, self.clock()))
-        return applied, dupes
+        return self.inputs.alertmanager(payload)
+
+    # ------------------------------------------------------------------ observe
 
     def silenced(self, now: float) -> dict[str, str]:
         return self.observer.silenced(now)
@@ -335,7 +288,9 @@ class Controller:
                 else:
                     # At most one refresh in flight, never awaited here: a sick API must not slow the tick.
                     if self._refresh_task is None or self._refresh_task.done():
-                        self._refresh_task = asyncio.create_task(self._refresh_signals(), name="signals")
+                        self._refresh_task = asyncio.create_task(
+                            self.inputs.refresh_signals(), name="signals"
+                        )
                     for name, h in self.health().items():
                         self.metrics.service_state.labels(name).set(SERVICE_STATE_VALUE[h.state])
                     self.metrics.last_tick.set(self.clock())
@@ -378,7 +333,7 @@ class Controller:
         self.runs.floors.clear()
         self.runs.recover_from_restart()  # runs to take over are decided by the next reconcile
         try:
-            self._load_signals()
+            self.inputs.load_signals()
         except Exception:  # the store is sick: the signals come back with the next push or tick
             log.exception("could not read pushed signals from the store")
 
