@@ -35,6 +35,7 @@ from controller.notify.outbox import Channel, Dispatcher
 from controller.observation import ObservationBuilder
 from controller.runs import RUN_DECISIONS, Runs
 from controller.stores import Store
+from controller.supervise import supervise
 from controller.tracker import DetectionTracker
 from playbooks.engine import Engine, RunResult
 from probes import resolve
@@ -377,34 +378,8 @@ class Controller:
     def _supervise(
         self, name: str, run: Callable[[], Awaitable[None]], stop: asyncio.Event
     ) -> asyncio.Task[None]:
-        """Run a background task for as long as `stop` is unset: an error is logged, counted in
-        continuity_task_restarts_total{task}, and the task restarts after a pause that doubles from
-        task_backoff[0] to task_backoff[1] (reset once it has run a minute without failing). A full
-        disk for 12 s must delay pages, never end paging until a restart."""
-
-        async def supervised() -> None:
-            loop = asyncio.get_running_loop()
-            first, longest = self.task_backoff
-            delay = first
-            while not stop.is_set():
-                began = loop.time()
-                try:
-                    await run()
-                    return
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    if loop.time() - began >= 60.0:
-                        delay = first
-                    log.exception("background task failed; restarting it", task=name, in_s=round(delay, 2))
-                    self.metrics.task_restarts.labels(name).inc()
-                    try:
-                        await asyncio.wait_for(stop.wait(), timeout=delay)
-                    except TimeoutError:
-                        pass
-                    delay = min(delay * 2, longest)
-
-        return asyncio.create_task(supervised(), name=name)
+        """A background task restarted after a failure (controller/supervise.py)."""
+        return supervise(name, run, stop, backoff=self.task_backoff, metrics=self.metrics)
 
     async def stop(self) -> None:
         self.stop_event.set()
