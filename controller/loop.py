@@ -21,6 +21,7 @@ from controller import decide as d
 from controller.aws import client_factory
 from controller.comms.communicator import attach
 from controller.config import Config, resolve_secret
+from controller.cycle import TickLoop
 from controller.detect import (
     SERVICE_STATE_VALUE,
     ProbeState,
@@ -109,7 +110,6 @@ class Controller:
         self.tick_hooks: list[Callable[[float], None]] = []
         """Called with the time at the end of each reconcile (the communicator speaks there)."""
         self._env = env
-        self._refresh_task: asyncio.Task[None] | None = None
         self.leadership_hooks: list[Callable[[bool], None]] = []
         """Called with True when this replica starts leading and False when it stops (pod label)."""
         self.dispatcher = Dispatcher(
@@ -122,6 +122,7 @@ class Controller:
         self.dispatcher.may_send = self.may_act
         self.dispatcher.on_error = self.metrics.task_restarts.labels("outbox").inc
         self.runs.recover_from_restart()
+        self.cycle = TickLoop(self, clock, self.metrics, self.runs, self.inputs, self._kick)
         self.communicator = attach(self)
 
     # ------------------------------------------------------------------ start-up
@@ -273,43 +274,12 @@ class Controller:
         """Only the leader decides, runs playbooks and sends notifications; standbys only probe."""
         return self.elector is None or self.elector.is_leader()
 
-    async def _tick_loop(self) -> None:
-        was_leader = False
-        while not self.stop_event.is_set():
-            try:
-                leader = self.may_act()
-                if leader != was_leader and self.elector is not None:
-                    for hook in self.leadership_hooks:
-                        hook(leader)
-                if leader and not was_leader and self.elector is not None:
-                    self._became_leader()
-                was_leader = leader
-                if leader:
-                    await self.reconcile()
-                else:
-                    # At most one refresh in flight, never awaited here: a sick API must not slow the tick.
-                    if self._refresh_task is None or self._refresh_task.done():
-                        self._refresh_task = asyncio.create_task(
-                            self.inputs.refresh_signals(), name="signals"
-                        )
-                    for name, h in self.health().items():
-                        self.metrics.service_state.labels(name).set(SERVICE_STATE_VALUE[h.state])
-                    self.metrics.last_tick.set(self.clock())
-            except Exception:  # a bug in one cycle must not stop the controller
-                log.exception("reconcile failed; the next cycle retries")
-                self.metrics.task_restarts.labels("reconcile").inc()
-            self._kick.clear()
-            try:
-                await asyncio.wait_for(self._kick.wait(), timeout=self.config.controller.tick)
-            except TimeoutError:
-                pass
-
     async def start(self, decide: bool = True) -> None:
         """Start probing; with `decide=False` (a run by hand) nothing is decided automatically."""
         self._start_probes()
         self._tasks = []
         if decide:
-            self._tasks.append(self._supervise("reconcile", self._tick_loop, self.stop_event))
+            self._tasks.append(self._supervise("reconcile", self.cycle.run, self.stop_event))
         self._tasks.append(
             self._supervise(
                 "outbox", lambda: self.dispatcher.run(self.stop_event, period=0.5), self.stop_event
@@ -324,19 +294,6 @@ class Controller:
             services=len(self.config.services),
             dry_run=self.config.controller.dry_run,
         )
-
-    def _became_leader(self) -> None:
-        """A new leader reads what the previous one left: cooldowns, runs per incident, runs to resume."""
-        log.warning("became leader", identity=getattr(self.elector, "identity", None))
-        self.runs.last_run_started.clear()
-        self.runs.incident_runs.clear()
-        self.runs.run_starts.clear()
-        self.runs.floors.clear()
-        self.runs.recover_from_restart()  # runs to take over are decided by the next reconcile
-        try:
-            self.inputs.load_signals()
-        except Exception:  # the store is sick: the signals come back with the next push or tick
-            log.exception("could not read pushed signals from the store")
 
     async def reload(self, new: Config) -> None:
         """Swap in a validated config. Probes whose settings did not change keep their history, so a
@@ -388,7 +345,7 @@ class Controller:
         if running:  # let a playbook step in hand finish rather than cut it in half
             await asyncio.wait(running, timeout=30)
         self._probe_stop.set()
-        refresh = [self._refresh_task] if self._refresh_task is not None else []
+        refresh = self.cycle.background()
         for t in [*self._probe_tasks, *self._tasks, *self._burst_tasks, *refresh]:
             t.cancel()
         await asyncio.gather(
