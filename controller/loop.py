@@ -132,17 +132,7 @@ class Controller:
         pd = config.notifiers.pagerduty
         if pd is None:
             return {}
-        key = self._env(pd.routing_key_env)
-        return {
-            "pagerduty": Channel(
-                "pagerduty",
-                lambda p: (
-                    pagerduty.url_for(pd, p["kind"]),
-                    {"routing_key": key, **p["body"]},
-                ),
-                rate_per_minute=pd.rate_per_minute,
-            )
-        }
+        return {"pagerduty": pagerduty.channel(pd, self._env(pd.routing_key_env))}
 
     # ------------------------------------------------------------------ detection (controller/tracker.py)
 
