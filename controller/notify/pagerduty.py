@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from controller.config import PagerDuty
+from controller.notify.outbox import Channel
 
 SEVERITY = {"critical": "critical", "moderate": "error", "low": "warning"}
 """Ours -> PagerDuty's (critical, error, warning, info)."""
@@ -81,3 +82,16 @@ def url_for(cfg: PagerDuty, kind: str) -> str:
     if kind == "change":
         return cfg.events_url.replace("/v2/enqueue", "/v2/change/enqueue")
     return cfg.events_url
+
+
+def channel(cfg: PagerDuty, routing_key: str) -> Channel:
+    """The outbox channel, built like every other notifier's; the routing key is read once, when the
+    controller starts or reloads, so that a missing secret refuses the config before any change."""
+    return Channel(
+        "pagerduty",
+        lambda p: (
+            url_for(cfg, p["kind"]),
+            {"routing_key": routing_key, **p["body"]},
+        ),
+        rate_per_minute=cfg.rate_per_minute,
+    )

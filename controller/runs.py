@@ -1,0 +1,376 @@
+"""Runs: the playbook runs `decide` starts, and only those.
+
+It exists so that a run's whole life is in one place: created and owned through the failover
+state's compare-and-swap (`_move`), held for approval or launched, taken over from an owner that
+stopped (a compare-and-swap on the owner), executed by the engine with the action context the
+steps see, and its end left in the store for `decide` to judge (a failed run's freeze, raised
+severity and page are done here as `decide` orders them). Also the book-keeping the decisions
+read: cooldowns, runs per incident, runs per hour and severity floors, recovered from the store
+after a restart or a change of leader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import zlib
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import structlog
+
+from controller import decide as d
+from controller.config import Config
+from controller.durations import format_duration
+from controller.effects import Effects
+from controller.metrics import Metrics
+from controller.notify import pagerduty
+from controller.stores import Store
+from controller.tracker import DetectionTracker
+from playbooks.actions import ActionContext
+from playbooks.engine import Engine, RunResult, render_plan
+
+log = structlog.get_logger("continuity.controller")
+
+RUN_DECISIONS = (d.StartPlaybook, d.Transition, d.ResumeRun, d.AbandonRun)
+"""The decisions `Runs.act` carries out; the others are incidents' (`Effects.act`)."""
+
+
+class RunsHost(Protocol):
+    """What runs read from the controller each time: the config and the AWS client factory (a
+    reload swaps them; a run in progress keeps what it started with) and whether this replica
+    leads (a step is applied only while it does)."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def aws(self) -> Callable[[str], Any]: ...
+    def may_act(self) -> bool: ...
+
+
+class Runs:
+    def __init__(
+        self,
+        host: RunsHost,
+        store: Store,
+        clock: Callable[[], float],
+        metrics: Metrics,
+        engine: Engine,
+        identity: str,
+        detection: DetectionTracker,
+        effects: Effects,
+        emit: Callable[..., None],
+        kick: asyncio.Event,
+    ) -> None:
+        self.host = host
+        self.store = store
+        self.clock = clock
+        self.metrics = metrics
+        self.engine = engine
+        self.identity = identity
+        """Who owns the runs this process executes (the elector's identity when there is one)."""
+        self.detection = detection
+        self.effects = effects
+        self._emit = emit
+        self._kick = kick
+        self.running: dict[str, asyncio.Task[RunResult]] = {}
+        self._live: dict[str, asyncio.Task[RunResult]] = {}
+        """Run id -> the task of this process executing it."""
+        self.last_run_started: dict[str, float] = {}
+        self.incident_runs: dict[str, int] = {}
+        self.run_starts: list[float] = []
+        """When automatic runs started, for the cap on runs per hour."""
+        self.floors: dict[str, str] = {}
+        self._left_running: set[str] = set()
+        """Filled by `recover_from_restart` (see there)."""
+
+    @property
+    def config(self) -> Config:
+        return self.host.config  # read each time: a reload takes effect at once
+
+    @property
+    def aws(self) -> Callable[[str], Any]:
+        return self.host.aws
+
+    def may_act(self) -> bool:
+        return self.host.may_act()
+
+    def act(self, decision: d.Decision, now: float) -> None:
+        """Carry out a run decision (start, transition, resume, abandon)."""
+        if isinstance(decision, d.StartPlaybook):
+            self._start_playbook(decision, now)
+        elif isinstance(decision, d.Transition):
+            self._transition(decision, now)
+        elif isinstance(decision, d.ResumeRun):
+            self._resume_run(decision, now)
+        elif isinstance(decision, d.AbandonRun):
+            self.store.update_run(decision.run_id, state="abandoned", ended_at=now, error=decision.reason)
+            if decision.incident_id:
+                self.store.append(decision.incident_id, now, "playbook", decision.reason)
+            log.warning("run abandoned", run=decision.run_id, reason=decision.reason)
+
+    def recover_from_restart(self) -> None:
+        """Pick up where a previous process stopped: cooldowns and runs per incident. Runs to resume
+        are found by `decide` from the failover states and the runs' owners, not here."""
+        self._left_running = set()
+        """Runs found running when this process started or became leader: the only runs by hand
+        (no service state owns them) it may resume; a CLI run started later may be alive."""
+        for run in self.store.runs():
+            if run.state == "running":
+                self._left_running.add(run.id)
+            if run.service and run.service != "manual":
+                self.last_run_started[run.service] = max(
+                    self.last_run_started.get(run.service, 0), run.started_at
+                )
+                self.run_starts.append(run.started_at)
+            if run.incident_id:
+                self.incident_runs[run.incident_id] = self.incident_runs.get(run.incident_id, 0) + 1
+        for inc in self.store.list_incidents(status="open"):
+            floor = inc.data.get("severity_floor")
+            if floor:
+                self.floors[inc.id] = floor
+
+    def _start_playbook(self, dec: d.StartPlaybook, now: float) -> None:
+        """Create the run, then move the service's state to it (compare-and-swap): a run whose state
+        did not move is never executed. Stopping in between leaves a run no state owns, which the
+        next `decide` adopts."""
+        if dec.incident_id is None:  # decided in the same cycle that opened the incident
+            inc = self.store.open_incident_for(dec.service)
+            if inc is not None:
+                dec = dataclasses.replace(dec, incident_id=inc.id)
+        pb = self.config.playbooks[dec.playbook]
+        run = self.engine.create(
+            dec.playbook,
+            pb,
+            incident_id=dec.incident_id,
+            service=dec.service,
+            dry_run=self.config.controller.dry_run,
+            state="awaiting_approval" if dec.approval else "running",
+        )
+        moved = self._move(
+            dec.service, dec.frm, dec.to, dec.version, run.id, dec.incident_id, dec.reason, dec.checks, now
+        )
+        if not moved:
+            self.store.update_run(
+                run.id, state="abandoned", ended_at=now, error="the failover state moved meanwhile"
+            )
+            return
+        self.last_run_started[dec.service] = now
+        self.run_starts.append(now)
+        if dec.incident_id:
+            self.incident_runs[dec.incident_id] = self.incident_runs.get(dec.incident_id, 0) + 1
+        if dec.approval:
+            plan = render_plan(dec.playbook, pb)
+            if dec.incident_id:
+                self.store.append(
+                    dec.incident_id,
+                    now,
+                    "approval",
+                    f"run {run.id} of {dec.playbook} awaits approval: `continuity approve {run.id}` "
+                    f"or `continuity reject {run.id}` (expires in {format_duration(pb.approval_timeout)})",
+                    {"run_id": run.id, "plan": plan},
+                )
+                self.effects.page_incident(
+                    dec.incident_id,
+                    f"approval-{run.id}",
+                    f"approval needed for {dec.playbook} (run {run.id})",
+                )
+            log.warning("playbook awaits approval", service=dec.service, playbook=dec.playbook, run=run.id)
+            self._emit("approval_requested", run_id=run.id, playbook=dec.playbook, plan=plan)
+            return
+        log.warning("starting playbook", service=dec.service, playbook=dec.playbook, reason=dec.reason)
+        self._launch(dec.service, dec.playbook, dec.incident_id, run.id)
+
+    def _move(
+        self,
+        service: str,
+        frm: str,
+        to: str,
+        version: int,
+        run_id: str | None,
+        incident_id: str | None,
+        reason: str,
+        checks: tuple[str, ...],
+        now: float,
+    ) -> bool:
+        """Persist a transition decided by `decide` (compare-and-swap on the version it read) and
+        put it on the timeline with its sentence and the checks that passed."""
+        rec = self.store.transition_failover(service, version, to, run_id, incident_id, reason, now)
+        if rec is None:
+            log.warning("failover state moved meanwhile; deciding again", service=service, to=to)
+            self._kick.set()
+            return False
+        message = f"{service}: {frm} -> {to}: {reason}"
+        if checks:
+            message += " (checks passed: " + "; ".join(checks) + ")"
+        if incident_id:
+            self.store.append(
+                incident_id,
+                now,
+                "failover",
+                message,
+                {"from": frm, "to": to, "run_id": run_id, "checks": list(checks), "version": rec.version},
+            )
+        log.warning("failover state", service=service, frm=frm, to=to, run=run_id, reason=reason)
+        self._emit("failover_state", service=service, frm=frm, to=to, run_id=run_id, reason=reason)
+        self._kick.set()  # the next state's decision need not wait for the tick
+        return True
+
+    def _transition(self, dec: d.Transition, now: float) -> None:
+        if dec.freeze is not None:
+            self._freeze(dec, dec.freeze, now)
+        if dec.close_run is not None and dec.run_id:
+            self.store.update_run(dec.run_id, state=dec.close_run, ended_at=now, error=dec.reason)
+            if dec.incident_id:
+                self.store.append(dec.incident_id, now, "approval", dec.reason)
+            if dec.close_run == "expired" and dec.incident_id:
+                run = self.store.get_run(dec.run_id)
+                playbook = run.playbook if run else "the playbook"
+                self.effects.page_incident(
+                    dec.incident_id, f"expired-{dec.run_id}", f"approval for {playbook} expired"
+                )
+        if not self._move(
+            dec.service,
+            dec.frm,
+            dec.to,
+            dec.version,
+            dec.run_id,
+            dec.incident_id,
+            dec.reason,
+            dec.checks,
+            now,
+        ):
+            return
+        if dec.launch and dec.run_id:
+            run = self.store.get_run(dec.run_id)
+            if run is not None:
+                self.store.update_run(run.id, state="running")
+                self._launch(dec.service, run.playbook, run.incident_id, run.id)
+
+    def _freeze(self, dec: d.Transition, fz: d.Freeze, now: float) -> None:
+        """A failed run: freeze the playbook for the service, raise the incident to critical, page.
+        Done before the transition is persisted, so a crash in between decides it again (every
+        step here is idempotent)."""
+        self.store.set_flag(f"frozen:{dec.service}", dec.run_id or "?")
+        inc = self.store.get_incident(dec.incident_id) if dec.incident_id else None
+        if inc is None:
+            return
+        what = "a guard stopped the recovery" if fz.blocked else "automatic recovery failed"
+        if inc.status == "open":
+            self.floors[inc.id] = "critical"
+            self.store.update_incident(
+                inc.id,
+                severity="critical",
+                data={**inc.data, "severity_floor": "critical", "playbook_error": fz.error},
+            )
+            self.store.append(
+                inc.id,
+                now,
+                "incident",
+                f"raised to critical: {what} ({fz.error}); {fz.playbook} is frozen for {dec.service} "
+                f"until `continuity ack {dec.service}`; a human must take over",
+                {"severity": "critical"},
+            )
+        self.effects.page_incident(inc.id, "blocked" if fz.blocked else "playbook-failed", what)
+
+    def _resume_run(self, dec: d.ResumeRun, now: float) -> None:
+        """Take a run over from an owner that stopped (compare-and-swap on the owner) and continue
+        it from its journal: done steps are skipped, the step in hand is checked before re-applying."""
+        if dec.playbook not in self.config.playbooks:
+            return
+        if not self.store.claim_run(dec.run_id, self.identity, dec.owner):
+            log.warning("run taken by another owner; not resuming", run=dec.run_id)
+            return
+        if dec.incident_id:
+            self.store.append(dec.incident_id, now, "playbook", dec.reason, {"run_id": dec.run_id})
+        log.warning("resuming playbook run", run=dec.run_id, playbook=dec.playbook, reason=dec.reason)
+        self._launch(dec.service, dec.playbook, dec.incident_id, dec.run_id)
+
+    def _launch(self, service: str, playbook: str, incident_id: str | None, run_id: str) -> None:
+        task = asyncio.create_task(self._run_playbook(service, playbook, incident_id, run_id))
+        self.running[service] = task
+        self._live[run_id] = task
+
+        def forget(_: asyncio.Task[RunResult]) -> None:
+            self._live.pop(run_id, None)
+
+        task.add_done_callback(forget)
+
+    def _context(self, incident_id: str | None, service: str) -> ActionContext:
+        def record(kind: str, message: str, data: dict[str, Any]) -> None:
+            if incident_id:
+                self.store.append(incident_id, self.clock(), kind, message, data)
+            self._emit(
+                kind, message=message, **{k: v for k, v in data.items() if k in ("step", "duration_s")}
+            )
+
+        async def notify(summary: str, details: dict[str, Any]) -> None:
+            pd = self.config.notifiers.pagerduty
+            if pd is not None:
+                body = pagerduty.change(
+                    pd, summary=summary, ts=self.clock(), details={"incident_id": incident_id, **details}
+                )
+                self.effects.enqueue(
+                    incident_id,
+                    f"{incident_id}/pagerduty/change/{zlib.crc32(summary.encode())}",
+                    body,
+                    f"PagerDuty change event queued: {summary}",
+                )
+            elif incident_id:
+                self.store.append(
+                    incident_id, self.clock(), "notification", f"notify (no channel): {summary}"
+                )
+
+        inc = self.store.get_incident(incident_id) if incident_id else None
+        return ActionContext(
+            aws=self.aws,
+            probe_healthy=self.detection.probe_healthy,
+            may_act=self.may_act,
+            record=record,
+            notify=notify,
+            variables={
+                "incident_id": incident_id,
+                "service": service,
+                "severity": inc.severity if inc else None,
+                # replica_lag guards without `max` use the service's RPO as their limit
+                "rpo_s": svc.rpo if (svc := self.config.services.get(service)) else None,
+            },
+        )
+
+    async def _run_playbook(
+        self, service: str, playbook: str, incident_id: str | None, run_id: str
+    ) -> RunResult:
+        """Execute a run `decide` started (or resumed). What its outcome means for the service (the
+        next failover state; a failed run's freeze, critical and page) is decided by `decide` from
+        the run's state in the store, not here."""
+        pb = self.config.playbooks[playbook]
+        ctx = self._context(incident_id, service)
+        dry = self.config.controller.dry_run
+        result = await self.engine.execute(run_id, playbook, pb, ctx, dry_run=dry)
+        if result.state == "handed_over":
+            self._emit(
+                "playbook_done", playbook=playbook, ok=False, error=result.error, duration_s=result.duration
+            )
+            return result
+        inc = self.store.get_incident(incident_id) if incident_id else None
+        if result.ok and inc is not None and not dry:
+            took = self.clock() - inc.opened_at
+            self.metrics.failover_seconds.labels(playbook).observe(took)
+            self.store.append(
+                inc.id,
+                self.clock(),
+                "playbook",
+                f"recovery done {format_duration(took)} after the incident opened",
+            )
+        self._emit(
+            "playbook_done", playbook=playbook, ok=result.ok, error=result.error, duration_s=result.duration
+        )
+        self._kick.set()
+        return result
+
+    async def run_playbook_by_hand(self, playbook: str) -> RunResult:
+        """A human started this run: no incident, no cooldown check, same journal and engine."""
+        pb = self.config.playbooks[playbook]
+        return await self.engine.run(
+            playbook, pb, self._context(None, "manual"), dry_run=self.config.controller.dry_run
+        )
