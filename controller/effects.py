@@ -23,6 +23,7 @@ from controller.metrics import Metrics
 from controller.notify import pagerduty
 from controller.notify.outbox import Dispatcher
 from controller.stores import Incident, OutboxMessage, Store
+from controller.stores.aio import AsyncStore, Snapshot, read_snapshot
 from controller.tracker import DetectionTracker
 
 log = structlog.get_logger("continuity.controller")
@@ -47,9 +48,14 @@ class Effects:
         metrics: Metrics,
         detection: DetectionTracker,
         emit: Callable[..., None],
+        astore: AsyncStore | None = None,
     ) -> None:
         self.host = host
-        self.store = store
+        self.astore = astore or AsyncStore(store)
+        """Every store call awaited off the loop; `store` (its batching view) only appends."""
+        self.store = self.astore.batching
+        self._isolation_alerts: list[tuple[str, dict[str, Any], str]] = []
+        """Isolation pages decided while observing, queued by `send_isolation_alerts`."""
         self.clock = clock
         self.metrics = metrics
         self.detection = detection
@@ -66,27 +72,27 @@ class Effects:
     def dispatcher(self) -> Dispatcher:
         return self.host.dispatcher
 
-    def act(self, decision: d.Decision, now: float) -> None:
+    async def act(self, decision: d.Decision, now: float) -> None:
         """Carry out an incident decision (open, severity, resolve, escalate, join, hold)."""
         if isinstance(decision, d.OpenIncident):
-            self._open(decision, now)
+            await self._open(decision, now)
         elif isinstance(decision, d.ChangeSeverity):
-            self.store.update_incident(decision.incident_id, severity=decision.new)
+            await self.astore.update_incident(decision.incident_id, severity=decision.new)
             self.store.append(decision.incident_id, now, "incident", f"severity changed: {decision.reason}")
             log.warning(
                 "incident severity changed", incident=decision.incident_id, old=decision.old, new=decision.new
             )
-            inc = self.store.get_incident(decision.incident_id)
+            inc = await self.astore.get_incident(decision.incident_id)
             if inc is not None:
-                self._page(inc, f"severity-{decision.new}")
+                await self._page(inc, f"severity-{decision.new}")
             self._emit("severity_changed", incident=decision.incident_id, severity=decision.new)
         elif isinstance(decision, d.ResolveIncident):
-            self._resolve(decision, now)
+            await self._resolve(decision, now)
         elif isinstance(decision, d.Escalate):
-            self.store.set_flag(f"escalated:{decision.run_id}", str(now))
+            await self.astore.set_flag(f"escalated:{decision.run_id}", str(now))
             if decision.incident_id:
                 self.store.append(decision.incident_id, now, "approval", decision.reason)
-                self.page_incident(
+                await self.page_incident(
                     decision.incident_id,
                     f"escalate-{decision.run_id}",
                     f"STILL waiting for approval of {decision.playbook}",
@@ -101,13 +107,15 @@ class Effects:
                     decision.reason,
                     {"joined_service": decision.service},
                 )
-                grouping.record_join(self.store, self.config, decision.incident_id, decision.service)
+                await self.astore.call(
+                    grouping.record_join, self.store, self.config, decision.incident_id, decision.service
+                )
                 log.info("joined incident", service=decision.service, incident=decision.incident_id)
         elif isinstance(decision, d.Hold):
             key = decision.key or decision.reason
             iid = decision.incident_id
             if iid is None and key in ("references", "isolated"):  # opened in this same cycle
-                inc = self.store.open_incident_for(decision.service)
+                inc = await self.astore.open_incident_for(decision.service)
                 iid = inc.id if inc is not None else None
             if self._held.get(decision.service) != key and iid:
                 self._held[decision.service] = key
@@ -127,7 +135,7 @@ class Effects:
             self._emit("isolated", message=f"controller isolated: {note}")
             if pd is not None:
                 key = f"continuity/isolated/{int(now)}"
-                self.store.set_flag("isolation_key", key)
+                self.astore.defer_flag("isolation_key", key)
                 body = pagerduty.trigger(
                     pd,
                     dedup_key=key,
@@ -140,17 +148,31 @@ class Effects:
                     ts=now,
                     details={"reference_probes": self.config.detection.reference_probes, "note": note},
                 )
-                self.enqueue(None, f"{key}/trigger", body, "isolation alert")
+                self._isolation_alerts.append((f"{key}/trigger", body, "isolation alert"))
         elif not isolated and self.isolated_since is not None:
             log.warning("controller no longer isolated", after_s=round(now - self.isolated_since, 1))
             self._emit("isolated", message="controller no longer isolated")
             self.isolated_since = None
-            open_key = self.store.get_flag("isolation_key")
+            deferred = self.astore.deferred_flags()
+            open_key = (
+                deferred["isolation_key"]
+                if "isolation_key" in deferred
+                else self.store.get_flag("isolation_key")
+            )
             if pd is not None and open_key:
-                self.enqueue(None, f"{open_key}/resolve", pagerduty.resolve(open_key), "isolation resolved")
-                self.store.set_flag("isolation_key", None)
+                resolve = (f"{open_key}/resolve", pagerduty.resolve(open_key), "isolation resolved")
+                self._isolation_alerts.append(resolve)
+                self.astore.defer_flag("isolation_key", None)
 
-    def _open(self, dec: d.OpenIncident, now: float) -> None:
+    async def send_isolation_alerts(self) -> None:
+        """Queue the isolation pages `isolation` decided while the tick observed (in order; one that
+        the store refused stays for the next tick)."""
+        while self._isolation_alerts:
+            key, body, note = self._isolation_alerts[0]
+            await self.enqueue(None, key, body, note)
+            self._isolation_alerts.pop(0)
+
+    async def _open(self, dec: d.OpenIncident, now: float) -> None:
         svc = self.config.services[dec.service]
         h = dec.health
         started = h.since or now
@@ -164,7 +186,8 @@ class Effects:
         }
         title = f"{dec.service} {h.state.value}: " + "; ".join(f"{p}: {r}" for p, r in h.reasons)
         title, data = grouping.on_open(self.config, dec.service, self.detection.health(), title, data)
-        inc = self.store.open_incident(dec.service, dec.severity, title[:500], now, started, data)
+        inc = await self.astore.open_incident(dec.service, dec.severity, title[:500], now, started, data)
+        self.detection.open_incidents[dec.service] = inc.id
         for probe in h.failing:
             st = self.detection.states[probe]
             at, note = self.detection.burst_notes.get(probe, (0.0, ""))
@@ -197,7 +220,7 @@ class Effects:
             "incident opened", incident=inc.id, service=dec.service, severity=dec.severity, reason=dec.reason
         )
         self.metrics.incidents_total.labels(dec.service, dec.severity).inc()
-        self._page(inc, "trigger")
+        await self._page(inc, "trigger")
         self._emit(
             "incident_opened",
             incident=inc.id,
@@ -208,7 +231,7 @@ class Effects:
             started_at=started,
         )
 
-    def _page(self, inc: Incident, event: str, note: str = "") -> None:
+    async def _page(self, inc: Incident, event: str, note: str = "") -> None:
         pd = self.config.notifiers.pagerduty
         if pd is None:
             return
@@ -233,19 +256,21 @@ class Effects:
             details=details,
         )
         note = "PagerDuty trigger queued" if event == "trigger" else f"PagerDuty trigger queued ({event})"
-        self.enqueue(inc.id, f"{inc.id}/pagerduty/{event}", payload, note)
+        await self.enqueue(inc.id, f"{inc.id}/pagerduty/{event}", payload, note)
 
-    def enqueue(self, incident_id: str | None, key: str, payload: dict[str, Any], note: str) -> None:
-        if self.store.enqueue("pagerduty", key, payload, incident_id, self.clock()):
+    async def enqueue(self, incident_id: str | None, key: str, payload: dict[str, Any], note: str) -> None:
+        if await self.astore.enqueue("pagerduty", key, payload, incident_id, self.clock()):
             if incident_id:
                 self.store.append(incident_id, self.clock(), "notification", note, {"key": key})
             self.dispatcher.wake.set()
 
-    def _resolve(self, dec: d.ResolveIncident, now: float) -> None:
-        inc = self.store.get_incident(dec.incident_id)
+    async def _resolve(self, dec: d.ResolveIncident, now: float) -> None:
+        inc = await self.astore.get_incident(dec.incident_id)
         if inc is None:
             return
-        self.store.update_incident(inc.id, status="resolved", resolved_at=now)
+        await self.astore.update_incident(inc.id, status="resolved", resolved_at=now)
+        if self.detection.open_incidents.get(inc.service) == inc.id:
+            del self.detection.open_incidents[inc.service]
         took = now - inc.started_at
         svc = self.config.services[inc.service]
         verdict = "within" if took <= svc.rto else "OVER"
@@ -258,7 +283,7 @@ class Effects:
         )
         self._held.pop(inc.service, None)
         if self.config.notifiers.pagerduty is not None:
-            self.enqueue(
+            await self.enqueue(
                 inc.id,
                 f"{inc.id}/pagerduty/resolve",
                 pagerduty.resolve(inc.dedup_key),
@@ -267,21 +292,21 @@ class Effects:
         log.info("incident resolved", incident=inc.id, service=inc.service, duration_s=round(took, 1))
         self._emit("incident_resolved", incident=inc.id, service=inc.service, at=now)
 
-    def page_incident(self, incident_id: str, event: str, note: str) -> None:
+    async def page_incident(self, incident_id: str, event: str, note: str) -> None:
         """Page about an open incident; about a resolved one (a failback awaiting approval) send a
         PagerDuty change event instead, because a trigger with its dedup_key would reopen the alert."""
-        inc = self.store.get_incident(incident_id)
+        inc = await self.astore.get_incident(incident_id)
         if inc is None:
             return
         if inc.status == "open":
-            self._page(inc, event, note)
+            await self._page(inc, event, note)
             return
         pd = self.config.notifiers.pagerduty
         if pd is not None:
             body = pagerduty.change(
                 pd, summary=f"{inc.service}: {note}", ts=self.clock(), details={"incident_id": inc.id}
             )
-            self.enqueue(
+            await self.enqueue(
                 inc.id, f"{inc.id}/pagerduty/change/{event}", body, f"PagerDuty change event queued: {note}"
             )
 
@@ -298,14 +323,16 @@ class Effects:
             )
         self._emit("notification", channel=msg.channel, outcome=outcome, key=msg.key)
 
-    def update_incident_gauge(self) -> None:
+    def update_incident_gauge(self, snap: Snapshot | None = None) -> None:
+        """From the tick's snapshot (no store call); without one, read (tests, tools)."""
+        snap = snap or read_snapshot(self.astore.store)
         counts = {"critical": 0, "moderate": 0, "low": 0}
-        for inc in self.store.list_incidents(status="open"):
+        for inc in snap.open_incidents:
             counts[inc.severity] = counts.get(inc.severity, 0) + 1
         for sev, n in counts.items():
             self.metrics.incidents_open.labels(sev).set(n)
         depth: dict[str, int] = {}
-        for msg in self.store.outbox():
+        for msg in snap.outbox:
             if not msg.dead:
                 depth[msg.channel] = depth.get(msg.channel, 0) + 1
         for channel in self.dispatcher.channels:

@@ -9,7 +9,6 @@ standby on every tick (off the loop) and by a new leader.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 from collections.abc import Awaitable, Callable
@@ -18,6 +17,7 @@ from typing import Any, Protocol
 import structlog
 
 from controller.config import Config
+from controller.executors import STORE, run_in
 from controller.stores import Store
 from probes import passive
 from probes.base import ProbeResult
@@ -43,9 +43,13 @@ class ProbeInputs:
         store: Store,
         clock: Callable[[], float],
         prober: Callable[[str, Any], Awaitable[ProbeResult]],
+        defer_flag: Callable[[str, str | None], None] | None = None,
     ) -> None:
         self.host = host
         self.store = store
+        self.defer_flag = defer_flag or store.set_flag
+        """How a pushed signal is kept: the controller's `AsyncStore.defer_flag` (written at the next
+        tick's flush, never on the loop; a failed write is retried)."""
         self.clock = clock
         self.prober = prober
         """Runs one polled probe (the network edge): the simulation (tests/sim) passes its world's."""
@@ -67,7 +71,7 @@ class ProbeInputs:
     async def refresh_signals(self) -> None:
         """A standby's copy of the pushed signals, read off the loop (a sick API must not stall it)."""
         try:
-            stored = await asyncio.to_thread(self._stored_signals)
+            stored = await run_in(STORE, self._stored_signals)
         except Exception as exc:  # next tick tries again; the leader is unaffected
             log.debug("standby could not refresh pushed signals", error=f"{type(exc).__name__}: {exc}")
             return
@@ -104,7 +108,7 @@ class ProbeInputs:
     def heartbeat(self, name: str) -> None:
         now = self.clock()
         self.signals.heartbeats[name] = now
-        self.store.set_flag(f"heartbeat:{name}", repr(now))
+        self.defer_flag(f"heartbeat:{name}", repr(now))
 
     def alertmanager(self, payload: Any) -> tuple[int, int]:
         """Apply an Alertmanager webhook; matching probes are re-evaluated at once."""
@@ -113,7 +117,7 @@ class ProbeInputs:
         for fp, alert in self.signals.alerts.items():
             if before.get(fp) is not alert:  # kept while firing: a restart must not forget it
                 firing = alert.status == "firing"
-                self.store.set_flag(f"alert:{fp}", json.dumps(dataclasses.asdict(alert)) if firing else None)
+                self.defer_flag(f"alert:{fp}", json.dumps(dataclasses.asdict(alert)) if firing else None)
         if applied:
             for name, cfg in self.config.probes.items():
                 if cfg.kind == "alertmanager":

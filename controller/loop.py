@@ -13,7 +13,7 @@ import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
@@ -36,6 +36,7 @@ from controller.notify.outbox import Channel, Dispatcher
 from controller.observation import ObservationBuilder
 from controller.runs import RUN_DECISIONS, Runs
 from controller.stores import Store
+from controller.stores.aio import AsyncStore, Snapshot
 from controller.supervise import supervise
 from controller.tracker import DetectionTracker
 from playbooks.engine import Engine, RunResult
@@ -70,7 +71,12 @@ class Controller:
         self.config = config
         self.elector = elector
         self._elector_stop = asyncio.Event()
-        self.store = store
+        self.astore = AsyncStore(store)
+        """The store off the loop: every call awaited on the STORE pool, timeline entries batched and
+        written once per tick (controller/stores/aio.py)."""
+        self.store: Store = cast(Store, self.astore.batching)
+        """The synchronous view (its `append` queues into the tick's batch): for the API, the
+        console, the communicator and tests; the decision path uses `astore`."""
         self.clock = clock
         self.metrics = metrics or Metrics()
         self.aws = aws or client_factory(config.aws)
@@ -79,8 +85,8 @@ class Controller:
         """Who owns the runs this process executes (the elector's identity when there is one)."""
         self.engine = Engine(store, self.metrics, clock, owner=self.identity)
         self._kick = asyncio.Event()
-        self.detection = DetectionTracker(self, store, clock, self.metrics, self._emit, self._kick)
-        self.effects = Effects(self, store, clock, self.metrics, self.detection, self._emit)
+        self.detection = DetectionTracker(self, self.store, clock, self.metrics, self._emit, self._kick)
+        self.effects = Effects(self, store, clock, self.metrics, self.detection, self._emit, self.astore)
         self.runs = Runs(
             self,
             store,
@@ -92,6 +98,7 @@ class Controller:
             self.effects,
             self._emit,
             self._kick,
+            self.astore,
         )
         self.observer = ObservationBuilder(
             self, store, clock, self.detection, self.effects, self.runs, self._emit
@@ -99,7 +106,7 @@ class Controller:
         self.task_backoff: tuple[float, float] = (0.5, 30.0)
         """First and longest pause before a failed background task restarts (doubling between)."""
         resolve.configure(config.controller.resolver_nameservers)
-        self.inputs = ProbeInputs(self, store, clock, prober)
+        self.inputs = ProbeInputs(self, store, clock, prober, self.astore.defer_flag)
         self.inputs.load_signals()
         self._tasks: list[asyncio.Task[Any]] = []
         self._probe_tasks: list[asyncio.Task[Any]] = []
@@ -191,13 +198,24 @@ class Controller:
     def silenced(self, now: float) -> dict[str, str]:
         return self.observer.silenced(now)
 
-    def observation(self) -> d.Observation:
-        return self.observer.observation()
+    def observation(self, snap: Snapshot | None = None) -> d.Observation:
+        return self.observer.observation(snap)
 
     # ------------------------------------------------------------------ decide + act
 
     async def reconcile(self) -> list[d.Decision]:
-        obs = self.observation()
+        try:
+            return await self._reconcile()
+        finally:
+            try:  # the tick's timeline entries (and pushed signals), even from a cycle that failed
+                await self.astore.flush()
+            except Exception:
+                log.exception("timeline flush failed; the next cycle retries")
+
+    async def _reconcile(self) -> list[d.Decision]:
+        snap = await self.astore.snapshot()  # the tick's one read, off the loop
+        obs = self.observation(snap)
+        await self.effects.send_isolation_alerts()
         for name, h in obs.health.items():
             self.metrics.service_state.labels(name).set(SERVICE_STATE_VALUE[h.state])
         self.metrics.paused.set(1 if obs.paused is not None else 0)
@@ -209,15 +227,15 @@ class Controller:
         for hook in self.tick_hooks:
             hook(self.clock())
         self.metrics.last_tick.set(self.clock())
-        self.effects.update_incident_gauge()
+        self.effects.update_incident_gauge(snap)
         return decisions
 
     async def _act(self, decision: d.Decision, obs: d.Observation) -> None:
         now = self.clock()
         if isinstance(decision, RUN_DECISIONS):
-            self.runs.act(decision, now)
+            await self.runs.act(decision, now)
         else:
-            self.effects.act(decision, now)
+            await self.effects.act(decision, now)
 
     # ------------------------------------------------------------------ incidents (controller/effects.py)
 
@@ -225,8 +243,8 @@ class Controller:
     def isolated_since(self) -> float | None:
         return self.effects.isolated_since
 
-    def _open(self, dec: d.OpenIncident, now: float) -> None:
-        self.effects._open(dec, now)
+    async def _open(self, dec: d.OpenIncident, now: float) -> None:
+        await self.effects._open(dec, now)
 
     # ------------------------------------------------------------------ playbooks
 
@@ -341,6 +359,8 @@ class Controller:
         await asyncio.gather(
             *self._probe_tasks, *self._tasks, *self._burst_tasks, *refresh, return_exceptions=True
         )
+        if not await self.astore.close():  # queued timeline entries and pushed signals, retried
+            log.error("controller stopped with timeline entries not written (logged one by one above)")
         if self.elector is not None:
             self._elector_stop.set()  # the elector releases the lease so a standby takes over at once
             await asyncio.gather(self._elector, return_exceptions=True)

@@ -22,6 +22,7 @@ from controller.detect import Health
 from controller.effects import Effects
 from controller.runs import Runs
 from controller.stores import Store
+from controller.stores.aio import Snapshot, read_snapshot
 from controller.tracker import DetectionTracker
 
 log = structlog.get_logger("continuity.controller")
@@ -57,16 +58,16 @@ class ObservationBuilder:
     def config(self) -> Config:
         return self.host.config  # read each time: a reload takes effect at once
 
-    def _failover_observation(self) -> dict[str, Any]:
+    def _failover_observation(self, snap: Snapshot) -> dict[str, Any]:
         """The persisted failover state of every service and the runs it needs to decide on: those
         a state names and every run still running or awaiting approval (one read of each)."""
         states = {
             name: d.FailoverView(r.state, r.run_id, r.incident_id, r.since, r.reason, r.version)
-            for name, r in self.store.failover_states().items()
+            for name, r in snap.failover.items()
         }
         named = {fo.run_id for fo in states.values() if fo.run_id}
-        answers = self.store.flags("approval:")
-        escalated = self.store.flags("escalated:")
+        answers = snap.flags("approval:")
+        escalated = snap.flags("escalated:")
         runs = {
             r.id: d.RunView(
                 r.id,
@@ -82,7 +83,7 @@ class ObservationBuilder:
                 answer=answers.get(f"approval:{r.id}"),
                 escalated=f"escalated:{r.id}" in escalated,
             )
-            for r in self.store.runs()
+            for r in snap.runs
             if r.id in named
             or (
                 r.state in d.LIVE_RUN_STATES
@@ -92,7 +93,7 @@ class ObservationBuilder:
         failed_over = {n: fo.incident_id or "" for n, fo in states.items() if fo.state == "failed_over"}
         return {"failover": states, "runs": runs, "identity": self.runs.identity, "failed_over": failed_over}
 
-    def silenced(self, now: float) -> dict[str, str]:
+    def silenced(self, now: float, snap: Snapshot | None = None) -> dict[str, str]:
         out: dict[str, str] = {}
         for window in self.config.maintenance:
             if window.start.timestamp() <= now < window.end.timestamp():
@@ -100,7 +101,7 @@ class ObservationBuilder:
                     out[svc] = f"maintenance until {window.end.isoformat()}" + (
                         f": {window.reason}" if window.reason else ""
                     )
-        for key, value in self.store.flags("silence:").items():
+        for key, value in (snap.flags if snap is not None else self.store.flags)("silence:").items():
             until, _, reason = value.partition("|")
             if float(until) > now:
                 out[key.removeprefix("silence:")] = (
@@ -109,15 +110,21 @@ class ObservationBuilder:
                 )
         return out
 
-    def observation(self) -> d.Observation:
+    def observation(self, snap: Snapshot | None = None) -> d.Observation:
+        """The tick's observation from its snapshot (`AsyncStore.snapshot`, read off the loop); without
+        one (tests, tools), the snapshot is read here."""
+        snap = snap if snap is not None else read_snapshot(self.store)
         incidents = {}
         # One read for every open incident, not one per service (20,000 probes: 2,000 services).
         # Newest first, so if a service ever had two open, the newest is the one it acts on.
-        for inc in reversed(self.store.list_incidents(status="open", limit=1_000_000)):
+        open_ids: dict[str, str] = {}
+        for inc in reversed(snap.open_incidents):
+            open_ids[inc.service] = inc.id
             if inc.service in self.config.services:
                 incidents[inc.service] = d.OpenIncidentView(
                     inc.id, inc.severity, self.runs.floors.get(inc.id), self.runs.incident_runs.get(inc.id, 0)
                 )
+        self.detection.open_incidents = open_ids
         running = frozenset(s for s, t in self.runs.running.items() if not t.done())
         now = self.clock()
         self.detection.track_cut(now)
@@ -140,10 +147,10 @@ class ObservationBuilder:
             running,
             dict(self.runs.last_run_started),
             runs_last_hour=sum(1 for t in self.runs.run_starts if now - t < 3600),
-            paused=self.store.get_flag("paused"),
-            frozen={k.removeprefix("frozen:"): v for k, v in self.store.flags("frozen:").items()},
-            silenced=self.silenced(now),
-            **self._failover_observation(),
+            paused=snap.flag("paused"),
+            frozen={k.removeprefix("frozen:"): v for k, v in snap.flags("frozen:").items()},
+            silenced=self.silenced(now, snap),
+            **self._failover_observation(snap),
             up_since={
                 p: s.changed_at or now for p, s in self.detection.states.items() if s.status is Health.UP
             },

@@ -26,6 +26,7 @@ from controller.effects import Effects
 from controller.metrics import Metrics
 from controller.notify import pagerduty
 from controller.stores import Store
+from controller.stores.aio import AsyncStore
 from controller.tracker import DetectionTracker
 from playbooks.actions import ActionContext
 from playbooks.engine import Engine, RunResult, render_plan
@@ -61,9 +62,13 @@ class Runs:
         effects: Effects,
         emit: Callable[..., None],
         kick: asyncio.Event,
+        astore: AsyncStore | None = None,
     ) -> None:
         self.host = host
-        self.store = store
+        self.astore = astore or AsyncStore(store)
+        """Every store call awaited off the loop; `store` (its batching view) only appends and
+        serves `recover_from_restart`'s reads."""
+        self.store = self.astore.batching
         self.clock = clock
         self.metrics = metrics
         self.engine = engine
@@ -95,16 +100,18 @@ class Runs:
     def may_act(self) -> bool:
         return self.host.may_act()
 
-    def act(self, decision: d.Decision, now: float) -> None:
+    async def act(self, decision: d.Decision, now: float) -> None:
         """Carry out a run decision (start, transition, resume, abandon)."""
         if isinstance(decision, d.StartPlaybook):
-            self._start_playbook(decision, now)
+            await self._start_playbook(decision, now)
         elif isinstance(decision, d.Transition):
-            self._transition(decision, now)
+            await self._transition(decision, now)
         elif isinstance(decision, d.ResumeRun):
-            self._resume_run(decision, now)
+            await self._resume_run(decision, now)
         elif isinstance(decision, d.AbandonRun):
-            self.store.update_run(decision.run_id, state="abandoned", ended_at=now, error=decision.reason)
+            await self.astore.update_run(
+                decision.run_id, state="abandoned", ended_at=now, error=decision.reason
+            )
             if decision.incident_id:
                 self.store.append(decision.incident_id, now, "playbook", decision.reason)
             log.warning("run abandoned", run=decision.run_id, reason=decision.reason)
@@ -130,16 +137,17 @@ class Runs:
             if floor:
                 self.floors[inc.id] = floor
 
-    def _start_playbook(self, dec: d.StartPlaybook, now: float) -> None:
+    async def _start_playbook(self, dec: d.StartPlaybook, now: float) -> None:
         """Create the run, then move the service's state to it (compare-and-swap): a run whose state
         did not move is never executed. Stopping in between leaves a run no state owns, which the
         next `decide` adopts."""
         if dec.incident_id is None:  # decided in the same cycle that opened the incident
-            inc = self.store.open_incident_for(dec.service)
+            inc = await self.astore.open_incident_for(dec.service)
             if inc is not None:
                 dec = dataclasses.replace(dec, incident_id=inc.id)
         pb = self.config.playbooks[dec.playbook]
-        run = self.engine.create(
+        run = await self.astore.call(
+            self.engine.create,
             dec.playbook,
             pb,
             incident_id=dec.incident_id,
@@ -147,11 +155,11 @@ class Runs:
             dry_run=self.config.controller.dry_run,
             state="awaiting_approval" if dec.approval else "running",
         )
-        moved = self._move(
+        moved = await self._move(
             dec.service, dec.frm, dec.to, dec.version, run.id, dec.incident_id, dec.reason, dec.checks, now
         )
         if not moved:
-            self.store.update_run(
+            await self.astore.update_run(
                 run.id, state="abandoned", ended_at=now, error="the failover state moved meanwhile"
             )
             return
@@ -170,7 +178,7 @@ class Runs:
                     f"or `continuity reject {run.id}` (expires in {format_duration(pb.approval_timeout)})",
                     {"run_id": run.id, "plan": plan},
                 )
-                self.effects.page_incident(
+                await self.effects.page_incident(
                     dec.incident_id,
                     f"approval-{run.id}",
                     f"approval needed for {dec.playbook} (run {run.id})",
@@ -181,7 +189,7 @@ class Runs:
         log.warning("starting playbook", service=dec.service, playbook=dec.playbook, reason=dec.reason)
         self._launch(dec.service, dec.playbook, dec.incident_id, run.id)
 
-    def _move(
+    async def _move(
         self,
         service: str,
         frm: str,
@@ -195,7 +203,7 @@ class Runs:
     ) -> bool:
         """Persist a transition decided by `decide` (compare-and-swap on the version it read) and
         put it on the timeline with its sentence and the checks that passed."""
-        rec = self.store.transition_failover(service, version, to, run_id, incident_id, reason, now)
+        rec = await self.astore.transition_failover(service, version, to, run_id, incident_id, reason, now)
         if rec is None:
             log.warning("failover state moved meanwhile; deciding again", service=service, to=to)
             self._kick.set()
@@ -216,20 +224,20 @@ class Runs:
         self._kick.set()  # the next state's decision need not wait for the tick
         return True
 
-    def _transition(self, dec: d.Transition, now: float) -> None:
+    async def _transition(self, dec: d.Transition, now: float) -> None:
         if dec.freeze is not None:
-            self._freeze(dec, dec.freeze, now)
+            await self._freeze(dec, dec.freeze, now)
         if dec.close_run is not None and dec.run_id:
-            self.store.update_run(dec.run_id, state=dec.close_run, ended_at=now, error=dec.reason)
+            await self.astore.update_run(dec.run_id, state=dec.close_run, ended_at=now, error=dec.reason)
             if dec.incident_id:
                 self.store.append(dec.incident_id, now, "approval", dec.reason)
             if dec.close_run == "expired" and dec.incident_id:
-                run = self.store.get_run(dec.run_id)
+                run = await self.astore.get_run(dec.run_id)
                 playbook = run.playbook if run else "the playbook"
-                self.effects.page_incident(
+                await self.effects.page_incident(
                     dec.incident_id, f"expired-{dec.run_id}", f"approval for {playbook} expired"
                 )
-        if not self._move(
+        if not await self._move(
             dec.service,
             dec.frm,
             dec.to,
@@ -242,23 +250,23 @@ class Runs:
         ):
             return
         if dec.launch and dec.run_id:
-            run = self.store.get_run(dec.run_id)
+            run = await self.astore.get_run(dec.run_id)
             if run is not None:
-                self.store.update_run(run.id, state="running")
+                await self.astore.update_run(run.id, state="running")
                 self._launch(dec.service, run.playbook, run.incident_id, run.id)
 
-    def _freeze(self, dec: d.Transition, fz: d.Freeze, now: float) -> None:
+    async def _freeze(self, dec: d.Transition, fz: d.Freeze, now: float) -> None:
         """A failed run: freeze the playbook for the service, raise the incident to critical, page.
         Done before the transition is persisted, so a crash in between decides it again (every
         step here is idempotent)."""
-        self.store.set_flag(f"frozen:{dec.service}", dec.run_id or "?")
-        inc = self.store.get_incident(dec.incident_id) if dec.incident_id else None
+        await self.astore.set_flag(f"frozen:{dec.service}", dec.run_id or "?")
+        inc = await self.astore.get_incident(dec.incident_id) if dec.incident_id else None
         if inc is None:
             return
         what = "a guard stopped the recovery" if fz.blocked else "automatic recovery failed"
         if inc.status == "open":
             self.floors[inc.id] = "critical"
-            self.store.update_incident(
+            await self.astore.update_incident(
                 inc.id,
                 severity="critical",
                 data={**inc.data, "severity_floor": "critical", "playbook_error": fz.error},
@@ -271,14 +279,14 @@ class Runs:
                 f"until `continuity ack {dec.service}`; a human must take over",
                 {"severity": "critical"},
             )
-        self.effects.page_incident(inc.id, "blocked" if fz.blocked else "playbook-failed", what)
+        await self.effects.page_incident(inc.id, "blocked" if fz.blocked else "playbook-failed", what)
 
-    def _resume_run(self, dec: d.ResumeRun, now: float) -> None:
+    async def _resume_run(self, dec: d.ResumeRun, now: float) -> None:
         """Take a run over from an owner that stopped (compare-and-swap on the owner) and continue
         it from its journal: done steps are skipped, the step in hand is checked before re-applying."""
         if dec.playbook not in self.config.playbooks:
             return
-        if not self.store.claim_run(dec.run_id, self.identity, dec.owner):
+        if not await self.astore.claim_run(dec.run_id, self.identity, dec.owner):
             log.warning("run taken by another owner; not resuming", run=dec.run_id)
             return
         if dec.incident_id:
@@ -296,7 +304,7 @@ class Runs:
 
         task.add_done_callback(forget)
 
-    def _context(self, incident_id: str | None, service: str) -> ActionContext:
+    async def _context(self, incident_id: str | None, service: str) -> ActionContext:
         def record(kind: str, message: str, data: dict[str, Any]) -> None:
             if incident_id:
                 self.store.append(incident_id, self.clock(), kind, message, data)
@@ -310,7 +318,7 @@ class Runs:
                 body = pagerduty.change(
                     pd, summary=summary, ts=self.clock(), details={"incident_id": incident_id, **details}
                 )
-                self.effects.enqueue(
+                await self.effects.enqueue(
                     incident_id,
                     f"{incident_id}/pagerduty/change/{zlib.crc32(summary.encode())}",
                     body,
@@ -321,7 +329,7 @@ class Runs:
                     incident_id, self.clock(), "notification", f"notify (no channel): {summary}"
                 )
 
-        inc = self.store.get_incident(incident_id) if incident_id else None
+        inc = await self.astore.get_incident(incident_id) if incident_id else None
         return ActionContext(
             aws=self.aws,
             probe_healthy=self.detection.probe_healthy,
@@ -344,7 +352,7 @@ class Runs:
         next failover state; a failed run's freeze, critical and page) is decided by `decide` from
         the run's state in the store, not here."""
         pb = self.config.playbooks[playbook]
-        ctx = self._context(incident_id, service)
+        ctx = await self._context(incident_id, service)
         dry = self.config.controller.dry_run
         result = await self.engine.execute(run_id, playbook, pb, ctx, dry_run=dry)
         if result.state == "handed_over":
@@ -352,7 +360,7 @@ class Runs:
                 "playbook_done", playbook=playbook, ok=False, error=result.error, duration_s=result.duration
             )
             return result
-        inc = self.store.get_incident(incident_id) if incident_id else None
+        inc = await self.astore.get_incident(incident_id) if incident_id else None
         if result.ok and inc is not None and not dry:
             took = self.clock() - inc.opened_at
             self.metrics.failover_seconds.labels(playbook).observe(took)
@@ -372,5 +380,5 @@ class Runs:
         """A human started this run: no incident, no cooldown check, same journal and engine."""
         pb = self.config.playbooks[playbook]
         return await self.engine.run(
-            playbook, pb, self._context(None, "manual"), dry_run=self.config.controller.dry_run
+            playbook, pb, await self._context(None, "manual"), dry_run=self.config.controller.dry_run
         )

@@ -83,6 +83,9 @@ class DetectionTracker:
         """When each reference target's latest passing local run started."""
         self._prober_logged: dict[str, float] = {}
         self.impact: dict[str, str] = {name: p.impact for name, p in config.probes.items()}
+        self.open_incidents: dict[str, str] = {}
+        """Service -> its open incident's id, as the last observation read it (and effects since
+        opened or resolved): where a verdict change is recorded, without a store read on the loop."""
 
     @property
     def config(self) -> Config:
@@ -172,9 +175,11 @@ class DetectionTracker:
         # every entry, and would block its event loop on the store while the API is sick.
         try:
             for svc in self.config.services_of(name) if self.may_act() else ():
-                inc = self.store.open_incident_for(svc)
-                if inc is not None:
-                    self.store.append(inc.id, result.started_at, "probe", verdict, result.to_dict())
+                # The open incident as the last tick saw it (kept by the observation and effects):
+                # no store read here; the append is queued for the tick's batch.
+                iid = self.open_incidents.get(svc)
+                if iid is not None:
+                    self.store.append(iid, result.started_at, "probe", verdict, result.to_dict())
         except Exception:  # a store error must not stop detection: the verdict stands, the loop is kicked
             log.exception("cannot record a probe verdict on the timeline", probe=name)
             self.metrics.task_restarts.labels("ingest").inc()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import re
 from pathlib import Path
@@ -98,6 +99,12 @@ def test_slack_names_the_service_once() -> None:
     assert body.splitlines()[0] == "[CRITICAL] ticketing down: ticketing-eu: expected status 200, found 503"
 
 
+async def _open(controller: Controller, dec: d.OpenIncident) -> None:
+    """Open as a tick does: the store writes awaited off the loop, the timeline flushed at the end."""
+    await controller._open(dec, 1000.0)
+    await controller.astore.flush()
+
+
 def test_incident_timeline_does_not_begin_with_an_older_burst(tmp_path: Path) -> None:
     cfg_path = good_config(tmp_path)
     cfg = load_config(str(cfg_path))
@@ -111,7 +118,7 @@ def test_incident_timeline_does_not_begin_with_an_older_burst(tmp_path: Path) ->
     health = ServiceHealth(
         "shop", ServiceState.DOWN, failing=("up",), reasons=(("up", "HTTP 503"),), since=990.0
     )
-    controller._open(d.OpenIncident("shop", "critical", health, "shop is down: up: HTTP 503"), 1000.0)
+    asyncio.run(_open(controller, d.OpenIncident("shop", "critical", health, "shop is down: up: HTTP 503")))
     inc = store.open_incident_for("shop")
     assert inc is not None
     events = store.timeline(inc.id)
@@ -120,7 +127,7 @@ def test_incident_timeline_does_not_begin_with_an_older_burst(tmp_path: Path) ->
     # A burst of this streak is kept.
     store.update_incident(inc.id, status="resolved", resolved_at=1001.0)
     controller.burst_notes["up"] = (993.0, "confirmation burst for up: 5 of 5 runs failed, confirmed: DOWN")
-    controller._open(d.OpenIncident("shop", "critical", health, "shop is down: up: HTTP 503"), 1000.0)
+    asyncio.run(_open(controller, d.OpenIncident("shop", "critical", health, "shop is down: up: HTTP 503")))
     again = store.open_incident_for("shop")
     assert again is not None and again.id != inc.id
     assert any(e.message.endswith("confirmed: DOWN") for e in store.timeline(again.id))
