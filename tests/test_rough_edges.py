@@ -111,7 +111,7 @@ def test_incident_timeline_does_not_begin_with_an_older_burst(tmp_path: Path) ->
     health = ServiceHealth(
         "shop", ServiceState.DOWN, failing=("up",), reasons=(("up", "HTTP 503"),), since=990.0
     )
-    controller._open(d.OpenIncident("shop", "critical", health, "shop is down: up: HTTP 503"), 1000.0)
+    controller.effects._open(d.OpenIncident("shop", "critical", health, "shop is down: up: HTTP 503"), 1000.0)
     inc = store.open_incident_for("shop")
     assert inc is not None
     events = store.timeline(inc.id)
@@ -120,7 +120,7 @@ def test_incident_timeline_does_not_begin_with_an_older_burst(tmp_path: Path) ->
     # A burst of this streak is kept.
     store.update_incident(inc.id, status="resolved", resolved_at=1001.0)
     controller.burst_notes["up"] = (993.0, "confirmation burst for up: 5 of 5 runs failed, confirmed: DOWN")
-    controller._open(d.OpenIncident("shop", "critical", health, "shop is down: up: HTTP 503"), 1000.0)
+    controller.effects._open(d.OpenIncident("shop", "critical", health, "shop is down: up: HTTP 503"), 1000.0)
     again = store.open_incident_for("shop")
     assert again is not None and again.id != inc.id
     assert any(e.message.endswith("confirmed: DOWN") for e in store.timeline(again.id))
