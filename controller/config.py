@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import os
 import reprlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -1034,6 +1034,7 @@ def _check_names(
             if not isinstance(dep, str) or dep not in services or dep == sname:
                 what = "another service" if dep == sname else f"a service ({_known(services)})"
                 found.append((["services", sname, "depends_on", i], f"expected {what}, found {_found(dep)}"))
+    found.extend(_dependency_cycles(services))
     windows = raw.get("maintenance")
     for w, window in enumerate(windows if isinstance(windows, list) else []):
         names = window.get("services") if isinstance(window, dict) else None
@@ -1085,6 +1086,46 @@ def _check_risks(raw: dict[str, Any], services: dict[str, Any]) -> list[tuple[li
                         f"expected a service ({_known(services)}), found {_found(sname)}",
                     )
                 )
+    return found
+
+
+def _dependency_cycles(services: dict[str, Any]) -> list[tuple[list[Any], str]]:
+    """A dependent waits while its dependency is down, so in a cycle every member waits for another
+    and an outage of them all would open no incident and page nobody: refused, naming the cycle.
+    Iterative, so a chain of thousands of services is no recursion risk."""
+    graph: dict[str, list[str]] = {}
+    for sname, svc in services.items():
+        deps = svc.get("depends_on") if isinstance(svc, dict) else None
+        graph[str(sname)] = (
+            [d for d in deps if isinstance(d, str) and d in services] if isinstance(deps, list) else []
+        )
+    found: list[tuple[list[Any], str]] = []
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    for root in graph:
+        if root in state:
+            continue
+        path: list[str] = [root]
+        todo: list[Iterator[str]] = [iter(graph[root])]
+        state[root] = 1
+        while todo:
+            nxt = next(todo[-1], None)
+            if nxt is None:
+                state[path.pop()] = 2
+                todo.pop()
+            elif state.get(nxt) == 1:
+                cycle = [*path[path.index(nxt) :], nxt]
+                shown = " -> ".join(cycle) if len(cycle) <= 12 else " -> ".join([*cycle[:10], "...", nxt])
+                found.append(
+                    (
+                        ["services", path[-1], "depends_on"],
+                        f"expected dependencies without a cycle (in a cycle each service waits for "
+                        f"another and none would page), found {shown} ({len(cycle) - 1} services)",
+                    )
+                )
+            elif nxt not in state:
+                state[nxt] = 1
+                path.append(nxt)
+                todo.append(iter(graph[nxt]))
     return found
 
 
