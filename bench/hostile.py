@@ -50,15 +50,15 @@ HOSTILE: dict[str, Callable[[], str]] = {
     "alias bomb 9x9 (the issue's 464 bytes)": lambda: bomb(9, 9),
     "alias bomb 40x40": lambda: bomb(40, 40),
     "nesting 1,000,000 deep": lambda: "a: " + "[" * 1_000_000 + "]" * 1_000_000 + "\n",
-    "39,000 values (just under the bound)": lambda: "probes: [" + ",".join(["1"] * 39_000) + "]\n",
-    "6,500 probes all of a wrong kind": lambda: (
-        "probes:\n" + "".join(f"  p{i}: {{kind: bogus{i}, url: 1}}\n" for i in range(6_500))
+    "19,900 values (just under the bound)": lambda: "probes: [" + ",".join(["1"] * 19_900) + "]\n",
+    "3,300 probes all of a wrong kind": lambda: (
+        "probes:\n" + "".join(f"  p{i}: {{kind: bogus{i}, url: 1}}\n" for i in range(3_300))
     ),
-    "4,400 probes, 4,400 names wrong": lambda: (
+    "2,200 probes, 2,200 names wrong": lambda: (
         "services:\n  shop: {tier: critical, rto: 5m, probes: ["
-        + ",".join(f"missing{i}" for i in range(4_400))
+        + ",".join(f"missing{i}" for i in range(2_200))
         + "]}\nprobes:\n"
-        + "".join(f"  p{i}: {{kind: http, url: 'http://x/{i}'}}\n" for i in range(4_400))
+        + "".join(f"  p{i}: {{kind: http, url: 'http://x/{i}'}}\n" for i in range(2_200))
     ),
     "1,000,000 values (over the bound)": lambda: "probes: [" + ",".join(["1"] * 1_000_000) + "]\n",
     "4 MiB of one string": lambda: "services: " + "x" * (4 * 1024 * 1024 - 20) + "\n",

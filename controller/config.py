@@ -773,12 +773,13 @@ CONFIG_MAX_BYTES = 4 * 1024 * 1024
 enough that reading one can never exhaust the controller's memory."""
 CONFIG_MAX_DEPTH = 64
 """Deepest nesting accepted (a real config is under 10 deep); `[[[[...` a million deep is refused."""
-CONFIG_MAX_NODES = 40_000
-"""Values (scalars, lists, mappings) in a file once aliases are expanded: about 2,500 probes (a
-probe with its expectations is ~16). Building them is PyYAML's Python constructor at 8-12 us a
-value, so this bounds the work on any file, hostile or not, to under half a second on a free core
-and `validate` to under a second (bench/hostile.py); a bigger fleet raises it with the
-CONTINUITY_CONFIG_MAX_NODES environment variable (read each time a config is loaded)."""
+CONFIG_MAX_NODES = 20_000
+"""Values (scalars, lists, mappings) in a file once aliases are expanded: about 1,250 probes (a
+probe with its expectations is ~16). Building them is PyYAML's Python constructor at 7-14 us a
+value, the floor of any YAML load here, so this bound is what keeps `validate` on any file, hostile
+or not, under a second on a free core (bench/hostile.py: 0.6 s of it is starting Python and the
+CLI). A bigger fleet raises it with the CONTINUITY_CONFIG_MAX_NODES environment variable (read each
+time a config is loaded); the refusal says so."""
 CONFIG_MAX_ALIAS_NODES = 10_000
 """Values that aliases (`*name`) may add on top of the file's own: anchors for shared defaults
 are small; a 'billion laughs' file that multiplies them is refused before anything is built."""
