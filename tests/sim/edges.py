@@ -23,6 +23,7 @@ import smtplib
 import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -376,6 +377,28 @@ class SimHttp:
         timeout = kw.get("timeout") or 10.0
         timeout = timeout[-1] if isinstance(timeout, tuple) else float(timeout)
         self.executor.charge(0.03)
+        if host == "events.pagerduty.sim" and urlsplit(url).path == "/v2/change/enqueue":
+            # PagerDuty's Change Events API: no event_action, no dedup_key; 202 when well formed.
+            if w.event_active("receiver_down", t, "pagerduty"):
+                raise requests.ConnectionError("sim: events.pagerduty.sim refused the connection")
+            payload = body.get("payload") if isinstance(body, dict) else None
+            if (
+                body.get("routing_key") != PD_KEY
+                or not isinstance(payload, dict)
+                or not payload.get("summary")
+            ):
+                return _response(url, 400, {"status": "invalid event", "errors": ["change event malformed"]})
+            w.deliveries.append(
+                Call(
+                    t,
+                    actor,
+                    "notify",
+                    json.dumps(body, sort_keys=True),
+                    True,
+                    {"channel": "pagerduty-change", "body": body},
+                )
+            )
+            return _response(url, 202, {"status": "success"})
         if host == "events.pagerduty.sim":
             if w.event_active("receiver_down", t, "pagerduty"):
                 raise requests.ConnectionError("sim: events.pagerduty.sim refused the connection")
@@ -740,3 +763,127 @@ class SimApi:
         except (TypeError, ValueError):
             answer = None
         return response.status, answer
+
+
+# ====================================================================== the Lease API, for the real elector
+
+
+class SimLeaseApi:
+    """`coordination.k8s.io/v1` Leases as an API server keeps them, for the real `LeaseElector`
+    (controller/leader.py) in place of its `CoordinationV1Api`: reads, creates and replaces with
+    resourceVersion conflicts (409) exactly as etcd orders them. A replica cut off from the API
+    server (the world's `lease_partition`) waits out its request timeout and fails; a dead process
+    is refused. Every change of holder goes to the world's leadership log, the truth against which
+    `one-actor-at-a-time` is checked."""
+
+    def __init__(self, world: World, executor: InlineExecutor, clock: Any) -> None:
+        self.world = world
+        self.executor = executor
+        self.clock = clock
+        self.body: dict[str, Any] | None = None
+        self.version = 0
+        self.partitions: list[tuple[str, float, float]] = []
+        """(actor, from, until) in relative seconds: that process cannot reach the API server."""
+
+    def _enter(self, timeout: float | None) -> None:
+        from urllib3.exceptions import NewConnectionError, ReadTimeoutError
+
+        actor = ACTOR.get()
+        if actor in self.world.dead:
+            raise NewConnectionError(None, "sim: this process is dead")  # type: ignore[arg-type]
+        t = self.world.rel(self.clock())
+        if any(a == actor and start <= t < until for a, start, until in self.partitions):
+            self.executor.charge(timeout or 2.0)
+            raise ReadTimeoutError(None, "/apis/coordination.k8s.io/v1", "sim: partitioned")  # type: ignore[arg-type]
+        self.executor.charge(0.005)
+
+    def _model(self) -> Any:
+        from kubernetes.client import V1Lease, V1LeaseSpec, V1ObjectMeta
+
+        assert self.body is not None
+        spec = self.body.get("spec") or {}
+
+        def when(value: Any) -> Any:
+            return datetime.fromisoformat(value) if isinstance(value, str) and value else None
+
+        return V1Lease(
+            api_version="coordination.k8s.io/v1",
+            kind="Lease",
+            metadata=V1ObjectMeta(
+                name=self.body["metadata"]["name"],
+                namespace=self.body["metadata"].get("namespace"),
+                resource_version=str(self.version),
+            ),
+            spec=V1LeaseSpec(
+                holder_identity=spec.get("holderIdentity") or None,
+                lease_duration_seconds=spec.get("leaseDurationSeconds"),
+                acquire_time=when(spec.get("acquireTime")),
+                renew_time=when(spec.get("renewTime")),
+                lease_transitions=spec.get("leaseTransitions"),
+            ),
+        )
+
+    def _store(self, body: dict[str, Any]) -> Any:
+        before = ((self.body or {}).get("spec") or {}).get("holderIdentity") or None
+        self.version += 1
+        self.body = json.loads(json.dumps(body))
+        holder = (body.get("spec") or {}).get("holderIdentity") or None
+        if holder != before:
+            t = self.world.rel(self.clock())
+            self.world.leader = holder
+            self.world.leadership.append((t, holder))
+        return self._model()
+
+    def read_namespaced_lease(self, name: str, namespace: str, _request_timeout: float | None = None) -> Any:
+        from kubernetes.client.rest import ApiException
+
+        self._enter(_request_timeout)
+        if self.body is None:
+            raise ApiException(status=404, reason="Not Found")
+        return self._model()
+
+    def create_namespaced_lease(
+        self, namespace: str, body: dict[str, Any], _request_timeout: float | None = None
+    ) -> Any:
+        from kubernetes.client.rest import ApiException
+
+        self._enter(_request_timeout)
+        if self.body is not None:
+            raise ApiException(status=409, reason="AlreadyExists")
+        return self._store(body)
+
+    def replace_namespaced_lease(
+        self, name: str, namespace: str, body: dict[str, Any], _request_timeout: float | None = None
+    ) -> Any:
+        from kubernetes.client.rest import ApiException
+
+        self._enter(_request_timeout)
+        if self.body is None:
+            raise ApiException(status=404, reason="Not Found")
+        if str((body.get("metadata") or {}).get("resourceVersion")) != str(self.version):
+            raise ApiException(status=409, reason="Conflict: the object has been modified")
+        return self._store(body)
+
+
+def lease_elector(actor: str, api: SimLeaseApi, clock: Any) -> Any:
+    """The production LeaseElector with client-go's default timings, on the virtual clock, talking
+    to the simulated Lease API (its `_api` is the one seam: the elector builds its own client)."""
+    from kubernetes.client import ApiClient
+
+    from controller.leader import LeaseElector
+
+    elector = LeaseElector(
+        ApiClient(),
+        "continuity",
+        "continuity-leader",
+        actor,
+        lease_duration=15.0,
+        renew_deadline=10.0,
+        retry_period=2.0,
+        clock=clock,
+        wall_clock=lambda: datetime.fromtimestamp(clock(), UTC),
+        registry=None,
+        pool=None,
+    )
+    elector._api = api  # type: ignore[assignment]
+    return elector

@@ -39,7 +39,9 @@ from tests.sim.edges import (
     SimAws,
     SimElector,
     SimHttp,
+    SimLeaseApi,
     SimProber,
+    lease_elector,
     patched_network,
 )
 from tests.sim.scenarios import Scenario, config
@@ -119,6 +121,7 @@ class Harness:
         self.stalls: list[tuple[float, float]] = []
         self.ticks: dict[str, list[float]] = {}
         self.reference_store: Any = None
+        self.lease = SimLeaseApi(self.world, self.loop.executor, self.clock)
         self.apis: dict[str, SimApi] = {}
         """The real API app of each live process (pushes and approvals go through it)."""
         self.prober_metric: dict[str, float] = {}
@@ -144,9 +147,12 @@ class Harness:
         actor = f"{replica}{n}"
         inner = self._open_store()
         store = ProcessStore(inner, self.world, actor, self.loop.executor, self.clock)
-        elector = SimElector(actor, self.world) if self.s.replicas > 1 else None
         ctx = contextvars.copy_context()
         ctx.run(ACTOR.set, actor)
+        elector: Any = None
+        if self.s.replicas > 1:
+            elector = ctx.run(lease_elector, actor, self.lease, self.clock) if self.s.lease else None
+            elector = elector or SimElector(actor, self.world)
 
         def build() -> Controller:
             return Controller(
@@ -188,7 +194,7 @@ class Harness:
         if ctrl is None:
             return
         self.world.dead.add(actor)
-        if self.world.leader == actor:
+        if self.world.leader == actor and not self.s.lease:  # a Lease outlives its holder
             self._set_leader(None)
         tasks = [*ctrl._tasks, *ctrl._probe_tasks, *ctrl._burst_tasks, *ctrl.running.values()]
         if getattr(ctrl, "_elector", None) is not None:
@@ -216,8 +222,13 @@ class Harness:
                     replica = actor.rstrip("0123456789")
                     self.crash(actor)
                     self.loop.create_task(self._restart(replica, e.value))
-                    if self.s.replicas > 1:
+                    if self.s.replicas > 1 and not self.s.lease:
                         self.loop.create_task(self._handover(e.value / 2))
+            elif e.kind == "leader_change" and self.s.lease:
+                # The holder is cut off from the API server (not from anything else) for 3x the gap:
+                # 3-45 s, short ones inside the renew deadline, long ones past the lease's expiry.
+                holder = self.world.leader or next(iter(self.procs), "")
+                self.lease.partitions.append((holder, e.at, e.at + 3 * e.value))
             elif e.kind == "leader_change":
                 self.loop.create_task(self._handover(e.value))
             elif e.kind == "loop_stall":
@@ -430,7 +441,8 @@ class Harness:
         first = self.spawn("A")
         if self.s.replicas > 1:
             self.spawn("B")
-            self._set_leader(first)
+            if not self.s.lease:  # with the Lease, the electors decide
+                self._set_leader(first)
         extras = [self.loop.create_task(self.driver())]
         if not self.s.lean:
             extras.append(self.loop.create_task(self.monitor()))
