@@ -44,18 +44,27 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--months", type=int, default=1, help="independent simulated 30-day months per rate")
     ap.add_argument("--days", type=float, default=None, help="instead of --months: one run of DAYS per rate")
+    ap.add_argument("--first-seed", type=int, default=1, help="seed of the first simulated month")
     ap.add_argument("--rates", default="0.05,0.2", help="comma-separated shares of requests failing")
     ap.add_argument("--phases", type=int, default=20, help="fault starts per kind (0: skip)")
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     args = ap.parse_args()
     wall = time.perf_counter()
     rates = tuple(float(r) for r in args.rates.split(",") if r.strip())
-    chunks = [(args.days, 1)] if args.days else [(MONTH_DAYS, seed) for seed in range(1, args.months + 1)]
+    chunks = (
+        [(args.days, 1)]
+        if args.days
+        else [(MONTH_DAYS, seed) for seed in range(args.first_seed, args.first_seed + args.months)]
+    )
     # spread over the journey's 30 s interval, never twice the same phase of the 10 s one
     phases = [k * 30.0 / args.phases + 0.37 * k for k in range(args.phases)]
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         alarms = {r: [pool.submit(false_alarms, r, days, seed) for days, seed in chunks] for r in rates}
         detect = {k: [pool.submit(time_to_detect, k, p) for p in phases] for k in KINDS} if phases else {}
+        for r, fs in alarms.items():  # each month as it finishes: a long run shows progress
+            for (days, seed), f in zip(chunks, fs, strict=True):
+                _, inc, fo = f.result()
+                print(f"rate {r:.0%} seed {seed}: {days:g} days, {inc} incidents, {fo} failovers", flush=True)
         alarm_results = {r: [f.result() for f in fs] for r, fs in alarms.items()}
         detect_results = {k: [f.result() for f in fs] for k, fs in detect.items()}
     wall = time.perf_counter() - wall

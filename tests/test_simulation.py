@@ -40,10 +40,18 @@ def test_seeded_scenarios_keep_every_promise(sim_seed: int | None) -> None:
     for r in results:
         for name in r.invariants:
             seeds_of.setdefault(name, []).append(r.seed)
+    cpu = sum(r.cpu for r in results)
+    features = Counter(f.split("=")[0] for r in results for f in r.features)
+    approvals = Counter(f for r in results for f in r.features if f.startswith("approval="))
     print(
         f"\nsimulation: {len(seeds)} scenarios ({kube} on the Kubernetes store), "
-        f"{simulated / 3600:.1f} simulated hours, {wall:.1f}s wall, {len(failures)} failing"
-        + (f"; not checked: {', '.join(sorted(skipped))}" if skipped else "")
+        f"{simulated / 3600:.1f} simulated hours, {wall:.1f}s wall, {cpu:.1f} CPU-s in the workers, "
+        f"{len(failures)} failing" + (f"; not checked: {', '.join(sorted(skipped))}" if skipped else "")
+    )
+    print(
+        f"  with pushed inputs through the API: {features['pushes']}, email+Statuspage: {features['comms']}, "
+        f"the real Lease elector: {features['lease']}, approvals: "
+        + (", ".join(f"{k.split('=')[1]} {n}" for k, n in sorted(approvals.items())) or "0")
     )
     for name, n in counts.most_common():
         print(f"  {name}: broken in {n} scenario(s), seeds {seeds_of[name][:12]}")

@@ -10,7 +10,11 @@
 - `ProcessStore`: the real store seen through one controller process: it raises on a schedule
   (a full disk), can be slow (a blocking call stalls the loop), and refuses everything once its
   process has crashed.
-- `SimElector`: leadership the world decides.
+- `SimElector`: leadership the world decides; or `SimLeaseApi`: the Lease API under the real
+  `LeaseElector` (controller/leader.py), whose holder is then the truth.
+- `SimSMTP`: the mail relay under the real email channel (`smtplib.SMTP` during a run).
+- `SimApi`: the controller's real aiohttp app, called in process: pushed inputs (Alertmanager,
+  heartbeats, agents' results) and humans' approvals go through its handlers and token checks.
 """
 
 from __future__ import annotations

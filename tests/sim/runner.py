@@ -572,12 +572,28 @@ class Summary:
     invariants: tuple[str, ...]
     report: str
     skipped: tuple[str, ...]
+    cpu: float = 0.0
+    """CPU seconds the run took in its worker (the budget on a loaded machine, where wall time lies)."""
+    features: tuple[str, ...] = ()
 
 
 def summarize(seed: int) -> Summary:
     from tests.sim.scenarios import generate
 
-    out = run(generate(seed))
+    scenario = generate(seed)
+    cpu = time.process_time()
+    out = run(scenario)
+    cpu = time.process_time() - cpu
+    features = tuple(
+        name
+        for name, on in (
+            ("pushes", scenario.pushes),
+            ("comms", scenario.comms),
+            ("lease", scenario.lease),
+            (f"approval={scenario.approval}", bool(scenario.approval)),
+        )
+        if on
+    )
     return Summary(
         seed,
         out.scenario.store,
@@ -587,6 +603,8 @@ def summarize(seed: int) -> Summary:
         tuple(sorted({v.invariant for v in out.violations})),
         out.report() if out.violations else "",
         tuple(out.skipped),
+        cpu,
+        features,
     )
 
 
