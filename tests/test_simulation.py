@@ -80,3 +80,42 @@ def test_a_seed_replays_exactly() -> None:
     first, second = trace(), trace()
     assert first, "the scenario should do something"
     assert first == second
+
+
+@pytest.mark.timeout(300)
+def test_a_seed_with_pushes_approvals_mail_and_the_lease_replays_exactly() -> None:
+    """The newer edges keep a replay exact too: pushes through the API app (whose rate limit runs on
+    the wall clock, out of reach), a human's approval, SMTP and Statuspage, the Lease elector's
+    jittered retries (seeded `random`)."""
+    from dataclasses import replace
+
+    from tests.sim.runner import run
+    from tests.sim.scenarios import generate
+    from tests.sim.world import Event, Fault
+
+    base = generate(17)
+    s = replace(
+        base,
+        replicas=2,
+        lease=True,
+        pushes=True,
+        comms=True,
+        approval="approve",
+        faults=[*base.faults, Fault("payments_down", 200, 450), Fault("worker_down", 300, 500)],
+        events=[*base.events, Event("forged_push", 150, 500), Event("leader_change", 400, value=12.0)],
+    )
+
+    def trace() -> list[tuple[object, ...]]:
+        out = run(s)
+        return [
+            *((round(c.t, 6), c.actor, c.kind, c.key) for c in out.world.calls),
+            *((round(d.t, 6), d.actor, d.key) for d in out.world.deliveries),
+            *((round(t, 6), e, who, status) for t, e, who, status in out.world.pushes),
+            *((round(t, 6), who) for t, who in out.world.leadership),
+            *((i.id, i.service, i.severity, i.opened_at, i.resolved_at) for i in out.incidents),
+            *((r.id, r.playbook, r.state, r.started_at, r.ended_at) for r in out.runs),
+        ]
+
+    first, second = trace(), trace()
+    assert any(e[2] == "attacker" for e in first if len(e) == 4 and isinstance(e[2], str)), "pushes expected"
+    assert first == second
