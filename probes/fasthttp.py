@@ -37,6 +37,7 @@ MAX_HEAD = 64 * 1024
 a header being parsed in memory, so an endless header would otherwise grow without bound."""
 
 _READ_SIZE = 65536
+"""Slack on MAX_HEAD for the chunk that carried the end of the head (and the body's start)."""
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _USER_AGENT = "continuity-probe/0.1"
 
@@ -117,25 +118,42 @@ def build_plan(cfg: HttpProbe) -> Plan:
     return Plan(host, port, f"{method} {cfg.url}", head.encode("utf-8") + (body or b""), method == "HEAD")
 
 
-class _Response:
-    """httptools callbacks: collect one response, keeping at most `cap` bytes of body."""
+class _Response(asyncio.Protocol):
+    """One exchange on one fresh connection: the transport's callbacks feed httptools directly.
+
+    Why a Protocol and not asyncio streams: a StreamReader/StreamWriter pair, a future per
+    `read()` and a task wake-up per chunk are most of the Python work of a ~100 us probe. Here the
+    answer is parsed as it arrives, inside the transport's callback, and the probe's task wakes
+    once, when `done` is settled. At most `cap` bytes of body are kept; the connection is closed
+    as soon as the outcome is known (complete, capped, or broken).
+    """
 
     __slots__ = (
         "body",
         "cap",
         "complete",
         "count",
+        "done",
+        "head",
+        "head_only",
         "headers",
         "headers_done",
         "parser",
+        "payload",
         "size",
         "status",
+        "transport",
         "truncated",
     )
 
-    def __init__(self, cap: int) -> None:
+    def __init__(self, cap: int, payload: bytes, head_only: bool, done: asyncio.Future[bool]) -> None:
         self.cap = cap
-        self.parser = httptools.HttpResponseParser(self)
+        self.payload = payload
+        self.head_only = head_only
+        self.done = done  # result: whether the body was cut at the cap
+        self.head = 0  # bytes received before the head was complete
+        self.transport: asyncio.BaseTransport | None = None
+        self.parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self._reset()
 
     def _reset(self) -> None:
@@ -148,12 +166,15 @@ class _Response:
         self.complete = False
         self.truncated = False
 
+    # ---- httptools callbacks
+
     def on_header(self, name: bytes, value: bytes) -> None:
         # Last one wins, as `dict(resp.headers)` does on the aiohttp path.
         self.count += 1
         self.headers[name.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
 
     def on_headers_complete(self) -> None:
+        assert self.parser is not None  # only the parser calls this, and only while it is kept
         self.status = self.parser.get_status_code()
         self.headers_done = True
 
@@ -171,6 +192,69 @@ class _Response:
             self._reset()
         else:
             self.complete = True
+
+    # ---- transport callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        transport.write(self.payload)  # type: ignore[attr-defined]  # a TCP transport writes
+
+    def data_received(self, data: bytes) -> None:
+        if self.done.done() or self.parser is None:
+            return  # decided already (or cancelled): the rest is not read into anything
+        if not self.headers_done:
+            self.head += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            return self._settle(False)
+        except httptools.HttpParserError as exc:
+            return self._settle(_BadResponse(f"invalid HTTP response: {exc}"))
+        if not self.headers_done and self.head > MAX_HEAD + _READ_SIZE:
+            return self._settle(_BadResponse(f"response headers larger than {MAX_HEAD // 1024} KiB"))
+        if self.count > MAX_HEADERS:
+            return self._settle(_BadResponse(f"more than {MAX_HEADERS} response headers"))
+        if self.complete or (self.head_only and self.headers_done):
+            return self._settle(False)
+        if self.truncated:
+            return self._settle(True)  # stop reading: the rest of a huge body is not kept
+        return None
+
+    def eof_received(self) -> bool:
+        self._closed()
+        return False  # let the transport close itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            self._settle(exc)  # reset, or any error the transport met
+        else:
+            self._closed()
+
+    def _closed(self) -> None:
+        """The server closed its side: a whole answer, or one cut short."""
+        if self.done.done():
+            return
+        if not self.headers_done:
+            return self._settle(
+                _BadResponse("the server closed the connection before the response headers were complete")
+            )
+        has_length = any(k.lower() in ("content-length", "transfer-encoding") for k in self.headers)
+        if has_length and not self.head_only:
+            return self._settle(_BadResponse("the server closed the connection before the body was complete"))
+        return self._settle(False)  # a body delimited by the connection closing
+
+    def _settle(self, outcome: bool | BaseException) -> None:
+        if not self.done.done():
+            if isinstance(outcome, BaseException):
+                self.done.set_exception(outcome)
+            else:
+                self.done.set_result(outcome)
+        if self.transport is not None:
+            self.transport.close()
+        # The parser holds this object's bound callbacks and this object the parser: a cycle only
+        # the garbage collector could free. Measured (20,000 probes at 30 s), that garbage alone
+        # made gc about a sixth of the prober's CPU; cut here, reference counting frees both.
+        self.parser = None
 
 
 def _decode(body: bytes, encoding: str, cap: int) -> bytes:
@@ -206,41 +290,17 @@ async def _exchange(plan: Plan, cap: int, budget: float) -> tuple[_Response, boo
     A host name is resolved by `probes.resolve` within part of the budget (never the shared default
     executor): a stalled resolver is our error, and cannot hold other probes up."""
     host = plan.host if literal(plan.host) else await first_address(plan.host, plan.port, budget)
-    reader, writer = await asyncio.open_connection(host, plan.port)
-    resp = _Response(cap)
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[bool] = loop.create_future()
+    resp = _Response(cap, plan.payload, plan.head_only, done)
     try:
-        writer.write(plan.payload)
-        feed = resp.parser.feed_data
-        head = 0
-        while True:
-            data = await reader.read(_READ_SIZE)
-            if not resp.headers_done:
-                head += len(data)
-                if head > MAX_HEAD + _READ_SIZE:
-                    raise _BadResponse(f"response headers larger than {MAX_HEAD // 1024} KiB")
-            if not data:
-                if not resp.headers_done:
-                    raise _BadResponse(
-                        "the server closed the connection before the response headers were complete"
-                    )
-                has_length = any(k.lower() in ("content-length", "transfer-encoding") for k in resp.headers)
-                if has_length and not plan.head_only:
-                    raise _BadResponse("the server closed the connection before the body was complete")
-                return resp, False  # a body delimited by the connection closing
-            try:
-                feed(data)
-            except httptools.HttpParserUpgrade:
-                return resp, False
-            except httptools.HttpParserError as exc:
-                raise _BadResponse(f"invalid HTTP response: {exc}") from None
-            if resp.count > MAX_HEADERS:
-                raise _BadResponse(f"more than {MAX_HEADERS} response headers")
-            if resp.complete or (plan.head_only and resp.headers_done):
-                return resp, False
-            if resp.truncated:
-                return resp, True  # stop reading: the rest of a huge body is not kept
+        await loop.create_connection(lambda: resp, host, plan.port)
+        truncated = await done
     finally:
-        writer.close()  # no wait_closed(): one more loop turn per probe buys nothing here
+        if not done.done():
+            done.cancel()  # timed out or cancelled: nothing will wait for the outcome
+        resp._settle(False)  # closes the connection, drops the parser; a settled outcome is kept
+    return resp, truncated
 
 
 async def run_fast(
