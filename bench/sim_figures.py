@@ -27,6 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from figures import record  # bench/, this script's own directory
+
 from tests.sim.figures import KIND_LABEL, KINDS, MONTH_DAYS, false_alarms, time_to_detect
 
 
@@ -58,6 +60,8 @@ def main() -> int:
     for r, (days, inc, fo) in alarm_results.items():
         scale = MONTH_DAYS / days
         print(f"| {r:.0%} | {days:g} days | {inc * scale:.2f} ({inc} seen) | {fo * scale:.2f} ({fo} seen) |")
+        record(f"sim: false incidents per month, {r:.0%} random failures", inc * scale, "per month")
+        record(f"sim: false failovers per month, {r:.0%} random failures", fo * scale, "per month")
     print("\nTime to detect: fault start -> incident opened (seconds):\n")
     print("| fault | p50 | p95 | runs | never opened |")
     print("|---|---|---|---|---|")
@@ -67,6 +71,8 @@ def main() -> int:
         if got:
             p50, p95 = statistics.median(got), _pct(got, 0.95)
             print(f"| {KIND_LABEL[k]} | {p50:.1f} | {p95:.1f} | {len(got)} | {missed} |")
+            record(f"sim: time to detect p50, {KIND_LABEL[k]}", p50, "s")
+            record(f"sim: time to detect p95, {KIND_LABEL[k]}", p95, "s")
         else:
             print(f"| {KIND_LABEL[k]} | - | - | 0 | {missed} |")
     sim_days = sum(d for d, _, _ in alarm_results.values())
