@@ -414,6 +414,11 @@ def main() -> int:
                         f"  CPU per 1,000 probes     {r['cpu_per_1000']:9.3f} s"
                         f"  ({r['cpu_s']:.2f} s, blackbox only)"
                     )
+                    if rate and r["per_s"] < 0.9 * rate:
+                        print(
+                            f"  NOTE: pace not kept ({r['per_s']:.0f}/s of {rate:.0f}/s): blackbox or "
+                            "its driver was short of CPU, so this regime is not like-for-like on this run"
+                        )
         finally:
             stop(nginx)
 
