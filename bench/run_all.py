@@ -180,6 +180,8 @@ def markdown(summary: dict[str, Any]) -> str:
     load = m.get("load_at_start") or [float("nan")] * 3
     took = summary.get("took_s")
     cmd = "PYTHONPATH=. python bench/run_all.py" + (" --quick" if summary.get("mode") == "quick" else "")
+    if summary.get("only"):
+        cmd += " --only " + " ".join(summary["only"])
     lines = [
         f"Measured {summary['date']} with `{cmd} --markdown` ({summary.get('mode', 'full')} mode"
         + (f", {took / 60:.0f} min" if took else "")
@@ -291,6 +293,7 @@ def main() -> int:
         "date": date,
         "machine": host,
         "mode": mode,
+        "only": args.only or [],
         "took_s": round(time.monotonic() - started),
         "took_per_bench_s": {k: round(v) for k, v in took.items()},
         "not_run": missing,
