@@ -28,6 +28,7 @@ import asyncio
 import inspect
 import json
 import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -128,6 +129,8 @@ async def measure(
     args: argparse.Namespace, cfg_path: Path, kube: Any, target: ThreadingHTTPServer
 ) -> dict[str, Any]:
     from controller.config import load_config
+
+    os.environ.setdefault("CONTINUITY_CONFIG_MAX_NODES", "1000000")  # 2,000 probes: over the default bound
     from controller.loop import Controller
     from controller.stores.kube import KubernetesStore
 
