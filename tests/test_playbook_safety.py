@@ -818,7 +818,7 @@ playbooks:
         (
             "    steps:\n      - {name: s, action: wait, with: {duration: 1s}, rollback: nope}\n"
             "    rollback_steps:\n      - {name: undo, action: wait, with: {duration: 1s}}\n",
-            "playbooks.P.steps[0].rollback: expected a step of rollback_steps (undo), found 'nope'",
+            "playbooks.P.steps[0].rollback: expected a step of rollback_steps (known: undo), found 'nope'",
         ),
         (
             "    steps:\n      - {name: s, action: wait, with: {duration: 1s}, rollback: nope}\n",

@@ -380,9 +380,9 @@ def test_a_prober_fault_raises_the_controllers_own_alert(monkeypatch: pytest.Mon
         checks=("prober-fault-not-target",),
     )
     _assert_clean(run(s))
-    from controller.loop import Controller
+    from controller.tracker import DetectionTracker
 
-    monkeypatch.setattr(Controller, "_prober_error", lambda self, result: None)
+    monkeypatch.setattr(DetectionTracker, "_prober_error", lambda self, result: None)
     broken = run(s)
     assert any("raised no alert" in str(v) for v in broken.violations), broken.report()
 
