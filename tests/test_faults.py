@@ -149,6 +149,7 @@ def _failover_through_controller(tmp: Path, world: World, proxy: AwsProxy, steps
             await until(  # the run's end is an event decide consumes on its next cycle
                 lambda: store.failover_states()["shop"].state != "failing_over", 10, "the run's end decided"
             )
+            await c.astore.flush()  # that cycle's timeline entries are written with its batch
             [inc] = store.list_incidents()
             return run, [e.message for e in store.timeline(inc.id)]
         finally:
