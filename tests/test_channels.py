@@ -30,6 +30,7 @@ from controller.notify.receivers import (
     WebhookReceiver,
     serve,
     validate_slack,
+    validate_statuspage,
 )
 from controller.stores import SQLiteStore
 from tests.fakes.smtp import Recorder, self_signed, smtp_server
@@ -477,6 +478,12 @@ def test_statuspage_mapping() -> None:
     cfg = Statuspage(page_id="p", api_key_env="K")
     body = statuspage.create(cfg, {**INCIDENT, "service": "unmapped"})["body"]["incident"]
     assert "components" not in body and "component_ids" not in body
+    # Two incidents with the same words are two creates Statuspage (and the simulation's
+    # exactly-once check) can tell apart: our id rides in the incident's metadata.
+    again = statuspage.create(cfg, {**INCIDENT, "id": "INC-2", "service": "unmapped"})["body"]["incident"]
+    assert body["metadata"] == {"continuity": {"incident_id": INCIDENT["id"]}}
+    assert again["metadata"] == {"continuity": {"incident_id": "INC-2"}} and again != body
+    assert not validate_statuspage({"incident": body}, creating=True)
     with pytest.raises(ValueError):
         statuspage.update(cfg, INCIDENT, "opened")
 

@@ -365,6 +365,9 @@ def validate_statuspage(body: Any, creating: bool) -> list[str]:
     ids = inc.get("component_ids", [])
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
         errors.append("incident.component_ids must be a list of strings")
+    meta = inc.get("metadata", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, dict) for v in meta.values()):
+        errors.append('incident.metadata must map a namespace to an object ({"jira": {"issue_id": ...}})')
     comps = inc.get("components", {})
     if not isinstance(comps, dict) or not all(v in COMPONENT_STATUSES for v in comps.values()):
         errors.append(f"incident.components values must be one of {sorted(COMPONENT_STATUSES)}")

@@ -67,11 +67,21 @@ def _incident(cfg: Statuspage, incident: dict[str, Any], event: str) -> dict[str
 
 
 def create(cfg: Statuspage, incident: dict[str, Any]) -> dict[str, Any]:
-    """The first message for an incident: POST /pages/{page_id}/incidents."""
+    """The first message for an incident: POST /pages/{page_id}/incidents.
+
+    The incident carries our id in Statuspage's `metadata` (namespace `continuity`): two incidents
+    with the same text (a moderate incident reopened later) are two different Statuspage incidents,
+    and whoever reads the page's API can tell which of ours each one is."""
     return {
         "op": "create",
         "incident_id": incident["id"],
-        "body": {"incident": {"name": incident["title"], **_incident(cfg, incident, "opened")}},
+        "body": {
+            "incident": {
+                "name": incident["title"],
+                **_incident(cfg, incident, "opened"),
+                "metadata": {"continuity": {"incident_id": incident["id"]}},
+            }
+        },
     }
 
 
