@@ -439,6 +439,44 @@ def test_statuspage_refused_create_refuses_updates_and_bad_key_is_dead(
     assert receiver.incidents == {}
 
 
+class _RefFails(SQLiteStore):
+    """A real SQLite store whose first `set_ref` fails, as a full disk or a sick API server would."""
+
+    failures = 1
+
+    def set_ref(self, channel: str, incident_id: str, ref: str) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise OSError("disk full")
+        super().set_ref(channel, incident_id, ref)
+
+
+def test_statuspage_create_is_not_sent_twice_when_the_store_cannot_record_its_id(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SP_KEY", SP_KEY)
+    clock = FakeClock()
+    receiver = StatuspageReceiver("pg1", SP_KEY, clock=clock)
+    store = _RefFails(tmp_path / "refs.db")
+
+    async def scenario() -> None:
+        async with serve(receiver.app()) as base:
+            cfg = _statuspage(base)
+            d = dispatcher(store, clock, statuspage.channel(cfg, store))
+            store.enqueue("statuspage", "c", statuspage.create(cfg, INCIDENT), INCIDENT["id"], clock())
+            store.enqueue("statuspage", "u", statuspage.update(cfg, INCIDENT), INCIDENT["id"], clock())
+            for _ in range(3):
+                await d.drain()
+                clock.advance(60)
+
+    run(scenario())
+    assert store.failures == 0  # the fault did happen
+    assert [method for method, _, _ in receiver.log] == ["POST", "PATCH"]  # one create, then its update
+    (theirs,) = receiver.incidents
+    assert store.get_ref("statuspage", INCIDENT["id"]) == theirs
+    assert all(m.delivered_at is not None for m in store.outbox(include_delivered=True))
+
+
 def test_statuspage_receiver_rate_limit_and_validation(
     store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -5,8 +5,10 @@ the create and update payloads store OUR incident id; the create's sender rememb
 in the store (`channel_refs`); an update's sender looks it up, and if the create has not been
 delivered yet the update waits (Transient "create not delivered yet") — it never creates a second
 incident. If the create was refused (4xx), updates are refused too rather than waiting forever.
-A crash between Statuspage's 201 and our `set_ref` would re-send the create on restart (the API
-has no idempotency key), so that narrow window can produce a duplicate.
+If the store cannot record the id after Statuspage's 201 (a full disk, a sick API server), the
+channel keeps it in memory, answers Transient, and the retry records it without a second POST. Only
+a crash between the 201 and the record would re-send the create on restart (the API has no
+idempotency key); the create's `metadata` carries our incident id, so a human can spot that one.
 
 Severity and health -> Statuspage (documented in README "Notifications"):
 
@@ -103,8 +105,21 @@ def channel(cfg: Statuspage, store: Store, name: str = "statuspage", timeout: fl
     def headers() -> dict[str, str]:
         return {"Authorization": f"OAuth {secret(cfg.api_key_env)}", "Content-Type": "application/json"}
 
+    created: dict[str, str] = {}
+    """Statuspage's id for each of our incidents it created whose id the store has not recorded yet."""
+
+    def remember(ours: str, theirs: str) -> None:
+        created[ours] = theirs
+        try:
+            store.set_ref(name, ours, theirs)
+        except Exception as exc:  # the store's trouble: the create stands, its record is retried
+            raise Transient(f"created as {theirs}, but the store could not record it: {exc}") from None
+        created.pop(ours, None)
+
     def send(payload: dict[str, Any], key: str) -> None:
         ours = payload["incident_id"]
+        if ours in created:
+            remember(ours, created[ours])  # created before; only its record was missing
         ref = store.get_ref(name, ours)
         data = json.dumps(payload["body"]).encode()
         if payload["op"] == "create":
@@ -121,7 +136,7 @@ def channel(cfg: Statuspage, store: Store, name: str = "statuspage", timeout: fl
                 # It may well exist now: re-sending could open a second one. A human decides.
                 store.set_ref(name, ours, REFUSED)
                 raise Permanent(f"create answered without an incident id: {resp.text[:200]}") from None
-            store.set_ref(name, ours, str(theirs))
+            remember(ours, str(theirs))
             return
         if ref is None:
             raise Transient("create not delivered yet")
