@@ -22,12 +22,18 @@ from controller.console_settings import ConsoleSettings, InboundSettings
 from controller.detect import Rules
 from controller.durations import Duration, format_duration, parse_duration
 from probes.base import Comparison, Strict
-from probes.dns import DnsProbe
-from probes.http import HttpProbe, TransactionProbe, Window
-from probes.passive import AlertmanagerProbe, HeartbeatProbe
-from probes.prometheus import PrometheusProbe
-from probes.tcp import TcpProbe
-from probes.tls import TlsProbe
+from probes.models import (  # the models alone: the probe engines import asyncio, ssl, sockets (issue 13)
+    AlertmanagerProbe,
+    DnsProbe,
+    HeartbeatProbe,
+    HttpProbe,
+    PrometheusProbe,
+    TcpProbe,
+    TlsProbe,
+    TransactionProbe,
+    Window,
+    parse_server,
+)
 
 Tier = Literal["critical", "important", "supporting"]
 Severity = Literal["critical", "moderate", "low"]
@@ -404,8 +410,6 @@ class ControllerSettings(Strict):
     @field_validator("resolver_nameservers")
     @classmethod
     def _servers(cls, value: list[str]) -> list[str]:
-        from probes.resolve import parse_server
-
         for server in value:
             parse_server(server)
         return value
