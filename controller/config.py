@@ -945,10 +945,15 @@ def _mapping(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _cross_references(raw: dict[str, Any], known: _Known) -> list[tuple[list[Any], str]]:
+Problem = tuple[list[Any], str | Mapping[str, Any]]
+"""Where, and what: a sentence, or a pydantic error that `_sentence` explains only if it is listed
+(a hostile file's 4,960 wrong step parameters need 100 sentences, and the count of the rest)."""
+
+
+def _cross_references(raw: dict[str, Any], known: _Known) -> list[Problem]:
     """Checks pydantic cannot do alone: names that point across sections, and action parameters."""
 
-    found: list[tuple[list[Any], str]] = []
+    found: list[Problem] = []
     probes = _mapping(raw.get("probes"))
     playbooks = _mapping(raw.get("playbooks"))
     services = _mapping(raw.get("services"))
@@ -1142,11 +1147,11 @@ def _check_steps(
     probes: dict[str, Any],
     rollback_names: set[Any],
     known: _Known,
-) -> list[tuple[list[Any], str]]:
+) -> list[Problem]:
     """Step names unique, actions known, parameters valid for their action, references resolved."""
     from playbooks.actions import ACTIONS
 
-    found: list[tuple[list[Any], str]] = []
+    found: list[Problem] = []
     names: set[str] = set()
     rollbacks = {str(n): None for n in rollback_names}
     for i, step in enumerate(steps):
@@ -1189,7 +1194,7 @@ def _check_steps(
         try:
             ACTIONS[action].Params.model_validate(params if params is not None else {})
         except ValidationError as exc:
-            found.extend(([*at, "with", *err["loc"]], _sentence(err)) for err in exc.errors())
+            found.extend(([*at, "with", *err["loc"]], err) for err in exc.errors())
         timeout = _seconds(step.get("timeout", 60.0))
         for field, wait in ACTIONS[action].own_waits(params if isinstance(params, dict) else {}).items():
             if timeout is not None and wait >= timeout:
@@ -1274,7 +1279,10 @@ def load_config(path: str | Path) -> Config:
     # Only the problems that will be listed are formatted: 2,200 wrong names made 2,200 sentences for 100.
     refs = _cross_references(raw, _Known())
     room = max(0, MAX_PROBLEMS - len(problems))
-    problems.extend(f"{where(loc)}: {_path(loc)}: {msg}" for loc, msg in refs[:room])
+    problems.extend(
+        f"{where(loc)}: {_path(loc)}: {msg if isinstance(msg, str) else _sentence(msg)}"
+        for loc, msg in refs[:room]
+    )
     more += len(refs) - len(refs[:room])
     if config is not None and config.communications.templates_dir:
         from controller.comms.templates import check_dir
