@@ -793,8 +793,8 @@ CONFIG_MAX_NODES = 20_000
 """Values (scalars, lists, mappings) in a file once aliases are expanded: about 1,250 probes (a
 probe with its expectations is ~16). Building them is PyYAML's Python constructor at 7-14 us a
 value, the floor of any YAML load here, so this bound is what keeps `validate` on any file, hostile
-or not, under a second on a free core (bench/hostile.py: 0.6 s of it is starting Python and the
-CLI). A bigger fleet raises it with the CONTINUITY_CONFIG_MAX_NODES environment variable (read each
+or not, under a second on a free core (bench/hostile.py: about 0.4 s of it is starting Python and
+the CLI). A bigger fleet raises it with the CONTINUITY_CONFIG_MAX_NODES environment variable (read each
 time a config is loaded); the refusal says so."""
 CONFIG_MAX_ALIAS_NODES = 10_000
 """Values that aliases (`*name`) may add on top of the file's own: anchors for shared defaults
