@@ -7,24 +7,26 @@ Every error a user can cause is caught here and printed as one clear message: a 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import hashlib
-import importlib.metadata
 import importlib.util
 import json
 import os
-import signal
-import socket
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from controller.config import Config, ConfigError, json_schema, listen_address, load_config
 from controller.durations import format_duration, parse_duration
-from controller.executors import IO, run_in
-from controller.stores import Store, StoreError, open_store
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from controller.stores import Store
+
+# Each command imports what it needs where it runs: `continuity validate` must answer any hostile
+# file in under a second of CPU (issue 13), and asyncio, the stores, the probe engines and
+# importlib.metadata cost a good part of that in start-up alone. tests/test_cli_imports.py pins it.
 
 DEFAULT_CONFIG = "continuity.yaml"
 RELOAD_TIMEOUT = 30.0
@@ -36,6 +38,8 @@ DEMO_EXTRA = "pip install 'continuity[demo]'"
 
 def version() -> str:
     """The installed distribution's version: pyproject.toml is its one source of truth."""
+    import importlib.metadata
+
     try:
         return importlib.metadata.version("continuity")
     except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
@@ -49,12 +53,20 @@ def _require_demo_extra(what: str) -> None:
         raise UsageError(f"{what} needs the demo extra ({', '.join(missing)} not installed): {DEMO_EXTRA}")
 
 
+class _Version(argparse.Action):
+    """`--version`, looking the version up only when asked (reading the installed metadata costs
+    start-up that every other command would pay)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        parser.exit(message=f"continuity {version()}\n")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="continuity",
         description="Failover controller for online marketplaces: detect, classify, fail over, notify.",
     )
-    p.add_argument("--version", action="version", version=f"continuity {version()}")
+    p.add_argument("--version", action=_Version, nargs=0, help="show the version and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -274,6 +286,8 @@ def _load(path: str) -> Config:
 
 def _store(cfg: Config, data_dir: str | None) -> Store:
     """SQLite in the data directory, or Kubernetes objects, as the config's `store` section says."""
+    from controller.stores import open_store
+
     return open_store(cfg, data_dir)
 
 
@@ -314,6 +328,8 @@ def cmd_schema(_: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
+    import asyncio
+
     from probes.runner import run_probe
 
     cfg = _load(args.config)
@@ -352,6 +368,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_playbook_run(args: argparse.Namespace) -> int:
+    import asyncio
+
     from playbooks.engine import render_plan
 
     cfg = _load(args.config)
@@ -488,7 +506,10 @@ def ha_problems(cfg: Config, environ: Mapping[str, str]) -> list[str]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import asyncio
+
     from controller import logs
+    from controller.stores import open_store
 
     logs.configure(args.log_format)
     cfg = _load(args.config)
@@ -525,6 +546,8 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 
 def _event_loop_policy() -> None:
+    import asyncio
+
     try:
         import uvloop
     except ImportError:  # uvloop is optional on platforms that lack it
@@ -533,6 +556,8 @@ def _event_loop_policy() -> None:
 
 
 def _identity(cfg: Config) -> str:
+    import socket
+
     return cfg.leader.identity or os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
 
 
@@ -586,8 +611,11 @@ def _fingerprint(path: str) -> str:
     """What the config looks like on disk now (a ConfigMap update swaps a symlink; content tells)."""
     p = Path(path)
     files = sorted([*p.glob("*.yaml"), *p.glob("*.yml")]) if p.is_dir() else [p]
-    digest = hashlib.sha256()
+    import hashlib
+
     from controller.config import CONFIG_MAX_BYTES
+
+    digest = hashlib.sha256()
 
     for f in files:
         try:
@@ -600,6 +628,9 @@ def _fingerprint(path: str) -> str:
 
 
 async def _serve(cfg: Config, store: Store, config_path: str) -> None:
+    import asyncio
+    import signal
+
     from controller import apiserver, logs
     from controller.api import app
     from controller.loop import Controller
@@ -669,7 +700,10 @@ def _pod_labeler(cfg: Config) -> Any:
 
 async def _watch_config(controller: Any, path: str, reload_now: asyncio.Event, stop: asyncio.Event) -> None:
     """Reload on SIGHUP or when the file changes; a bad new config is refused, the old one keeps running."""
+    import asyncio
+
     from controller import logs
+    from controller.executors import IO, run_in
 
     log = logs.get("continuity.config")
     seen = _fingerprint(path)
@@ -715,6 +749,8 @@ async def _watch_config(controller: Any, path: str, reload_now: asyncio.Event, s
 
 
 def cmd_demo(_: argparse.Namespace) -> int:
+    import asyncio
+
     _require_demo_extra("continuity demo")
     from controller import logs
     from controller.demo.scenario import run_demo
@@ -756,6 +792,8 @@ def _drill_out(args: argparse.Namespace) -> Path:
 
 
 def cmd_drill(args: argparse.Namespace) -> int:
+    import asyncio
+
     from controller import logs
     from controller.drills import report
     from controller.drills.drill import DrillError
@@ -851,6 +889,9 @@ def cmd_human(args: argparse.Namespace) -> int:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
     from controller import logs
     from controller.remote import Agent
 
@@ -920,11 +961,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"continuity: {exc}", file=sys.stderr)
         return 2
-    except StoreError as exc:
-        print(f"continuity: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        # A store error can come only from a command that imported the stores (validate never does).
+        stores = sys.modules.get("controller.stores.model")
+        if stores is None or not isinstance(exc, stores.StoreError):
+            raise
+        print(f"continuity: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@ editing the file during an incident must not play whack-a-mole with one error pe
 from __future__ import annotations
 
 import difflib
+import gc
 import os
 import reprlib
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -22,12 +24,18 @@ from controller.console_settings import ConsoleSettings, InboundSettings
 from controller.detect import Rules
 from controller.durations import Duration, format_duration, parse_duration
 from probes.base import Comparison, Strict
-from probes.dns import DnsProbe
-from probes.http import HttpProbe, TransactionProbe, Window
-from probes.passive import AlertmanagerProbe, HeartbeatProbe
-from probes.prometheus import PrometheusProbe
-from probes.tcp import TcpProbe
-from probes.tls import TlsProbe
+from probes.models import (  # the models alone: the probe engines import asyncio, ssl, sockets (issue 13)
+    AlertmanagerProbe,
+    DnsProbe,
+    HeartbeatProbe,
+    HttpProbe,
+    PrometheusProbe,
+    TcpProbe,
+    TlsProbe,
+    TransactionProbe,
+    Window,
+    parse_server,
+)
 
 Tier = Literal["critical", "important", "supporting"]
 Severity = Literal["critical", "moderate", "low"]
@@ -404,8 +412,6 @@ class ControllerSettings(Strict):
     @field_validator("resolver_nameservers")
     @classmethod
     def _servers(cls, value: list[str]) -> list[str]:
-        from probes.resolve import parse_server
-
         for server in value:
             parse_server(server)
         return value
@@ -729,6 +735,16 @@ class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: 
     It parses with libyaml where PyYAML has it: for 20,000 probes that is 5 s instead of 12 s and
     130 MB instead of 210 MB of resident memory (bench/scale.py)."""
 
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        """A plain string is its node's text (what SafeConstructor's str constructor returns, by five
+        calls more): most values of a config are strings, and building them is most of the load."""
+        if node.__class__ is yaml.ScalarNode and node.tag == _STR_TAG:
+            return node.value
+        return super().construct_object(node, deep=deep)
+
+
+_STR_TAG = "tag:yaml.org,2002:str"
+
 
 def _construct_mapping(
     loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False
@@ -777,8 +793,8 @@ CONFIG_MAX_NODES = 20_000
 """Values (scalars, lists, mappings) in a file once aliases are expanded: about 1,250 probes (a
 probe with its expectations is ~16). Building them is PyYAML's Python constructor at 7-14 us a
 value, the floor of any YAML load here, so this bound is what keeps `validate` on any file, hostile
-or not, under a second on a free core (bench/hostile.py: 0.6 s of it is starting Python and the
-CLI). A bigger fleet raises it with the CONTINUITY_CONFIG_MAX_NODES environment variable (read each
+or not, under a second on a free core (bench/hostile.py: about 0.4 s of it is starting Python and
+the CLI). A bigger fleet raises it with the CONTINUITY_CONFIG_MAX_NODES environment variable (read each
 time a config is loaded); the refusal says so."""
 CONFIG_MAX_ALIAS_NODES = 10_000
 """Values that aliases (`*name`) may add on top of the file's own: anchors for shared defaults
@@ -941,10 +957,15 @@ def _mapping(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _cross_references(raw: dict[str, Any]) -> list[tuple[list[Any], str]]:
+Problem = tuple[list[Any], str | Mapping[str, Any]]
+"""Where, and what: a sentence, or a pydantic error that `_sentence` explains only if it is listed
+(a hostile file's 4,960 wrong step parameters need 100 sentences, and the count of the rest)."""
+
+
+def _cross_references(raw: dict[str, Any], known: _Known) -> list[Problem]:
     """Checks pydantic cannot do alone: names that point across sections, and action parameters."""
 
-    found: list[tuple[list[Any], str]] = []
+    found: list[Problem] = []
     probes = _mapping(raw.get("probes"))
     playbooks = _mapping(raw.get("playbooks"))
     services = _mapping(raw.get("services"))
@@ -956,7 +977,7 @@ def _cross_references(raw: dict[str, Any]) -> list[tuple[list[Any], str]]:
                 found.append(
                     (
                         ["services", sname, "probes", i],
-                        f"expected a probe defined under probes ({_known(probes)}), found {_found(pname)}",
+                        f"expected a probe defined under probes ({known(probes)}), found {_found(pname)}",
                     )
                 )
         fb = svc.get("failback")
@@ -965,7 +986,7 @@ def _cross_references(raw: dict[str, Any]) -> list[tuple[list[Any], str]]:
                 found.append(
                     (
                         ["services", sname, "failback", "playbook"],
-                        f"expected a playbook defined under playbooks ({_known(playbooks)}), "
+                        f"expected a playbook defined under playbooks ({known(playbooks)}), "
                         f"found {_found(fb['playbook'])}",
                     )
                 )
@@ -976,7 +997,7 @@ def _cross_references(raw: dict[str, Any]) -> list[tuple[list[Any], str]]:
                     found.append(
                         (
                             ["services", sname, "failback", "healthy_probes", i],
-                            f"expected a probe defined under probes ({_known(probes)}), found {_found(ref)}",
+                            f"expected a probe defined under probes ({known(probes)}), found {_found(ref)}",
                         )
                     )
         pb = svc.get("playbook")
@@ -984,11 +1005,11 @@ def _cross_references(raw: dict[str, Any]) -> list[tuple[list[Any], str]]:
             found.append(
                 (
                     ["services", sname, "playbook"],
-                    f"expected a playbook defined under playbooks ({_known(playbooks)}), found {_found(pb)}",
+                    f"expected a playbook defined under playbooks ({known(playbooks)}), found {_found(pb)}",
                 )
             )
-    found.extend(_check_risks(raw, services))
-    found.extend(_check_names(raw, probes, services))
+    found.extend(_check_risks(raw, services, known))
+    found.extend(_check_names(raw, probes, services, known))
     for pbname, pb in playbooks.items():
         if not isinstance(pb, dict):
             continue
@@ -1000,12 +1021,14 @@ def _cross_references(raw: dict[str, Any]) -> list[tuple[list[Any], str]]:
         for section in ("steps", "rollback_steps"):
             steps = pb.get(section)
             if isinstance(steps, list):
-                found.extend(_check_steps(["playbooks", pbname, section], steps, probes, rollback_names))
+                found.extend(
+                    _check_steps(["playbooks", pbname, section], steps, probes, rollback_names, known)
+                )
     return found
 
 
 def _check_names(
-    raw: dict[str, Any], probes: dict[str, Any], services: dict[str, Any]
+    raw: dict[str, Any], probes: dict[str, Any], services: dict[str, Any], known: _Known
 ) -> list[tuple[list[Any], str]]:
     """Every other name that points across sections: a typo here must fail `validate`, never reach
     the reconcile loop (a misspelt reference probe used to raise KeyError on every tick)."""
@@ -1018,7 +1041,7 @@ def _check_names(
             found.append(
                 (
                     ["detection", "reference_probes", i],
-                    f"expected a probe defined under probes ({_known(probes)}), found {_found(ref)}",
+                    f"expected a probe defined under probes ({known(probes)}), found {_found(ref)}",
                 )
             )
     quorum = detection.get("isolation_quorum")
@@ -1033,7 +1056,7 @@ def _check_names(
         deps = svc.get("depends_on") if isinstance(svc, dict) else None
         for i, dep in enumerate(deps if isinstance(deps, list) else []):
             if not isinstance(dep, str) or dep not in services or dep == sname:
-                what = "another service" if dep == sname else f"a service ({_known(services)})"
+                what = "another service" if dep == sname else f"a service ({known(services)})"
                 found.append((["services", sname, "depends_on", i], f"expected {what}, found {_found(dep)}"))
     found.extend(_dependency_cycles(services))
     windows = raw.get("maintenance")
@@ -1044,7 +1067,7 @@ def _check_names(
                 found.append(
                     (
                         ["maintenance", w, "services", i],
-                        f"expected a service ({_known(services)}), found {_found(sname)}",
+                        f"expected a service ({known(services)}), found {_found(sname)}",
                     )
                 )
     notifiers = _mapping(raw.get("notifiers"))
@@ -1055,13 +1078,13 @@ def _check_names(
             found.append(
                 (
                     ["notifiers", "statuspage", "components", sname],
-                    f"expected a service ({_known(services)}), found {_found(sname)}",
+                    f"expected a service ({known(services)}), found {_found(sname)}",
                 )
             )
     return found
 
 
-def _check_risks(raw: dict[str, Any], services: dict[str, Any]) -> list[tuple[list[Any], str]]:
+def _check_risks(raw: dict[str, Any], services: dict[str, Any], known: _Known) -> list[tuple[list[Any], str]]:
     """Each risk names a drill scenario that exists and services that exist."""
     from controller.drills.names import SCENARIOS
 
@@ -1084,7 +1107,7 @@ def _check_risks(raw: dict[str, Any], services: dict[str, Any]) -> list[tuple[li
                 found.append(
                     (
                         ["risks", rname, "services", i],
-                        f"expected a service ({_known(services)}), found {_found(sname)}",
+                        f"expected a service ({known(services)}), found {_found(sname)}",
                     )
                 )
     return found
@@ -1131,12 +1154,16 @@ def _dependency_cycles(services: dict[str, Any]) -> list[tuple[list[Any], str]]:
 
 
 def _check_steps(
-    where: list[Any], steps: list[Any], probes: dict[str, Any], rollback_names: set[Any]
-) -> list[tuple[list[Any], str]]:
+    where: list[Any],
+    steps: list[Any],
+    probes: dict[str, Any],
+    rollback_names: set[Any],
+    known: _Known,
+) -> list[Problem]:
     """Step names unique, actions known, parameters valid for their action, references resolved."""
     from playbooks.actions import ACTIONS
 
-    found: list[tuple[list[Any], str]] = []
+    found: list[Problem] = []
     names: set[str] = set()
     rollbacks = {str(n): None for n in rollback_names}
     for i, step in enumerate(steps):
@@ -1154,7 +1181,7 @@ def _check_steps(
             found.append(
                 (
                     [*at, "rollback"],
-                    f"expected a step of rollback_steps ({_known(rollbacks)}), found {_found(rollback)}",
+                    f"expected a step of rollback_steps ({known(rollbacks)}), found {_found(rollback)}",
                 )
             )
         for g, guard in enumerate(step.get("guards") or [] if isinstance(step.get("guards"), list) else []):
@@ -1179,9 +1206,12 @@ def _check_steps(
         try:
             ACTIONS[action].Params.model_validate(params if params is not None else {})
         except ValidationError as exc:
-            found.extend(([*at, "with", *err["loc"]], _sentence(err)) for err in exc.errors())
+            found.extend(([*at, "with", *err["loc"]], _detached(err)) for err in exc.errors())
+            waits: dict[str, float] = {}  # own_waits finds none in parameters that do not validate
+        else:
+            waits = ACTIONS[action].own_waits(params if isinstance(params, dict) else {})
         timeout = _seconds(step.get("timeout", 60.0))
-        for field, wait in ACTIONS[action].own_waits(params if isinstance(params, dict) else {}).items():
+        for field, wait in waits.items():
             if timeout is not None and wait >= timeout:
                 found.append(
                     (
@@ -1200,6 +1230,16 @@ def _check_steps(
     return found
 
 
+def _detached(err: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A pydantic error kept for later, without the exception its validator raised: that exception's
+    traceback holds the frames that hold the list of errors, a cycle only the garbage collector
+    frees (1,240 of them took longer to collect than to find). `_sentence` reads it as text anyway."""
+    ctx = err.get("ctx")
+    if isinstance(ctx, dict) and isinstance(ctx.get("error"), BaseException):
+        return {**err, "ctx": {**ctx, "error": str(ctx["error"])}}
+    return err
+
+
 def _seconds(value: Any) -> float | None:
     """A duration as the config writes it (10s, 5m, 1.5), or None when it is not one (reported
     by pydantic already)."""
@@ -1212,30 +1252,79 @@ def _seconds(value: Any) -> float | None:
 
 
 _KNOWN_SHOWN = 8
-_known_cache: dict[int, tuple[dict[str, Any], str]] = {}
 
 
-def _known(names: dict[str, Any]) -> str:
+class _Known:
     """The names an error offers, a few of them: listing all 9,000 probes in each of 9,000 errors made
-    a 340 KB file print 558 MB. Computed once per mapping, since one config asks about it often."""
-    cached = _known_cache.get(id(names))
-    if cached is not None and cached[0] is names:
-        return cached[1]
-    if not names:
-        text = "none are defined"
-    else:
-        shown = sorted(_found(n) if not isinstance(n, str) or len(n) > 60 else n for n in names)
-        text = "known: " + ", ".join(shown[:_KNOWN_SHOWN])
-        if len(shown) > _KNOWN_SHOWN:
-            text += f", ... ({len(shown):,} in all)"
-    if len(_known_cache) > 64:
-        _known_cache.clear()
-    _known_cache[id(names)] = (names, text)
-    return text
+    a 340 KB file print 558 MB. Computed once per mapping, since one config asks about it often.
+
+    One per `load_config`, passed down to the checks, not a module-level cache: a reload parses in a
+    worker thread while `probe` or a test may load another config, and each load's cache dies with
+    it (it holds the mappings it describes, so an id is never reused while it is alive)."""
+
+    def __init__(self) -> None:
+        self._texts: dict[int, tuple[dict[Any, Any], str]] = {}
+
+    def __call__(self, names: dict[Any, Any]) -> str:
+        cached = self._texts.get(id(names))
+        if cached is not None and cached[0] is names:
+            return cached[1]
+        if not names:
+            text = "none are defined"
+        else:
+            shown = sorted(_found(n) if not isinstance(n, str) or len(n) > 60 else n for n in names)
+            text = "known: " + ", ".join(shown[:_KNOWN_SHOWN])
+            if len(shown) > _KNOWN_SHOWN:
+                text += f", ... ({len(shown):,} in all)"
+        self._texts[id(names)] = (names, text)
+        return text
+
+
+class _GcPause:
+    """Pause Python's cyclic garbage collector while a config is read and checked.
+
+    Building 20,000 YAML values and validating them allocates enough to trigger some 150 collections,
+    each scanning every object alive (a third of `load_config`'s CPU on the largest files), and none
+    can free anything: the nodes and values form no cycles. The work is bounded (the file's size,
+    depth and values are, before anything is built), so the pause is too. Nested and concurrent
+    loads (a reload runs in a worker thread) count, and the collector resumes after the last one,
+    only if it was on before the first."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._resume = False
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._depth == 0:
+                self._resume = gc.isenabled()
+                gc.disable()
+            self._depth += 1
+
+    def __exit__(self, *_: object) -> None:
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0 and self._resume:
+                gc.enable()
+
+
+_GC_PAUSE = _GcPause()
 
 
 def load_config(path: str | Path) -> Config:
     """Load and validate; raise ConfigError listing every problem."""
+    with _GC_PAUSE:
+        config, problems, more = _checked(path)
+    # Raised here, not where the problems were found: the document is freed with that frame, so the
+    # collector does not resume with 20,000 values still alive to scan.
+    if problems or config is None:
+        raise ConfigError(problems, more)
+    return config
+
+
+def _checked(path: str | Path) -> tuple[Config | None, list[str], int]:
+    """The config (None when pydantic refused it), every problem to list, and how many more."""
     raw, origin = load_raw(path)
     default = Path(path)
 
@@ -1255,7 +1344,14 @@ def load_config(path: str | Path) -> Config:
         # Only the errors that will be shown are explained (a did-you-mean costs a difflib search).
         problems.extend(_format(exc.errors()[:MAX_PROBLEMS], where))
         more = max(0, exc.error_count() - MAX_PROBLEMS)
-    problems.extend(f"{where(loc)}: {_path(loc)}: {msg}" for loc, msg in _cross_references(raw))
+    # Only the problems that will be listed are formatted: 2,200 wrong names made 2,200 sentences for 100.
+    refs = _cross_references(raw, _Known())
+    room = max(0, MAX_PROBLEMS - len(problems))
+    problems.extend(
+        f"{where(loc)}: {_path(loc)}: {msg if isinstance(msg, str) else _sentence(msg)}"
+        for loc, msg in refs[:room]
+    )
+    more += len(refs) - len(refs[:room])
     if config is not None and config.communications.templates_dir:
         from controller.comms.templates import check_dir
 
@@ -1264,10 +1360,7 @@ def load_config(path: str | Path) -> Config:
             tdir = (default if default.is_dir() else default.parent) / tdir
         config.communications.templates_dir = str(tdir)
         problems.extend(f"{file}: {at}: {msg}" for file, at, msg in check_dir(tdir))
-    _known_cache.clear()
-    if problems or config is None:
-        raise ConfigError(problems, more)
-    return config
+    return config, problems, more
 
 
 def resolve_secret(env_name: str) -> str:

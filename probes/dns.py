@@ -13,68 +13,20 @@ import asyncio
 import contextlib
 import ipaddress
 import time
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from pydantic import Field, field_validator
-
-from probes.base import Check, Comparison, ProbeResult, Strict, latency_check, prober_error_of, single_step
-from probes.http import ProbeCommon
-from probes.resolve import parse_server
+from probes.base import Check, ProbeResult, latency_check, prober_error_of, single_step
+from probes.models import DnsExpect as DnsExpect  # re-exported: the config models live in probes/models.py
+from probes.models import DnsProbe, parse_server
+from probes.models import Rcode as Rcode
+from probes.models import RecordType as RecordType
 from probes.tcp import describe_os_error
 
 if TYPE_CHECKING:
     import dns.rdata
 
-# dnspython is imported where a query runs, not here: this module also holds the config model,
-# which `continuity validate` loads without needing a resolver (issue 13).
-
-RecordType = Literal["A", "AAAA", "CNAME", "MX", "TXT", "NS", "SRV"]
-Rcode = Literal["NOERROR", "NXDOMAIN", "SERVFAIL", "REFUSED", "FORMERR", "NOTIMP"]
-
-
-class DnsExpect(Strict):
-    """What the answer must look like; every field optional."""
-
-    rcode: Rcode = Field(default="NOERROR", description="Expected response code.")
-    answers_min: int | None = Field(
-        default=None,
-        ge=0,
-        description="Fewest records of `record_type` in the answer (default 1 when rcode is NOERROR, "
-        "else 0).",
-    )
-    contains: str | None = Field(
-        default=None,
-        description="A value that must be among the answers: an address for A/AAAA, a name for "
-        "CNAME/NS (trailing dot optional), the exchange or '10 mx.example' for MX, the text for TXT, "
-        "the target or '0 5 443 host' for SRV.",
-    )
-    latency_ms: Comparison | None = Field(default=None, description="Bound on the lookup time.")
-
-    def minimum(self) -> int:
-        if self.answers_min is not None:
-            return self.answers_min
-        return 1 if self.rcode == "NOERROR" else 0
-
-
-class DnsProbe(ProbeCommon):
-    """One query for `name`/`record_type` sent to `server`."""
-
-    kind: Literal["dns"]
-    name: str = Field(min_length=1, description="The name to look up, e.g. shop.example.")
-    server: str | None = Field(
-        default=None,
-        description="IP address of the DNS server, with an optional :port ([v6]:port for IPv6); "
-        "default: the first nameserver in /etc/resolv.conf.",
-    )
-    record_type: RecordType = Field(default="A", description="Record type to ask for.")
-    expect: DnsExpect = Field(default_factory=DnsExpect, description="Expectations on the answer.")
-
-    @field_validator("server")
-    @classmethod
-    def _server(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_server(value)
-        return value
+# dnspython is imported where a query runs, not here: a process with no DNS probe never loads it.
+# The config model is in probes/models.py, which `continuity validate` loads alone (issue 13).
 
 
 def _norm_name(text: str) -> str:

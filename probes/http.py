@@ -13,31 +13,31 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from pydantic import Field, model_validator
-
-from controller.durations import Duration
 from probes.base import (
     Check,
-    Expect,
-    Extract,
     Observed,
     ProbeResult,
     StepResult,
-    Strict,
     evaluate,
     extract,
     prober_error_of,
 )
+from probes.models import HttpProbe as HttpProbe  # re-exported: the config models live in probes/models.py
+from probes.models import ProbeCommon as ProbeCommon
+from probes.models import RequestSpec as RequestSpec
+from probes.models import Step
+from probes.models import TransactionProbe as TransactionProbe
+from probes.models import Window as Window
 from probes.resolve import RESOLVE_SHARE, resolve
 
 if TYPE_CHECKING:
     import aiohttp
     from jinja2.sandbox import SandboxedEnvironment
 
-# aiohttp and jinja2 are imported where a probe runs, not here: this module also holds the config
-# models, which `continuity validate` loads, and the two cost ~0.6 s of start-up (issue 13).
+# aiohttp and jinja2 are imported where a probe runs, not here: they cost ~0.6 s of start-up, which a
+# command that runs no HTTP probe must not pay. The config models are in probes/models.py (issue 13).
 
 
 @functools.cache
@@ -58,87 +58,6 @@ MAX_FIELD_SIZE = 8190
 """Longest response header line, name or value (aiohttp's default, said out loud)."""
 MAX_HEADERS = 128
 """Response headers at most."""
-
-
-class Window(Strict):
-    """`failures: 3, of: 5`: three failures among the last five results, consecutive or not."""
-
-    failures: int = Field(ge=1)
-    of: int = Field(ge=1, le=1000)
-
-    @model_validator(mode="after")
-    def _fits(self) -> Window:
-        if self.failures > self.of:
-            raise ValueError(f"failures <= of, found {self.failures} of {self.of}")
-        return self
-
-
-class ProbeCommon(Strict):
-    """Fields every probe kind has."""
-
-    description: str = ""
-    interval: Duration = Field(default=10.0, gt=0, description="How often the probe runs, e.g. 10s.")
-    timeout: Duration = Field(default=3.0, gt=0, description="Whole-run deadline; a hang is a failure.")
-    failure_threshold: int | None = Field(
-        default=None, ge=1, description="Consecutive failures before DOWN (default: detection section)."
-    )
-    success_threshold: int | None = Field(
-        default=None, ge=1, description="Consecutive successes before UP again (default: detection section)."
-    )
-    impact: Literal["down", "degraded"] = Field(
-        default="down", description="What this probe failing means for its services."
-    )
-    window: Window | None = Field(default=None, description="Per-probe `failures: F, of: N` window.")
-    quorum: int | None = Field(default=None, ge=1, description="Vantage points that must agree (per probe).")
-    latency_slo: Duration | None = Field(
-        default=None, gt=0, description="A passing run slower than this counts as degraded, not down."
-    )
-
-
-class RequestSpec(Strict):
-    """One HTTP request. Strings may use {{ var }} from `vars` and earlier extractions."""
-
-    method: str = "GET"
-    url: str
-    headers: dict[str, str] = Field(default_factory=dict)
-    body: str | None = None
-    json_body: Any = Field(default=None, alias="json")
-    expect: Expect = Field(default_factory=Expect)
-
-
-class Step(RequestSpec):
-    name: str
-    extract: dict[str, Extract] = Field(default_factory=dict, description="Values for later steps.")
-    allow_failure: bool = Field(
-        default=False, description="Its failure means degraded (the journey goes on), not down."
-    )
-    always_run: bool = Field(
-        default=False, description="Cleanup (empty the test cart): runs even after an earlier step failed."
-    )
-    timeout: Duration | None = Field(default=None, gt=0, description="Per-step deadline.")
-
-
-class HttpProbe(ProbeCommon, RequestSpec):
-    """A single request with expectations on status, latency, body and JSON fields."""
-
-    kind: Literal["http"]
-    vars: dict[str, Any] = Field(default_factory=dict)
-
-    def journey(self, name: str) -> list[Step]:
-        fields = RequestSpec.model_fields.keys()
-        return [Step(name=name, **{k: getattr(self, k) for k in fields})]
-
-
-class TransactionProbe(ProbeCommon):
-    """A scripted user journey: ordered steps sharing one session (cookies) and extracted values."""
-
-    kind: Literal["transaction"]
-    vars: dict[str, Any] = Field(default_factory=dict, description="Values for {{ }} templates.")
-    steps: list[Step] = Field(min_length=1)
-    timeout: Duration = Field(default=10.0, gt=0)
-
-    def journey(self, name: str) -> list[Step]:
-        return self.steps
 
 
 def _render(value: Any, ctx: dict[str, Any]) -> Any:

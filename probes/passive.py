@@ -16,43 +16,14 @@ import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field
-
-from controller.durations import Duration, format_duration
+from controller.durations import format_duration
 from probes.base import Check, ProbeResult, StepResult
-from probes.http import ProbeCommon
-
-
-class HeartbeatProbe(ProbeCommon):
-    """A job that must check in at least every `period` (plus `grace`)."""
-
-    kind: Literal["heartbeat"]
-    period: Duration = Field(gt=0, description="How often the job is expected to POST /heartbeat/NAME.")
-    grace: Duration = Field(default=0.0, ge=0, description="Extra slack before silence counts as a failure.")
-    token_env: str | None = Field(
-        default=None, description="If set, pushes need `Authorization: Bearer` with it."
-    )
-    interval: Duration = Field(default=10.0, gt=0, description="How often the silence is checked.")
-    public: bool = Field(
-        default=False,
-        description="Accept heartbeats without a credential (a job that cannot hold a secret). "
-        "Otherwise pushes need `token_env`'s token, or the API token.",
-    )
-
-
-class AlertmanagerProbe(ProbeCommon):
-    """Fails while an Alertmanager alert whose labels match is firing."""
-
-    kind: Literal["alertmanager"]
-    matchers: dict[str, str] = Field(
-        min_length=1, description="Label name -> value; `=~regex` for a regular expression match."
-    )
-    interval: Duration = Field(default=5.0, gt=0, description="How often firing alerts are re-evaluated.")
-
-
-PASSIVE_KINDS = ("heartbeat", "alertmanager")
+from probes.models import (
+    PASSIVE_KINDS as PASSIVE_KINDS,  # re-exported: the config models live in probes/models.py
+)
+from probes.models import AlertmanagerProbe, HeartbeatProbe
 
 
 @dataclass

@@ -12,36 +12,10 @@ import asyncio
 import json
 import math
 import time
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field
-
-from probes.base import Check, Comparison, ProbeResult, Strict, single_step
-from probes.http import ProbeCommon
-
-
-class PrometheusExpect(Strict):
-    """What the query's result must look like."""
-
-    value: Comparison | None = Field(
-        default=None, description="Bound every returned series (or the scalar) must satisfy, e.g. {lt: 0.02}."
-    )
-    empty: Literal["ok", "fail"] = Field(
-        default="fail",
-        description="What a result with no series means: 'fail' (default; a typo in a metric name "
-        "must not pass silently) or 'ok' (e.g. an alert-style query that returns only bad series).",
-    )
-
-
-class PrometheusProbe(ProbeCommon):
-    """One PromQL instant query against a Prometheus server."""
-
-    kind: Literal["prometheus"]
-    url: str = Field(
-        min_length=1, description="Prometheus base URL, e.g. http://prometheus:9090 (the API path is added)."
-    )
-    query: str = Field(min_length=1, description="PromQL instant query, e.g. job:errors:ratio5m.")
-    expect: PrometheusExpect = Field(default_factory=PrometheusExpect, description="Expectations.")
+from probes.base import Check, ProbeResult, single_step
+from probes.models import PrometheusExpect, PrometheusProbe
 
 
 def _labels(metric: dict[str, str]) -> str:

@@ -29,6 +29,8 @@ import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from probes.models import parse_server
+
 #: Threads for getaddrinfo when no nameservers are configured. Distinct stalled names each hold one
 #: until libc gives up; more distinct stalled names than this make lookups wait, within their budget.
 RESOLVER_THREADS = 16
@@ -59,32 +61,6 @@ class _Settings:
 _settings = _Settings([], 2.0)
 _pool: ThreadPoolExecutor | None = None
 _inflight: dict[tuple[str, int, int], asyncio.Future[list[tuple[int, str]]]] = {}
-
-
-def parse_server(text: str) -> tuple[str, int]:
-    """`10.0.0.2`, `10.0.0.2:5353`, `::1`, `[::1]:5353` -> (ip, port). Raise ValueError if not."""
-    text = text.strip()
-    host, port = text, 53
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        if rest:
-            if not rest.startswith(":") or not rest[1:].isdigit():
-                raise ValueError(f"an IP address with an optional :port, found {text!r}")
-            port = int(rest[1:])
-    elif text.count(":") == 1:
-        host, _, raw = text.partition(":")
-        if not raw.isdigit():
-            raise ValueError(f"an IP address with an optional :port, found {text!r}")
-        port = int(raw)
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(
-            f"an IP address with an optional :port (e.g. 10.0.0.2:53 or [::1]:53), found {text!r}"
-        ) from None
-    if not 1 <= port <= 65535:
-        raise ValueError(f"a port between 1 and 65535, found {port}")
-    return host, port
 
 
 def configure(nameservers: list[str] | None = None, timeout: float = 2.0) -> None:

@@ -12,12 +12,10 @@ import asyncio
 import re
 import socket
 import time
-from typing import Literal
 
-from pydantic import Field
-
-from probes.base import Check, Comparison, ProbeResult, Strict, latency_check, prober_error_of, single_step
-from probes.http import ProbeCommon
+from probes.base import Check, ProbeResult, latency_check, prober_error_of, single_step
+from probes.models import TcpExpect as TcpExpect  # re-exported: the config models live in probes/models.py
+from probes.models import TcpProbe
 from probes.resolve import RESOLVE_SHARE, first_address, literal
 
 #: Stop reading after this much: `contains` is about the first bytes, not a download.
@@ -64,33 +62,6 @@ async def close_quietly(writer: asyncio.StreamWriter, within: float = 0.25) -> N
         writer.transport.abort()
     except Exception:  # ssl.SSLError on a peer that drops the close_notify, and the like
         writer.transport.abort()
-
-
-class TcpExpect(Strict):
-    """What the first bytes and the timing must look like; every field optional."""
-
-    contains: str | None = Field(
-        default=None,
-        description="Text expected in the first bytes the server sends (after `send`, if set), "
-        "e.g. 'SSH-2.0' or '+PONG'. Backslash escapes (\\r, \\n) are understood.",
-    )
-    latency_ms: Comparison | None = Field(
-        default=None,
-        description="Bound on the whole exchange (connect, send, read until `contains`), e.g. {lt: 200}.",
-    )
-
-
-class TcpProbe(ProbeCommon):
-    """Connect to host:port; optionally send a line and expect text back."""
-
-    kind: Literal["tcp"]
-    host: str = Field(min_length=1, description="Host name or IP address to connect to.")
-    port: int = Field(ge=1, le=65535, description="TCP port.")
-    send: str | None = Field(
-        default=None,
-        description="Text sent once connected, e.g. 'PING\\r\\n'. Backslash escapes are understood.",
-    )
-    expect: TcpExpect = Field(default_factory=TcpExpect, description="Expectations on the answer.")
 
 
 async def _read_until(reader: asyncio.StreamReader, wanted: str) -> tuple[bytes, bool]:

@@ -26,48 +26,17 @@ import math
 import os
 import ssl
 import time
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field
-
-from probes.base import Check, Comparison, ProbeResult, Strict, prober_error_of, single_step
-from probes.http import ProbeCommon
+from probes.base import Check, ProbeResult, prober_error_of, single_step
+from probes.models import TlsExpect as TlsExpect  # re-exported: the config models live in probes/models.py
+from probes.models import TlsProbe
 from probes.resolve import RESOLVE_SHARE, first_address, literal
 from probes.tcp import close_quietly, describe_os_error
 
 #: OpenSSL verify codes we explain in words (X509_V_ERR_*).
 _NOT_YET_VALID, _EXPIRED, _HOSTNAME_MISMATCH, _IP_MISMATCH = 9, 10, 62, 64
 _UNTRUSTED = {18, 19, 20, 21}  # self-signed, self-signed in chain, no local issuer, leaf only
-
-
-def _fourteen_days() -> Comparison:
-    return Comparison(ge=14)
-
-
-class TlsExpect(Strict):
-    """Expectations on the certificate."""
-
-    days_remaining: Comparison = Field(
-        default_factory=_fourteen_days,
-        description="Bound on whole days until the certificate expires; failing it marks the result "
-        "degraded, not down. Default {ge: 14}.",
-    )
-
-
-class TlsProbe(ProbeCommon):
-    """A verified TLS handshake with host:port and a check of the certificate's expiry."""
-
-    kind: Literal["tls"]
-    host: str = Field(min_length=1, description="Host name or IP address to connect to.")
-    port: int = Field(default=443, ge=1, le=65535, description="TCP port.")
-    server_name: str | None = Field(
-        default=None, description="Name sent as SNI and checked against the certificate; default: host."
-    )
-    ca_file: str | None = Field(
-        default=None,
-        description="PEM file of CA certificates to trust instead of the system's (private or test CA).",
-    )
-    expect: TlsExpect = Field(default_factory=TlsExpect, description="Expectations on the certificate.")
 
 
 @functools.lru_cache(maxsize=32)

@@ -400,6 +400,47 @@ controller: {{data_dir: "{tmp_path / "state"}", tick: 100ms, config_poll: 1h}}
         assert requests.get(f"{base}/services", timeout=5).json()["shop"]["state"] == "up"
 
 
+def test_a_reload_that_parses_too_long_is_refused_and_the_old_config_runs_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loader's bounds keep any file short (bench/hostile.py: well under a second); the reload's
+    own deadline is the second line. Here a fleet-sized bound (CONTINUITY_CONFIG_MAX_NODES raised)
+    admits a valid 300,000-value file that takes a second or more to build, and the deadline is cut
+    to 50 ms: the reload is refused and counted while the parse still runs in its worker thread, and
+    the old config keeps running (awaiting the parse would have applied the file)."""
+    from controller import cli as cli_module
+
+    monkeypatch.setenv("CONTINUITY_API_TOKEN", TOKEN)
+    monkeypatch.setenv("CONTINUITY_CONFIG_MAX_NODES", "1000000")
+    monkeypatch.setattr(cli_module, "RELOAD_TIMEOUT", 0.05)  # the constant; the parse itself is real
+    path = write(tmp_path, PUSH_CONFIG)
+    cfg = load_config(path)
+    big = path.read_text().replace(
+        "probes: [alerts, job]}", "probes: [alerts, job], owners: [" + ", ".join(["sre"] * 300_000) + "]}"
+    )
+    (tmp_path / "big").mkdir()
+    load_config(write(tmp_path / "big", big.split("\ncontroller:")[0]))  # valid: it would be applied
+
+    async def main() -> None:
+        c = Controller(cfg, SQLiteStore(cfg.controller.data_dir))
+        reload_now, stop = asyncio.Event(), asyncio.Event()
+        watcher = asyncio.create_task(cli_module._watch_config(c, str(path), reload_now, stop))
+        try:
+            path.write_text(big, encoding="utf-8")
+            reload_now.set()
+            rejected = c.metrics.reloads.labels("rejected")
+            await until(lambda: rejected._value.get() == 1, 10, "the reload refused at its deadline")
+            assert c.metrics.reloads.labels("applied")._value.get() == 0
+            assert c.config is cfg and c.config.services["checkout"].owners == []
+        finally:
+            stop.set()
+            reload_now.set()
+            await watcher
+            c.store.close()
+
+    asyncio.run(main())
+
+
 # ====================================================================== 2. pushes need a credential
 
 PUSH_CONFIG = """
@@ -781,6 +822,34 @@ controller: {{data_dir: "{tmp_path / "state"}", tick: 100ms, api_header_timeout:
         lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
         assert not [e for e in lines if e.get("event") == "probe verdict" and e.get("status") == "down"]
         assert "Too many open files" not in log.read_text()
+
+
+def test_the_soft_fd_limit_is_raised_as_far_as_the_hard_limit_allows() -> None:
+    """`run` starts by raising its soft RLIMIT_NOFILE to the hard limit (so a low default of 1,024
+    does not starve the probes) and logs both (the flood test above reads that line). A real child
+    process, started with soft 1,024 below a higher hard limit."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    hard = 4096 if hard == resource.RLIM_INFINITY else min(hard, 4096)
+    soft = min(1024, hard // 2)
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    code = (
+        "import json, resource\nfrom controller.apiserver import connection_cap, raise_fd_limit\n"
+        "before, after, hard = raise_fd_limit()\n"
+        "print(json.dumps([before, after, hard, resource.getrlimit(resource.RLIMIT_NOFILE)[0], "
+        "connection_cap(256, after)]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        preexec_fn=limit,
+        check=True,
+    )
+    assert json.loads(out.stdout) == [soft, hard, hard, hard, min(256, hard // 4)]
 
 
 def test_a_connection_that_never_finishes_its_head_is_closed() -> None:

@@ -14,8 +14,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from controller.executors import ACTIONS, run_in
-from playbooks.actions.base import Action, ActionContext, ActionError, PlannedCall
+from playbooks.actions.base import Action, ActionContext, ActionError, PlannedCall, in_action_pool
 from probes.base import Strict
 
 
@@ -156,7 +155,7 @@ class SetListenerWeights(Action):
         return listener, idx, groups, self._resolve(groups)
 
     async def check(self, ctx: ActionContext) -> bool:
-        _, _, groups, want = await run_in(ACTIONS, self._state, ctx)
+        _, _, groups, want = await in_action_pool(self._state, ctx)
         have = {g["TargetGroupArn"]: g.get("Weight", 1) for g in groups}
         return all(have[arn] == w for arn, w in want.items())
 
@@ -184,4 +183,4 @@ class SetListenerWeights(Action):
         return f"listener {where} weights {before} -> {after}"
 
     async def apply(self, ctx: ActionContext) -> str:
-        return await run_in(ACTIONS, self._apply, ctx)
+        return await in_action_pool(self._apply, ctx)

@@ -13,8 +13,7 @@ from typing import Any
 from pydantic import Field
 
 from controller.durations import Duration
-from controller.executors import ACTIONS, run_in
-from playbooks.actions.base import Action, ActionContext, ActionError, PlannedCall
+from playbooks.actions.base import Action, ActionContext, ActionError, PlannedCall, in_action_pool
 from probes.base import Strict
 
 
@@ -71,7 +70,7 @@ class FailoverDbCluster(Action):
         ]
 
     async def check(self, ctx: ActionContext) -> bool:
-        cluster = await run_in(ACTIONS, _cluster, ctx.aws("rds"), self.p.cluster)
+        cluster = await in_action_pool(_cluster, ctx.aws("rds"), self.p.cluster)
         return _writer(cluster) == self.p.target_instance and cluster.get("Status") == "available"
 
     def _apply(self, ctx: ActionContext) -> str:
@@ -111,7 +110,7 @@ class FailoverDbCluster(Action):
         )
 
     async def apply(self, ctx: ActionContext) -> str:
-        return await run_in(ACTIONS, self._apply, ctx)
+        return await in_action_pool(self._apply, ctx)
 
 
 class PromoteReplicaParams(Strict):
@@ -153,7 +152,7 @@ class PromoteReadReplica(Action):
             raise ActionError(f"no DB instance named {self.p.instance}", retryable=False) from None
 
     async def check(self, ctx: ActionContext) -> bool:
-        inst = await run_in(ACTIONS, self._instance, ctx)
+        inst = await in_action_pool(self._instance, ctx)
         return not inst.get("ReadReplicaSourceDBInstanceIdentifier")
 
     def _apply(self, ctx: ActionContext) -> str:
@@ -167,4 +166,4 @@ class PromoteReadReplica(Action):
         )
 
     async def apply(self, ctx: ActionContext) -> str:
-        return await run_in(ACTIONS, self._apply, ctx)
+        return await in_action_pool(self._apply, ctx)

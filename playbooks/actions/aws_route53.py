@@ -13,8 +13,7 @@ from typing import Any
 from pydantic import Field
 
 from controller.durations import Duration
-from controller.executors import ACTIONS, run_in
-from playbooks.actions.base import Action, ActionContext, ActionError, PlannedCall
+from playbooks.actions.base import Action, ActionContext, ActionError, PlannedCall, in_action_pool
 from probes.base import Strict
 
 
@@ -143,7 +142,7 @@ class SwitchRecord(_Route53):
         return zone_id, self._select(self.records(r53, zone_id))
 
     async def check(self, ctx: ActionContext) -> bool:
-        _, cur = await run_in(ACTIONS, self._current_values, ctx)
+        _, cur = await in_action_pool(self._current_values, ctx)
         have = sorted(r["Value"] for r in (cur or {}).get("ResourceRecords", []))
         return have == sorted(self.p.values)
 
@@ -175,7 +174,7 @@ class SwitchRecord(_Route53):
         )
 
     async def apply(self, ctx: ActionContext) -> str:
-        return await run_in(ACTIONS, self._apply, ctx)
+        return await in_action_pool(self._apply, ctx)
 
 
 class SetWeightsParams(_RecordRef):
@@ -227,7 +226,7 @@ class SetWeights(_Route53):
         return zone_id, {r["SetIdentifier"]: r for r in self.records(r53, zone_id) if "SetIdentifier" in r}
 
     async def check(self, ctx: ActionContext) -> bool:
-        _, sets = await run_in(ACTIONS, self._weights, ctx)
+        _, sets = await in_action_pool(self._weights, ctx)
         return all(sid in sets and sets[sid].get("Weight") == w for sid, w in self.p.weights.items())
 
     def _apply(self, ctx: ActionContext) -> str:
@@ -253,4 +252,4 @@ class SetWeights(_Route53):
         return f"{_fqdn(self.p.record)} weights now {after} (was {before}); INSYNC after {took:.1f}s"
 
     async def apply(self, ctx: ActionContext) -> str:
-        return await run_in(ACTIONS, self._apply, ctx)
+        return await in_action_pool(self._apply, ctx)

@@ -12,12 +12,25 @@ import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from probes.base import Strict
 
 if TYPE_CHECKING:
     import kubernetes.client
+
+T = TypeVar("T")
+
+
+async def in_action_pool(fn: Callable[..., T], /, *args: Any) -> T:
+    """Run a blocking call (boto3, the Kubernetes client, requests) on the actions' thread pool.
+
+    controller.executors (asyncio, threads) is imported here, where a step runs, not with the
+    action modules: `continuity validate` loads them for their parameter models alone and must
+    answer any file in under a second (issue 13; tests/test_cli_imports.py)."""
+    from controller.executors import ACTIONS, run_in
+
+    return await run_in(ACTIONS, fn, *args)
 
 
 class ActionError(Exception):

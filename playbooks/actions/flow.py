@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import time
 from typing import TYPE_CHECKING, Any
@@ -58,6 +57,8 @@ class WaitHealthy(Action):
         return not self._down(ctx)
 
     async def apply(self, ctx: ActionContext) -> str:
+        import asyncio
+
         sleep = ctx.sleep or asyncio.sleep
         start = time.monotonic()
         while True:
@@ -91,6 +92,8 @@ class Wait(Action):
         return [PlannedCall("clock", "sleep", {"duration": format_duration(self.p.duration)})]
 
     async def apply(self, ctx: ActionContext) -> str:
+        import asyncio
+
         await (ctx.sleep or asyncio.sleep)(self.p.duration)
         return f"waited {format_duration(self.p.duration)}"
 

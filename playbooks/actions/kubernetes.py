@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import Field, model_validator
 
-from controller.executors import ACTIONS, run_in
-from playbooks.actions.base import Action, ActionContext, ActionError, PlannedCall
+from playbooks.actions.base import Action, ActionContext, ActionError, PlannedCall, in_action_pool
 from probes.base import Strict
 
 if TYPE_CHECKING:
@@ -143,7 +142,7 @@ class Scale(Action):
         return int(scale.spec.replicas or 0) if scale.spec else 0
 
     async def check(self, ctx: ActionContext) -> bool:
-        return await run_in(ACTIONS, self._current, ctx) == self.p.replicas
+        return await in_action_pool(self._current, ctx) == self.p.replicas
 
     def _apply(self, ctx: ActionContext) -> str:
         import kubernetes.client
@@ -167,7 +166,7 @@ class Scale(Action):
         return f"{self._what()} replicas {before} -> {scale.spec.replicas if scale.spec else '?'}"
 
     async def apply(self, ctx: ActionContext) -> str:
-        return await run_in(ACTIONS, self._apply, ctx)
+        return await in_action_pool(self._apply, ctx)
 
 
 # ---------------------------------------------------------------- patch
@@ -270,7 +269,7 @@ class Patch(Action):
         return json.loads(resp.data)
 
     async def check(self, ctx: ActionContext) -> bool:
-        obj = await run_in(ACTIONS, self._read, ctx)
+        obj = await in_action_pool(self._read, ctx)
         return not _missing(obj, self.p.patch)
 
     def _apply(self, ctx: ActionContext) -> str:
@@ -297,7 +296,7 @@ class Patch(Action):
         return f"{self._what()} patched: {changes}"
 
     async def apply(self, ctx: ActionContext) -> str:
-        return await run_in(ACTIONS, self._apply, ctx)
+        return await in_action_pool(self._apply, ctx)
 
 
 # ---------------------------------------------------------------- rollout restart
@@ -374,4 +373,4 @@ class RolloutRestart(Action):
         return f"{self._what()} restarted: {RESTARTED_AT} {before} -> {now}"
 
     async def apply(self, ctx: ActionContext) -> str:
-        return await run_in(ACTIONS, self._apply, ctx)
+        return await in_action_pool(self._apply, ctx)

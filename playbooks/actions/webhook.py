@@ -13,12 +13,10 @@ import os
 import time
 from typing import Any, Literal
 
-import requests
 from pydantic import Field
 
 from controller.durations import Duration
-from controller.executors import ACTIONS, run_in
-from playbooks.actions.base import Action, ActionContext, ActionError, PlannedCall
+from playbooks.actions.base import Action, ActionContext, ActionError, PlannedCall, in_action_pool
 from playbooks.actions.flow import templates
 from probes.base import Strict
 
@@ -120,6 +118,8 @@ class Http(Action):
                 "timeout_s": round(timeout, 3),
             },
         )
+        import requests  # here, where a call goes out: validate loads this module (issue 13)
+
         start = time.monotonic()
         try:
             resp = requests.request(
@@ -152,4 +152,4 @@ class Http(Action):
     async def apply(self, ctx: ActionContext) -> str:
         # check() stays False: a webhook call is not idempotent in general; the engine's journal
         # keeps a done step from being repeated when a run resumes.
-        return await run_in(ACTIONS, self._apply, ctx)
+        return await in_action_pool(self._apply, ctx)
