@@ -443,23 +443,12 @@ class ProbeView:
     unsettled: bool
     unproven: str | None
     """Why it does not yet prove the service recovered (see ServiceHealth.unproven)."""
-    computed_at: float | None = field(default=None, compare=False)
     fresh_until: tuple[float, float] | None = field(default=None, compare=False)
-    """(started_at, freshness): while `now - started_at <= freshness` the probe stays fresh."""
+    """(started_at, freshness): the probe is fresh while `now - started_at <= freshness`; after that,
+    time alone makes it UNKNOWN."""
     window_until: tuple[float, float] | None = field(default=None, compare=False)
-    """(oldest run inside the window, window): while `now - at <= window` no run leaves the
-    intermittent window, so the failure rate read here still holds."""
-
-    def holds(self, now: float | None) -> bool:
-        """Would `probe_view` on the same state, rules and freshness at `now` return an equal view?
-        Time alone turns a fresh probe stale and ages runs out of the intermittent window."""
-        if now is None or self.computed_at is None:
-            return now is None and self.computed_at is None
-        if now < self.computed_at:
-            return False  # the clock went back: runs outside the window may be inside again
-        if self.fresh_until is not None and now - self.fresh_until[0] > self.fresh_until[1]:
-            return False
-        return self.window_until is None or now - self.window_until[0] <= self.window_until[1]
+    """(oldest run inside the intermittent window, window): no run leaves the window, so the failure
+    rate read here holds, while `now - at <= window`."""
 
 
 def probe_view(
@@ -516,7 +505,6 @@ def probe_view(
         st.first_failure_at if may_fail else None,
         s is Health.SUSPECT or (s in (Health.UP, Health.UNKNOWN) and st.failures > 0),
         unproven,
-        now,
         fresh_until,
         window_until,
     )

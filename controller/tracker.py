@@ -307,6 +307,11 @@ class DetectionTracker:
             self._service_probes(), self.states, self.impact, flaps, now=now, freshness=fresh, rules=rules
         )
 
+    def up_since(self, now: float) -> dict[str, float]:
+        """= {p: s.changed_at or now for p, s in states.items() if s.status is UP}, as of the last
+        `health()` (the observation calls it right after)."""
+        return self._health_memo.up_since(now)
+
     def _service_probes(self) -> dict[str, list[str]]:
         cfg = self.config
         cached = getattr(self, "_service_probes_cache", None)

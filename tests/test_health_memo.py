@@ -100,6 +100,8 @@ def test_the_memo_equals_a_fresh_computation_over_random_results_and_time() -> N
                 rules[p] = Rules(**{f: getattr(rules[p], f) for f in Rules.__dataclass_fields__})
             got = memo.health(services, states, impact, flaps, now=now, freshness=fresh, rules=rules)
             assert got == plain(services, states, impact, flaps, now, fresh, rules), (seed, now)
+            up = {p: s.changed_at or now for p, s in states.items() if s.status is Health.UP}
+            assert memo.up_since(now) == up
             compared += 1
             lookups += len({p for ps in services.values() for p in ps})
         memo_views += memo.views_computed
@@ -158,6 +160,8 @@ probes:
   health: {kind: http, url: "http://127.0.0.1:9/health", interval: 10s, timeout: 1s}
   journey: {kind: http, url: "http://127.0.0.1:9/journey", interval: 10s, timeout: 1s, impact: degraded}
   search: {kind: http, url: "http://127.0.0.1:9/search", interval: 10s, timeout: 1s}
+  ref: {kind: http, url: "http://127.0.0.1:9/ref", interval: 10s, timeout: 1s}
+detection: {reference_probes: [ref]}
 """
 
 
@@ -189,6 +193,8 @@ def test_the_controllers_health_is_service_health_of_its_states(tmp_path: Path) 
                 now[0] += rng.choice([1.0, 5.0, 40.0])  # past the default freshness now and then
             got = ctrl.health()
             assert got == fresh_health(), now[0]
+            up = {p: s.changed_at or now[0] for p, s in ctrl.states.items() if s.status is Health.UP}
+            assert ctrl.detection.up_since(now[0]) == up
             states_seen += [h.state.value for h in got.values()]
         for t in ctrl.detection._burst_tasks:
             t.cancel()
