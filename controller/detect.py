@@ -32,8 +32,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from enum import StrEnum
+from operator import itemgetter
+from typing import NamedTuple
 
 from probes.base import ProbeResult
 
@@ -180,9 +182,14 @@ def intermittent(state: ProbeState, now: float, rules: Rules, factor: float = 1.
     if rules.intermittent_window <= 0:
         return None
     failed, total = failure_rate(state, now, rules.intermittent_window)
+    return (failed, total) if _rate_over(failed, total, rules, factor) else None
+
+
+def _rate_over(failed: int, total: int, rules: Rules, factor: float) -> bool:
+    """The intermittent rule on counted runs: enough runs, and a rate at least `factor x rate`."""
     if total < rules.intermittent_min_runs or total == 0:
-        return None
-    return (failed, total) if failed / total >= rules.intermittent_rate * factor else None
+        return False
+    return failed / total >= rules.intermittent_rate * factor
 
 
 def confirm(state: ProbeState, burst: list[ProbeResult], rules: Rules) -> ProbeState:
@@ -421,11 +428,10 @@ def service_health(
 _DEFAULT_RULES = Rules()
 
 
-@dataclass(frozen=True)
-class ProbeView:
-    """What `service_health` reads of one probe at one moment. Two equal views give the same service
-    verdict, so a probe whose new result changed nothing the verdict reads (one more pass of a
-    healthy probe) leaves its service's verdict as it was."""
+class ProbeView(NamedTuple):
+    """What `service_health` reads of one probe at one moment. Two views equal but for `until` give
+    the same service verdict, so a probe whose new result changed nothing the verdict reads (one
+    more pass of a healthy probe) leaves its service's verdict as it was."""
 
     probe: str
     status: Health
@@ -443,12 +449,14 @@ class ProbeView:
     unsettled: bool
     unproven: str | None
     """Why it does not yet prove the service recovered (see ServiceHealth.unproven)."""
-    fresh_until: tuple[float, float] | None = field(default=None, compare=False)
-    """(started_at, freshness): the probe is fresh while `now - started_at <= freshness`; after that,
-    time alone makes it UNKNOWN."""
-    window_until: tuple[float, float] | None = field(default=None, compare=False)
-    """(oldest run inside the intermittent window, window): no run leaves the window, so the failure
-    rate read here holds, while `now - at <= window`."""
+    until: float | None
+    """The earliest moment time alone could change this view (None: never, until a new state):
+    the latest result goes stale, or the oldest run inside the intermittent window leaves it while
+    a failed run is inside."""
+
+
+_FAILED = itemgetter(1)
+"""(started_at, failed) -> failed"""
 
 
 def probe_view(
@@ -457,34 +465,39 @@ def probe_view(
     """One probe as `service_health` sees it at `now` (see ProbeView)."""
     s = st.status
     stale = False
-    fresh_until = None
+    until = None
     if s is not Health.UNKNOWN and now is not None:
         if st.last is None or (limit is not None and now - st.last.started_at > limit):
             s = Health.UNKNOWN
             stale = True
         elif limit is not None:
-            fresh_until = (st.last.started_at, limit)
+            until = st.last.started_at + limit
     flaky: str | None = None
     still_flaky = False
-    window_until = None
-    if now is not None and s in (Health.UP, Health.SUSPECT):
-        hit = intermittent(st, now, r)
-        if hit is not None:
-            failed, total = hit
-            latest = last.reason if (last := st.last) is not None and not last.ok else ""
-            flaky = (
-                f"{p} failed {round(100 * failed / total)}% of runs in the last "
-                f"{_window_words(r.intermittent_window)} ({failed} of {total})"
-                + (f"; latest: {latest}" if latest else "")
-            )
-        elif intermittent(st, now, r, factor=0.5) is not None:
-            still_flaky = True  # hysteresis: it must fall below half the rate to prove recovery
-        if r.intermittent_window > 0:
-            inside = [(at, failed) for at, failed in st.runs if now - at <= r.intermittent_window]
-            # With no failed run inside (and a positive rate), the answer stays "not flaky" as runs
-            # age out; otherwise it holds until the oldest run inside leaves the window.
-            if inside and (any(f for _, f in inside) or r.intermittent_rate * 0.5 <= 0):
-                window_until = (min(at for at, _ in inside), r.intermittent_window)
+    w = r.intermittent_window
+    # = intermittent(st, now, r) and intermittent(st, now, r, factor=0.5), in one pass over the runs.
+    # With no failed run (and a positive rate) both are None, now and as runs age out.
+    if now is not None and s in (Health.UP, Health.SUSPECT) and w > 0:
+        if r.intermittent_rate > 0 and not any(map(_FAILED, st.runs)):
+            pass
+        else:
+            failed = total = 0
+            oldest = math.inf
+            for at, f in st.runs:
+                if now - at <= w:
+                    total += 1
+                    failed += f
+                    oldest = min(oldest, at)
+            if _rate_over(failed, total, r, 1.0):
+                latest = last.reason if (last := st.last) is not None and not last.ok else ""
+                flaky = (
+                    f"{p} failed {round(100 * failed / total)}% of runs in the last "
+                    f"{_window_words(w)} ({failed} of {total})" + (f"; latest: {latest}" if latest else "")
+                )
+            elif _rate_over(failed, total, r, 0.5):
+                still_flaky = True  # hysteresis: it must fall below half the rate to prove recovery
+            if total and (failed or r.intermittent_rate * 0.5 <= 0):
+                until = oldest + w if until is None else min(until, oldest + w)
     may_fail = s in (Health.DOWN, Health.DEGRADED) or flaky is not None
     unproven = None
     if stale:
@@ -505,8 +518,7 @@ def probe_view(
         st.first_failure_at if may_fail else None,
         s is Health.SUSPECT or (s in (Health.UP, Health.UNKNOWN) and st.failures > 0),
         unproven,
-        fresh_until,
-        window_until,
+        until,
     )
 
 

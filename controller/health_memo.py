@@ -8,8 +8,8 @@ computed and the state it was computed from, and per service, the verdict:
 
 - a probe's view is recomputed when its state is another object (ProbeState is frozen: every
   result, burst, reload or discount replaces it), or when time alone could change it (its latest
-  result goes stale, a run leaves the intermittent window: `ProbeView.fresh_until`/`window_until`,
-  kept in a heap of deadlines). Unknown is not up: a probe that stops reporting turns UNKNOWN on
+  result goes stale, a run leaves the intermittent window: `ProbeView.until`, kept in a heap of
+  deadlines). Unknown is not up: a probe that stops reporting turns UNKNOWN on
   time, with no new state;
 - a recomputed view equal to the one before is not a change;
 - a service's verdict is summarised again only when one of its probes' views, or its set of
@@ -76,9 +76,10 @@ class HealthMemo:
         """`{name: service_health(name, probes, states, impact, flapping_probes, now=now, freshness=
         freshness, rules=rules)}` for every service, from the memo where nothing changed."""
         inputs = (services, impact, freshness, rules)
-        if len(inputs) != len(self._inputs) or any(a is not b for a, b in zip(inputs, self._inputs)):
-            self._reset(services, inputs)
-        elif now < self._now:  # the clock stepped back: runs outside the window may be inside again
+        held = self._inputs
+        # Another config (a reload), or the clock stepped back (runs outside the window may be inside
+        # again): start afresh.
+        if len(held) != 4 or any(a is not b for a, b in zip(inputs, held, strict=True)) or now < self._now:
             self._reset(services, inputs)
         self._now = now
         seen = self._seen
@@ -149,11 +150,10 @@ class HealthMemo:
         )
         self.views_computed += 1
         generation = self._generation[p] = self._generation.get(p, 0) + 1
-        deadlines = [t[0] + t[1] for t in (view.fresh_until, view.window_until) if t is not None]
-        if deadlines:
-            heapq.heappush(self._expiry, (min(deadlines), generation, p))
+        if view.until is not None:
+            heapq.heappush(self._expiry, (view.until, generation, p))
         held = self._views.get(p)
-        if held is not None and held == view:
+        if held is not None and held[:-1] == view[:-1]:  # equal but for `until`: the same verdict
             return False
         self._views[p] = view
         return True

@@ -224,10 +224,10 @@ class Controller:
         obs = self.observation(snap)
         await self.effects.send_isolation_alerts()
         for name, h in obs.health.items():
-            self.metrics.service_state.labels(name).set(SERVICE_STATE_VALUE[h.state])
+            self.metrics.set_labelled(self.metrics.service_state, name, SERVICE_STATE_VALUE[h.state])
         self.metrics.paused.set(1 if obs.paused is not None else 0)
         for name in self.config.services:
-            self.metrics.silenced.labels(name).set(1 if name in obs.silenced else 0)
+            self.metrics.set_labelled(self.metrics.silenced, name, 1 if name in obs.silenced else 0)
         decisions = d.decide(obs, self.config)
         for decision in decisions:
             await self._act(decision, obs)

@@ -96,7 +96,9 @@ def test_the_memo_equals_a_fresh_computation_over_random_results_and_time() -> N
             else:  # an equal state as a new object, and a rules object replaced by an equal one
                 p = rng.choice(probes)
                 if p in states:
-                    states[p] = ProbeState(**{f: getattr(states[p], f) for f in ProbeState.__dataclass_fields__})
+                    states[p] = ProbeState(
+                        **{f: getattr(states[p], f) for f in ProbeState.__dataclass_fields__}
+                    )
                 rules[p] = Rules(**{f: getattr(rules[p], f) for f in Rules.__dataclass_fields__})
             got = memo.health(services, states, impact, flaps, now=now, freshness=fresh, rules=rules)
             assert got == plain(services, states, impact, flaps, now, fresh, rules), (seed, now)
