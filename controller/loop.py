@@ -56,6 +56,11 @@ from probes.scheduler import Scheduler
 log = structlog.get_logger("continuity.controller")
 
 
+FLUSH_WAIT = 0.5
+"""How long a reconcile waits for its timeline batch to be written (a store in good health: a few
+milliseconds); a longer write carries on in the background."""
+
+
 def new_identity() -> str:
     """A run owner's name when there is no elector: host, process and a random part (a restarted
     process is a new owner, so it takes over the runs of the one that died)."""
@@ -214,10 +219,9 @@ class Controller:
         try:
             return await self._reconcile()
         finally:
-            try:  # the tick's timeline entries (and pushed signals), even from a cycle that failed
-                await self.astore.flush()
-            except Exception:
-                log.exception("timeline flush failed; the next cycle retries")
+            # The tick's timeline entries (and pushed signals), even from a cycle that failed; waited
+            # for FLUSH_WAIT at most, so that a held store write never delays the next decision.
+            await self.astore.flush_within(FLUSH_WAIT)
 
     async def _reconcile(self) -> list[d.Decision]:
         snap = await self.astore.snapshot()  # the tick's one read, off the loop
