@@ -109,7 +109,9 @@ class TickLoop:
                             self.inputs.refresh_signals(), name="signals"
                         )
                     for name, h in self.health().items():
-                        self.metrics.service_state.labels(name).set(SERVICE_STATE_VALUE[h.state])
+                        self.metrics.set_labelled(
+                            self.metrics.service_state, name, SERVICE_STATE_VALUE[h.state]
+                        )
                     self.metrics.last_tick.set(self.clock())
             except Exception:  # a bug in one cycle must not stop the controller
                 log.exception("reconcile failed; the next cycle retries")

@@ -34,6 +34,8 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
+from operator import itemgetter
+from typing import NamedTuple
 
 from probes.base import ProbeResult
 
@@ -180,9 +182,14 @@ def intermittent(state: ProbeState, now: float, rules: Rules, factor: float = 1.
     if rules.intermittent_window <= 0:
         return None
     failed, total = failure_rate(state, now, rules.intermittent_window)
+    return (failed, total) if _rate_over(failed, total, rules, factor) else None
+
+
+def _rate_over(failed: int, total: int, rules: Rules, factor: float) -> bool:
+    """The intermittent rule on counted runs: enough runs, and a rate at least `factor x rate`."""
     if total < rules.intermittent_min_runs or total == 0:
-        return None
-    return (failed, total) if failed / total >= rules.intermittent_rate * factor else None
+        return False
+    return failed / total >= rules.intermittent_rate * factor
 
 
 def confirm(state: ProbeState, burst: list[ProbeResult], rules: Rules) -> ProbeState:
@@ -398,86 +405,150 @@ def service_health(
 
     `now` and `freshness` (seconds per probe) turn on the staleness check; `rules` gives each probe's
     success threshold and intermittent settings (default: Rules()). The controller passes all three.
-    """
 
-    seen = {p: states.get(p, _NEVER) for p in probes}
+    It is `summarize` over one `probe_view` per probe: the controller keeps the views of unchanged
+    probes from tick to tick (controller/health_memo.py) and gets the same answer as this.
+    """
     fresh_for = freshness or {}
-    status: dict[str, Health] = {}
-    stale: set[str] = set()
-    for p, st in seen.items():
-        s = st.status
-        if s is not Health.UNKNOWN and now is not None:
-            limit = fresh_for.get(p)
-            if st.last is None or (limit is not None and now - st.last.started_at > limit):
-                s = Health.UNKNOWN
-                stale.add(p)
-        status[p] = s
     rule_of = rules or {}
-    default_rules = Rules()
-    flaky: dict[str, str] = {}
-    still_flaky: set[str] = set()
-    if now is not None:
-        for p in probes:
-            if status[p] not in (Health.UP, Health.SUSPECT):
-                continue
-            r = rule_of.get(p, default_rules)
-            hit = intermittent(seen[p], now, r)
-            if hit is not None:
-                failed, total = hit
-                latest = last.reason if (last := seen[p].last) is not None and not last.ok else ""
-                flaky[p] = (
-                    f"{p} failed {round(100 * failed / total)}% of runs in the last "
-                    f"{_window_words(r.intermittent_window)} ({failed} of {total})"
-                    + (f"; latest: {latest}" if latest else "")
-                )
-            elif intermittent(seen[p], now, r, factor=0.5) is not None:
-                still_flaky.add(p)  # hysteresis: it must fall below half the rate to prove recovery
-    hard = [p for p in probes if status[p] is Health.DOWN and impact.get(p, "down") == "down"]
-    soft = [
-        p
+    views = [
+        probe_view(
+            p,
+            states.get(p, _NEVER),
+            impact.get(p, "down") == "down",
+            rule_of.get(p, _DEFAULT_RULES),
+            fresh_for.get(p),
+            now,
+        )
         for p in probes
-        if status[p] is Health.DEGRADED
-        or (status[p] is Health.DOWN and impact.get(p, "down") != "down")
-        or p in flaky
     ]
-    unknown = [p for p in probes if status[p] is Health.UNKNOWN]
+    return summarize(service, views, flapping_probes)
+
+
+_DEFAULT_RULES = Rules()
+
+
+class ProbeView(NamedTuple):
+    """What `service_health` reads of one probe at one moment. Two views equal but for `until` give
+    the same service verdict, so a probe whose new result changed nothing the verdict reads (one
+    more pass of a healthy probe) leaves its service's verdict as it was."""
+
+    probe: str
+    status: Health
+    """The probe's status, UNKNOWN when its latest result is older than its freshness."""
+    stale: bool
+    hard: bool
+    """Its impact is `down`: DOWN makes the service DOWN (else DEGRADED)."""
+    flaky: str | None
+    """The intermittent-failure reason when it fails at least `intermittent_rate` of its runs."""
+    reason: str
+    """Why it fails (the flaky reason, else the latest result's): only for a probe that may fail
+    the service (DOWN, DEGRADED or flaky); empty otherwise."""
+    first_failure_at: float | None
+    """Start of its failing streak, only for a probe that may fail the service."""
+    unsettled: bool
+    unproven: str | None
+    """Why it does not yet prove the service recovered (see ServiceHealth.unproven)."""
+    until: float | None
+    """The earliest moment time alone could change this view (None: never, until a new state):
+    the latest result goes stale, or the oldest run inside the intermittent window leaves it while
+    a failed run is inside."""
+
+
+_FAILED = itemgetter(1)
+"""(started_at, failed) -> failed"""
+
+
+def probe_view(
+    p: str, st: ProbeState, hard: bool, r: Rules, limit: float | None, now: float | None
+) -> ProbeView:
+    """One probe as `service_health` sees it at `now` (see ProbeView)."""
+    s = st.status
+    stale = False
+    until = None
+    if s is not Health.UNKNOWN and now is not None:
+        if st.last is None or (limit is not None and now - st.last.started_at > limit):
+            s = Health.UNKNOWN
+            stale = True
+        elif limit is not None:
+            until = st.last.started_at + limit
+    flaky: str | None = None
+    still_flaky = False
+    w = r.intermittent_window
+    # = intermittent(st, now, r) and intermittent(st, now, r, factor=0.5), in one pass over the runs.
+    # With no failed run (and a positive rate) both are None, now and as runs age out.
+    if now is not None and s in (Health.UP, Health.SUSPECT) and w > 0:
+        if r.intermittent_rate > 0 and not any(map(_FAILED, st.runs)):
+            pass
+        else:
+            failed = total = 0
+            oldest = math.inf
+            for at, f in st.runs:
+                if now - at <= w:
+                    total += 1
+                    failed += f
+                    oldest = min(oldest, at)
+            if _rate_over(failed, total, r, 1.0):
+                latest = last.reason if (last := st.last) is not None and not last.ok else ""
+                flaky = (
+                    f"{p} failed {round(100 * failed / total)}% of runs in the last "
+                    f"{_window_words(w)} ({failed} of {total})" + (f"; latest: {latest}" if latest else "")
+                )
+            elif _rate_over(failed, total, r, 0.5):
+                still_flaky = True  # hysteresis: it must fall below half the rate to prove recovery
+            if total and (failed or r.intermittent_rate * 0.5 <= 0):
+                until = oldest + w if until is None else min(until, oldest + w)
+    may_fail = s in (Health.DOWN, Health.DEGRADED) or flaky is not None
+    unproven = None
+    if stale:
+        unproven = "no fresh result"
+    elif s is Health.UNKNOWN:
+        unproven = "no result yet"
+    elif s is Health.UP and st.successes < r.success_threshold:
+        unproven = f"{st.successes} of {r.success_threshold} passes since its last failure"
+    elif still_flaky:
+        unproven = "still failing intermittently"
+    return ProbeView(
+        p,
+        s,
+        stale,
+        hard,
+        flaky,
+        (flaky if flaky is not None else (last.reason if (last := st.last) else "")) if may_fail else "",
+        st.first_failure_at if may_fail else None,
+        s is Health.SUSPECT or (s in (Health.UP, Health.UNKNOWN) and st.failures > 0),
+        unproven,
+        until,
+    )
+
+
+def summarize(service: str, views: list[ProbeView], flapping_probes: Iterable[str] = ()) -> ServiceHealth:
+    """The service's verdict from its probes' views, in the order of its probes (see service_health)."""
+    hard = [v.probe for v in views if v.status is Health.DOWN and v.hard]
+    soft = [
+        v.probe
+        for v in views
+        if v.status is Health.DEGRADED or (v.status is Health.DOWN and not v.hard) or v.flaky is not None
+    ]
     if hard:
         state, failing = ServiceState.DOWN, hard + soft
     elif soft:
         state, failing = ServiceState.DEGRADED, soft
-    elif unknown:
+    elif any(v.status is Health.UNKNOWN for v in views):
         state, failing = ServiceState.UNKNOWN, []
     else:
         state, failing = ServiceState.UP, []
-    reasons = tuple(
-        (p, flaky[p] if p in flaky else (last.reason if (last := seen[p].last) else "")) for p in failing
-    )
-    starts = [at for p in failing if (at := seen[p].first_failure_at) is not None]
+    by_name = {v.probe: v for v in views}
+    reasons = tuple((p, by_name[p].reason) for p in failing)
+    starts = [at for p in failing if (at := by_name[p].first_failure_at) is not None]
     flapping_set = set(flapping_probes)
-    flaps = tuple(p for p in probes if p in flapping_set)
-    unsettled = tuple(
-        p
-        for p in probes
-        if status[p] is Health.SUSPECT or (status[p] in (Health.UP, Health.UNKNOWN) and seen[p].failures > 0)
-    )
-    unproven: list[tuple[str, str]] = []
-    for p in probes:
-        need = rule_of.get(p, default_rules).success_threshold
-        if p in stale:
-            unproven.append((p, "no fresh result"))
-        elif status[p] is Health.UNKNOWN:
-            unproven.append((p, "no result yet"))
-        elif status[p] is Health.UP and seen[p].successes < need:
-            unproven.append((p, f"{seen[p].successes} of {need} passes since its last failure"))
-        elif p in still_flaky and p not in flaky:
-            unproven.append((p, "still failing intermittently"))
     return ServiceHealth(
         service,
         state,
         tuple(failing),
         reasons,
         min(starts) if starts else None,
-        flaps,
-        unsettled,
-        tuple(unproven),
+        tuple(v.probe for v in views if v.probe in flapping_set),
+        tuple(v.probe for v in views if v.unsettled),
+        tuple((v.probe, v.unproven) for v in views if v.unproven is not None),
     )

@@ -56,6 +56,11 @@ from probes.scheduler import Scheduler
 log = structlog.get_logger("continuity.controller")
 
 
+FLUSH_WAIT = 0.5
+"""How long a reconcile waits for its timeline batch to be written (a store in good health: a few
+milliseconds); a longer write carries on in the background."""
+
+
 def new_identity() -> str:
     """A run owner's name when there is no elector: host, process and a random part (a restarted
     process is a new owner, so it takes over the runs of the one that died)."""
@@ -214,20 +219,19 @@ class Controller:
         try:
             return await self._reconcile()
         finally:
-            try:  # the tick's timeline entries (and pushed signals), even from a cycle that failed
-                await self.astore.flush()
-            except Exception:
-                log.exception("timeline flush failed; the next cycle retries")
+            # The tick's timeline entries (and pushed signals), even from a cycle that failed; waited
+            # for FLUSH_WAIT at most, so that a held store write never delays the next decision.
+            await self.astore.flush_within(FLUSH_WAIT)
 
     async def _reconcile(self) -> list[d.Decision]:
         snap = await self.astore.snapshot()  # the tick's one read, off the loop
         obs = self.observation(snap)
         await self.effects.send_isolation_alerts()
         for name, h in obs.health.items():
-            self.metrics.service_state.labels(name).set(SERVICE_STATE_VALUE[h.state])
+            self.metrics.set_labelled(self.metrics.service_state, name, SERVICE_STATE_VALUE[h.state])
         self.metrics.paused.set(1 if obs.paused is not None else 0)
         for name in self.config.services:
-            self.metrics.silenced.labels(name).set(1 if name in obs.silenced else 0)
+            self.metrics.set_labelled(self.metrics.silenced, name, 1 if name in obs.silenced else 0)
         decisions = d.decide(obs, self.config)
         for decision in decisions:
             await self._act(decision, obs)

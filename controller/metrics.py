@@ -136,3 +136,13 @@ class Metrics:
             registry=r,
         )
         # continuity_leader{lock} is registered by controller.leader on this same registry.
+        self._exported: dict[tuple[int, str], float] = {}
+
+    def set_labelled(self, gauge: Gauge, label: str, value: float) -> None:
+        """`gauge.labels(label).set(value)`, skipped when it was last set here to that value: a tick
+        sets one per service (400 at 2,000 probes), and `labels()` takes a lock and builds a key each
+        time. Gauges set this way must only be set this way."""
+        key = (id(gauge), label)
+        if self._exported.get(key) != value:
+            gauge.labels(label).set(value)
+            self._exported[key] = value

@@ -18,7 +18,6 @@ import structlog
 
 from controller import decide as d
 from controller.config import Config
-from controller.detect import Health
 from controller.effects import Effects
 from controller.runs import Runs
 from controller.stores import Store
@@ -140,9 +139,10 @@ class ObservationBuilder:
                     refs=refs_note,
                 )
             self._emit("references", ok=refs_ok, message=refs_note)
+        health = self.detection.health()
         return d.Observation(
             now,
-            self.detection.health(),
+            health,
             incidents,
             running,
             dict(self.runs.last_run_started),
@@ -151,9 +151,7 @@ class ObservationBuilder:
             frozen={k.removeprefix("frozen:"): v for k, v in snap.flags("frozen:").items()},
             silenced=self.silenced(now, snap),
             **self._failover_observation(snap),
-            up_since={
-                p: s.changed_at or now for p, s in self.detection.states.items() if s.status is Health.UP
-            },
+            up_since=self.detection.up_since(now),
             references_ok=refs_ok,
             references_note=refs_note,
             isolated=isolated or self.detection.isolation_forming(),

@@ -29,8 +29,8 @@ from controller.detect import (
     flapping,
     observe,
     prior_rate,
-    service_health,
 )
+from controller.health_memo import HealthMemo
 from controller.metrics import Metrics
 from controller.stores import Store
 from probes.base import ProbeResult
@@ -83,6 +83,7 @@ class DetectionTracker:
         """When each reference target's latest passing local run started."""
         self._prober_logged: dict[str, float] = {}
         self.impact: dict[str, str] = {name: p.impact for name, p in config.probes.items()}
+        self._health_memo = HealthMemo()
         self.open_incidents: dict[str, str] = {}
         """Service -> its open incident's id, as the last observation read it (and effects since
         opened or resolved): where a verdict change is recorded, without a store read on the loop."""
@@ -300,12 +301,24 @@ class DetectionTracker:
         # Only a probe that has changed verdict recently can be flapping: skip building rules for the rest.
         flaps = [p for p, st in self.states.items() if st.changes and flapping(st, now, self.config.rules(p))]
         rules, fresh = self._probe_settings()
-        return {
-            name: service_health(
-                name, svc.probes, self.states, self.impact, flaps, now=now, freshness=fresh, rules=rules
-            )
-            for name, svc in self.config.services.items()
-        }
+        # = {name: service_health(name, svc.probes, self.states, ...)}, recomputed only where a probe's
+        # state changed or time alone changes it (controller/health_memo.py).
+        return self._health_memo.health(
+            self._service_probes(), self.states, self.impact, flaps, now=now, freshness=fresh, rules=rules
+        )
+
+    def up_since(self, now: float) -> dict[str, float]:
+        """= {p: s.changed_at or now for p, s in states.items() if s.status is UP}, as of the last
+        `health()` (the observation calls it right after)."""
+        return self._health_memo.up_since(now)
+
+    def _service_probes(self) -> dict[str, list[str]]:
+        cfg = self.config
+        cached = getattr(self, "_service_probes_cache", None)
+        if cached is None or cached[0] is not cfg:
+            cached = (cfg, {name: svc.probes for name, svc in cfg.services.items()})
+            self._service_probes_cache = cached
+        return cached[1]
 
     def _probe_settings(self) -> tuple[dict[str, Rules], dict[str, float]]:
         """Each probe's rules and freshness, built once per config (health() runs every tick)."""

@@ -346,3 +346,57 @@ def test_a_message_is_not_sent_again_when_only_its_record_failed(tmp_path: Path)
         store.close()
 
     asyncio.run(main())
+
+
+class RecordHeld(SQLiteStore):
+    """A real store whose write of a delivery hangs while `held` is clear (a hung API server)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        import threading
+
+        self.held = threading.Event()
+        self.held.set()
+
+    def delivered(self, msg_id: int, now: float) -> None:
+        self.held.wait(30)
+        super().delivered(msg_id, now)
+
+
+def test_a_held_delivery_record_holds_no_other_message_and_none_is_sent_twice(tmp_path: Path):
+    """The trigger is sent and the store hangs on writing that it was: the resolve of the same
+    incident and another incident's page still go out at once (in order), and once the store
+    answers, the records land and nothing is sent again."""
+
+    async def main() -> None:
+        clock = Clock()
+        store = RecordHeld(tmp_path)
+        async with receiver_on() as (rcv, port):
+            d = dispatcher(store, port, clock)
+            d.record_wait = 0.05
+            store.held.clear()
+            store.enqueue("pagerduty", "INC-1/trigger", trigger(port), "INC-1", clock())
+            # (A drain that waited on the held record would time out here.)
+            assert await asyncio.wait_for(d.drain(), 10) == 1
+            store.enqueue(
+                "pagerduty", "INC-1/resolve", pagerduty.resolve("continuity/INC-1"), "INC-1", clock()
+            )
+            store.enqueue(
+                "pagerduty", "INC-2/trigger", trigger(port, dedup="continuity/INC-2"), "INC-2", clock()
+            )
+            assert await asyncio.wait_for(d.drain(), 10) == 2  # not held behind the trigger's record
+            sent = [(e["dedup_key"], e["event_action"]) for e in rcv.events]
+            assert sent == [
+                ("continuity/INC-1", "trigger"),
+                ("continuity/INC-1", "resolve"),
+                ("continuity/INC-2", "trigger"),
+            ]
+            assert await d.drain() == 0  # still unrecorded, never resent
+            store.held.set()
+            await d.settle()
+            assert await d.drain() == 0
+            assert len(rcv.events) == 3
+            assert store.outbox() == []  # every delivery recorded
+        store.close()
+
+    asyncio.run(main())

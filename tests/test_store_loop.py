@@ -399,3 +399,95 @@ def test_the_controller_keeps_probing_on_time_through_an_api_brownout(
     assert lag < 0.3, f"the loop stalled {lag:.2f} s during the brownout"
     assert failed == []
     assert opened_after is not None and opened_after < 5.0, opened_after
+
+
+# ---------------------------------------------------------------- a held call holds nothing else
+
+
+def _hold_first(method: str, path_part: str) -> Any:
+    """A `delay` match holding only the first request of `method` to a path containing `path_part`."""
+    seen: list[str] = []
+
+    def match(m: str, path: str) -> bool:
+        if m == method and path_part in path and not seen:
+            seen.append(path)
+            return True
+        return False
+
+    return match
+
+
+def test_a_held_call_on_one_object_is_abandoned_and_retried(kube: FakeKubeAPI) -> None:
+    """A hung API server holds a create for 3 s: the store gives up on it after `object_timeout` and
+    retries, so the incident is written (once) long before the held request would have answered."""
+    s = kstore(kube, request_timeout=5.0, object_timeout=0.3, attempts=4, backoff=0.05, max_backoff=0.1)
+    try:
+        kube.delay(3.0, match=_hold_first("POST", "/incidents"))
+        began = time.monotonic()
+        inc = s.open_incident("checkout", "critical", "down", 1.0, 1.0, {})
+        took = time.monotonic() - began
+        assert took < 2.0, f"the held create held the caller {took:.1f} s"
+        time.sleep(3.2)  # the held request lands now, and is refused: the object exists
+        assert [i.id for i in s.list_incidents()] == [inc.id]
+    finally:
+        kube.delay(0)
+        s.close()
+
+
+def test_a_retried_failover_transition_whose_first_attempt_landed_is_ours(kube: FakeKubeAPI) -> None:
+    """The first PUT of a transition is held past the client's timeout but lands before the retry:
+    the retry's 409 re-reads the state, finds its own transition, and reports it won (a compare-and-
+    swap lost to ourselves would stall the failover)."""
+    s = kstore(kube, request_timeout=5.0, object_timeout=0.3, attempts=3, backoff=0.6, max_backoff=0.6)
+    try:
+        first = s.transition_failover("shop", 0, "failing_over", "RUN-1", "INC-1", "down", 10.0)
+        assert first is not None
+        kube.delay(0.5, match=_hold_first("PUT", "/failoverstates/"))
+        won = s.transition_failover("shop", first.version, "failed_over", "RUN-1", "INC-1", "done", 20.0)
+        assert won is not None and won.state == "failed_over" and won.version == first.version + 1
+        assert s.failover_states()["shop"] == won
+        # Another writer's transition is still a lost compare-and-swap.
+        assert s.transition_failover("shop", first.version, "primary", None, None, "late", 30.0) is None
+    finally:
+        kube.delay(0)
+        s.close()
+
+
+def test_a_held_timeline_write_does_not_hold_the_tick(kube: FakeKubeAPI, tmp_path: Path) -> None:
+    """The tick's timeline flush is held by the API server for 3 s: the reconcile returns after at
+    most FLUSH_WAIT, the next one does not wait on it again, and the entries are written when the
+    write gets through, none lost and none twice."""
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "services:\n  shop: {tier: critical, rto: 5m, probes: [p]}\n"
+        'probes:\n  p: {kind: http, url: "http://127.0.0.1:9/", interval: 10s, timeout: 1s}\n'
+        f'controller: {{data_dir: "{tmp_path}"}}\n'
+        # The communicator's own incident writes are synchronous (controller/comms): not this test's.
+        "communications: {enabled: false}\n"
+    )
+    cfg = load_config(path)
+    store = kstore(kube, cache=True, resync=3600, request_timeout=5.0, object_timeout=5.0)
+
+    async def scenario() -> tuple[float, float, list[str]]:
+        c = Controller(cfg, store)
+        inc = await c.astore.open_incident("shop", "critical", "down", 1.0, 1.0, {})
+        c.store.append(inc.id, 2.0, "note", "first")
+        kube.delay(3.0, match=_hold_first("PUT", "/incidents/"))
+        began = time.monotonic()
+        await c.reconcile()
+        first = time.monotonic() - began
+        c.store.append(inc.id, 3.0, "note", "second")
+        began = time.monotonic()
+        await c.reconcile()
+        second = time.monotonic() - began
+        await c.astore.close()  # waits for the held flush, then writes what is left
+        return first, second, [e.message for e in await asyncio.to_thread(store.timeline, inc.id)]
+
+    try:
+        first, second, messages = asyncio.run(scenario())
+    finally:
+        kube.delay(0)
+        store.close()
+    assert first < 2.0, f"the tick waited {first:.1f} s on a held timeline write"
+    assert second < 1.0, f"the next tick waited {second:.1f} s on it again"
+    assert [m for m in messages if m in ("first", "second")] == ["first", "second"]

@@ -132,10 +132,16 @@ class Dispatcher:
     ) -> None:
         self.may_send: Callable[[], bool] = lambda: True
         """Set by the controller: only the leader delivers."""
-        self._recording: set[asyncio.Future[None]] = set()
-        """Delivery records in flight (see `settle`)."""
+        self._recording: dict[int, asyncio.Future[None]] = {}
+        """Delivery records in flight, by message id (see `settle`)."""
         self._sent_unrecorded: dict[int, float] = {}
-        """Messages delivered whose delivery the store failed to record: id -> when delivered."""
+        """Messages delivered whose delivery is not known to be recorded yet: id -> when delivered.
+        Never sent again; an id leaves only at the start of a drain after its record succeeded, before
+        that drain reads what is due (a read from before the record could still list it)."""
+        self._recorded: set[int] = set()
+        self.record_wait = 0.5
+        """How long a drain waits, after its sends, for their delivery records: a held store write
+        must not hold the queue (the record carries on, and the message is never sent again)."""
         self.on_error: Callable[[], None] = lambda: None
         """Set by the controller: a failed drain is counted (continuity_task_restarts_total{task=
         "outbox"}, as every supervised task's failed cycle is), then retried next period."""
@@ -196,19 +202,31 @@ class Dispatcher:
         that overtook its trigger (the trigger waiting out a receiver's outage) would reopen the
         alert it closes. And a message sent once is never sent again because the store could not
         record it: the record is retried, not the send (Slack has no dedup key)."""
-        sent = 0
         if not self.may_send():
             return 0  # a standby never sends: the leader owns the outbox
-        for msg_id in list(self._sent_unrecorded):  # sent, but the store failed to say so
-            await run_in(STORE, self.store.delivered, msg_id, self._sent_unrecorded[msg_id])
-            del self._sent_unrecorded[msg_id]
+        for msg_id in self._recorded:
+            self._sent_unrecorded.pop(msg_id, None)
+        self._recorded.clear()
+        for msg_id, at in self._sent_unrecorded.items():  # sent, but not recorded: record again
+            if msg_id not in self._recording:
+                self._record(msg_id, at)
+        try:
+            return await self._drain()
+        finally:
+            if self._recording:  # this drain's records, for a moment: never for a held write
+                await asyncio.wait(list(self._recording.values()), timeout=self.record_wait)
+
+    async def _drain(self) -> int:
+        sent = 0
         due = await run_in(STORE, self.store.due, self.clock())
+        due = [m for m in due if m.id not in self._sent_unrecorded]
         if not due:
             return 0
         # The oldest message still waiting in each (channel, incident) conversation; later ones wait.
+        # A message sent whose record is not written yet is not waiting.
         head: dict[tuple[str, str], int] = {}
         for pending in await run_in(STORE, self.store.outbox):
-            if not pending.dead:
+            if not pending.dead and pending.id not in self._sent_unrecorded:
                 group = _conversation(pending)
                 head[group] = min(head.get(group, pending.id), pending.id)
         blocked: set[tuple[str, str]] = set()
@@ -248,24 +266,39 @@ class Dispatcher:
             else:
                 at = self.clock()
                 self._sent_unrecorded[msg.id] = at  # never resent; until recorded, the record is retried
-                # Off the loop, and shielded: a stop between the send and its record must not leave a
-                # sent message pending for the next process to send again (`settle` waits for it).
-                record = asyncio.ensure_future(run_in(STORE, self.store.delivered, msg.id, at))
-                self._recording.add(record)
-                record.add_done_callback(self._recording.discard)
-                await asyncio.shield(record)
-                self._sent_unrecorded.pop(msg.id, None)
+                # Not awaited here: the next message goes out while the store writes this one's record.
+                self._record(msg.id, at)
                 head.pop(group, None)
                 sent += 1
                 log.info("notification delivered", channel=msg.channel, key=msg.key)
                 self.on_event(msg, "delivered", "")
         return sent
 
+    def _record(self, msg_id: int, at: float) -> None:
+        """Write a delivery record off the loop, as a task of its own: a stop between the send and its
+        record must not leave a sent message pending for the next process to send again (`settle`
+        waits for it). A failed record is retried by the next drain; the message is not resent."""
+        record = asyncio.ensure_future(run_in(STORE, self.store.delivered, msg_id, at))
+        self._recording[msg_id] = record
+
+        def done(f: asyncio.Future[None]) -> None:
+            if self._recording.get(msg_id) is f:
+                del self._recording[msg_id]
+            if f.cancelled():
+                return
+            if (exc := f.exception()) is not None:
+                log.warning("delivery not recorded; retried next drain", id=msg_id, error=str(exc))
+                self.on_error()
+            else:
+                self._recorded.add(msg_id)
+
+        record.add_done_callback(done)
+
     async def settle(self, timeout: float = 10.0) -> None:
         """Wait for the delivery records still being written (the controller's stop, before the
         store closes)."""
         if self._recording:
-            await asyncio.wait(list(self._recording), timeout=timeout)
+            await asyncio.wait(list(self._recording.values()), timeout=timeout)
 
     async def run(self, stop: asyncio.Event, period: float = 1.0) -> None:
         while not stop.is_set():

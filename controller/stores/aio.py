@@ -169,6 +169,8 @@ class AsyncStore:
         """The synchronous view whose `append` queues here (see `BatchingStore`)."""
         self._flags: dict[str, str | None] = {}
         self._flag_lock = threading.Lock()
+        self._flushing: asyncio.Future[None] | None = None
+        """The tick's flush in flight (`flush_within`)."""
         """The synchronous view whose `append` queues here (see `BatchingStore`)."""
 
     async def call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
@@ -209,9 +211,27 @@ class AsyncStore:
                     del self._flags[name]
         return written
 
+    async def flush_within(self, seconds: float) -> None:
+        """The tick's flush, waited for at most `seconds`: a write the API server holds must not hold
+        the tick (the next tick would open the incident, and queue the page, that long late). The
+        flush carries on; while it runs no other is started (nor waited for), and what it has not
+        taken stays queued for the next one. Its errors are logged (entries stay queued, retried)."""
+        if self._flushing is not None and not self._flushing.done():
+            return  # an earlier tick's flush is still held: this tick does not wait on it again
+        self._flushing = asyncio.ensure_future(self._flush_logged())
+        await asyncio.wait({self._flushing}, timeout=seconds)
+
+    async def _flush_logged(self) -> None:
+        try:
+            await self.flush()
+        except Exception:
+            log.exception("timeline flush failed; the next tick retries")
+
     async def close(self, attempts: int = 5, pause: float = 0.5) -> bool:
         """Flush what is queued, retrying a few times (the controller's stop); True when nothing is
         left. The store itself is closed by whoever opened it."""
+        if self._flushing is not None:
+            await asyncio.wait({self._flushing})  # the tick's flush in flight (each call is bounded)
         for attempt in range(attempts):
             await self.flush()
             if not self.batch.pending() and not self.deferred_flags():
