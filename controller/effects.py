@@ -122,8 +122,9 @@ class Effects:
                 self.store.append(iid, now, "decision", decision.reason)
                 log.info("holding", service=decision.service, reason=decision.reason)
 
-    def isolation(self, isolated: bool, note: str, now: float) -> None:
-        """One 'controller isolated' alert while every reference target is down; resolved when one is back."""
+    def isolation(self, isolated: bool, note: str, now: float, snap: Snapshot) -> None:
+        """One 'controller isolated' alert while every reference target is down; resolved when one is
+        back. The open alert's key is read from the tick's snapshot (or a write still deferred)."""
         self.metrics.isolated.set(1 if isolated else 0)
         pd = self.config.notifiers.pagerduty
         if isolated and self.isolated_since is None:
@@ -155,9 +156,7 @@ class Effects:
             self.isolated_since = None
             deferred = self.astore.deferred_flags()
             open_key = (
-                deferred["isolation_key"]
-                if "isolation_key" in deferred
-                else self.store.get_flag("isolation_key")
+                deferred["isolation_key"] if "isolation_key" in deferred else snap.flag("isolation_key")
             )
             if pd is not None and open_key:
                 resolve = (f"{open_key}/resolve", pagerduty.resolve(open_key), "isolation resolved")

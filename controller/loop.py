@@ -19,6 +19,7 @@ CLI, API, console, drills, tests and the simulation use (`ingest`, `health`, `st
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import secrets
 import socket
@@ -33,7 +34,7 @@ from controller.aws import client_factory
 from controller.comms.communicator import attach
 from controller.config import Config, resolve_secret
 from controller.cycle import TickLoop
-from controller.detect import SERVICE_STATE_VALUE, ProbeState, ServiceHealth
+from controller.detect import SERVICE_STATE_VALUE
 from controller.effects import Effects
 from controller.inputs import ProbeInputs
 from controller.leader import Elector
@@ -43,13 +44,12 @@ from controller.notify.outbox import Channel, Dispatcher
 from controller.observation import ObservationBuilder
 from controller.runs import RUN_DECISIONS, Runs
 from controller.stores import Store
-from controller.stores.aio import AsyncStore, Snapshot
+from controller.stores.aio import AsyncStore
 from controller.supervise import supervise
 from controller.tracker import DetectionTracker
-from playbooks.engine import Engine, RunResult
+from playbooks.engine import Engine
 from probes import resolve
 from probes.base import ProbeResult
-from probes.passive import Signals
 from probes.runner import run_probe
 from probes.scheduler import Scheduler
 
@@ -121,8 +121,9 @@ class Controller:
         self.stop_event = asyncio.Event()
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
         """Observers of what the controller does (the demo prints them): (kind, facts)."""
-        self.tick_hooks: list[Callable[[float], None]] = []
-        """Called with the time at the end of each reconcile (the communicator speaks there)."""
+        self.tick_hooks: list[Callable[[float], Awaitable[None] | None]] = []
+        """Called with the time at the end of each reconcile (the communicator speaks there); a hook
+        that returns an awaitable is awaited (its store work runs on the STORE pool)."""
         self._env = env
         self.leadership_hooks: list[Callable[[bool], None]] = []
         """Called with True when this replica starts leading and False when it stops (pod label)."""
@@ -148,65 +149,9 @@ class Controller:
             return {}
         return {"pagerduty": pagerduty.channel(pd, self._env(pd.routing_key_env))}
 
-    # ------------------------------------------------------------------ detection (controller/tracker.py)
-
-    @property
-    def states(self) -> dict[str, ProbeState]:
-        return self.detection.states
-
-    @property
-    def vstates(self) -> dict[str, dict[str, ProbeState]]:
-        return self.detection.vstates
-
-    @property
-    def burst_notes(self) -> dict[str, tuple[float, str]]:
-        return self.detection.burst_notes
-
-    @property
-    def impact(self) -> dict[str, str]:
-        return self.detection.impact
-
-    @property
-    def _burst_tasks(self) -> set[asyncio.Task[None]]:
-        return self.detection._burst_tasks
-
-    def ingest(self, result: ProbeResult) -> None:
-        self.detection.ingest(result)
-
-    def probe_healthy(self, name: str) -> bool | None:
-        return self.detection.probe_healthy(name)
-
-    def health(self) -> dict[str, ServiceHealth]:
-        return self.detection.health()
-
-    def references(self) -> tuple[bool, bool, str]:
-        return self.detection.references()
-
-    def isolation_forming(self) -> bool:
-        return self.detection.isolation_forming()
-
-    # ------------------------------------------------------------------ probe inputs (controller/inputs.py)
-
-    @property
-    def signals(self) -> Signals:
-        return self.inputs.signals
-
-    async def run_once(self, name: str, cfg: Any) -> ProbeResult:
-        return await self.inputs.run_once(name, cfg)
-
-    def heartbeat(self, name: str) -> None:
-        self.inputs.heartbeat(name)
-
-    def alertmanager(self, payload: Any) -> tuple[int, int]:
-        return self.inputs.alertmanager(payload)
-
-    # ------------------------------------------------------------------ observe
-
-    def silenced(self, now: float) -> dict[str, str]:
-        return self.observer.silenced(now)
-
-    def observation(self, snap: Snapshot | None = None) -> d.Observation:
-        return self.observer.observation(snap)
+    def run_once(self, name: str, cfg: Any) -> Awaitable[ProbeResult]:
+        """How a probe runs once (the tracker's confirmation bursts; `inputs` owns it)."""
+        return self.inputs.run_once(name, cfg)
 
     # ------------------------------------------------------------------ decide + act
 
@@ -221,7 +166,7 @@ class Controller:
 
     async def _reconcile(self) -> list[d.Decision]:
         snap = await self.astore.snapshot()  # the tick's one read, off the loop
-        obs = self.observation(snap)
+        obs = self.observer.observation(snap)
         await self.effects.send_isolation_alerts()
         for name, h in obs.health.items():
             self.metrics.service_state.labels(name).set(SERVICE_STATE_VALUE[h.state])
@@ -229,44 +174,15 @@ class Controller:
         for name in self.config.services:
             self.metrics.silenced.labels(name).set(1 if name in obs.silenced else 0)
         decisions = d.decide(obs, self.config)
-        for decision in decisions:
-            await self._act(decision, obs)
+        for decision in decisions:  # runs are started, moved and resumed by `runs`; the rest by `effects`
+            part = self.runs if isinstance(decision, RUN_DECISIONS) else self.effects
+            await part.act(decision, self.clock())
         for hook in self.tick_hooks:
-            hook(self.clock())
+            if inspect.isawaitable(done := hook(self.clock())):
+                await done
         self.metrics.last_tick.set(self.clock())
         self.effects.update_incident_gauge(snap)
         return decisions
-
-    async def _act(self, decision: d.Decision, obs: d.Observation) -> None:
-        now = self.clock()
-        if isinstance(decision, RUN_DECISIONS):
-            await self.runs.act(decision, now)
-        else:
-            await self.effects.act(decision, now)
-
-    # ------------------------------------------------------------------ incidents (controller/effects.py)
-
-    @property
-    def isolated_since(self) -> float | None:
-        return self.effects.isolated_since
-
-    # ------------------------------------------------------------------ runs (controller/runs.py)
-
-    @property
-    def running(self) -> dict[str, asyncio.Task[RunResult]]:
-        return self.runs.running
-
-    @property
-    def last_run_started(self) -> dict[str, float]:
-        return self.runs.last_run_started
-
-    @property
-    def incident_runs(self) -> dict[str, int]:
-        return self.runs.incident_runs
-
-    async def run_playbook_by_hand(self, playbook: str) -> RunResult:
-        """A human started this run: no incident, no cooldown check, same journal and engine."""
-        return await self.runs.run_playbook_by_hand(playbook)
 
     # ------------------------------------------------------------------ record
 
@@ -338,7 +254,7 @@ class Controller:
         """One scheduler for every probe: stable offsets spread over each interval, per-host limits,
         and never two runs of the same probe at once (probes/scheduler.py)."""
         self._probe_stop = asyncio.Event()
-        self.scheduler = Scheduler(dict(self.config.probes), self.run_once, self.ingest)
+        self.scheduler = Scheduler(dict(self.config.probes), self.inputs.run_once, self.inputs.ingest)
         stop = self._probe_stop
         self._probe_tasks = [self._supervise("probes", lambda: self.scheduler.run(stop), stop)]
 
@@ -351,15 +267,15 @@ class Controller:
     async def stop(self) -> None:
         self.stop_event.set()
         self.dispatcher.wake.set()
-        running = [t for t in self.running.values() if not t.done()]
+        running = [t for t in self.runs.running.values() if not t.done()]
         if running:  # let a playbook step in hand finish rather than cut it in half
             await asyncio.wait(running, timeout=30)
         self._probe_stop.set()
         refresh = self.cycle.background()
-        for t in [*self._probe_tasks, *self._tasks, *self._burst_tasks, *refresh]:
+        for t in [*self._probe_tasks, *self._tasks, *self.detection._burst_tasks, *refresh]:
             t.cancel()
         await asyncio.gather(
-            *self._probe_tasks, *self._tasks, *self._burst_tasks, *refresh, return_exceptions=True
+            *self._probe_tasks, *self._tasks, *self.detection._burst_tasks, *refresh, return_exceptions=True
         )
         await self.dispatcher.settle()  # a message sent just before the stop is recorded as sent
         if not await self.astore.close():  # queued timeline entries and pushed signals, retried

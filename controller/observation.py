@@ -129,7 +129,7 @@ class ObservationBuilder:
         now = self.clock()
         self.detection.track_cut(now)
         refs_ok, isolated, refs_note = self.detection.references()
-        self.effects.isolation(isolated, refs_note, now)
+        self.effects.isolation(isolated, refs_note, now, snap)
         if refs_ok != getattr(self, "_refs_ok", True):
             self._refs_ok = refs_ok
             if refs_ok:

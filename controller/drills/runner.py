@@ -90,7 +90,7 @@ async def _run_in_process(drill: Drill) -> None:
     try:
         await drill.wait_until(
             "every probe healthy before the fault",
-            lambda: all(controller.probe_healthy(p) for p in cfg.probes),
+            lambda: all(controller.detection.probe_healthy(p) for p in cfg.probes),
             20.0,
         )
         tasks.append(asyncio.create_task(drill.watch()))
@@ -269,7 +269,7 @@ async def run_target_drill(
     try:
         await drill.wait_until(
             f"every probe of {config_path} healthy before the fault",
-            lambda: all(controller.probe_healthy(p) for p in cfg.probes),
+            lambda: all(controller.detection.probe_healthy(p) for p in cfg.probes),
             20.0,
         )
         drill.t0 = drill.now()
