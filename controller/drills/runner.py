@@ -234,7 +234,7 @@ async def run_target_drill(
     svc_probes = list(cfg.services[svc_name].probes)
     targets = list(cfg.probes) if sc.target_faults == "all" else svc_probes
     faults: set[str] = set()
-    real = controller.run_once
+    real = controller.inputs.run_once
 
     async def run_once(name: str, cfg: Any) -> ProbeResult:
         if name in faults:
@@ -243,7 +243,7 @@ async def run_target_drill(
 
     # Faults at the probes: the real controller, its probe runner swapped for this one (mypy forbids
     # assigning to a method; the instance attribute is exactly what the drill means to replace).
-    controller.run_once = run_once  # type: ignore[method-assign]
+    controller.inputs.run_once = run_once  # type: ignore[method-assign]
     tasks: list[asyncio.Task[Any]] = []
 
     async def inject() -> None:
