@@ -12,17 +12,16 @@
 - `cycle.TickLoop`: the tick while leading, a standby's refresh, the glue of becoming leader;
 - `supervise.supervise`: background tasks that restart after a failure.
 
-What remains here is the wiring, start/stop/reload, and thin delegates that keep the surface the
-CLI, API, console, drills, tests and the simulation use (`ingest`, `health`, `states`, ...).
+What remains here is the wiring, the tick's body (`reconcile`: one snapshot, one observation,
+`decide`, each decision to the part that carries it out, the tick hooks, one flush) and
+start/stop/reload. Callers use the parts directly (`c.detection.health()`, `c.runs.running`,
+`c.inputs.heartbeat(...)`); `run_once` stays because it is the tracker's host interface.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
-import os
-import secrets
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
@@ -34,15 +33,13 @@ from controller.aws import client_factory
 from controller.comms.communicator import attach
 from controller.config import Config, resolve_secret
 from controller.cycle import TickLoop
-from controller.detect import SERVICE_STATE_VALUE
-from controller.effects import Effects
+from controller.effects import Effects, pagerduty_channels
 from controller.inputs import ProbeInputs
 from controller.leader import Elector
 from controller.metrics import Metrics
-from controller.notify import pagerduty
-from controller.notify.outbox import Channel, Dispatcher
+from controller.notify.outbox import Dispatcher
 from controller.observation import ObservationBuilder
-from controller.runs import RUN_DECISIONS, Runs
+from controller.runs import RUN_DECISIONS, Runs, new_identity
 from controller.stores import Store
 from controller.stores.aio import AsyncStore
 from controller.supervise import supervise
@@ -54,12 +51,6 @@ from probes.runner import run_probe
 from probes.scheduler import Scheduler
 
 log = structlog.get_logger("continuity.controller")
-
-
-def new_identity() -> str:
-    """A run owner's name when there is no elector: host, process and a random part (a restarted
-    process is a new owner, so it takes over the runs of the one that died)."""
-    return f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
 
 
 class Controller:
@@ -129,7 +120,7 @@ class Controller:
         """Called with True when this replica starts leading and False when it stops (pod label)."""
         self.dispatcher = Dispatcher(
             store,
-            self._pagerduty_channel(config),
+            pagerduty_channels(config, env),
             clock,
             on_event=self.effects.delivery_event,
             first_retry=config.controller.outbox_retry,
@@ -139,15 +130,6 @@ class Controller:
         self.runs.recover_from_restart()
         self.cycle = TickLoop(self, clock, self.metrics, self.runs, self.inputs, self._kick)
         self.communicator = attach(self)
-
-    # ------------------------------------------------------------------ start-up
-
-    def _pagerduty_channel(self, config: Config) -> dict[str, Channel]:
-        """PagerDuty is the controller's own channel (pages); the communicator adds the others."""
-        pd = config.notifiers.pagerduty
-        if pd is None:
-            return {}
-        return {"pagerduty": pagerduty.channel(pd, self._env(pd.routing_key_env))}
 
     def run_once(self, name: str, cfg: Any) -> Awaitable[ProbeResult]:
         """How a probe runs once (the tracker's confirmation bursts; `inputs` owns it)."""
@@ -168,11 +150,7 @@ class Controller:
         snap = await self.astore.snapshot()  # the tick's one read, off the loop
         obs = self.observer.observation(snap)
         await self.effects.send_isolation_alerts()
-        for name, h in obs.health.items():
-            self.metrics.service_state.labels(name).set(SERVICE_STATE_VALUE[h.state])
-        self.metrics.paused.set(1 if obs.paused is not None else 0)
-        for name in self.config.services:
-            self.metrics.silenced.labels(name).set(1 if name in obs.silenced else 0)
+        self.effects.export(obs)
         decisions = d.decide(obs, self.config)
         for decision in decisions:  # runs are started, moved and resumed by `runs`; the rest by `effects`
             part = self.runs if isinstance(decision, RUN_DECISIONS) else self.effects
@@ -225,22 +203,15 @@ class Controller:
         """Swap in a validated config. Probes whose settings did not change keep their history, so a
         reload never resets a failure streak; runs in progress finish with the playbook they started."""
         old = self.config
-        channels = self._pagerduty_channel(new)  # a missing secret refuses the reload before any change
+        channels = pagerduty_channels(new, self._env)  # a missing secret refuses the reload before any change
         self._probe_stop.set()
         for t in self._probe_tasks:
             t.cancel()
         await asyncio.gather(*self._probe_tasks, return_exceptions=True)
         self.config = new
         self.detection.reload(old, new)
-        self._rebuild_derived(old, new, channels)
-        resolve.configure(new.controller.resolver_nameservers)
-        self._start_probes()
-        self._kick.set()
-
-    def _rebuild_derived(self, old: Config, new: Config, channels: dict[str, Channel]) -> None:
-        """Everything else built from the config: notifier channels (added, changed, removed; queued
-        messages of a removed channel wait for its return) and the AWS client factory. Runs in
-        progress keep the clients they started with."""
+        # Notifier channels (added, changed, removed: queued messages of a removed channel wait for its
+        # return) and the AWS client factory (runs in progress keep the clients they started with).
         self.dispatcher.channels.clear()
         self.dispatcher.channels.update(channels)
         self.communicator._add_channels()
@@ -249,6 +220,9 @@ class Controller:
             self.aws = client_factory(new.aws)
         self.dispatcher.wake.set()
         log.info("config reloaded", channels=sorted(self.dispatcher.channels), probes=len(new.probes))
+        resolve.configure(new.controller.resolver_nameservers)
+        self._start_probes()
+        self._kick.set()
 
     def _start_probes(self) -> None:
         """One scheduler for every probe: stable offsets spread over each interval, per-host limits,

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import secrets
+import socket
 import zlib
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -35,6 +38,12 @@ log = structlog.get_logger("continuity.controller")
 
 RUN_DECISIONS = (d.StartPlaybook, d.Transition, d.ResumeRun, d.AbandonRun)
 """The decisions `Runs.act` carries out; the others are incidents' (`Effects.act`)."""
+
+
+def new_identity() -> str:
+    """A run owner's name when there is no elector: host, process and a random part (a restarted
+    process is a new owner, so it takes over the runs of the one that died)."""
+    return f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
 
 
 class RunsHost(Protocol):
