@@ -10,6 +10,7 @@ observation says). One `d.Observation` per tick; the decision is `decide`'s.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -17,6 +18,7 @@ from typing import Any, Protocol
 import structlog
 
 from controller import decide as d
+from controller.comms import commands as requests_
 from controller.config import Config
 from controller.detect import Health
 from controller.effects import Effects
@@ -26,6 +28,20 @@ from controller.stores.aio import Snapshot, read_snapshot
 from controller.tracker import DetectionTracker
 
 log = structlog.get_logger("continuity.controller")
+
+
+def resolve_requests(snap: Snapshot) -> dict[str, str]:
+    """Incident id -> who asked to resolve it, from the humans' pending requests (their flags; the
+    communicator drops each once the incident is resolved and its resolution announced)."""
+    out: dict[str, str] = {}
+    for _, value in sorted(snap.flags(requests_.PREFIX).items()):
+        try:
+            req = json.loads(value)
+        except ValueError:
+            continue  # unreadable: the communicator drops it
+        if isinstance(req, dict) and req.get("op") == "resolve" and req.get("incident"):
+            out.setdefault(str(req["incident"]), str(req.get("by") or "someone"))
+    return out
 
 
 class ObservationHost(Protocol):
@@ -157,4 +173,5 @@ class ObservationBuilder:
             references_ok=refs_ok,
             references_note=refs_note,
             isolated=isolated or self.detection.isolation_forming(),
+            resolve_requests=resolve_requests(snap),
         )

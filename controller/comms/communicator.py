@@ -395,9 +395,19 @@ class Communicator:
     # ------------------------------------------------------------------ human requests
 
     def _apply_requests(self, now: float) -> None:
+        """Apply the humans' requests in order. A resolve is not ours to apply: `decide` reads the
+        request and resolves the incident (`Effects`); here it is left until that is done, then its
+        message is kept for the resolution this cycle announces."""
         for name, req in requests_.pending(self.store):
             inc = self.store.get_incident(str(req.get("incident")))
-            if inc is not None and inc.status == "open":
+            if req.get("op") == "resolve" and inc is not None:
+                if inc.status == "open":
+                    continue  # the next reconcile resolves it
+                comms = inc.data.get("comms")
+                if comms is not None and not comms.get("resolved_sent"):
+                    comms["resolve_message"] = str(req.get("message") or "")
+                    self._save(inc.id, comms)
+            elif inc is not None and inc.status == "open":
                 comms = inc.data.get("comms")
                 if comms is None:  # opened this very cycle: set up first, then apply
                     self._opened(inc, now)
@@ -438,24 +448,6 @@ class Communicator:
             self._revise_eta(inc, comms, now)
             self.store.append(inc.id, now, "comms", f"update by {by}: {req.get('message', '')}", {"by": by})
             self._send(inc, comms, "update", now, message=str(req.get("message") or ""), by=by)
-        elif op == "resolve":
-            self.store.update_incident(inc.id, status="resolved", resolved_at=now)
-            self.store.append(inc.id, now, "incident", f"incident resolved by {by}", {"by": by})
-            if self.config.notifiers.pagerduty is not None:
-                self._enqueue(
-                    inc,
-                    "pagerduty",
-                    f"{inc.id}/pagerduty/resolve",
-                    pagerduty.resolve(inc.dedup_key),
-                    "resolve",
-                    now,
-                    "internal",
-                )
-            comms["resolve_message"] = str(req.get("message") or "")
-            inc = self.store.get_incident(inc.id) or inc
-            self._save(inc.id, comms)
-            self._resolved(inc, comms, now)
-            return
         self._save(inc.id, comms)
 
     # ------------------------------------------------------------------ messages
