@@ -91,7 +91,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         rng = random.Random(f"{args.seed}-{name}")
         for _ in range(per_service):
             deadline = time.monotonic() + 30
-            while not controller.probe_healthy(f"{name}-http") or store.open_incident_for(name):
+            while not controller.detection.probe_healthy(f"{name}-http") or store.open_incident_for(name):
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{name} never became healthy")
                 await asyncio.sleep(0.02)

@@ -89,7 +89,9 @@ async def one_run(
     await controller.start()
     try:
         deadline = time.monotonic() + 30
-        while not all(controller.probe_healthy(n) for n in ("checkout-journey", "checkout-secondary")):
+        while not all(
+            controller.detection.probe_healthy(n) for n in ("checkout-journey", "checkout-secondary")
+        ):
             if time.monotonic() > deadline:
                 raise RuntimeError("the marketplace never became healthy")
             await asyncio.sleep(0.05)

@@ -96,7 +96,7 @@ leader: {{backend: none}}
             await asyncio.wait_for(everything.wait(), timeout=120)
             out: dict[str, list[float]] = {"refused": [], "hang": []}
             for p, at in down.items():
-                first = c.states[p].first_failure_at
+                first = c.detection.states[p].first_failure_at
                 if first is not None:
                     out[p.split("-")[0]].append(at - first)
             return out

@@ -144,7 +144,7 @@ async def measure(
     results: list[tuple[float, str, bool, str | None]] = []  # (monotonic, probe, ok, prober_error)
     lags: list[tuple[float, float]] = []  # (monotonic, how late a 10 ms ticker woke)
     inner_reconcile = ctrl.reconcile
-    inner_ingest = ctrl.ingest
+    inner_ingest = ctrl.detection.ingest
 
     async def timed_reconcile() -> Any:
         t = time.monotonic()
@@ -158,7 +158,7 @@ async def measure(
         inner_ingest(result)
 
     ctrl.reconcile = timed_reconcile  # type: ignore[method-assign]
-    ctrl.ingest = counted_ingest  # type: ignore[method-assign]
+    ctrl.detection.ingest = counted_ingest  # type: ignore[method-assign]
     stop_ticker = asyncio.Event()
 
     async def ticker() -> None:

@@ -75,14 +75,14 @@ def child(n: int, repeats: int) -> dict[str, Any]:
         t = time.perf_counter()
         for k in range(2):
             for name in cfg.probes:
-                c.ingest(ProbeResult(name, True, now + k, 0.002))
+                c.detection.ingest(ProbeResult(name, True, now + k, 0.002))
         ingest_us = (time.perf_counter() - t) / (2 * n) * 1e6
-        assert all(c.probe_healthy(p) for p in cfg.probes)
-        obs = c.observation()
+        assert all(c.detection.probe_healthy(p) for p in cfg.probes)
+        obs = c.observer.observation()
         decide_s, observe_s, reconcile_s = [], [], []
         for _ in range(repeats):
             t = time.perf_counter()
-            c.observation()
+            c.observer.observation()
             observe_s.append(time.perf_counter() - t)
             t = time.perf_counter()
             d.decide(obs, cfg)

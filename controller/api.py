@@ -56,7 +56,7 @@ def app(controller: Controller) -> web.Application:
 
     async def readyz(_: web.Request) -> web.Response:
         try:
-            controller.store.list_incidents(limit=1)
+            await controller.astore.list_incidents(limit=1)
         except StoreError as exc:
             return web.json_response({"status": "not ready", "reason": str(exc)}, status=503)
         return web.json_response({"status": "ready", "services": len(controller.config.services)})
@@ -67,14 +67,14 @@ def app(controller: Controller) -> web.Application:
 
     async def incidents(request: web.Request) -> web.Response:
         status = request.query.get("status")
-        return web.json_response([i.to_dict() for i in controller.store.list_incidents(status=status)])
+        return web.json_response([i.to_dict() for i in await controller.astore.list_incidents(status=status)])
 
     async def incident(request: web.Request) -> web.Response:
-        inc = controller.store.get_incident(request.match_info["id"])
+        inc = await controller.astore.get_incident(request.match_info["id"])
         if inc is None:
             return web.json_response({"error": "no such incident"}, status=404)
         body: dict[str, Any] = inc.to_dict()
-        body["timeline"] = [dataclasses.asdict(e) for e in controller.store.timeline(inc.id)]
+        body["timeline"] = [dataclasses.asdict(e) for e in await controller.astore.timeline(inc.id)]
         return web.json_response(body)
 
     async def leader(_: web.Request) -> web.Response:
@@ -88,9 +88,9 @@ def app(controller: Controller) -> web.Application:
         )
 
     async def services(_: web.Request) -> web.Response:
-        failover = controller.store.failover_states()
+        failover = await controller.astore.failover_states()
         out: dict[str, Any] = {}
-        for name, h in controller.health().items():
+        for name, h in controller.detection.health().items():
             out[name] = {"state": h.state.value, "failing": list(h.failing)}
             if (fo := failover.get(name)) is not None:  # primary and never moved: no entry
                 out[name]["failover"] = {
@@ -165,8 +165,8 @@ def app(controller: Controller) -> web.Application:
             if (denied := authorised(request)) is not None:
                 return denied
             who, reason = await by(request)
-            try:
-                text = fn(request, who, reason)
+            try:  # the command reads and writes the store: on the STORE pool, never on the loop
+                text = await controller.astore.call(fn, request, who, reason)
             except commands.CommandError as exc:
                 return web.json_response({"error": str(exc)}, status=409)
             controller.kick()
@@ -181,14 +181,14 @@ def app(controller: Controller) -> web.Application:
         return commands.ack(controller.store, service, who)
 
     async def runs(_: web.Request) -> web.Response:
-        return web.json_response([dataclasses.asdict(r) for r in controller.store.runs()])
+        return web.json_response([dataclasses.asdict(r) for r in await controller.astore.runs()])
 
     async def run(request: web.Request) -> web.Response:
-        found = controller.store.get_run(request.match_info["id"])
+        found = await controller.astore.get_run(request.match_info["id"])
         if found is None:
             return web.json_response({"error": "no such run"}, status=404)
         body = dataclasses.asdict(found)
-        body["steps"] = [dataclasses.asdict(s) for s in controller.store.steps(found.id)]
+        body["steps"] = [dataclasses.asdict(s) for s in await controller.astore.steps(found.id)]
         return web.json_response(body)
 
     async def heartbeat(request: web.Request) -> web.Response:
@@ -208,7 +208,7 @@ def app(controller: Controller) -> web.Application:
             not (cfg.public or insecure) and (denied := refused("heartbeat", authorised(request))) is not None
         ):
             return denied
-        controller.heartbeat(name)
+        controller.inputs.heartbeat(name)
         return web.json_response({"result": f"heartbeat for {name} recorded"})
 
     async def alertmanager(request: web.Request) -> web.Response:
@@ -222,13 +222,13 @@ def app(controller: Controller) -> web.Application:
             return web.json_response(
                 {"error": "body: expected JSON (Alertmanager webhook payload v4)"}, status=400
             )
-        dropped = controller.signals.dropped
+        dropped = controller.inputs.signals.dropped
         try:
-            applied, dupes = controller.alertmanager(payload)
+            applied, dupes = controller.inputs.alertmanager(payload)
         except passive.PayloadError as exc:
             return web.json_response({"error": str(exc)}, status=400)
         answer: dict[str, int] = {"applied": applied, "duplicates": dupes}
-        if dropped := controller.signals.dropped - dropped:
+        if dropped := controller.inputs.signals.dropped - dropped:
             controller.metrics.pushed_dropped.labels("alert").inc(dropped)
             answer["dropped"] = dropped
         return web.json_response(answer)
@@ -250,12 +250,12 @@ def app(controller: Controller) -> web.Application:
         for result in batch:
             outcome = "unknown"
             if result.probe in controller.config.probes and result.vantage != "local":
-                known = controller.vstates.get(result.probe, {})
+                known = controller.detection.vstates.get(result.probe, {})
                 admitted, outcome = remote.admit(result, now, controller.config.freshness(result.probe))
                 if result.vantage not in known and len(known) >= remote.MAX_VANTAGES:
                     admitted, outcome = None, "vantages"
                 if admitted is not None:
-                    controller.ingest(admitted)
+                    controller.detection.ingest(admitted)
                     accepted += 1
             controller.metrics.agent_results.labels(outcome).inc()
             outcomes[outcome] = outcomes.get(outcome, 0) + 1

@@ -395,7 +395,7 @@ async def _manual_run(cfg: Config, args: argparse.Namespace) -> int:
     )
     await controller.start(decide=False)
     try:
-        result = await controller.run_playbook_by_hand(args.name)
+        result = await controller.runs.run_playbook_by_hand(args.name)
     finally:
         await controller.stop()
         store.close()

@@ -43,7 +43,8 @@ from controller import commands
 from controller.commands import CommandError
 from controller.comms import commands as comms_commands
 from controller.durations import format_duration, parse_duration
-from controller.stores import Incident, Run
+from controller.stores import Incident, Run, Store
+from controller.stores.aio import Snapshot
 
 if TYPE_CHECKING:
     from controller.loop import Controller
@@ -179,15 +180,13 @@ def _local_next(value: str | None, default: str = "/console") -> str:
 # ---------------------------------------------------------------- views (plain data)
 
 
-def failover_state(
-    controller: Controller, service: str, states: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """The service's persisted failover state, as decide moved it (`store.failover_states()`; a
-    service never moved is on its primary). `states` is one read shared by a page of services."""
+def failover_state(service: str, states: dict[str, Any], controller: Controller) -> dict[str, Any]:
+    """The service's persisted failover state, as decide moved it (`store.failover_states()`, read
+    once by the caller for a page of services; a service never moved is on its primary)."""
     svc = controller.config.services.get(service)
     if svc is None or not svc.playbook:
         return {"state": "no playbook", "run": None}
-    record = (states if states is not None else controller.store.failover_states()).get(service)
+    record = states.get(service)
     if record is None:
         return {"state": "primary", "run": None}
     return {
@@ -198,12 +197,16 @@ def failover_state(
     }
 
 
-def _run_view(controller: Controller, run: Run) -> dict[str, Any]:
-    return {
-        **dataclasses.asdict(run),
-        "steps": [dataclasses.asdict(s) for s in controller.store.steps(run.id)],
-        "answer": controller.store.get_flag(f"approval:{run.id}"),
-    }
+def _run_views(store: Store, runs: list[Run]) -> list[dict[str, Any]]:
+    """Runs with their steps and their approval answer (blocking: called on the STORE pool)."""
+    return [
+        {
+            **dataclasses.asdict(run),
+            "steps": [dataclasses.asdict(s) for s in store.steps(run.id)],
+            "answer": store.get_flag(f"approval:{run.id}"),
+        }
+        for run in runs
+    ]
 
 
 def _incident_view(inc: Incident, now: float) -> dict[str, Any]:
@@ -223,14 +226,26 @@ def _incident_view(inc: Incident, now: float) -> dict[str, Any]:
     }
 
 
-def overview(controller: Controller) -> dict[str, Any]:
-    store = controller.store
-    now = controller.clock()
+def _overview_reads(store: Store) -> tuple[list[Incident], Snapshot, list[dict[str, Any]]]:
+    """Everything the overview reads from the store, in one trip to the STORE pool (blocking)."""
     incidents = store.list_incidents(limit=200)
-    health = controller.health()
-    silenced = controller.silenced(now)
-    frozen = {k.removeprefix("frozen:"): v for k, v in store.flags("frozen:").items()}
-    states = store.failover_states()
+    runs = store.runs()
+    snap = Snapshot(
+        open_incidents=[i for i in incidents if i.status == "open"],
+        all_flags=store.flags(),
+        failover=store.failover_states(),
+        runs=runs,
+        outbox=[],
+    )
+    return incidents, snap, _run_views(store, [r for r in runs if r.state == "awaiting_approval"])
+
+
+async def overview(controller: Controller) -> dict[str, Any]:
+    now = controller.clock()
+    incidents, snap, awaiting = await controller.astore.call(_overview_reads, controller.store)
+    health = controller.detection.health()
+    silenced = controller.observer.silenced(now, snap)
+    frozen = {k.removeprefix("frozen:"): v for k, v in snap.flags("frozen:").items()}
     services = []
     for name, svc in controller.config.services.items():
         h = health.get(name)
@@ -242,14 +257,13 @@ def overview(controller: Controller) -> dict[str, Any]:
                 "failing": list(h.failing) if h else [],
                 "silenced": silenced.get(name),
                 "frozen": frozen.get(name),
-                "failover": failover_state(controller, name, states),
+                "failover": failover_state(name, snap.failover, controller),
                 "region": getattr(svc, "region", None),
             }
         )
-    awaiting = [_run_view(controller, r) for r in store.runs() if r.state == "awaiting_approval"]
     return {
         "now": now,
-        "paused": store.get_flag("paused"),
+        "paused": snap.flag("paused"),
         "open": [_incident_view(i, now) for i in incidents if i.status == "open"],
         "recent": [_incident_view(i, now) for i in incidents if i.status != "open"][:15],
         "services": services,
@@ -259,7 +273,8 @@ def overview(controller: Controller) -> dict[str, Any]:
     }
 
 
-def timeline_entries(controller: Controller, incident_id: str, after: int = 0) -> list[dict[str, Any]]:
+async def timeline_entries(controller: Controller, incident_id: str, after: int = 0) -> list[dict[str, Any]]:
+    """The incident's timeline (written and still queued), read on the STORE pool."""
     return [
         {
             "n": n,
@@ -269,7 +284,7 @@ def timeline_entries(controller: Controller, incident_id: str, after: int = 0) -
             "kind": e.kind,
             "message": e.message,
         }
-        for n, e in enumerate(controller.store.timeline(incident_id), 1)
+        for n, e in enumerate(await controller.astore.timeline(incident_id), 1)
         if n > after
     ]
 
@@ -369,8 +384,8 @@ def add_routes(app: web.Application, controller: Controller) -> None:
                 )
             back = _local_next(str(form.get("next") or ""), "/console")
             resp = _redirect(back)
-            try:
-                text = fn(request, user, form)
+            try:  # the CLI's command reads and writes the store: on the STORE pool, never on the loop
+                text = await controller.astore.call(fn, request, user, form)
             except (CommandError, ValueError) as exc:
                 _flash(resp, "error", str(exc))
                 return resp
@@ -384,15 +399,19 @@ def add_routes(app: web.Application, controller: Controller) -> None:
         return {"user": user, "csrf": auth.csrf(user), "here": request.path_qs, **extra}
 
     async def index(request: web.Request, user: str) -> web.Response:
-        return _page("index.html", request, **ctx(request, user, o=overview(controller)))
+        return _page("index.html", request, **ctx(request, user, o=await overview(controller)))
 
     async def incident(request: web.Request, user: str) -> web.Response:
-        inc = controller.store.get_incident(request.match_info["id"])
+        inc = await controller.astore.get_incident(request.match_info["id"])
         if inc is None:
             return _page("off.html", request, status=404, reason="No such incident.")
         now = controller.clock()
-        runs = [_run_view(controller, r) for r in controller.store.runs() if r.incident_id == inc.id]
-        entries = timeline_entries(controller, inc.id)
+        iid = inc.id
+        runs = await controller.astore.call(
+            lambda: _run_views(store, [r for r in store.runs() if r.incident_id == iid])
+        )
+        entries = await timeline_entries(controller, inc.id)
+        states = await controller.astore.failover_states()
         return _page(
             "incident.html",
             request,
@@ -402,7 +421,7 @@ def add_routes(app: web.Application, controller: Controller) -> None:
                 inc=_incident_view(inc, now),
                 runs=runs,
                 entries=entries,
-                failover=failover_state(controller, inc.service),
+                failover=failover_state(inc.service, states, controller),
                 refresh_ms=int(settings.refresh * 1000),
             ),
         )
@@ -410,7 +429,7 @@ def add_routes(app: web.Application, controller: Controller) -> None:
     async def events(request: web.Request, user: str) -> web.StreamResponse:
         """Server-sent events: each new timeline entry as JSON (the page builds it with textContent)."""
         iid = request.match_info["id"]
-        if controller.store.get_incident(iid) is None:
+        if await controller.astore.get_incident(iid) is None:
             raise web.HTTPNotFound()
         try:
             after = int(request.headers.get("Last-Event-ID") or request.query.get("after") or 0)
@@ -429,11 +448,11 @@ def add_routes(app: web.Application, controller: Controller) -> None:
         quiet = 0.0
         deadline = time.monotonic() + 600  # the browser reconnects with Last-Event-ID
         while time.monotonic() < deadline:
-            for entry in timeline_entries(controller, iid, after):
+            for entry in await timeline_entries(controller, iid, after):
                 after = entry["n"]
                 await resp.write(f"id: {after}\nevent: entry\ndata: {json.dumps(entry)}\n\n".encode())
                 quiet = 0.0
-            inc = controller.store.get_incident(iid)
+            inc = await controller.astore.get_incident(iid)
             now_status = inc.status if inc else None
             if now_status != status:
                 if status is not None:

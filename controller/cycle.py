@@ -18,6 +18,7 @@ import structlog
 from controller import decide as d
 from controller.config import Config
 from controller.detect import SERVICE_STATE_VALUE, ServiceHealth
+from controller.executors import STORE, run_in
 from controller.inputs import ProbeInputs
 from controller.leader import Elector
 from controller.metrics import Metrics
@@ -39,6 +40,11 @@ class TickHost(Protocol):
     def stop_event(self) -> asyncio.Event: ...
     def may_act(self) -> bool: ...
     async def reconcile(self) -> list[d.Decision]: ...
+    @property
+    def detection(self) -> HealthSource: ...
+
+
+class HealthSource(Protocol):
     def health(self) -> dict[str, ServiceHealth]: ...
 
 
@@ -83,7 +89,7 @@ class TickLoop:
         return await self.host.reconcile()
 
     def health(self) -> dict[str, ServiceHealth]:
-        return self.host.health()
+        return self.host.detection.health()
 
     def background(self) -> list[asyncio.Task[None]]:
         """The standby's signal refresh in flight, if any: cancelled when the controller stops."""
@@ -98,7 +104,7 @@ class TickLoop:
                     for hook in self.leadership_hooks:
                         hook(leader)
                 if leader and not was_leader and self.elector is not None:
-                    self._became_leader()
+                    await self._became_leader()
                 was_leader = leader
                 if leader:
                     await self.reconcile()
@@ -122,15 +128,16 @@ class TickLoop:
             except TimeoutError:
                 pass
 
-    def _became_leader(self) -> None:
-        """A new leader reads what the previous one left: cooldowns, runs per incident, runs to resume."""
+    async def _became_leader(self) -> None:
+        """A new leader reads what the previous one left: cooldowns, runs per incident, runs to resume.
+        The reads are made on the STORE pool, never on the loop."""
         log.warning("became leader", identity=getattr(self.elector, "identity", None))
         self.runs.last_run_started.clear()
         self.runs.incident_runs.clear()
         self.runs.run_starts.clear()
         self.runs.floors.clear()
-        self.runs.recover_from_restart()  # runs to take over are decided by the next reconcile
+        await self.runs.recover()  # runs to take over are decided by the next reconcile
         try:
-            self.inputs.load_signals()
+            self.inputs.load_signals(await run_in(STORE, self.inputs.stored_signals))
         except Exception:  # the store is sick: the signals come back with the next push or tick
             log.exception("could not read pushed signals from the store")

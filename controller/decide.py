@@ -234,6 +234,9 @@ class Observation:
     isolated: bool = False
     """True while `isolation_quorum` reference targets are DOWN (the controller is the one cut off;
     its own alert pages) or failing and not yet confirmed: no incident opens and nothing runs."""
+    resolve_requests: dict[str, str] = field(default_factory=dict)
+    """Open incident id -> who asked to resolve it by hand (`continuity incident resolve`, the API,
+    the console, PagerDuty): a human's word, carried out as a `ResolveIncident` like any other."""
 
 
 def decide(obs: Observation, config: Config) -> list[Decision]:
@@ -250,6 +253,12 @@ def decide(obs: Observation, config: Config) -> list[Decision]:
             or [x for x in unowned if not isinstance(x, ResumeRun) and x.service == name][:1]
         )
         out.extend(moving)
+        asked = obs.incidents.get(name)
+        if asked is not None and (by := obs.resolve_requests.get(asked.id)) is not None:
+            # A human resolved it: whatever the probes say (if it is still down, the next cycle opens
+            # a new incident). Nothing else about the incident this cycle.
+            out.append(ResolveIncident(asked.id, name, f"resolved by {by}"))
+            continue
         health = obs.health.get(name)
         if health is None:
             continue

@@ -17,11 +17,11 @@ import structlog
 from controller import decide as d
 from controller import grouping
 from controller.config import Config
-from controller.detect import Health, ProbeState
+from controller.detect import SERVICE_STATE_VALUE, Health, ProbeState
 from controller.durations import format_duration
 from controller.metrics import Metrics
 from controller.notify import pagerduty
-from controller.notify.outbox import Dispatcher
+from controller.notify.outbox import Channel, Dispatcher
 from controller.stores import Incident, OutboxMessage, Store
 from controller.stores.aio import AsyncStore, Snapshot, read_snapshot
 from controller.tracker import DetectionTracker
@@ -122,8 +122,9 @@ class Effects:
                 self.store.append(iid, now, "decision", decision.reason)
                 log.info("holding", service=decision.service, reason=decision.reason)
 
-    def isolation(self, isolated: bool, note: str, now: float) -> None:
-        """One 'controller isolated' alert while every reference target is down; resolved when one is back."""
+    def isolation(self, isolated: bool, note: str, now: float, snap: Snapshot) -> None:
+        """One 'controller isolated' alert while every reference target is down; resolved when one is
+        back. The open alert's key is read from the tick's snapshot (or a write still deferred)."""
         self.metrics.isolated.set(1 if isolated else 0)
         pd = self.config.notifiers.pagerduty
         if isolated and self.isolated_since is None:
@@ -155,9 +156,7 @@ class Effects:
             self.isolated_since = None
             deferred = self.astore.deferred_flags()
             open_key = (
-                deferred["isolation_key"]
-                if "isolation_key" in deferred
-                else self.store.get_flag("isolation_key")
+                deferred["isolation_key"] if "isolation_key" in deferred else snap.flag("isolation_key")
             )
             if pd is not None and open_key:
                 resolve = (f"{open_key}/resolve", pagerduty.resolve(open_key), "isolation resolved")
@@ -323,6 +322,14 @@ class Effects:
             )
         self._emit("notification", channel=msg.channel, outcome=outcome, key=msg.key)
 
+    def export(self, obs: d.Observation) -> None:
+        """What the tick observed, as gauges: each service's state, paused, silenced."""
+        for name, h in obs.health.items():
+            self.metrics.set_labelled(self.metrics.service_state, name, SERVICE_STATE_VALUE[h.state])
+        self.metrics.paused.set(1 if obs.paused is not None else 0)
+        for name in self.config.services:
+            self.metrics.set_labelled(self.metrics.silenced, name, 1 if name in obs.silenced else 0)
+
     def update_incident_gauge(self, snap: Snapshot | None = None) -> None:
         """From the tick's snapshot (no store call); without one, read (tests, tools)."""
         snap = snap or read_snapshot(self.astore.store)
@@ -337,6 +344,15 @@ class Effects:
                 depth[msg.channel] = depth.get(msg.channel, 0) + 1
         for channel in self.dispatcher.channels:
             self.metrics.outbox_depth.labels(channel).set(depth.get(channel, 0))
+
+
+def pagerduty_channels(config: Config, env: Callable[[str], str]) -> dict[str, Channel]:
+    """PagerDuty is the controller's own channel (pages); the communicator adds the others. A
+    missing secret raises here, so a reload that lacks it is refused before anything changes."""
+    pd = config.notifiers.pagerduty
+    if pd is None:
+        return {}
+    return {"pagerduty": pagerduty.channel(pd, env(pd.routing_key_env))}
 
 
 def _verdict_line(probe: str, st: ProbeState, reason: str) -> str:

@@ -28,11 +28,16 @@ log = structlog.get_logger("continuity.controller")
 
 class InputsHost(Protocol):
     """Read from the controller each time: the config (a reload swaps it), whether this replica
-    leads, and where a result goes (`ingest`; a test may wrap it)."""
+    leads, and where a result goes (the tracker's `ingest`, looked up each time: a test may wrap it)."""
 
     @property
     def config(self) -> Config: ...
+    @property
+    def detection(self) -> Ingests: ...
     def may_act(self) -> bool: ...
+
+
+class Ingests(Protocol):
     def ingest(self, result: ProbeResult) -> None: ...
 
 
@@ -63,15 +68,15 @@ class ProbeInputs:
         return self.host.may_act()
 
     def ingest(self, result: ProbeResult) -> None:
-        self.host.ingest(result)
+        self.host.detection.ingest(result)
 
-    def _stored_signals(self) -> tuple[dict[str, str], dict[str, str]]:
+    def stored_signals(self) -> tuple[dict[str, str], dict[str, str]]:
         return self.store.flags("heartbeat:"), self.store.flags("alert:")
 
     async def refresh_signals(self) -> None:
         """A standby's copy of the pushed signals, read off the loop (a sick API must not stall it)."""
         try:
-            stored = await run_in(STORE, self._stored_signals)
+            stored = await run_in(STORE, self.stored_signals)
         except Exception as exc:  # next tick tries again; the leader is unaffected
             log.debug("standby could not refresh pushed signals", error=f"{type(exc).__name__}: {exc}")
             return
@@ -83,7 +88,7 @@ class ProbeInputs:
         only once by Alertmanager). Read at start, by a standby every tick and again on becoming
         leader: pushes reach the leader only, and a standby whose passive probes judged from stale
         signals would, on taking over, resolve the open incident and reopen it (a second page)."""
-        heartbeats, alerts = stored if stored is not None else self._stored_signals()
+        heartbeats, alerts = stored if stored is not None else self.stored_signals()
         for key, value in heartbeats.items():
             name = key.removeprefix("heartbeat:")
             self.signals.heartbeats[name] = max(float(value), self.signals.heartbeats.get(name, 0.0))

@@ -163,7 +163,7 @@ def answered_message(original: dict[str, Any] | None, text: str) -> dict[str, An
 
 def probes_agree(controller: Controller, service: str) -> tuple[bool, str]:
     """Does our own view say the service is up? Unknown is not up."""
-    health = controller.health().get(service)
+    health = controller.detection.health().get(service)
     if health is None:
         return False, f"{service} has no health yet"
     if health.state is not ServiceState.UP:
@@ -184,13 +184,11 @@ def install(app: web.Application, controller: Controller) -> None:
     def secret(env: str | None) -> str:
         return os.environ.get(env, "") if env else ""
 
-    def post_approval_requests(now: float) -> None:
-        """Each awaiting run gets one Slack message with buttons (the outbox key makes it once, also
-        across restarts); only when the interactions endpoint can verify the answer."""
-        if not settings.slack_signing_secret_env or "slack" not in controller.dispatcher.channels:
-            return
+    def queue_approval_requests(now: float) -> bool:
+        """Blocking (on the STORE pool): queue a message per awaiting run; True when one was queued."""
         from playbooks.engine import render_plan
 
+        queued = False
         for run in store.runs():
             if run.state != "awaiting_approval" or run.playbook not in controller.config.playbooks:
                 continue
@@ -203,7 +201,20 @@ def install(app: web.Application, controller: Controller) -> None:
                     store.append(
                         run.incident_id, now, "notification", f"slack approval request for {run.id} queued"
                     )
+                queued = True
+        return queued
+
+    async def post_approval_requests(now: float) -> None:
+        """Each awaiting run gets one Slack message with buttons (the outbox key makes it once, also
+        across restarts); only when the interactions endpoint can verify the answer. The store's
+        calls run on the STORE pool, never on the loop."""
+        if not settings.slack_signing_secret_env or "slack" not in controller.dispatcher.channels:
+            return
+        try:
+            if await controller.astore.call(queue_approval_requests, now):
                 controller.dispatcher.wake.set()
+        except Exception:  # a sick store: the next tick asks again (keys make it once)
+            log.exception("could not queue Slack approval requests")
 
     controller.tick_hooks.append(post_approval_requests)
 
@@ -240,9 +251,9 @@ def install(app: web.Application, controller: Controller) -> None:
         who = f"{name} via Slack ({uid})" if uid else f"{name} via Slack"
         try:
             if action_id == APPROVE:
-                text = commands.approve(store, run_id, who)
+                text = await controller.astore.call(commands.approve, store, run_id, who)
             else:
-                text = commands.reject(store, run_id, who, "rejected in Slack")
+                text = await controller.astore.call(commands.reject, store, run_id, who, "rejected in Slack")
             controller.kick()
         except CommandError as exc:
             text = str(exc)
@@ -275,10 +286,10 @@ def install(app: web.Application, controller: Controller) -> None:
                 {"error": "expected a v3 webhook payload: {event: {id, event_type, data}}"}, status=400
             )
         seen = f"pagerduty:event:{event_id}"
-        if store.get_flag(seen) is not None:
+        if await controller.astore.get_flag(seen) is not None:
             return web.json_response({"result": "duplicate: already handled"})
-        result = _pagerduty_event(controller, kind, data, event.get("agent") or {})
-        store.set_flag(seen, str(time.time()))
+        result = await _pagerduty_event(controller, kind, data, event.get("agent") or {})
+        await controller.astore.set_flag(seen, str(time.time()))
         return web.json_response({"result": result})
 
     app.add_routes(
@@ -302,24 +313,34 @@ async def _respond(url: str, body: dict[str, Any]) -> None:
         log.warning("slack response_url update failed", error=str(exc))
 
 
-def _pagerduty_event(controller: Controller, kind: str, data: dict[str, Any], agent: dict[str, Any]) -> str:
+async def _pagerduty_event(
+    controller: Controller, kind: str, data: dict[str, Any], agent: dict[str, Any]
+) -> str:
+    """Acknowledge or resolve our incident as PagerDuty says (a resolve only if our probes agree).
+    Store calls are awaited on the STORE pool; the commands only queue a request for the
+    communicator's next cycle."""
     if kind not in ("incident.acknowledged", "incident.resolved"):
         return f"ignored: {kind}"
     key = str(data.get("incident_key") or "")
     store = controller.store
-    inc = next((i for i in store.list_incidents(status="open", limit=10_000) if i.dedup_key == key), None)
+    opened = await controller.astore.list_incidents(status="open", limit=10_000)
+    inc = next((i for i in opened if i.dedup_key == key), None)
     if inc is None:
         return "ignored: no open incident of ours with that incident_key"
     who = f"{agent.get('summary') or 'someone'} via PagerDuty"
     now = controller.clock()
     if kind == "incident.acknowledged":
-        text = comms_commands.ack(store, inc.id, who)
+        text = await controller.astore.call(comms_commands.ack, store, inc.id, who)
         controller.kick()
         return text
     agree, why = probes_agree(controller, inc.service)
     if agree:
-        text = comms_commands.resolve(
-            store, inc.id, who, f"resolved in PagerDuty by {who.removesuffix(' via PagerDuty')}"
+        text = await controller.astore.call(
+            comms_commands.resolve,
+            store,
+            inc.id,
+            who,
+            f"resolved in PagerDuty by {who.removesuffix(' via PagerDuty')}",
         )
         controller.kick()
         return text

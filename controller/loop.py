@@ -12,16 +12,16 @@
 - `cycle.TickLoop`: the tick while leading, a standby's refresh, the glue of becoming leader;
 - `supervise.supervise`: background tasks that restart after a failure.
 
-What remains here is the wiring, start/stop/reload, and thin delegates that keep the surface the
-CLI, API, console, drills, tests and the simulation use (`ingest`, `health`, `states`, ...).
+What remains here is the wiring, the tick's body (`reconcile`: one snapshot, one observation,
+`decide`, each decision to the part that carries it out, the tick hooks, one flush) and
+start/stop/reload. Callers use the parts directly (`c.detection.health()`, `c.runs.running`,
+`c.inputs.heartbeat(...)`); `run_once` stays because it is the tracker's host interface.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import secrets
-import socket
+import inspect
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
@@ -33,23 +33,20 @@ from controller.aws import client_factory
 from controller.comms.communicator import attach
 from controller.config import Config, resolve_secret
 from controller.cycle import TickLoop
-from controller.detect import SERVICE_STATE_VALUE, ProbeState, ServiceHealth
-from controller.effects import Effects
+from controller.effects import Effects, pagerduty_channels
 from controller.inputs import ProbeInputs
 from controller.leader import Elector
 from controller.metrics import Metrics
-from controller.notify import pagerduty
-from controller.notify.outbox import Channel, Dispatcher
+from controller.notify.outbox import Dispatcher
 from controller.observation import ObservationBuilder
-from controller.runs import RUN_DECISIONS, Runs
+from controller.runs import RUN_DECISIONS, Runs, new_identity
 from controller.stores import Store
-from controller.stores.aio import AsyncStore, Snapshot
+from controller.stores.aio import AsyncStore
 from controller.supervise import supervise
 from controller.tracker import DetectionTracker
-from playbooks.engine import Engine, RunResult
+from playbooks.engine import Engine
 from probes import resolve
 from probes.base import ProbeResult
-from probes.passive import Signals
 from probes.runner import run_probe
 from probes.scheduler import Scheduler
 
@@ -59,12 +56,6 @@ log = structlog.get_logger("continuity.controller")
 FLUSH_WAIT = 0.5
 """How long a reconcile waits for its timeline batch to be written (a store in good health: a few
 milliseconds); a longer write carries on in the background."""
-
-
-def new_identity() -> str:
-    """A run owner's name when there is no elector: host, process and a random part (a restarted
-    process is a new owner, so it takes over the runs of the one that died)."""
-    return f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
 
 
 class Controller:
@@ -126,14 +117,15 @@ class Controller:
         self.stop_event = asyncio.Event()
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
         """Observers of what the controller does (the demo prints them): (kind, facts)."""
-        self.tick_hooks: list[Callable[[float], None]] = []
-        """Called with the time at the end of each reconcile (the communicator speaks there)."""
+        self.tick_hooks: list[Callable[[float], Awaitable[None] | None]] = []
+        """Called with the time at the end of each reconcile (the communicator speaks there); a hook
+        that returns an awaitable is awaited (its store work runs on the STORE pool)."""
         self._env = env
         self.leadership_hooks: list[Callable[[bool], None]] = []
         """Called with True when this replica starts leading and False when it stops (pod label)."""
         self.dispatcher = Dispatcher(
             store,
-            self._pagerduty_channel(config),
+            pagerduty_channels(config, env),
             clock,
             on_event=self.effects.delivery_event,
             first_retry=config.controller.outbox_retry,
@@ -144,74 +136,9 @@ class Controller:
         self.cycle = TickLoop(self, clock, self.metrics, self.runs, self.inputs, self._kick)
         self.communicator = attach(self)
 
-    # ------------------------------------------------------------------ start-up
-
-    def _pagerduty_channel(self, config: Config) -> dict[str, Channel]:
-        """PagerDuty is the controller's own channel (pages); the communicator adds the others."""
-        pd = config.notifiers.pagerduty
-        if pd is None:
-            return {}
-        return {"pagerduty": pagerduty.channel(pd, self._env(pd.routing_key_env))}
-
-    # ------------------------------------------------------------------ detection (controller/tracker.py)
-
-    @property
-    def states(self) -> dict[str, ProbeState]:
-        return self.detection.states
-
-    @property
-    def vstates(self) -> dict[str, dict[str, ProbeState]]:
-        return self.detection.vstates
-
-    @property
-    def burst_notes(self) -> dict[str, tuple[float, str]]:
-        return self.detection.burst_notes
-
-    @property
-    def impact(self) -> dict[str, str]:
-        return self.detection.impact
-
-    @property
-    def _burst_tasks(self) -> set[asyncio.Task[None]]:
-        return self.detection._burst_tasks
-
-    def ingest(self, result: ProbeResult) -> None:
-        self.detection.ingest(result)
-
-    def probe_healthy(self, name: str) -> bool | None:
-        return self.detection.probe_healthy(name)
-
-    def health(self) -> dict[str, ServiceHealth]:
-        return self.detection.health()
-
-    def references(self) -> tuple[bool, bool, str]:
-        return self.detection.references()
-
-    def isolation_forming(self) -> bool:
-        return self.detection.isolation_forming()
-
-    # ------------------------------------------------------------------ probe inputs (controller/inputs.py)
-
-    @property
-    def signals(self) -> Signals:
-        return self.inputs.signals
-
-    async def run_once(self, name: str, cfg: Any) -> ProbeResult:
-        return await self.inputs.run_once(name, cfg)
-
-    def heartbeat(self, name: str) -> None:
-        self.inputs.heartbeat(name)
-
-    def alertmanager(self, payload: Any) -> tuple[int, int]:
-        return self.inputs.alertmanager(payload)
-
-    # ------------------------------------------------------------------ observe
-
-    def silenced(self, now: float) -> dict[str, str]:
-        return self.observer.silenced(now)
-
-    def observation(self, snap: Snapshot | None = None) -> d.Observation:
-        return self.observer.observation(snap)
+    def run_once(self, name: str, cfg: Any) -> Awaitable[ProbeResult]:
+        """How a probe runs once (the tracker's confirmation bursts; `inputs` owns it)."""
+        return self.inputs.run_once(name, cfg)
 
     # ------------------------------------------------------------------ decide + act
 
@@ -225,52 +152,19 @@ class Controller:
 
     async def _reconcile(self) -> list[d.Decision]:
         snap = await self.astore.snapshot()  # the tick's one read, off the loop
-        obs = self.observation(snap)
+        obs = self.observer.observation(snap)
         await self.effects.send_isolation_alerts()
-        for name, h in obs.health.items():
-            self.metrics.set_labelled(self.metrics.service_state, name, SERVICE_STATE_VALUE[h.state])
-        self.metrics.paused.set(1 if obs.paused is not None else 0)
-        for name in self.config.services:
-            self.metrics.set_labelled(self.metrics.silenced, name, 1 if name in obs.silenced else 0)
+        self.effects.export(obs)
         decisions = d.decide(obs, self.config)
-        for decision in decisions:
-            await self._act(decision, obs)
+        for decision in decisions:  # runs are started, moved and resumed by `runs`; the rest by `effects`
+            part = self.runs if isinstance(decision, RUN_DECISIONS) else self.effects
+            await part.act(decision, self.clock())
         for hook in self.tick_hooks:
-            hook(self.clock())
+            if inspect.isawaitable(done := hook(self.clock())):
+                await done
         self.metrics.last_tick.set(self.clock())
         self.effects.update_incident_gauge(snap)
         return decisions
-
-    async def _act(self, decision: d.Decision, obs: d.Observation) -> None:
-        now = self.clock()
-        if isinstance(decision, RUN_DECISIONS):
-            await self.runs.act(decision, now)
-        else:
-            await self.effects.act(decision, now)
-
-    # ------------------------------------------------------------------ incidents (controller/effects.py)
-
-    @property
-    def isolated_since(self) -> float | None:
-        return self.effects.isolated_since
-
-    # ------------------------------------------------------------------ runs (controller/runs.py)
-
-    @property
-    def running(self) -> dict[str, asyncio.Task[RunResult]]:
-        return self.runs.running
-
-    @property
-    def last_run_started(self) -> dict[str, float]:
-        return self.runs.last_run_started
-
-    @property
-    def incident_runs(self) -> dict[str, int]:
-        return self.runs.incident_runs
-
-    async def run_playbook_by_hand(self, playbook: str) -> RunResult:
-        """A human started this run: no incident, no cooldown check, same journal and engine."""
-        return await self.runs.run_playbook_by_hand(playbook)
 
     # ------------------------------------------------------------------ record
 
@@ -313,22 +207,15 @@ class Controller:
         """Swap in a validated config. Probes whose settings did not change keep their history, so a
         reload never resets a failure streak; runs in progress finish with the playbook they started."""
         old = self.config
-        channels = self._pagerduty_channel(new)  # a missing secret refuses the reload before any change
+        channels = pagerduty_channels(new, self._env)  # a missing secret refuses the reload before any change
         self._probe_stop.set()
         for t in self._probe_tasks:
             t.cancel()
         await asyncio.gather(*self._probe_tasks, return_exceptions=True)
         self.config = new
         self.detection.reload(old, new)
-        self._rebuild_derived(old, new, channels)
-        resolve.configure(new.controller.resolver_nameservers)
-        self._start_probes()
-        self._kick.set()
-
-    def _rebuild_derived(self, old: Config, new: Config, channels: dict[str, Channel]) -> None:
-        """Everything else built from the config: notifier channels (added, changed, removed; queued
-        messages of a removed channel wait for its return) and the AWS client factory. Runs in
-        progress keep the clients they started with."""
+        # Notifier channels (added, changed, removed: queued messages of a removed channel wait for its
+        # return) and the AWS client factory (runs in progress keep the clients they started with).
         self.dispatcher.channels.clear()
         self.dispatcher.channels.update(channels)
         self.communicator._add_channels()
@@ -337,12 +224,15 @@ class Controller:
             self.aws = client_factory(new.aws)
         self.dispatcher.wake.set()
         log.info("config reloaded", channels=sorted(self.dispatcher.channels), probes=len(new.probes))
+        resolve.configure(new.controller.resolver_nameservers)
+        self._start_probes()
+        self._kick.set()
 
     def _start_probes(self) -> None:
         """One scheduler for every probe: stable offsets spread over each interval, per-host limits,
         and never two runs of the same probe at once (probes/scheduler.py)."""
         self._probe_stop = asyncio.Event()
-        self.scheduler = Scheduler(dict(self.config.probes), self.run_once, self.ingest)
+        self.scheduler = Scheduler(dict(self.config.probes), self.inputs.run_once, self.inputs.ingest)
         stop = self._probe_stop
         self._probe_tasks = [self._supervise("probes", lambda: self.scheduler.run(stop), stop)]
 
@@ -355,15 +245,15 @@ class Controller:
     async def stop(self) -> None:
         self.stop_event.set()
         self.dispatcher.wake.set()
-        running = [t for t in self.running.values() if not t.done()]
+        running = [t for t in self.runs.running.values() if not t.done()]
         if running:  # let a playbook step in hand finish rather than cut it in half
             await asyncio.wait(running, timeout=30)
         self._probe_stop.set()
         refresh = self.cycle.background()
-        for t in [*self._probe_tasks, *self._tasks, *self._burst_tasks, *refresh]:
+        for t in [*self._probe_tasks, *self._tasks, *self.detection._burst_tasks, *refresh]:
             t.cancel()
         await asyncio.gather(
-            *self._probe_tasks, *self._tasks, *self._burst_tasks, *refresh, return_exceptions=True
+            *self._probe_tasks, *self._tasks, *self.detection._burst_tasks, *refresh, return_exceptions=True
         )
         await self.dispatcher.settle()  # a message sent just before the stop is recorded as sent
         if not await self.astore.close():  # queued timeline entries and pushed signals, retried

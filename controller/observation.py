@@ -10,6 +10,7 @@ observation says). One `d.Observation` per tick; the decision is `decide`'s.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -17,6 +18,7 @@ from typing import Any, Protocol
 import structlog
 
 from controller import decide as d
+from controller.comms import commands as requests_
 from controller.config import Config
 from controller.effects import Effects
 from controller.runs import Runs
@@ -25,6 +27,20 @@ from controller.stores.aio import Snapshot, read_snapshot
 from controller.tracker import DetectionTracker
 
 log = structlog.get_logger("continuity.controller")
+
+
+def resolve_requests(snap: Snapshot) -> dict[str, str]:
+    """Incident id -> who asked to resolve it, from the humans' pending requests (their flags; the
+    communicator drops each once the incident is resolved and its resolution announced)."""
+    out: dict[str, str] = {}
+    for _, value in sorted(snap.flags(requests_.PREFIX).items()):
+        try:
+            req = json.loads(value)
+        except ValueError:
+            continue  # unreadable: the communicator drops it
+        if isinstance(req, dict) and req.get("op") == "resolve" and req.get("incident"):
+            out.setdefault(str(req["incident"]), str(req.get("by") or "someone"))
+    return out
 
 
 class ObservationHost(Protocol):
@@ -128,7 +144,7 @@ class ObservationBuilder:
         now = self.clock()
         self.detection.track_cut(now)
         refs_ok, isolated, refs_note = self.detection.references()
-        self.effects.isolation(isolated, refs_note, now)
+        self.effects.isolation(isolated, refs_note, now, snap)
         if refs_ok != getattr(self, "_refs_ok", True):
             self._refs_ok = refs_ok
             if refs_ok:
@@ -155,4 +171,5 @@ class ObservationBuilder:
             references_ok=refs_ok,
             references_note=refs_note,
             isolated=isolated or self.detection.isolation_forming(),
+            resolve_requests=resolve_requests(snap),
         )

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import secrets
+import socket
 import zlib
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -25,7 +28,7 @@ from controller.durations import format_duration
 from controller.effects import Effects
 from controller.metrics import Metrics
 from controller.notify import pagerduty
-from controller.stores import Store
+from controller.stores import Incident, Run, Store
 from controller.stores.aio import AsyncStore
 from controller.tracker import DetectionTracker
 from playbooks.actions import ActionContext
@@ -35,6 +38,12 @@ log = structlog.get_logger("continuity.controller")
 
 RUN_DECISIONS = (d.StartPlaybook, d.Transition, d.ResumeRun, d.AbandonRun)
 """The decisions `Runs.act` carries out; the others are incidents' (`Effects.act`)."""
+
+
+def new_identity() -> str:
+    """A run owner's name when there is no elector: host, process and a random part (a restarted
+    process is a new owner, so it takes over the runs of the one that died)."""
+    return f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
 
 
 class RunsHost(Protocol):
@@ -116,13 +125,26 @@ class Runs:
                 self.store.append(decision.incident_id, now, "playbook", decision.reason)
             log.warning("run abandoned", run=decision.run_id, reason=decision.reason)
 
-    def recover_from_restart(self) -> None:
+    def recovery_reads(self) -> tuple[list[Run], list[Incident]]:
+        """What `recover_from_restart` reads (blocking: on the STORE pool from a coroutine)."""
+        return self.store.runs(), self.store.list_incidents(status="open")
+
+    async def recover(self) -> None:
+        """`recover_from_restart` with the store read off the loop (a replica becoming leader)."""
+        self.recover_from_restart(*await self.astore.call(self.recovery_reads))
+
+    def recover_from_restart(
+        self, runs: list[Run] | None = None, opened: list[Incident] | None = None
+    ) -> None:
         """Pick up where a previous process stopped: cooldowns and runs per incident. Runs to resume
-        are found by `decide` from the failover states and the runs' owners, not here."""
+        are found by `decide` from the failover states and the runs' owners, not here. Without the
+        reads (`recovery_reads`) they are made here, blocking: at construction, before any loop work."""
+        if runs is None or opened is None:
+            runs, opened = self.recovery_reads()
         self._left_running = set()
         """Runs found running when this process started or became leader: the only runs by hand
         (no service state owns them) it may resume; a CLI run started later may be alive."""
-        for run in self.store.runs():
+        for run in runs:
             if run.state == "running":
                 self._left_running.add(run.id)
             if run.service and run.service != "manual":
@@ -132,7 +154,7 @@ class Runs:
                 self.run_starts.append(run.started_at)
             if run.incident_id:
                 self.incident_runs[run.incident_id] = self.incident_runs.get(run.incident_id, 0) + 1
-        for inc in self.store.list_incidents(status="open"):
+        for inc in opened:
             floor = inc.data.get("severity_floor")
             if floor:
                 self.floors[inc.id] = floor

@@ -20,6 +20,7 @@ from controller.templates_path import TEMPLATES
 
 if TYPE_CHECKING:
     from controller.loop import Controller
+    from controller.stores import Incident
 
 STATE = {"up": "operational", "degraded": "degraded", "down": "outage", "unknown": "unknown"}
 
@@ -51,17 +52,22 @@ BANNER_JS = """(function () {
 """
 
 
-def snapshot(controller: Controller, now: float | None = None) -> dict[str, Any]:
-    """What the page shows, as plain data (the JSON view is exactly this)."""
+def snapshot(
+    controller: Controller, now: float | None = None, incidents: list[Incident] | None = None
+) -> dict[str, Any]:
+    """What the page shows, as plain data (the JSON view is exactly this). `incidents` is the store's
+    list, read by the caller off the loop (`snapshot_async`); without it (tools, tests) it is read here."""
     now = controller.clock() if now is None else now
     cfg = controller.config
     days = cfg.communications.history_days
     services = [
         {"name": name, "display": display_name(name, cfg.services.get(name)), "state": STATE[h.state.value]}
-        for name, h in sorted(controller.health().items())
+        for name, h in sorted(controller.detection.health().items())
     ]
     open_, history = [], []
-    for inc in controller.store.list_incidents(limit=1000):
+    if incidents is None:
+        incidents = controller.store.list_incidents(limit=1000)
+    for inc in incidents:
         comms = inc.data.get("comms") or {}
         updates = comms.get("updates") or []
         latest = updates[-1] if updates else None
@@ -136,24 +142,33 @@ def render_atom(snap: dict[str, Any], base: str) -> str:
     )
 
 
+async def snapshot_async(controller: Controller) -> dict[str, Any]:
+    """`snapshot` with the store read on the STORE pool (the HTTP handlers: never on the loop)."""
+    return snapshot(controller, incidents=await controller.astore.list_incidents(limit=1000))
+
+
 def add_routes(app: web.Application, controller: Controller) -> None:
     """Mount the public status views on the controller's HTTP app (read-only, no token)."""
 
     async def html(_: web.Request) -> web.Response:
         return web.Response(
-            text=render_html(snapshot(controller)),
+            text=render_html(await snapshot_async(controller)),
             content_type="text/html",
             headers={"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'"},
         )
 
     async def json_(_: web.Request) -> web.Response:
-        return web.json_response(snapshot(controller), headers={"Access-Control-Allow-Origin": "*"})
+        return web.json_response(
+            await snapshot_async(controller), headers={"Access-Control-Allow-Origin": "*"}
+        )
 
     async def atom(_: web.Request) -> web.Response:
         # Links come from the configured public URL, never from the request's Host header: a
         # forged Host would otherwise put an attacker's links into every cached copy of the feed.
         base = (controller.config.controller.public_url or "").rstrip("/")
-        return web.Response(text=render_atom(snapshot(controller), base), content_type="application/atom+xml")
+        return web.Response(
+            text=render_atom(await snapshot_async(controller), base), content_type="application/atom+xml"
+        )
 
     async def banner(_: web.Request) -> web.Response:
         return web.Response(

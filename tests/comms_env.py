@@ -141,14 +141,14 @@ def controller(cfg: Config, clock: FakeClock, store: SQLiteStore | None = None) 
 
 def feed(ctrl: Controller, ok: bool, clock: FakeClock, n: int = 2) -> None:
     for _ in range(n):
-        ctrl.ingest(ProbeResult("checkout-api", ok, clock(), 0.01, error="" if ok else "HTTP 503"))
+        ctrl.detection.ingest(ProbeResult("checkout-api", ok, clock(), 0.01, error="" if ok else "HTTP 503"))
         clock.advance(10)
 
 
 async def cycle(ctrl: Controller) -> None:
     """One reconcile, let any playbook it launched finish, then deliver what is due."""
     await ctrl.reconcile()
-    running = [t for t in ctrl.running.values() if not t.done()]
+    running = [t for t in ctrl.runs.running.values() if not t.done()]
     if running:
         await asyncio.gather(*running)
     await ctrl.dispatcher.drain()

@@ -108,7 +108,7 @@ def feed(
     ctrl: Controller, probe: str, ok: bool, clock: FakeClock, error: str = "HTTP 503", n: int = 2
 ) -> None:
     for _ in range(n):
-        ctrl.ingest(ProbeResult(probe, ok, clock(), 0.01, error="" if ok else error))
+        ctrl.detection.ingest(ProbeResult(probe, ok, clock(), 0.01, error="" if ok else error))
         clock.advance(10)
 
 

@@ -529,7 +529,7 @@ def test_only_the_exact_bearer_token_is_accepted(header: str | None) -> None:
                 for path, body in (("/alertmanager", am(alert())), ("/heartbeat/job", None)):
                     async with http.post(f"{url}{path}", json=body, headers=headers) as resp:
                         assert resp.status == 401, (path, header)
-                assert c.signals.alerts == {} and "job" not in c.signals.heartbeats
+                assert c.inputs.signals.alerts == {} and "job" not in c.inputs.signals.heartbeats
                 async with http.post(f"{url}/alertmanager", json=am(alert()), headers=AUTH) as resp:
                     assert resp.status == 200
         finally:
@@ -560,7 +560,7 @@ def test_stored_alerts_are_bounded_and_pushes_rate_limited(
                     async with http.post(f"{url}/alertmanager", json=am(*alerts)) as resp:
                         assert resp.status == 200, await resp.text()
                         dropped += (await resp.json()).get("dropped", 0)
-                assert len(c.signals.alerts) == MAX_ALERTS
+                assert len(c.inputs.signals.alerts) == MAX_ALERTS
                 assert dropped == 6000 - MAX_ALERTS
                 await c.astore.flush()  # pushed flags are written with the tick's batch
                 assert len(c.store.flags("alert:")) == MAX_ALERTS
@@ -596,7 +596,7 @@ def test_unknown_heartbeat_names_are_never_stored(tmp_path: Path, monkeypatch: p
                 for i in range(50):
                     async with http.post(f"{url}/heartbeat/job-{i}") as resp:
                         assert resp.status == 404
-                assert c.signals.heartbeats == {} and c.store.flags("heartbeat:") == {}
+                assert c.inputs.signals.heartbeats == {} and c.store.flags("heartbeat:") == {}
         finally:
             c.store.close()
 
@@ -660,12 +660,12 @@ detection: {{failure_threshold: 1, success_threshold: 1, confirm: {{probes: 0}}}
                 now = time.time()
                 answer = await push(now + 10 * 365 * 86400)
                 assert answer["accepted"] == 0 and answer["outcomes"] == {"future": 1}
-                assert "eu" not in c.vstates["web"]
+                assert "eu" not in c.detection.vstates["web"]
                 answer = await push(now - 3600 * 24)  # far older than the freshness window
                 assert answer["accepted"] == 0 and answer["outcomes"] == {"stale": 1}
                 answer = await push(time.time() + 5)  # a little ahead: clamped to our receive time
                 assert answer["accepted"] == 1 and answer["outcomes"] == {"clamped": 1}
-                assert c.vstates["web"]["eu"].last.started_at <= time.time()
+                assert c.detection.vstates["web"]["eu"].last.started_at <= time.time()
                 async with http.get(f"{url}/metrics") as resp:
                     text = await resp.text()
                 for outcome in ("future", "stale", "clamped"):

@@ -133,7 +133,7 @@ async def until(cond: Callable[[], Any], timeout: float = 8.0, what: str = "cond
 
 
 async def healthy(c: Controller) -> None:
-    await until(lambda: all(c.probe_healthy(p) for p in c.config.probes), what="probes up")
+    await until(lambda: all(c.detection.probe_healthy(p) for p in c.config.probes), what="probes up")
 
 
 def only_incident(c: Controller) -> Incident:
@@ -158,7 +158,9 @@ def test_one_incident_per_outage_paged_resolved_and_cooldown_respected(tmp_path:
                 await until(lambda: env.triggers(), what="trigger")
                 await until(lambda: [r for r in c.store.runs() if r.state != "running"], what="run")
                 # keep failing for many more probe runs: still one incident, one trigger, one run
-                await until(lambda: all(c.states[p].failures >= 8 for p in c.config.probes), what="failures")
+                await until(
+                    lambda: all(c.detection.states[p].failures >= 8 for p in c.config.probes), what="failures"
+                )
                 assert len(c.store.list_incidents()) == 1
                 [trig] = env.triggers()
                 assert trig["dedup_key"] == inc.dedup_key
@@ -255,9 +257,9 @@ def test_restart_keeps_the_open_incident_and_resolves_it_with_the_same_key(tmp_p
                 after = [(e.kind, e.message) for e in c2.store.timeline(inc.id)]
                 assert after[: len(before)] == before
                 assert any(m.startswith("incident opened, severity critical") for _, m in after)
-                assert c2.incident_runs == {inc.id: 1}
+                assert c2.runs.incident_runs == {inc.id: 1}
                 await c2.start()
-                await until(lambda: c2.states["web-0"].failures >= 3, what="down again")
+                await until(lambda: c2.detection.states["web-0"].failures >= 3, what="down again")
                 await asyncio.sleep(0.3)
                 assert c2.store.list_incidents() == [c2.store.get_incident(inc.id)], "no second incident"
                 assert len(c2.store.runs()) == 1, "no second run for the same incident"

@@ -157,7 +157,9 @@ def test_restart_during_an_outage_keeps_the_incident_open_and_pages_once(tmp_pat
             env.target.slow = {"journey"}
             c1 = make(cfg)
             await c1.start()
-            await until(lambda: all(c1.probe_healthy(p) for p in ("health", "journey")), what="healthy")
+            await until(
+                lambda: all(c1.detection.probe_healthy(p) for p in ("health", "journey")), what="healthy"
+            )
             env.target.broken = {"journey"}
             inc = await until(lambda: c1.store.open_incident_for("shop"), what="incident")
             await until(env.triggers, what="page")
@@ -168,8 +170,10 @@ def test_restart_during_an_outage_keeps_the_incident_open_and_pages_once(tmp_pat
             try:
                 await c2.start()
                 # The health probe passes within ms; the journey answers only after 0.4 s.
-                await until(lambda: c2.probe_healthy("health"), what="health up after restart")
-                await until(lambda: c2.states["journey"].status.value == "down", what="journey down again")
+                await until(lambda: c2.detection.probe_healthy("health"), what="health up after restart")
+                await until(
+                    lambda: c2.detection.states["journey"].status.value == "down", what="journey down again"
+                )
                 await asyncio.sleep(0.5)
                 assert c2.store.get_incident(inc.id).status == "open"
                 assert c2.store.list_incidents() == [c2.store.get_incident(inc.id)], "no second incident"
@@ -206,7 +210,7 @@ def test_a_failing_reference_holds_the_failover_while_the_incident_opens_and_pag
             c = make(cfg)
             await c.start()
             try:
-                await until(lambda: c.states["ref-a"].status.value == "down", what="ref-a down")
+                await until(lambda: c.detection.states["ref-a"].status.value == "down", what="ref-a down")
                 env.target.broken = {"web"}
                 inc = await until(lambda: c.store.open_incident_for("shop"), what="incident opens")
                 await until(env.triggers, what="page")
@@ -252,7 +256,7 @@ def test_isolation_quorum_fires_the_controllers_own_alert_and_opens_nothing(tmp_
                 # While the controller is cut off its own runs are no vote: web is not declared
                 # DOWN from them (nor UP), so nothing about it can page or move.
                 await asyncio.sleep(1.5)
-                assert c.states["web"].status.value != "down", c.states["web"]
+                assert c.detection.states["web"].status.value != "down", c.detection.states["web"]
                 assert c.store.list_incidents() == [], "an isolated controller opens no incident"
                 assert c.store.runs() == []
             finally:
@@ -303,7 +307,7 @@ def test_a_full_disk_delays_the_page_and_never_ends_paging(tmp_path: Path) -> No
             c = make(cfg, store)
             await c.start()
             try:
-                await until(lambda: c.probe_healthy("web"), what="healthy")
+                await until(lambda: c.detection.probe_healthy("web"), what="healthy")
                 store.full = True
                 env.target.broken = {"web"}
                 await until(
@@ -396,18 +400,19 @@ def test_a_hang_is_declared_down_within_one_and_a_half_times_a_refusal(tmp_path:
             await c.start()
             try:
                 await until(
-                    lambda: all(len(c.states[p].runs) >= 11 for p in ("refused", "hang")), what="history"
+                    lambda: all(len(c.detection.states[p].runs) >= 11 for p in ("refused", "hang")),
+                    what="history",
                 )
-                assert all(c.probe_healthy(p) for p in ("refused", "hang"))
+                assert all(c.detection.probe_healthy(p) for p in ("refused", "hang"))
                 refusing.refuse()
                 hanging.hang = True
                 await until(lambda: len(down_at) == 2, timeout=20.0, what="both down")
-                took = {p: down_at[p] - c.states[p].first_failure_at for p in down_at}
+                took = {p: down_at[p] - c.detection.states[p].first_failure_at for p in down_at}
                 print(f"\nfirst failed run to DOWN: refused {took['refused']:.2f}s, hang {took['hang']:.2f}s")
                 # Sequential bursts took 2 intervals + timeout + 5 x (timeout + spacing) for the hang
                 # (about 2.7 s here) against 1.4 s refused: 1.9x. Overlapping runs: about 1.8 s.
                 assert took["hang"] <= 1.5 * took["refused"] + 0.15, took
-                burst_notes = [n for _, n in c.burst_notes.values()]
+                burst_notes = [n for _, n in c.detection.burst_notes.values()]
                 assert any("hang" in n and "confirmed: DOWN" in n for n in burst_notes), burst_notes
             finally:
                 await c.stop()
@@ -466,7 +471,9 @@ def test_a_journey_failing_most_runs_opens_a_moderate_incident_stating_its_rate(
                 await until(env.triggers, what="page")
                 await asyncio.sleep(0.5)
                 assert c.store.runs() == [], "intermittent failure never fails over"
-                assert any("not confirmed" in n for _, n in c.burst_notes.values()), c.burst_notes
+                assert any("not confirmed" in n for _, n in c.detection.burst_notes.values()), (
+                    c.detection.burst_notes
+                )
                 timeline = [e.message for e in c.store.timeline(inc.id)]
                 assert not any("DOWN after 0 consecutive" in m for m in timeline), timeline
             finally:

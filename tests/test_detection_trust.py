@@ -264,7 +264,7 @@ def test_quorum_through_the_controller(tmp_path: Path) -> None:
 
             def tick(**votes: bool) -> None:
                 for vantage, ok in votes.items():
-                    c.ingest(fake("web", ok, now[0], vantage=vantage))
+                    c.detection.ingest(fake("web", ok, now[0], vantage=vantage))
                 now[0] += 10
 
             for _ in range(2):
@@ -272,24 +272,24 @@ def test_quorum_through_the_controller(tmp_path: Path) -> None:
             for _ in range(5):  # eu is cut off: one of three
                 tick(local=True, eu=False, us=True)
             await c.reconcile()
-            assert c.vstates["web"]["eu"].status is Health.DOWN
-            assert c.states["web"].status is Health.UP
+            assert c.detection.vstates["web"]["eu"].status is Health.DOWN
+            assert c.detection.states["web"].status is Health.UP
             assert c.store.list_incidents() == [], "one vantage point failing must not open an incident"
 
             # us stops reporting after three failures; 30 s later its DOWN is stale and cannot vote
             for _ in range(3):
                 tick(local=True, eu=False, us=False)
-            assert c.states["web"].status is Health.DOWN
+            assert c.detection.states["web"].status is Health.DOWN
             assert c.store.list_incidents() == []  # decided on the next reconcile, not yet
             now[0] += 31
             tick(local=True, eu=False)
-            assert c.vstates["web"]["us"].status is Health.DOWN, "us last said DOWN ..."
-            assert c.states["web"].status is not Health.DOWN, "... but too long ago to vote"
+            assert c.detection.vstates["web"]["us"].status is Health.DOWN, "us last said DOWN ..."
+            assert c.detection.states["web"].status is not Health.DOWN, "... but too long ago to vote"
             await c.reconcile()
             assert c.store.list_incidents() == [], "a stale vote must not make the quorum"
 
             tick(local=True, eu=False, us=False)  # us is back and agrees with eu: two of three
-            assert c.states["web"].status is Health.DOWN
+            assert c.detection.states["web"].status is Health.DOWN
             await c.reconcile()
             [inc] = c.store.list_incidents()
             assert inc.service == "shop" and inc.severity == "critical"
@@ -323,18 +323,18 @@ def test_isolation_holds_every_failover_and_pages_once(tmp_path: Path) -> None:
             c = controller(cfg)
             await c.start()
             try:
-                await until(lambda: all(c.probe_healthy(p) for p in cfg.probes), what="all up")
+                await until(lambda: all(c.detection.probe_healthy(p) for p in cfg.probes), what="all up")
                 assert metric(c, "continuity_isolated") == 0
                 env.target.set(503, "web", "ref-a", "ref-b")  # the controller's own network is cut
-                await until(lambda: c.isolated_since is not None, what="isolated")
+                await until(lambda: c.effects.isolated_since is not None, what="isolated")
                 await until(lambda: env.triggers(), what="isolation alert")
                 await asyncio.sleep(1.0)  # many ticks while cut off
                 assert c.store.runs() == [], "no failover while the controller may be the one cut off"
                 assert c.store.list_incidents() == [], "no incident while the references fail"
                 # Runs made while cut off are no evidence: web is not DOWN from them, so nothing
                 # is even held for it; only the controller's own alert speaks.
-                assert c.states["web"].status is not Health.DOWN
-                assert not [x for x in decide(c.observation(), c.config) if not isinstance(x, Hold)]
+                assert c.detection.states["web"].status is not Health.DOWN
+                assert not [x for x in decide(c.observer.observation(), c.config) if not isinstance(x, Hold)]
                 assert metric(c, "continuity_isolated") == 1
                 [alert] = env.triggers()
                 assert "isolated" in alert["payload"]["summary"]
@@ -376,7 +376,7 @@ def test_flapping_holds_the_playbook_and_keeps_the_incident_open(tmp_path: Path)
 
                 async def flip(code: int, status: Health) -> None:
                     env.target.set(code, "web")
-                    await until(lambda: c.states["web"].status is status, what=f"web {status}")
+                    await until(lambda: c.detection.states["web"].status is status, what=f"web {status}")
 
                 await flip(200, Health.UP)
                 await flip(503, Health.DOWN)  # change 1: incident, failover
@@ -430,10 +430,12 @@ def test_a_dependency_outage_is_one_incident_and_one_page(tmp_path: Path) -> Non
             c = controller(cfg)
             await c.start()
             try:
-                await until(lambda: all(c.probe_healthy(p) for p in cfg.probes), what="all up")
+                await until(lambda: all(c.detection.probe_healthy(p) for p in cfg.probes), what="all up")
                 env.target.set(503, "checkout-api", "payments-api")
                 inc = await until(lambda: c.store.open_incident_for("payments"), what="payments incident")
-                await until(lambda: c.states["checkout-api"].status is Health.DOWN, what="checkout down")
+                await until(
+                    lambda: c.detection.states["checkout-api"].status is Health.DOWN, what="checkout down"
+                )
                 await until(
                     lambda: any("part of payments's incident" in m for m in messages(c, inc.id)),
                     what="checkout joined",
@@ -482,22 +484,22 @@ def test_maintenance_window_silences_then_the_incident_opens(tmp_path: Path) -> 
         )
         try:
             for i in range(5):
-                c.ingest(fake("web", i == 0, now[0]))
+                c.detection.ingest(fake("web", i == 0, now[0]))
                 now[0] += 10
-            assert c.states["web"].status is Health.DOWN
+            assert c.detection.states["web"].status is Health.DOWN
             out = await c.reconcile()
             assert c.store.list_incidents() == [] and c.store.runs() == []
             assert [type(x) for x in out] == [Hold] and "maintenance until" in out[0].reason
             assert "db upgrade" in out[0].reason
             assert metric(c, "continuity_silenced", service="checkout") == 1
             now[0] = (t0 + timedelta(minutes=2)).timestamp()  # the window's end is exclusive
-            c.ingest(fake("web", False, now[0]))  # a fresh result: a stale one is unknown, not down
+            c.detection.ingest(fake("web", False, now[0]))  # a fresh result: a stale one is unknown, not down
             out = await c.reconcile()
             assert [type(x) for x in out] == [OpenIncident, StartPlaybook]
             assert metric(c, "continuity_silenced", service="checkout") == 0
             assert c.store.open_incident_for("checkout") is not None
         finally:
-            for task in c.running.values():
+            for task in c.runs.running.values():
                 await task
             c.store.close()
 
@@ -513,7 +515,7 @@ def test_a_silence_flag_holds_until_it_expires(tmp_path: Path) -> None:
             until_at = now[0] + 600
             c.store.set_flag("silence:checkout", f"{until_at}|rolling the payment keys")  # as the CLI will
             for _ in range(4):
-                c.ingest(fake("web", False, now[0]))
+                c.detection.ingest(fake("web", False, now[0]))
                 now[0] += 10
             out = await c.reconcile()
             assert c.store.list_incidents() == [] and c.store.runs() == []
@@ -524,12 +526,12 @@ def test_a_silence_flag_holds_until_it_expires(tmp_path: Path) -> None:
             await c.reconcile()
             assert c.store.list_incidents() == []
             now[0] = until_at + 1
-            c.ingest(fake("web", False, now[0]))  # a fresh result: a stale one is unknown, not down
+            c.detection.ingest(fake("web", False, now[0]))  # a fresh result: a stale one is unknown, not down
             out = await c.reconcile()
             assert [type(x) for x in out] == [OpenIncident, StartPlaybook]
             assert metric(c, "continuity_silenced", service="checkout") == 0
         finally:
-            for task in c.running.values():
+            for task in c.runs.running.values():
                 await task
             c.store.close()
 
@@ -571,14 +573,14 @@ def test_degraded_results_open_a_moderate_incident_and_never_start_a_playbook(tm
         c = controller(silence_config(tmp_path, past, past + timedelta(hours=1)), clock=lambda: now[0])
         try:
             for i in range(6):
-                c.ingest(fake("web", i == 0, now[0], degraded=True))
+                c.detection.ingest(fake("web", i == 0, now[0], degraded=True))
                 now[0] += 10
                 await c.reconcile()
-            assert c.states["web"].status is Health.DEGRADED
+            assert c.detection.states["web"].status is Health.DEGRADED
             [inc] = c.store.list_incidents()
             assert inc.severity == "moderate", "critical tier, degraded -> moderate"
-            assert c.health()["checkout"].state is ServiceState.DEGRADED
-            assert c.store.runs() == [] and c.running == {}, "degraded never starts a failover"
+            assert c.detection.health()["checkout"].state is ServiceState.DEGRADED
+            assert c.store.runs() == [] and c.runs.running == {}, "degraded never starts a failover"
         finally:
             c.store.close()
 

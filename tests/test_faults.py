@@ -141,7 +141,7 @@ def _failover_through_controller(tmp: Path, world: World, proxy: AwsProxy, steps
         c.engine.backoff = 0.05
         await c.start()
         try:
-            await until(lambda: c.probe_healthy("web"), 5, "the probe up")
+            await until(lambda: c.detection.probe_healthy("web"), 5, "the probe up")
             target.status = 503
             run = await until(
                 lambda: next((r for r in store.runs() if r.state not in ("running",)), None), 20, "the run"

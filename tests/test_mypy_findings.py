@@ -39,7 +39,9 @@ controller: {{data_dir: "{tmp_path / "state"}"}}
     heard: list[tuple[str, dict[str, Any]]] = []
     c.listeners.append(lambda kind, facts: heard.append((kind, facts)))
     try:
-        c.ingest(ProbeResult("web", False, 1000.0, 0.0, error="Too many open files", prober_error="emfile"))
+        c.detection.ingest(
+            ProbeResult("web", False, 1000.0, 0.0, error="Too many open files", prober_error="emfile")
+        )
     finally:
         c.store.close()
     assert heard == [

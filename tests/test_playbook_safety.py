@@ -262,8 +262,8 @@ def test_dead_secondary_blocks_the_switch_freezes_and_ack_unfreezes(
             steps = switch_yaml(world, "\n        guards: [{probes_healthy: [secondary]}]")
             c = env.controller(world, proxy.url, steps=steps, tier="important")
             async with running(c):
-                await until(lambda: c.probe_healthy("primary") is True, what="primary up")
-                await until(lambda: c.probe_healthy("secondary") is False, what="secondary down")
+                await until(lambda: c.detection.probe_healthy("primary") is True, what="primary up")
+                await until(lambda: c.detection.probe_healthy("secondary") is False, what="secondary down")
                 env.target.status["primary"] = 503
                 [run] = await until(lambda: runs_in(c.store, "blocked"), what="blocked run")
                 # The run's end is an event decide consumes on the next cycle (freeze, critical, page).
@@ -305,7 +305,7 @@ def test_dead_secondary_blocks_the_switch_freezes_and_ack_unfreezes(
                 assert len(c.store.runs()) == 1, "a frozen playbook must not run again"
 
                 env.target.status["secondary"] = 200
-                await until(lambda: c.probe_healthy("secondary") is True, what="secondary up")
+                await until(lambda: c.detection.probe_healthy("secondary") is True, what="secondary up")
                 assert len(c.store.runs()) == 1
                 text = commands.ack(c.store, "shop", "tester")
                 assert run.id in text
@@ -357,7 +357,7 @@ def test_replica_lag_from_cloudwatch_guards_the_promotion(
         async with environment(tmp_path) as env:
             c = env.controller(world, proxy.url, steps=steps, rpo="30s")
             async with running(c):
-                await until(lambda: c.probe_healthy("primary") is True, what="primary up")
+                await until(lambda: c.detection.probe_healthy("primary") is True, what="primary up")
                 env.target.status["primary"] = 503
                 [run] = await until(lambda: runs_in(c.store, "blocked", "succeeded", "failed"), what="run")
                 [step] = c.store.steps(run.id)
@@ -565,7 +565,7 @@ def test_approval_through_the_http_api(tmp_path: Path, world: World, proxy: AwsP
             runner, port = await serve(api_app(c), "127.0.0.1", 0)
             try:
                 async with running(c), aiohttp.ClientSession() as http:
-                    await until(lambda: c.probe_healthy("primary") is True, what="primary up")
+                    await until(lambda: c.detection.probe_healthy("primary") is True, what="primary up")
                     env.target.status["primary"] = 503
                     run = await awaiting(c)
                     assert world.a_record() == [PRIMARY], "nothing changes before approval"
@@ -620,7 +620,7 @@ def test_rejected_run_changes_nothing(tmp_path: Path, world: World, proxy: AwsPr
         async with environment(tmp_path) as env:
             c = env.controller(world, proxy.url, steps=switch_yaml(world), playbook_extra=APPROVAL)
             async with running(c):
-                await until(lambda: c.probe_healthy("primary") is True, what="primary up")
+                await until(lambda: c.detection.probe_healthy("primary") is True, what="primary up")
                 env.target.status["primary"] = 503
                 run = await awaiting(c)
                 commands.reject(c.store, run.id, "bob", "the secondary is being patched")
@@ -644,7 +644,7 @@ def test_unanswered_approval_escalates_then_expires(tmp_path: Path, world: World
         async with environment(tmp_path) as env:
             c = env.controller(world, proxy.url, steps=switch_yaml(world), playbook_extra=APPROVAL)
             async with running(c):
-                await until(lambda: c.probe_healthy("primary") is True, what="primary up")
+                await until(lambda: c.detection.probe_healthy("primary") is True, what="primary up")
                 env.target.status["primary"] = 503
                 run = await awaiting(c)
                 await until(lambda: c.store.get_run(run.id).state == "expired", timeout=5, what="expired")
@@ -675,7 +675,7 @@ def test_auto_approve_critical_runs_without_waiting(tmp_path: Path, world: World
             extra = APPROVAL + "\n    auto_approve: [critical]"
             c = env.controller(world, proxy.url, steps=switch_yaml(world), playbook_extra=extra)
             async with running(c):
-                await until(lambda: c.probe_healthy("primary") is True, what="primary up")
+                await until(lambda: c.detection.probe_healthy("primary") is True, what="primary up")
                 env.target.status["primary"] = 503
                 # A run that waited for approval would end expired (approval_timeout 1.5s), never succeeded.
                 [run] = await until(lambda: runs_in(c.store, "succeeded"), timeout=8.0, what="run")

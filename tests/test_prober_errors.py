@@ -80,7 +80,7 @@ CHILD = textwrap.dedent(
         c = Controller(cfg, SQLiteStore(cfg.controller.data_dir), env=lambda name: "x" * 32)
         await c.start()
         deadline = time.monotonic() + 10
-        while not all(c.probe_healthy(p) for p in cfg.probes):
+        while not all(c.detection.probe_healthy(p) for p in cfg.probes):
             assert time.monotonic() < deadline, "never healthy"
             await asyncio.sleep(0.05)
         # Reach the limit for real: a low soft limit, then every free descriptor taken.
@@ -102,19 +102,20 @@ CHILD = textwrap.dedent(
                 kind: c.metrics.registry.get_sample_value("continuity_prober_errors_total", {"kind": kind})
                 for kind in ("emfile", "resolver", "loop_stall")
             },
-            "states": {p: s.status.value for p, s in c.states.items()},
-            "service": c.health()["shop"].state.value,
+            "states": {p: s.status.value for p, s in c.detection.states.items()},
+            "service": c.detection.health()["shop"].state.value,
         }
         for fd in hog:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-        before = c.states["web"].last.started_at
+        before = c.detection.states["web"].last.started_at
         deadline = time.monotonic() + 5
-        while not (c.states["web"].last.started_at > before and c.states["journey"].successes >= 2):
+        states = c.detection.states
+        while not (states["web"].last.started_at > before and states["journey"].successes >= 2):
             assert time.monotonic() < deadline, "never passed again"
             await asyncio.sleep(0.05)
-        during["after"] = {p: s.status.value for p, s in c.states.items()}
-        during["after_service"] = c.health()["shop"].state.value
+        during["after"] = {p: s.status.value for p, s in c.detection.states.items()}
+        during["after_service"] = c.detection.health()["shop"].state.value
         await c.stop()
         print("RESULT " + json.dumps(during))
 
@@ -264,12 +265,12 @@ controller:
                 what="resolver errors counted",
             )
             await asyncio.sleep(1.0)
-            assert all(c.probe_healthy(p) for p in good), {p: c.states[p] for p in good}
+            assert all(c.detection.probe_healthy(p) for p in good), {p: c.detection.states[p] for p in good}
             assert failed_good == [], "a stalled name must not fail probes of names that resolve"
             assert c.store.open_incident_for("stalled") is None
             assert c.store.open_incident_for("shop") is None
-            assert all(c.states[p].status.value == "unknown" for p in stalled)
-            assert c.health()["stalled"].state.value == "unknown"
+            assert all(c.detection.states[p].status.value == "unknown" for p in stalled)
+            assert c.detection.health()["stalled"].state.value == "unknown"
             assert sum(server.asked[f"{n}.test"] for n in stalled) >= 24  # really asked, never answered
             inc = c.store.open_incident_for("gone")
             assert "does not exist" in inc.title

@@ -104,10 +104,10 @@ async def target(status: int = 200) -> AsyncIterator[tuple[dict[str, int], int]]
 def snapshot(c: Controller) -> tuple[Any, ...]:
     """Everything a push could change: signals, verdicts per vantage, stored flags, incidents."""
     return (
-        copy.deepcopy(c.signals.heartbeats),
-        copy.deepcopy(c.signals.alerts),
-        set(c.signals.seen),
-        {p: dict(v) for p, v in c.vstates.items()},
+        copy.deepcopy(c.inputs.signals.heartbeats),
+        copy.deepcopy(c.inputs.signals.alerts),
+        set(c.inputs.signals.seen),
+        {p: dict(v) for p, v in c.detection.vstates.items()},
         c.store.flags(""),
         [i.id for i in c.store.list_incidents()],
     )
@@ -174,10 +174,10 @@ def test_heartbeats_keep_a_service_up_silence_opens_an_incident_and_survive_a_re
                 while time.monotonic() - t0 < 2.5:
                     assert await beat("job") == 200
                     await asyncio.sleep(0.3)
-                assert c.probe_healthy("job") is True
-                assert c.health()["batch"].state.value == "up"
+                assert c.detection.probe_healthy("job") is True
+                assert c.detection.health()["batch"].state.value == "up"
                 assert c.store.list_incidents() == []
-                last = c.signals.heartbeats["job"]
+                last = c.inputs.signals.heartbeats["job"]
                 assert c.store.get_flag("heartbeat:job") == repr(last)
 
                 # The job stops: after 1.5 s of silence (and the thresholds) the incident opens.
@@ -198,13 +198,13 @@ def test_heartbeats_keep_a_service_up_silence_opens_an_incident_and_survive_a_re
                 monkeypatch.setenv("PUSHED_TEST_HB_TOKEN", "hb-secret")
                 assert await beat("secure-job") == 401
                 assert await beat("secure-job", {"Authorization": "Bearer wrong"}) == 401
-                assert "secure-job" not in c.signals.heartbeats
+                assert "secure-job" not in c.inputs.signals.heartbeats
                 assert snapshot(c) == before
                 assert await beat("secure-job", {"Authorization": "Bearer hb-secret"}) == 200
-                assert "secure-job" in c.signals.heartbeats
+                assert "secure-job" in c.inputs.signals.heartbeats
                 # a `public: true` job needs no token even while another probe has one
                 assert await beat("job", {"Authorization": "Bearer whatever"}) == 200
-                last = c.signals.heartbeats["job"]
+                last = c.inputs.signals.heartbeats["job"]
         finally:
             await c.stop()
             c.store.close()
@@ -213,12 +213,12 @@ def test_heartbeats_keep_a_service_up_silence_opens_an_incident_and_survive_a_re
         # (fresh grace for a job that went silent) nor pages for one that just checked in.
         c2 = Controller(cfg, SQLiteStore(data_dir))
         try:
-            assert c2.signals.heartbeats["job"] == last
-            assert "secure-job" in c2.signals.heartbeats
-            result = await c2.run_once("job", cfg.probes["job"])
+            assert c2.inputs.signals.heartbeats["job"] == last
+            assert "secure-job" in c2.inputs.signals.heartbeats
+            result = await c2.inputs.run_once("job", cfg.probes["job"])
             assert result.ok and result.details["last_heartbeat"] == last
             await asyncio.sleep(1.6)
-            result = await c2.run_once("job", cfg.probes["job"])
+            result = await c2.inputs.run_once("job", cfg.probes["job"])
             assert not result.ok, "a job silent across the restart still fails, no fresh grace"
             assert "ago" in result.reason
         finally:
@@ -295,13 +295,13 @@ def test_the_real_alertmanager_fires_and_resolves_an_incident(
     async def main() -> None:
         c = Controller(cfg, SQLiteStore(cfg.controller.data_dir))
         received: list[dict[str, Any]] = []
-        apply = c.alertmanager
+        apply = c.inputs.alertmanager
 
         def recording(payload: Any) -> tuple[int, int]:
             received.append(payload)
             return apply(payload)
 
-        c.alertmanager = recording  # type: ignore[method-assign]
+        c.inputs.alertmanager = recording  # type: ignore[method-assign]
         await c.start()
         try:
             async with served(c, api_port), aiohttp.ClientSession() as http:
@@ -321,7 +321,7 @@ def test_the_real_alertmanager_fires_and_resolves_an_incident(
                     assert time.monotonic() < deadline, "alertmanager not ready within 20s"
                     await asyncio.sleep(0.2)
 
-                assert c.probe_healthy("checkout-alerts") in (None, True)
+                assert c.detection.probe_healthy("checkout-alerts") in (None, True)
                 starts = datetime.now(UTC)
                 alert = {
                     "labels": {"alertname": "CheckoutErrors", "service": "checkout", "severity": "page"},
@@ -354,7 +354,7 @@ def test_the_real_alertmanager_fires_and_resolves_an_incident(
                 assert last["status"] == "resolved"
                 assert last["alerts"][0]["fingerprint"] == sent["fingerprint"]
                 assert last["alerts"][0]["startsAt"] == sent["startsAt"]
-                assert c.probe_healthy("checkout-alerts") is True
+                assert c.detection.probe_healthy("checkout-alerts") is True
                 assert len(c.store.list_incidents()) == 1
         finally:
             await c.stop()
@@ -445,12 +445,14 @@ def test_malformed_alertmanager_payloads_are_400_with_the_field_and_change_nothi
                 good = am_payload(am_alert())
                 assert await post(good) == (200, {"applied": 1, "duplicates": 0})
                 assert await post(good) == (200, {"applied": 0, "duplicates": 1})
-                assert list(c.signals.alerts) == ["a1b2c3d4e5f60718"]
-                assert c.vstates["checkout-alerts"]["local"].failures == 1, "evaluated once, not twice"
+                assert list(c.inputs.signals.alerts) == ["a1b2c3d4e5f60718"]
+                assert c.detection.vstates["checkout-alerts"]["local"].failures == 1, (
+                    "evaluated once, not twice"
+                )
                 resolved = am_payload(am_alert(status="resolved"), status="resolved")
                 assert await post(resolved) == (200, {"applied": 1, "duplicates": 0})
                 assert await post(resolved) == (200, {"applied": 0, "duplicates": 1})
-                assert c.signals.alerts["a1b2c3d4e5f60718"].status == "resolved"
+                assert c.inputs.signals.alerts["a1b2c3d4e5f60718"].status == "resolved"
         finally:
             await c.stop()
             c.store.close()
@@ -507,8 +509,8 @@ def test_a_firing_alert_survives_a_controller_restart(tmp_path: Path, monkeypatc
         c2 = Controller(cfg, SQLiteStore(cfg.controller.data_dir))
         await c2.start()
         try:
-            assert list(c2.signals.alerts) == ["a1b2c3d4e5f60718"]
-            await until(lambda: c2.states["checkout-alerts"].failures >= 3, 5, "probe evaluated")
+            assert list(c2.inputs.signals.alerts) == ["a1b2c3d4e5f60718"]
+            await until(lambda: c2.detection.states["checkout-alerts"].failures >= 3, 5, "probe evaluated")
             await asyncio.sleep(0.3)
             assert c2.store.get_incident(inc.id).status == "open", "the alert still fires"
             async with served(c2) as url, aiohttp.ClientSession(headers=AUTH) as http:
@@ -525,7 +527,9 @@ def test_a_firing_alert_survives_a_controller_restart(tmp_path: Path, monkeypatc
             c2.store.close()
         c3 = Controller(cfg, SQLiteStore(cfg.controller.data_dir))
         try:
-            assert all(a.status != "firing" for a in c3.signals.alerts.values()), "resolved stays resolved"
+            assert all(a.status != "firing" for a in c3.inputs.signals.alerts.values()), (
+                "resolved stays resolved"
+            )
         finally:
             c3.store.close()
 
@@ -561,13 +565,13 @@ def test_agent_pushes_results_with_its_vantage_and_keeps_them_while_refused(
             cfg = load_config(write_config(tmp_path, AGENT_CONFIG.format(port=port)))
             c = Controller(cfg, SQLiteStore(cfg.controller.data_dir))  # not started: no local probes
             got: list[ProbeResult] = []
-            ingest = c.ingest
+            ingest = c.detection.ingest
 
             def recording(result: ProbeResult) -> None:
                 got.append(result)
                 ingest(result)
 
-            c.ingest = recording  # type: ignore[method-assign]
+            c.detection.ingest = recording  # type: ignore[method-assign]
             try:
                 async with served(c) as url:
                     # A wrong token: 401, nothing ingested, the agent keeps its results pending.
@@ -579,7 +583,7 @@ def test_agent_pushes_results_with_its_vantage_and_keeps_them_while_refused(
                         await until(lambda: len(agent.pending) >= 2, 5, "results pending")
                         await asyncio.sleep(0.5)  # several refused pushes
                         assert agent.sent == 0 and got == []
-                        assert "eu" not in c.vstates["web"]
+                        assert "eu" not in c.detection.vstates["web"]
                         refused = {r.started_at for r in agent.pending}
 
                         agent.token = API_TOKEN  # the operator fixes the token
@@ -587,9 +591,9 @@ def test_agent_pushes_results_with_its_vantage_and_keeps_them_while_refused(
                         delivered = {r.started_at for r in got}
                         assert refused <= delivered, "results kept while refused are delivered later"
                         assert all(r.vantage == "eu" and r.ok for r in got)
-                        assert c.vstates["web"]["eu"].last is not None
-                        assert "local" not in c.vstates["web"]
-                        assert c.probe_healthy("web") is True
+                        assert c.detection.vstates["web"]["eu"].last is not None
+                        assert "local" not in c.detection.vstates["web"]
+                        assert c.detection.probe_healthy("web") is True
                     finally:
                         stop.set()
                         await asyncio.wait_for(task, 10)
@@ -642,7 +646,7 @@ def test_agent_pushes_results_with_its_vantage_and_keeps_them_while_refused(
                                     answer = await resp.json()
                                     assert resp.status == 400, (key, raw, answer)
                                     assert answer["error"].startswith(f"results[0].{key}:"), answer
-                        assert got == [] and "us" not in c.vstates["web"]
+                        assert got == [] and "us" not in c.detection.vstates["web"]
                         # no token at all: 401 even for a valid body
                         async with http.post(f"{url}/results", json={"results": [good]}) as resp:
                             assert resp.status == 401
@@ -695,8 +699,10 @@ def test_agent_cli_pushes_results_and_refuses_to_start_without_the_token(
                         stderr=asyncio.subprocess.PIPE,
                     )
                     try:
-                        await until(lambda: "eu-cli" in c.vstates["web"], 15, "results from the CLI agent")
-                        assert c.vstates["web"]["eu-cli"].last.ok
+                        await until(
+                            lambda: "eu-cli" in c.detection.vstates["web"], 15, "results from the CLI agent"
+                        )
+                        assert c.detection.vstates["web"]["eu-cli"].last.ok
                     finally:
                         if proc.returncode is None:
                             proc.send_signal(signal.SIGTERM)
@@ -785,13 +791,13 @@ def test_silence_cli_sets_the_flag_and_a_controller_holds_a_silenced_failing_ser
             c = Controller(cfg, SQLiteStore(data))
             await c.start()
             try:
-                await until(lambda: c.probe_healthy("web") is False, 8, "web DOWN")
+                await until(lambda: c.detection.probe_healthy("web") is False, 8, "web DOWN")
                 await asyncio.sleep(0.5)  # several reconcile ticks with the service down
-                assert c.health()["checkout"].state.value == "down"
+                assert c.detection.health()["checkout"].state.value == "down"
                 assert c.store.list_incidents() == [], "a silenced service opens no incident"
                 gauge = c.metrics.registry.get_sample_value("continuity_silenced", {"service": "checkout"})
                 assert gauge == 1
-                assert "deploy" in c.silenced(time.time())["checkout"]
+                assert "deploy" in c.observer.silenced(time.time())["checkout"]
 
                 # lifting the silence while it is still failing opens the incident
                 done = await asyncio.to_thread(cli, "unsilence", "checkout", *common)

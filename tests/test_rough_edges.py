@@ -111,10 +111,13 @@ def test_incident_timeline_does_not_begin_with_an_older_burst(tmp_path: Path) ->
     store = SQLiteStore(tmp_path / "data")
     controller = Controller(cfg, store, clock=lambda: 1000.0)
     failed = ProbeResult(probe="up", ok=False, started_at=990.0, latency=0.01, error="HTTP 503")
-    controller.states["up"] = ProbeState(
+    controller.detection.states["up"] = ProbeState(
         status=Health.DOWN, failures=3, changed_at=995.0, first_failure_at=990.0, last=failed
     )
-    controller.burst_notes["up"] = (400.0, "confirmation burst for up: 1 of 5 runs failed, not confirmed")
+    controller.detection.burst_notes["up"] = (
+        400.0,
+        "confirmation burst for up: 1 of 5 runs failed, not confirmed",
+    )
     health = ServiceHealth(
         "shop", ServiceState.DOWN, failing=("up",), reasons=(("up", "HTTP 503"),), since=990.0
     )
@@ -126,7 +129,10 @@ def test_incident_timeline_does_not_begin_with_an_older_burst(tmp_path: Path) ->
     assert events[0].message == "probe up first failed"
     # A burst of this streak is kept.
     store.update_incident(inc.id, status="resolved", resolved_at=1001.0)
-    controller.burst_notes["up"] = (993.0, "confirmation burst for up: 5 of 5 runs failed, confirmed: DOWN")
+    controller.detection.burst_notes["up"] = (
+        993.0,
+        "confirmation burst for up: 5 of 5 runs failed, confirmed: DOWN",
+    )
     asyncio.run(_open(controller, d.OpenIncident("shop", "critical", health, "shop is down: up: HTTP 503")))
     again = store.open_incident_for("shop")
     assert again is not None and again.id != inc.id

@@ -295,9 +295,9 @@ def test_a_missed_heartbeat_and_a_firing_alert_are_outages(monkeypatch: pytest.M
         checks=("pushed-outage-detected", "no-action-from-unauthenticated-push"),
     )
     _assert_clean(run(s))
-    from controller.loop import Controller
+    from controller.inputs import ProbeInputs
 
-    monkeypatch.setattr(Controller, "alertmanager", lambda self, payload: (0, 0))
+    monkeypatch.setattr(ProbeInputs, "alertmanager", lambda self, payload: (0, 0))
     broken = run(s)
     assert "pushed-outage-detected" in _names(broken), broken.report()
 

@@ -364,18 +364,18 @@ def test_the_controller_keeps_probing_on_time_through_an_api_brownout(
 
     async def scenario() -> tuple[float, float | None]:
         c = Controller(cfg, store)
-        inner = c.ingest
+        inner = c.detection.ingest
 
         def ingest(result: Any) -> None:
             if not result.ok and result.probe.startswith("ok"):
                 failed.append(f"{result.probe}: {result.error or result.prober_error}")
             inner(result)
 
-        c.ingest = ingest  # type: ignore[method-assign]
+        c.detection.ingest = ingest  # type: ignore[method-assign]
         await c.start()
         try:
             for _ in range(100):
-                if all(c.probe_healthy(n) for n in ("ok0", "ok1", "down0", "down1")):
+                if all(c.detection.probe_healthy(n) for n in ("ok0", "ok1", "down0", "down1")):
                     break
                 await asyncio.sleep(0.05)
             kube.fail(503, seconds=2.0)

@@ -30,8 +30,10 @@ def add_routes(
             except ValueError:
                 return web.json_response({"error": "the body must be JSON"}, status=400)
             body = body if isinstance(body, dict) else {}
-            try:
-                text = fn(request.match_info["id"], str(body.get("by") or "api"), body)
+            try:  # the command reads and writes the store: on the STORE pool, never on the loop
+                text = await controller.astore.call(
+                    fn, request.match_info["id"], str(body.get("by") or "api"), body
+                )
             except CommandError as exc:
                 return web.json_response({"error": str(exc)}, status=409)
             controller.kick()

@@ -11,7 +11,7 @@ functions of `lifecycle`; this class reads state, calls them, and writes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
@@ -31,6 +31,11 @@ if TYPE_CHECKING:
     from controller.detect import ServiceHealth
     from controller.metrics import Metrics
     from controller.notify.outbox import Dispatcher
+    from controller.stores.aio import AsyncStore
+
+
+class HealthSource(Protocol):
+    def health(self) -> dict[str, ServiceHealth]: ...
 
 
 class Host(Protocol):
@@ -41,14 +46,17 @@ class Host(Protocol):
     @property
     def store(self) -> Store: ...
     @property
+    def astore(self) -> AsyncStore: ...
+    @property
     def config(self) -> Config: ...
     @property
     def metrics(self) -> Metrics: ...
     @property
     def dispatcher(self) -> Dispatcher: ...
     @property
-    def tick_hooks(self) -> list[Callable[[float], None]]: ...
-    def health(self) -> dict[str, ServiceHealth]: ...
+    def detection(self) -> HealthSource: ...
+    @property
+    def tick_hooks(self) -> list[Callable[[float], Awaitable[None] | None]]: ...
 
 
 log = structlog.get_logger("continuity.comms")
@@ -77,6 +85,11 @@ class Communicator:
         self.store = controller.store
         self._templates_for: str | None = None
         self._templates = Templates(None)
+        self._health: dict[str, ServiceHealth] = {}
+        self._channels: frozenset[str] = frozenset()
+        self._wake = False
+        """The cycle's view of the loop's state, taken on the loop before the cycle runs on the
+        STORE pool (`tick`), and whether the dispatcher should be woken once it is back."""
         r = controller.metrics.registry
         self.mtta = _metric(
             Histogram,
@@ -140,17 +153,33 @@ class Communicator:
 
     # ------------------------------------------------------------------ the cycle
 
-    def tick(self, now: float) -> None:
+    async def tick(self, now: float) -> None:
         """Called by the controller after each reconcile. Never raises: a communication bug must not
-        stop failover."""
+        stop failover.
+
+        The cycle reads and writes the store many times (incidents, runs, steps, the outbox) and
+        renders templates: it runs as one piece of blocking work on the STORE pool, never on the
+        loop. What it needs of the loop (service health, the channels) is taken here first, and
+        what it does to the loop (waking the dispatcher, an asyncio.Event that is not thread-safe)
+        is done here once it is back. Its timeline entries go to the tick's batch (thread-safe)."""
         try:
-            if self.config.communications.enabled:
-                self._apply_requests(now)
-                for inc in self.store.list_incidents(limit=50):
-                    self._incident(inc, now)
-            self._gauges(now)
+            self._health = self.c.detection.health()
+            self._channels = frozenset(self.c.dispatcher.channels)
+            self._wake = False
+            await self.c.astore.call(self.cycle, now)
         except Exception:
             log.exception("communications cycle failed")
+        finally:
+            if self._wake:
+                self.c.dispatcher.wake.set()
+
+    def cycle(self, now: float) -> None:
+        """The communications cycle (blocking: run it through `tick`)."""
+        if self.config.communications.enabled:
+            self._apply_requests(now)
+            for inc in self.store.list_incidents(limit=50):
+                self._incident(inc, now)
+        self._gauges(now)
 
     def _incident(self, inc: Incident, now: float) -> None:
         comms = inc.data.get("comms")
@@ -181,7 +210,7 @@ class Communicator:
     def _opened(self, inc: Incident, now: float) -> None:
         svc = self.config.services.get(inc.service)
         roles = default_roles(svc)
-        health = self.c.health().get(inc.service)
+        health = self._health.get(inc.service)
         comms: dict[str, Any] = {
             "public_status": "investigating",
             "roles": roles,
@@ -254,7 +283,7 @@ class Communicator:
         """What the machine can tell on its own: a recovery run started (identified), it succeeded
         or the probes are up again (monitoring)."""
         runs = [r for r in self.store.runs(service=inc.service) if r.incident_id == inc.id]
-        health = self.c.health().get(inc.service)
+        health = self._health.get(inc.service)
         if any(r.state == "succeeded" for r in runs) or (health is not None and health.state.value == "up"):
             return "monitoring"
         if runs:
@@ -267,7 +296,7 @@ class Communicator:
         comms["resolved_sent"] = True
         self.mttr.observe(max((inc.resolved_at or now) - inc.started_at, 0.0))
         self._save(inc.id, comms)
-        self.c.dispatcher.wake.set()  # a resolution goes at once, not with the next batch
+        self._wake = True  # a resolution goes at once, not with the next batch
 
     # ------------------------------------------------------------------ ETA, escalation, reminders
 
@@ -358,7 +387,7 @@ class Communicator:
         """An internal-only note (reminders, escalations) on the chat channels."""
         view = self._view(inc, "internal", "update", text, None)
         for ch in CHAT:
-            if ch not in self.c.dispatcher.channels:
+            if ch not in self._channels:
                 continue
             payload = slack.message(view, "update") if ch == "slack" else teams.message(view, "update")
             self._enqueue(inc, ch, f"{inc.id}/{ch}/internal/{suffix}", payload, "update", now, "internal")
@@ -366,9 +395,19 @@ class Communicator:
     # ------------------------------------------------------------------ human requests
 
     def _apply_requests(self, now: float) -> None:
+        """Apply the humans' requests in order. A resolve is not ours to apply: `decide` reads the
+        request and resolves the incident (`Effects`); here it is left until that is done, then its
+        message is kept for the resolution this cycle announces."""
         for name, req in requests_.pending(self.store):
             inc = self.store.get_incident(str(req.get("incident")))
-            if inc is not None and inc.status == "open":
+            if req.get("op") == "resolve" and inc is not None:
+                if inc.status == "open":
+                    continue  # the next reconcile resolves it
+                comms = inc.data.get("comms")
+                if comms is not None and not comms.get("resolved_sent"):
+                    comms["resolve_message"] = str(req.get("message") or "")
+                    self._save(inc.id, comms)
+            elif inc is not None and inc.status == "open":
                 comms = inc.data.get("comms")
                 if comms is None:  # opened this very cycle: set up first, then apply
                     self._opened(inc, now)
@@ -409,24 +448,6 @@ class Communicator:
             self._revise_eta(inc, comms, now)
             self.store.append(inc.id, now, "comms", f"update by {by}: {req.get('message', '')}", {"by": by})
             self._send(inc, comms, "update", now, message=str(req.get("message") or ""), by=by)
-        elif op == "resolve":
-            self.store.update_incident(inc.id, status="resolved", resolved_at=now)
-            self.store.append(inc.id, now, "incident", f"incident resolved by {by}", {"by": by})
-            if self.config.notifiers.pagerduty is not None:
-                self._enqueue(
-                    inc,
-                    "pagerduty",
-                    f"{inc.id}/pagerduty/resolve",
-                    pagerduty.resolve(inc.dedup_key),
-                    "resolve",
-                    now,
-                    "internal",
-                )
-            comms["resolve_message"] = str(req.get("message") or "")
-            inc = self.store.get_incident(inc.id) or inc
-            self._save(inc.id, comms)
-            self._resolved(inc, comms, now)
-            return
         self._save(inc.id, comms)
 
     # ------------------------------------------------------------------ messages
@@ -552,13 +573,13 @@ class Communicator:
         origin = "automatic" if automatic else ("human" if by else "controller")
         bevent = BUILDER_EVENT[event]
         for ch, audience in (("slack", aud.slack), ("teams", aud.teams)):
-            if ch in self.c.dispatcher.channels:
+            if ch in self._channels:
                 view = self._view(inc, audience, bevent, words(audience), next_at)
                 payload = slack.message(view, bevent) if ch == "slack" else teams.message(view, bevent)
                 self._enqueue(
                     inc, ch, f"{inc.id}/{ch}/{audience}/{tag}", payload, event, now, audience, origin
                 )
-        if "webhook" in self.c.dispatcher.channels:
+        if "webhook" in self._channels:
             view = self._view(inc, aud.webhook, bevent, words(aud.webhook), next_at)
             payload = webhook.event(view, bevent, now)
             payload["event"] = f"incident.{event}"  # partners can tell a follow-up from the resolution
@@ -573,7 +594,7 @@ class Communicator:
                 aud.webhook,
                 origin,
             )
-        if "email" in self.c.dispatcher.channels and notifiers.email is not None:
+        if "email" in self._channels and notifiers.email is not None:
             for audience in aud.email:
                 if not getattr(notifiers.email.to, audience):
                     continue
@@ -582,11 +603,7 @@ class Communicator:
                 self._enqueue(
                     inc, "email", f"{inc.id}/email/{audience}/{tag}", payload, event, now, audience, origin
                 )
-        if (
-            "statuspage" in self.c.dispatcher.channels
-            and notifiers.statuspage is not None
-            and event != "followup"
-        ):
+        if "statuspage" in self._channels and notifiers.statuspage is not None and event != "followup":
             view = self._view(inc, aud.statuspage, bevent, words(aud.statuspage), next_at)
             sp = notifiers.statuspage
             payload = (
@@ -618,7 +635,7 @@ class Communicator:
                 "by": by,
             },
         ][-MAX_UPDATES_KEPT:]
-        self.c.dispatcher.wake.set()
+        self._wake = True
 
     def _enqueue(
         self,
@@ -648,7 +665,7 @@ class Communicator:
         for msg in self.store.outbox():
             if not msg.dead:
                 oldest[msg.channel] = min(oldest.get(msg.channel, msg.created_at), msg.created_at)
-        for ch in self.c.dispatcher.channels:
+        for ch in self._channels:
             self.oldest.labels(ch).set(max(now - oldest[ch], 0.0) if ch in oldest else 0.0)
 
 

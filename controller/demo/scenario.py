@@ -135,7 +135,8 @@ async def run_demo(out: TextIO = sys.stdout, deadline: float = 50.0) -> DemoResu
         result = DemoResult(ok=False, rto=rto)
         try:
             warm = time.monotonic()
-            while not all(controller.probe_healthy(n) for n in ("checkout-journey", "checkout-secondary")):
+            healthy = controller.detection.probe_healthy
+            while not all(healthy(n) for n in ("checkout-journey", "checkout-secondary")):
                 if time.monotonic() - warm > 15:
                     p.line("the marketplace never became healthy; giving up")
                     return result

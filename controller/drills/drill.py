@@ -17,6 +17,7 @@ from typing import Any
 from controller.config import Config
 from controller.drills.names import SCENARIOS
 from controller.durations import format_duration
+from controller.executors import STORE, run_in
 from controller.stores import Incident, Store
 
 
@@ -186,8 +187,10 @@ class Drill:
             last_ip, last_writer = ip, writer
 
     async def wait_until(self, what: str, ready: Callable[[], bool], timeout: float) -> None:
+        """Poll `ready` until it holds. It reads the drill's store, so it runs on the STORE pool: the
+        controller under drill shares this loop, and a drill must not stall its probes."""
         end = time.monotonic() + timeout
-        while not ready():
+        while not await run_in(STORE, ready):
             if time.monotonic() > end:
                 raise DrillError(f"{what}: not reached within {format_duration(timeout)}")
             await asyncio.sleep(0.1)
@@ -195,7 +198,7 @@ class Drill:
     async def until_done(self) -> bool:
         """Wait for the scenario's end condition; False if the deadline passed first."""
         end = time.monotonic() + self.scenario.deadline
-        while not self.scenario.done(self):
+        while not await run_in(STORE, self.scenario.done, self):
             if time.monotonic() > end:
                 self.note(f"deadline of {format_duration(self.scenario.deadline)} reached; scoring as is")
                 return False

@@ -90,7 +90,7 @@ async def _run_in_process(drill: Drill) -> None:
     try:
         await drill.wait_until(
             "every probe healthy before the fault",
-            lambda: all(controller.probe_healthy(p) for p in cfg.probes),
+            lambda: all(controller.detection.probe_healthy(p) for p in cfg.probes),
             20.0,
         )
         tasks.append(asyncio.create_task(drill.watch()))
@@ -234,7 +234,7 @@ async def run_target_drill(
     svc_probes = list(cfg.services[svc_name].probes)
     targets = list(cfg.probes) if sc.target_faults == "all" else svc_probes
     faults: set[str] = set()
-    real = controller.run_once
+    real = controller.inputs.run_once
 
     async def run_once(name: str, cfg: Any) -> ProbeResult:
         if name in faults:
@@ -243,7 +243,7 @@ async def run_target_drill(
 
     # Faults at the probes: the real controller, its probe runner swapped for this one (mypy forbids
     # assigning to a method; the instance attribute is exactly what the drill means to replace).
-    controller.run_once = run_once  # type: ignore[method-assign]
+    controller.inputs.run_once = run_once  # type: ignore[method-assign]
     tasks: list[asyncio.Task[Any]] = []
 
     async def inject() -> None:
@@ -269,7 +269,7 @@ async def run_target_drill(
     try:
         await drill.wait_until(
             f"every probe of {config_path} healthy before the fault",
-            lambda: all(controller.probe_healthy(p) for p in cfg.probes),
+            lambda: all(controller.detection.probe_healthy(p) for p in cfg.probes),
             20.0,
         )
         drill.t0 = drill.now()

@@ -196,7 +196,7 @@ class Harness:
         self.world.dead.add(actor)
         if self.world.leader == actor and not self.s.lease:  # a Lease outlives its holder
             self._set_leader(None)
-        tasks = [*ctrl._tasks, *ctrl._probe_tasks, *ctrl._burst_tasks, *ctrl.running.values()]
+        tasks = [*ctrl._tasks, *ctrl._probe_tasks, *ctrl.detection._burst_tasks, *ctrl.runs.running.values()]
         if getattr(ctrl, "_elector", None) is not None:
             tasks.append(ctrl._elector)
         for t in tasks:
@@ -268,7 +268,7 @@ class Harness:
                     await self._post_result(v, result)
                 else:
                     for ctrl in list(self.procs.values()):
-                        ctrl.ingest(result)
+                        ctrl.detection.ingest(result)
                 await asyncio.sleep(max(cfg.interval - result.latency, 0.1))
 
         polled = [n for n, c in self.cfg.probes.items() if c.kind not in ("heartbeat", "alertmanager")]
