@@ -190,12 +190,13 @@ def test_the_controllers_health_is_service_health_of_its_states(tmp_path: Path) 
         for _ in range(200):
             if rng.random() < 0.7:
                 probe = rng.choice(list(cfg.probes))
-                ctrl.ingest(result(probe, rng.choice(["ok", "ok", "failed"]), now[0]))
+                ctrl.inputs.ingest(result(probe, rng.choice(["ok", "ok", "failed"]), now[0]))
             else:
                 now[0] += rng.choice([1.0, 5.0, 40.0])  # past the default freshness now and then
-            got = ctrl.health()
+            got = ctrl.detection.health()
             assert got == fresh_health(), now[0]
-            up = {p: s.changed_at or now[0] for p, s in ctrl.states.items() if s.status is Health.UP}
+            states = ctrl.detection.states
+            up = {p: s.changed_at or now[0] for p, s in states.items() if s.status is Health.UP}
             assert ctrl.detection.up_since(now[0]) == up
             states_seen += [h.state.value for h in got.values()]
         for t in ctrl.detection._burst_tasks:
