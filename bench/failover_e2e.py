@@ -100,7 +100,15 @@ async def one_run(
         await asyncio.sleep(rng.uniform(0, interval))
         outage = time.time()
         env.primary.broken = {"checkout"}
-        await asyncio.wait_for(done.wait(), timeout=60)
+        try:
+            await asyncio.wait_for(done.wait(), timeout=60)
+        except TimeoutError:
+            st = controller.vstates["checkout-journey"].get("local")
+            notes = [n for _, n in controller.burst_notes.values()]
+            raise RuntimeError(
+                f"no failover within 60 s: checkout-journey {st.status if st else None} after "
+                f"{st.failures if st else 0} failures; marks {marks}; bursts {notes}; runs {store.runs()}"
+            ) from None
     finally:
         await controller.stop()
     [run] = store.runs()
