@@ -1,8 +1,19 @@
-"""The controller: observe -> decide -> act -> record, on one asyncio loop.
+"""The controller: observe -> decide -> act -> record, on one asyncio loop; a composition root.
 
-Probes feed results in (`ingest`); `reconcile` builds an Observation and asks the pure `decide`
-what to do; the decisions are acted on here, and every one of them is written to the incident's
-timeline, the logs and the metrics. Only this module does I/O on behalf of the decision.
+`Controller` builds the parts, each with one job and its own module, and wires them together:
+
+- `tracker.DetectionTracker`: probe results -> verdicts (quorum, confirmation bursts, prober
+  errors, reference targets and cut-off windows);
+- `inputs.ProbeInputs`: how a probe runs once, and the pushed signals (heartbeats, Alertmanager);
+- `observation.ObservationBuilder`: the one `decide.Observation` of a tick;
+- `decide.decide` (pure) turns it into decisions, carried out by
+- `effects.Effects` (incidents, pages, the isolation alert) and `runs.Runs` (playbook runs:
+  start, approval, resume, ownership, execution);
+- `cycle.TickLoop`: the tick while leading, a standby's refresh, the glue of becoming leader;
+- `supervise.supervise`: background tasks that restart after a failure.
+
+What remains here is the wiring, start/stop/reload, and thin delegates that keep the surface the
+CLI, API, console, drills, tests and the simulation use (`ingest`, `health`, `states`, ...).
 """
 
 from __future__ import annotations
@@ -22,11 +33,7 @@ from controller.aws import client_factory
 from controller.comms.communicator import attach
 from controller.config import Config, resolve_secret
 from controller.cycle import TickLoop
-from controller.detect import (
-    SERVICE_STATE_VALUE,
-    ProbeState,
-    ServiceHealth,
-)
+from controller.detect import SERVICE_STATE_VALUE, ProbeState, ServiceHealth
 from controller.effects import Effects
 from controller.inputs import ProbeInputs
 from controller.leader import Elector
@@ -242,11 +249,6 @@ class Controller:
     @property
     def isolated_since(self) -> float | None:
         return self.effects.isolated_since
-
-    async def _open(self, dec: d.OpenIncident, now: float) -> None:
-        await self.effects._open(dec, now)
-
-    # ------------------------------------------------------------------ playbooks
 
     # ------------------------------------------------------------------ runs (controller/runs.py)
 

@@ -101,7 +101,7 @@ def test_slack_names_the_service_once() -> None:
 
 async def _open(controller: Controller, dec: d.OpenIncident) -> None:
     """Open as a tick does: the store writes awaited off the loop, the timeline flushed at the end."""
-    await controller._open(dec, 1000.0)
+    await controller.effects._open(dec, 1000.0)
     await controller.astore.flush()
 
 
