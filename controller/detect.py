@@ -244,8 +244,24 @@ def judge(state: ProbeState, tries: Sequence[ProbeResult], rules: Rules) -> Prob
     if not rules.confirm or state.status is Health.DOWN or state.first_failure_at is None:
         return state
     first = state.first_failure_at
-    inside = [t for t in tries if not getattr(t, "prober_error", None) and t.started_at >= first]
+    # The streak runs from the latest pass on: a try that failed after the last passing scheduled run
+    # but before the first failed one (a late run's suspicion that saw the outage first, while that
+    # slow run still passed) belongs to it; earlier tries are no evidence either way.
+    passes = [at for at, failed in state.runs if not failed and at < first]
+    since = max(passes) if passes else None
+    inside = [
+        t
+        for t in tries
+        if not getattr(t, "prober_error", None)
+        and (t.started_at > since if since is not None else t.started_at >= first)
+    ]
     passed = [t for t in inside if outcome(t) != "failed"]
+    if passed:
+        earliest_failure = min([first, *(t.started_at for t in inside if outcome(t) == "failed")])
+        if max(t.started_at for t in passed) < earliest_failure:  # passes before the streak began
+            cut = max(t.started_at for t in passed)
+            inside = [t for t in inside if t.started_at > cut]
+            passed = []
     if passed:
         last = max(passed, key=lambda t: t.started_at)
         changed_at, changes = _move(state, Health.UP, last.started_at, rules)
@@ -263,9 +279,10 @@ def judge(state: ProbeState, tries: Sequence[ProbeResult], rules: Rules) -> Prob
     failed = len(inside)
     count = state.failures + failed
     latest = max([t.started_at for t in inside] + ([state.last.started_at] if state.last is not None else []))
+    start = min([first, *(t.started_at for t in inside)])
     if (
         count >= rules.failure_threshold + rules.confirm_probes
-        and latest - first >= rules.confirm_span - 1e-9
+        and latest - start >= rules.confirm_span - 1e-9
         and not explained_by_flakiness(state, failed, rules)
     ):
         last = max(inside, key=lambda t: t.started_at) if inside else state.last
@@ -273,7 +290,13 @@ def judge(state: ProbeState, tries: Sequence[ProbeResult], rules: Rules) -> Prob
             last = state.last
         changed_at, changes = _move(state, Health.DOWN, latest, rules)
         return replace(
-            state, status=Health.DOWN, failures=count, changed_at=changed_at, changes=changes, last=last
+            state,
+            status=Health.DOWN,
+            failures=count,
+            changed_at=changed_at,
+            changes=changes,
+            last=last,
+            first_failure_at=start,
         )
     if count >= rules.failure_threshold and state.status is not Health.SUSPECT:
         changed_at, changes = _move(state, Health.SUSPECT, latest, rules)

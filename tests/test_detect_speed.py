@@ -63,12 +63,19 @@ def test_a_single_blip_is_forgiven_by_one_passing_try() -> None:
     assert judged.failures == 0 and judged.first_failure_at is None
 
 
-def test_tries_from_before_the_streak_are_no_evidence() -> None:
-    """A try that started before the first failed run (a late run's suspicion) neither counts nor
-    forgives."""
-    state = observe(healthy(), res(False, 100.0), rules=RULES)
-    early = [res(True, 99.5), res(False, 99.75)]
-    assert judge(state, early, RULES) == state
+def test_the_streak_runs_from_the_latest_pass() -> None:
+    """A late run's suspicion: tries started while a slow scheduled run was in flight saw the outage
+    before that run's successor failed. Tries after the last passing scheduled run count (and set the
+    outage's start); a try that passed before any failed run does not forgive; tries from before
+    the last passing scheduled run are no evidence."""
+    state = observe(healthy(), res(False, 100.0), rules=RULES)  # last pass at 19.0
+    old = [res(False, 18.5)]
+    assert judge(state, old, RULES) == state
+    early = [res(True, 96.9), *(res(False, 97.0 + 0.25 * k) for k in range(7))]
+    assert judge(state, early[:-1], RULES).status is Health.SUSPECT  # 7 failed runs: one short
+    judged = judge(state, early, RULES)
+    assert judged.status is Health.DOWN  # 8 failed runs from 97.0 to 100.0
+    assert judged.first_failure_at == 97.0
 
 
 def test_a_slow_run_is_no_failure_and_a_probe_without_a_failure_is_not_judged() -> None:
