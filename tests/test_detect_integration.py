@@ -503,13 +503,13 @@ def test_slow_within_the_timeout_and_outages_shorter_than_the_span_are_never_dow
 
             c.listeners.append(listen)
             calls = {"n": 0}
-            prober = c.prober
+            prober = c.inputs.prober
 
             async def counting(name: str, cfg: Any) -> Any:
                 calls["n"] += 1
                 return await prober(name, cfg)
 
-            c.prober = counting
+            c.inputs.prober = counting
             await c.start()
             try:
                 await until(lambda: c.probe_healthy("blip") and c.probe_healthy("slow"), what="healthy")
