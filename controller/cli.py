@@ -915,7 +915,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
-        print(f"continuity: {len(exc.problems)} problem(s) in the configuration", file=sys.stderr)
+        print(f"continuity: {exc.count:,} problem(s) in the configuration", file=sys.stderr)
         return 2
     except UsageError as exc:
         print(f"continuity: {exc}", file=sys.stderr)

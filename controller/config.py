@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import os
 import reprlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -655,10 +655,21 @@ class Config(Strict):
 # ------------------------------------------------------------------ errors
 
 
-class ConfigError(Exception):
-    """Every problem found in a config, each already formatted for a human."""
+MAX_PROBLEMS = 100
+"""Problems listed for one config: a file with 13,000 wrong probes needs its first mistakes shown,
+not 2 MB of them (the rest are counted); it also bounds the work of explaining a hostile file."""
 
-    def __init__(self, problems: list[str]) -> None:
+
+class ConfigError(Exception):
+    """Every problem found in a config, each already formatted for a human (at most MAX_PROBLEMS,
+    then one line counting the rest)."""
+
+    def __init__(self, problems: list[str], more: int = 0) -> None:
+        more += max(0, len(problems) - MAX_PROBLEMS)
+        self.count = min(len(problems), MAX_PROBLEMS) + more
+        problems = problems[:MAX_PROBLEMS]
+        if more:
+            problems = [*problems, f"... and {more:,} more problem(s) not listed: fix the ones above first"]
         super().__init__("\n".join(problems))
         self.problems = problems
 
@@ -717,11 +728,11 @@ def _sentence(err: Mapping[str, Any]) -> str:
         key = str(err["loc"][-1])
         close = difflib.get_close_matches(key, _vocabulary(), n=1, cutoff=0.75)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        return f"expected a known key{hint}, found unknown key {key!r}"
+        return f"expected a known key{hint}, found unknown key {_found(key)}"
     if kind == "missing":
         return "expected a value (this field is required), found nothing"
     if kind == "union_tag_invalid":
-        return f"expected one of {ctx.get('expected_tags')}, found {ctx.get('tag')!r}"
+        return f"expected one of {ctx.get('expected_tags')}, found {_found(ctx.get('tag'))}"
     if kind == "union_tag_not_found":
         return f"expected a '{ctx.get('discriminator', 'kind').strip(chr(39))}' field, found none"
     if kind == "literal_error":
@@ -780,16 +791,36 @@ class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: 
 def _construct_mapping(
     loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False
 ) -> dict[Any, Any]:
-    seen: dict[Any, Any] = {}
-    for key_node, _ in node.value:
+    """Build a mapping in one pass, each key once (building keys twice made a config cost twice its
+    keys), refusing a key written twice; `<<: *defaults` merge keys work, explicit keys winning."""
+    if not isinstance(node, yaml.MappingNode):
+        raise yaml.constructor.ConstructorError(
+            None, None, f"expected a mapping node, but found {node.id}", node.start_mark
+        )
+    own = sum(1 for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge")
+    loader.flatten_mapping(node)  # PyYAML's own merge: merged pairs first, then the mapping's own
+    first_own = len(node.value) - own
+    data: dict[Any, Any] = {}
+    lines: dict[Any, int] = {}
+    for i, (key_node, value_node) in enumerate(node.value):
         key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            mark = key_node.start_mark
+        try:
+            hash(key)
+        except TypeError:
             raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (the first is on line {seen[key] + 1})", mark
-            )
-        seen[key] = key_node.start_mark.line
-    return loader.construct_mapping(node, deep=deep)
+                "while constructing a mapping", node.start_mark, "found unhashable key", key_node.start_mark
+            ) from None
+        if i >= first_own:
+            if key in lines:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {_found(key)} (the first is on line {lines[key] + 1})",
+                    key_node.start_mark,
+                )
+            lines[key] = key_node.start_mark.line
+        data[key] = loader.construct_object(value_node, deep=deep)
+    return data
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
@@ -800,10 +831,11 @@ CONFIG_MAX_BYTES = 4 * 1024 * 1024
 enough that reading one can never exhaust the controller's memory."""
 CONFIG_MAX_DEPTH = 64
 """Deepest nesting accepted (a real config is under 10 deep); `[[[[...` a million deep is refused."""
-CONFIG_MAX_NODES = 80_000
-"""Values (scalars, lists, mappings) in a file once aliases are expanded: about 5,000 probes (a
-probe with its expectations is ~16). It bounds the work on any file, hostile or not, to about a
-second on a free core (bench/hostile.py); a bigger fleet raises it with the
+CONFIG_MAX_NODES = 40_000
+"""Values (scalars, lists, mappings) in a file once aliases are expanded: about 2,500 probes (a
+probe with its expectations is ~16). Building them is PyYAML's Python constructor at 8-12 us a
+value, so this bounds the work on any file, hostile or not, to under half a second on a free core
+and `validate` to under a second (bench/hostile.py); a bigger fleet raises it with the
 CONTINUITY_CONFIG_MAX_NODES environment variable (read each time a config is loaded)."""
 CONFIG_MAX_ALIAS_NODES = 10_000
 """Values that aliases (`*name`) may add on top of the file's own: anchors for shared defaults
@@ -981,7 +1013,7 @@ def _cross_references(raw: dict[str, Any]) -> list[tuple[list[Any], str]]:
                 found.append(
                     (
                         ["services", sname, "probes", i],
-                        f"expected a probe defined under probes ({_known(probes)}), found {pname!r}",
+                        f"expected a probe defined under probes ({_known(probes)}), found {_found(pname)}",
                     )
                 )
         fb = svc.get("failback")
@@ -991,7 +1023,7 @@ def _cross_references(raw: dict[str, Any]) -> list[tuple[list[Any], str]]:
                     (
                         ["services", sname, "failback", "playbook"],
                         f"expected a playbook defined under playbooks ({_known(playbooks)}), "
-                        f"found {fb['playbook']!r}",
+                        f"found {_found(fb['playbook'])}",
                     )
                 )
             for i, ref in enumerate(
@@ -1001,7 +1033,7 @@ def _cross_references(raw: dict[str, Any]) -> list[tuple[list[Any], str]]:
                     found.append(
                         (
                             ["services", sname, "failback", "healthy_probes", i],
-                            f"expected a probe defined under probes ({_known(probes)}), found {ref!r}",
+                            f"expected a probe defined under probes ({_known(probes)}), found {_found(ref)}",
                         )
                     )
         pb = svc.get("playbook")
@@ -1009,7 +1041,7 @@ def _cross_references(raw: dict[str, Any]) -> list[tuple[list[Any], str]]:
             found.append(
                 (
                     ["services", sname, "playbook"],
-                    f"expected a playbook defined under playbooks ({_known(playbooks)}), found {pb!r}",
+                    f"expected a playbook defined under playbooks ({_known(playbooks)}), found {_found(pb)}",
                 )
             )
     found.extend(_check_risks(raw, services))
@@ -1043,7 +1075,7 @@ def _check_names(
             found.append(
                 (
                     ["detection", "reference_probes", i],
-                    f"expected a probe defined under probes ({_known(probes)}), found {ref!r}",
+                    f"expected a probe defined under probes ({_known(probes)}), found {_found(ref)}",
                 )
             )
     quorum = detection.get("isolation_quorum")
@@ -1059,7 +1091,8 @@ def _check_names(
         for i, dep in enumerate(deps if isinstance(deps, list) else []):
             if not isinstance(dep, str) or dep not in services or dep == sname:
                 what = "another service" if dep == sname else f"a service ({_known(services)})"
-                found.append((["services", sname, "depends_on", i], f"expected {what}, found {dep!r}"))
+                found.append((["services", sname, "depends_on", i], f"expected {what}, found {_found(dep)}"))
+    found.extend(_dependency_cycles(services))
     windows = raw.get("maintenance")
     for w, window in enumerate(windows if isinstance(windows, list) else []):
         names = window.get("services") if isinstance(window, dict) else None
@@ -1068,7 +1101,7 @@ def _check_names(
                 found.append(
                     (
                         ["maintenance", w, "services", i],
-                        f"expected a service ({_known(services)}), found {sname!r}",
+                        f"expected a service ({_known(services)}), found {_found(sname)}",
                     )
                 )
     notifiers = _mapping(raw.get("notifiers"))
@@ -1079,7 +1112,7 @@ def _check_names(
             found.append(
                 (
                     ["notifiers", "statuspage", "components", sname],
-                    f"expected a service ({_known(services)}), found {sname!r}",
+                    f"expected a service ({_known(services)}), found {_found(sname)}",
                 )
             )
     return found
@@ -1099,7 +1132,7 @@ def _check_risks(raw: dict[str, Any], services: dict[str, Any]) -> list[tuple[li
             found.append(
                 (
                     ["risks", rname, "drill"],
-                    f"expected a drill scenario ({', '.join(SCENARIOS)}), found {drill!r}",
+                    f"expected a drill scenario ({', '.join(SCENARIOS)}), found {_found(drill)}",
                 )
             )
         names = risk.get("services")
@@ -1108,9 +1141,49 @@ def _check_risks(raw: dict[str, Any], services: dict[str, Any]) -> list[tuple[li
                 found.append(
                     (
                         ["risks", rname, "services", i],
-                        f"expected a service ({_known(services)}), found {sname!r}",
+                        f"expected a service ({_known(services)}), found {_found(sname)}",
                     )
                 )
+    return found
+
+
+def _dependency_cycles(services: dict[str, Any]) -> list[tuple[list[Any], str]]:
+    """A dependent waits while its dependency is down, so in a cycle every member waits for another
+    and an outage of them all would open no incident and page nobody: refused, naming the cycle.
+    Iterative, so a chain of thousands of services is no recursion risk."""
+    graph: dict[str, list[str]] = {}
+    for sname, svc in services.items():
+        deps = svc.get("depends_on") if isinstance(svc, dict) else None
+        graph[str(sname)] = (
+            [d for d in deps if isinstance(d, str) and d in services] if isinstance(deps, list) else []
+        )
+    found: list[tuple[list[Any], str]] = []
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    for root in graph:
+        if root in state:
+            continue
+        path: list[str] = [root]
+        todo: list[Iterator[str]] = [iter(graph[root])]
+        state[root] = 1
+        while todo:
+            nxt = next(todo[-1], None)
+            if nxt is None:
+                state[path.pop()] = 2
+                todo.pop()
+            elif state.get(nxt) == 1:
+                cycle = [*path[path.index(nxt) :], nxt]
+                shown = " -> ".join(cycle) if len(cycle) <= 12 else " -> ".join([*cycle[:10], "...", nxt])
+                found.append(
+                    (
+                        ["services", path[-1], "depends_on"],
+                        f"expected dependencies without a cycle (in a cycle each service waits for "
+                        f"another and none would page), found {shown} ({len(cycle) - 1} services)",
+                    )
+                )
+            elif nxt not in state:
+                state[nxt] = 1
+                path.append(nxt)
+                todo.append(iter(graph[nxt]))
     return found
 
 
@@ -1122,32 +1195,42 @@ def _check_steps(
 
     found: list[tuple[list[Any], str]] = []
     names: set[str] = set()
+    rollbacks = {str(n): None for n in rollback_names}
     for i, step in enumerate(steps):
         if not isinstance(step, dict):
             continue
         at = [*where, i]
         if isinstance(step.get("name"), str):
             if step["name"] in names:
-                found.append(([*at, "name"], f"expected a unique step name, found {step['name']!r} twice"))
+                found.append(
+                    ([*at, "name"], f"expected a unique step name, found {_found(step['name'])} twice")
+                )
             names.add(step["name"])
         rollback = step.get("rollback")
         if isinstance(rollback, str) and rollback not in rollback_names:
-            known = ", ".join(sorted(str(n) for n in rollback_names)) or "none are defined"
             found.append(
-                ([*at, "rollback"], f"expected a step of rollback_steps ({known}), found {rollback!r}")
+                (
+                    [*at, "rollback"],
+                    f"expected a step of rollback_steps ({_known(rollbacks)}), found {_found(rollback)}",
+                )
             )
         for g, guard in enumerate(step.get("guards") or [] if isinstance(step.get("guards"), list) else []):
             refs = guard.get("probes_healthy") if isinstance(guard, dict) else None
             for ref in refs if isinstance(refs, list) else []:
                 if ref not in probes:
                     found.append(
-                        ([*at, "guards", g, "probes_healthy"], f"expected a defined probe, found {ref!r}")
+                        (
+                            [*at, "guards", g, "probes_healthy"],
+                            f"expected a defined probe, found {_found(ref)}",
+                        )
                     )
         action = step.get("action")
         if not isinstance(action, str):
             continue
         if action not in ACTIONS:
-            found.append(([*at, "action"], f"expected one of {', '.join(sorted(ACTIONS))}, found {action!r}"))
+            found.append(
+                ([*at, "action"], f"expected one of {', '.join(sorted(ACTIONS))}, found {_found(action)}")
+            )
             continue
         params = step.get("with", {})
         try:
@@ -1169,7 +1252,7 @@ def _check_steps(
         for ref in ACTIONS[action].probe_refs(params if isinstance(params, dict) else {}):
             if ref not in probes:
                 found.append(
-                    ([*at, "with", "probes"], f"expected the name of a defined probe, found {ref!r}")
+                    ([*at, "with", "probes"], f"expected the name of a defined probe, found {_found(ref)}")
                 )
     return found
 
@@ -1185,8 +1268,27 @@ def _seconds(value: Any) -> float | None:
         return None
 
 
+_KNOWN_SHOWN = 8
+_known_cache: dict[int, tuple[dict[str, Any], str]] = {}
+
+
 def _known(names: dict[str, Any]) -> str:
-    return "known: " + ", ".join(sorted(map(str, names))) if names else "none are defined"
+    """The names an error offers, a few of them: listing all 9,000 probes in each of 9,000 errors made
+    a 340 KB file print 558 MB. Computed once per mapping, since one config asks about it often."""
+    cached = _known_cache.get(id(names))
+    if cached is not None and cached[0] is names:
+        return cached[1]
+    if not names:
+        text = "none are defined"
+    else:
+        shown = sorted(_found(n) if not isinstance(n, str) or len(n) > 60 else n for n in names)
+        text = "known: " + ", ".join(shown[:_KNOWN_SHOWN])
+        if len(shown) > _KNOWN_SHOWN:
+            text += f", ... ({len(shown):,} in all)"
+    if len(_known_cache) > 64:
+        _known_cache.clear()
+    _known_cache[id(names)] = (names, text)
+    return text
 
 
 def load_config(path: str | Path) -> Config:
@@ -1203,10 +1305,13 @@ def load_config(path: str | Path) -> Config:
 
     problems: list[str] = []
     config: Config | None = None
+    more = 0
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:
-        problems.extend(_format(exc.errors(), where))
+        # Only the errors that will be shown are explained (a did-you-mean costs a difflib search).
+        problems.extend(_format(exc.errors()[:MAX_PROBLEMS], where))
+        more = max(0, exc.error_count() - MAX_PROBLEMS)
     problems.extend(f"{where(loc)}: {_path(loc)}: {msg}" for loc, msg in _cross_references(raw))
     if config is not None and config.communications.templates_dir:
         from controller.comms.templates import check_dir
@@ -1216,8 +1321,9 @@ def load_config(path: str | Path) -> Config:
             tdir = (default if default.is_dir() else default.parent) / tdir
         config.communications.templates_dir = str(tdir)
         problems.extend(f"{file}: {at}: {msg}" for file, at, msg in check_dir(tdir))
+    _known_cache.clear()
     if problems or config is None:
-        raise ConfigError(problems)
+        raise ConfigError(problems, more)
     return config
 
 

@@ -261,3 +261,38 @@ def test_model_validate_accepts_the_same_document() -> None:
 
     cfg = Config.model_validate(yaml.safe_load(BASE))
     assert cfg.thresholds("home") == (3, 2)
+
+
+def test_a_dependency_cycle_is_refused_naming_it(tmp_path: Path) -> None:
+    """In a cycle each service waits for another that is down: an outage of them all opened no
+    incident and paged nobody, and `validate` said ok. A chain of 3,000 is refused without recursion."""
+    path = tmp_path / "c.yaml"
+    probe = "probes:\n  p: {kind: http, url: 'http://127.0.0.1:9/'}\n"
+    path.write_text(
+        "services:\n"
+        "  a: {tier: critical, rto: 5m, probes: [p], depends_on: [b]}\n"
+        "  b: {tier: critical, rto: 5m, probes: [p], depends_on: [c]}\n"
+        "  c: {tier: critical, rto: 5m, probes: [p], depends_on: [a]}\n"
+        "  d: {tier: critical, rto: 5m, probes: [p], depends_on: [a, e]}\n"
+        "  e: {tier: critical, rto: 5m, probes: [p]}\n" + probe
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert err.value.problems == [
+        f"{path}: services.c.depends_on: expected dependencies without a cycle (in a cycle each service "
+        "waits for another and none would page), found a -> b -> c -> a (3 services)"
+    ]
+    n = 3_000
+    path.write_text(
+        "services:\n"
+        + "".join(
+            f"  s{i}: {{tier: critical, rto: 5m, probes: [p], depends_on: [s{(i - 1) % n}]}}\n"
+            for i in range(n)
+        )
+        + probe
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert len(err.value.problems) == 1 and f"({n} services)" in err.value.problems[0], err.value.problems
+    path.write_text(path.read_text().replace("depends_on: [s2999]", "depends_on: []"))
+    assert len(load_config(path).services) == n  # the same chain without the closing edge is fine
