@@ -244,3 +244,212 @@ def test_a_real_outage_after_an_isolation_is_still_failed_over() -> None:
     out = run(s)
     _assert_clean(out)
     assert [c for c in out.world.calls if c.kind == "route53" and c.applied], out.report()
+
+
+# ====================================================== the newer promises, each shown able to fail
+#
+# Each invariant added for pushed inputs, approvals, email/Statuspage, the real Lease elector and the
+# controller's own prober alert is run twice on one scenario: on the production code it holds, and
+# with one part deliberately broken (a monkeypatched check or edge) it fails, naming itself.
+
+
+def _names(out: Outcome) -> set[str]:
+    return {v.invariant for v in out.violations}
+
+
+def _pushes(seed: int, *, faults: list[Fault], checks: tuple[str, ...], agents: bool = False) -> Scenario:
+    events = [Event("forged_push", 100, 700)]
+    if agents:
+        events.append(Event("agent_skew", 150, 450, target="agent-a", value=900.0))
+        events.append(Event("agent_skew", 150, 450, target="agent-b", value=-600.0))
+    return Scenario(
+        seed=seed,
+        name="forged-pushes",
+        duration=1100,
+        playbook=False,
+        pushes=True,
+        agents=agents,
+        faults=faults,
+        events=events,
+        checks=checks,
+    )
+
+
+def test_a_push_without_the_token_never_acts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An attacker posts firing alerts, heartbeats, results and approvals without the token (or
+    with a wrong one) while the worker's job is really down: nothing opens for payments, and the
+    worker's outage is still detected. With the API's token comparison broken (any token passes),
+    the forged alert opens an incident and the forged heartbeats hide the worker's outage."""
+    checks = ("no-action-from-unauthenticated-push", "pushed-outage-detected")
+    s = _pushes(201, faults=[Fault("worker_down", 200, 700)], checks=checks)
+    out = run(s)
+    _assert_clean(out)
+    assert any(who == "attacker" for _, _, who, _ in out.world.pushes), "the attacker must have pushed"
+    import controller.api
+
+    monkeypatch.setattr(controller.api.hmac, "compare_digest", lambda a, b: True)
+    broken = run(s)
+    assert {"no-action-from-unauthenticated-push", "pushed-outage-detected"} <= _names(broken), (
+        broken.report()
+    )
+
+
+def test_a_missed_heartbeat_and_a_firing_alert_are_outages(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Alertmanager (with the token) says payments is failing; the worker stops checking in. Both
+    open incidents. If the controller drops what Alertmanager pushes, the outage goes unseen."""
+    s = _pushes(
+        202,
+        faults=[Fault("payments_down", 150, 600), Fault("worker_down", 300, 800)],
+        checks=("pushed-outage-detected", "no-action-from-unauthenticated-push"),
+    )
+    _assert_clean(run(s))
+    from controller.loop import Controller
+
+    monkeypatch.setattr(Controller, "alertmanager", lambda self, payload: (0, 0))
+    broken = run(s)
+    assert "pushed-outage-detected" in _names(broken), broken.report()
+
+
+def test_stale_and_future_results_never_vote(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two agents with skewed clocks (one 15 min ahead, one 10 min behind) post through /results;
+    none of their results may vote. With `remote.admit` accepting everything, they do."""
+    s = _pushes(203, faults=[], checks=("no-vote-from-stale-or-future-results",), agents=True)
+    out = run(s)
+    _assert_clean(out)
+    assert any(not may for *_, may, _ in out.world.result_posts), "skewed results must have been posted"
+    import controller.remote
+
+    monkeypatch.setattr(controller.remote, "admit", lambda result, now, freshness: (result, "accepted"))
+    broken = run(s)
+    assert "no-vote-from-stale-or-future-results" in _names(broken), broken.report()
+
+
+def _approval(seed: int, answer: str, checks: tuple[str, ...]) -> Scenario:
+    return Scenario(
+        seed=seed,
+        name=f"approval-{answer}",
+        duration=1400,
+        approval=answer,
+        db_step=True,
+        faults=[Fault("refused", 150, 900, "eu")],
+        checks=checks,
+    )
+
+
+@pytest.mark.parametrize("answer", ["approve", "reject"])
+def test_no_step_applies_before_its_approval(answer: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The failover needs a human, who approves (or rejects) 45 s after being asked: nothing moves
+    before the approval, nothing ever after a rejection. With approval switched off in the engine's
+    reading of the playbook, the steps run unapproved."""
+    checks = ("no-step-before-approval", "rejected-approval-never-runs", "one-run-per-service")
+    s = _approval(204, answer, checks)
+    out = run(s)
+    _assert_clean(out)
+    assert out.world.approvals and out.world.approvals[0][2] == answer, out.world.approvals
+    if answer == "approve":
+        assert any(c.kind == "route53" for c in out.world.calls), "the approved failover must run"
+    from controller.config import Playbook
+
+    monkeypatch.setattr(Playbook, "needs_approval", lambda self, severity: False)
+    broken = run(s)
+    expected = "no-step-before-approval" if answer == "approve" else "rejected-approval-never-runs"
+    assert expected in _names(broken), broken.report()
+
+
+def test_an_unanswered_approval_expires_and_never_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nobody answers: the run expires after `approval_timeout` and nothing applies. If the
+    controller's playbook had no effective timeout, the approval would wait for ever."""
+    s = _approval(205, "never", ("approval-expires", "rejected-approval-never-runs"))
+    out = run(s)
+    _assert_clean(out)
+    assert any(r.state == "expired" for r in out.runs), [(r.id, r.state) for r in out.runs]
+    import tests.sim.runner as runner_module
+    from tests.sim.scenarios import config as real_config
+
+    def no_expiry(scenario: Scenario) -> object:
+        cfg = real_config(scenario)
+        cfg.playbooks["region-failover"].approval_timeout = 1e9
+        return cfg
+
+    monkeypatch.setattr(runner_module, "config", no_expiry)
+    broken = run(s)
+    assert "approval-expires" in _names(broken), broken.report()
+
+
+def test_a_prober_fault_raises_the_controllers_own_alert(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At the file-descriptor limit the controller counts `continuity_prober_errors_total{kind=
+    "emfile"}` and emits its prober-error event; a controller that swallowed the error silently
+    (no incident, but no alert either) breaks the promise."""
+    s = Scenario(
+        seed=206,
+        name="emfile-own-alert",
+        duration=900,
+        faults=[Fault("emfile", 150, 400)],
+        checks=("prober-fault-not-target",),
+    )
+    _assert_clean(run(s))
+    from controller.loop import Controller
+
+    monkeypatch.setattr(Controller, "_prober_error", lambda self, result: None)
+    broken = run(s)
+    assert any("raised no alert" in str(v) for v in broken.violations), broken.report()
+
+
+def test_the_real_lease_elector_lets_one_replica_act(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two replicas elect with the production LeaseElector; the leader is cut off from the API
+    server for 45 s in the middle of an outage (its lease expires, the other takes over), then the
+    new leader crashes. Every world-changing call and delivery comes from the Lease's holder. With
+    `is_leader` always true, both act."""
+    s = Scenario(
+        seed=207,
+        name="lease-partition",
+        duration=1400,
+        replicas=2,
+        lease=True,
+        failback=True,
+        faults=[Fault("refused", 150, 500, "eu")],
+        events=[Event("leader_change", 200, value=15.0), Event("crash", 600, value=30.0, target="B")],
+        checks=("one-actor-at-a-time", "one-page-per-incident", "notification-exactly-once"),
+    )
+    out = run(s)
+    _assert_clean(out)
+    holders = {who for _, who in out.world.leadership if who}
+    assert len(holders) >= 2, f"the lease should have changed hands: {out.world.leadership}"
+    from controller.leader import LeaseElector
+
+    monkeypatch.setattr(LeaseElector, "is_leader", lambda self: True)
+    broken = run(s)
+    assert "one-actor-at-a-time" in _names(broken), broken.report()
+
+
+def test_email_and_statuspage_are_delivered_exactly_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Email (SMTP) and Statuspage carry the incident to customers while the relay answers 451 and
+    Statuspage is down for a while: each message arrives once. A relay that loses its reply after
+    accepting (a resend then duplicates) shows the check covers email."""
+    s = Scenario(
+        seed=208,
+        name="email-statuspage",
+        duration=1500,
+        comms=True,
+        playbook=False,
+        faults=[Fault("refused", 150, 700, "eu")],
+        events=[Event("smtp_451", 100, 260), Event("receiver_down", 120, 400, target="statuspage")],
+        checks=("notification-exactly-once",),
+    )
+    out = run(s)
+    _assert_clean(out)
+    channels = {d.detail.get("channel") for d in out.world.deliveries}
+    assert {"email", "statuspage"} <= channels, channels
+    import smtplib
+
+    from tests.sim.edges import SimSMTP
+
+    accept = SimSMTP.send_message
+
+    def lost_reply(self: SimSMTP, msg: object, from_addr: str | None = None, to_addrs: object = None) -> None:
+        accept(self, msg, from_addr, to_addrs)
+        raise smtplib.SMTPServerDisconnected("sim: connection lost after DATA")
+
+    monkeypatch.setattr(SimSMTP, "send_message", lost_reply)
+    broken = run(s)
+    assert "notification-exactly-once" in _names(broken), broken.report()

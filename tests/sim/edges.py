@@ -10,7 +10,11 @@
 - `ProcessStore`: the real store seen through one controller process: it raises on a schedule
   (a full disk), can be slow (a blocking call stalls the loop), and refuses everything once its
   process has crashed.
-- `SimElector`: leadership the world decides.
+- `SimElector`: leadership the world decides; or `SimLeaseApi`: the Lease API under the real
+  `LeaseElector` (controller/leader.py), whose holder is then the truth.
+- `SimSMTP`: the mail relay under the real email channel (`smtplib.SMTP` during a run).
+- `SimApi`: the controller's real aiohttp app, called in process: pushed inputs (Alertmanager,
+  heartbeats, agents' results) and humans' approvals go through its handlers and token checks.
 """
 
 from __future__ import annotations
@@ -19,8 +23,11 @@ import asyncio
 import contextvars
 import json
 import random
+import smtplib
+import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -313,6 +320,8 @@ class SimAws:
 
 PD_KEY = "sim0routing0key00000000000000000"  # 32 characters, like a real integration key
 SLACK_URL = "http://hooks.slack.sim/services/T0/B0/sim"
+STATUSPAGE_KEY = "sim-statuspage-api-key"
+STATUSPAGE_PAGE = "simpage"
 
 
 def _response(url: str, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Any:
@@ -372,6 +381,28 @@ class SimHttp:
         timeout = kw.get("timeout") or 10.0
         timeout = timeout[-1] if isinstance(timeout, tuple) else float(timeout)
         self.executor.charge(0.03)
+        if host == "events.pagerduty.sim" and urlsplit(url).path == "/v2/change/enqueue":
+            # PagerDuty's Change Events API: no event_action, no dedup_key; 202 when well formed.
+            if w.event_active("receiver_down", t, "pagerduty"):
+                raise requests.ConnectionError("sim: events.pagerduty.sim refused the connection")
+            payload = body.get("payload") if isinstance(body, dict) else None
+            if (
+                body.get("routing_key") != PD_KEY
+                or not isinstance(payload, dict)
+                or not payload.get("summary")
+            ):
+                return _response(url, 400, {"status": "invalid event", "errors": ["change event malformed"]})
+            w.deliveries.append(
+                Call(
+                    t,
+                    actor,
+                    "notify",
+                    json.dumps(body, sort_keys=True),
+                    True,
+                    {"channel": "pagerduty-change", "body": body},
+                )
+            )
+            return _response(url, 202, {"status": "success"})
         if host == "events.pagerduty.sim":
             if w.event_active("receiver_down", t, "pagerduty"):
                 raise requests.ConnectionError("sim: events.pagerduty.sim refused the connection")
@@ -405,6 +436,8 @@ class SimHttp:
                 )
             )
             return _response(url, 200, {"ok": True})
+        if host == "api.statuspage.sim":
+            return self._statuspage(method, url, body, kw, t, actor)
         if host == "hooks.sim":
             slow = w.event_active("hook_slow", t)
             latency = slow.value if slow else 0.1
@@ -427,20 +460,134 @@ class SimHttp:
             return _response(url, 200, {"ok": True})
         raise requests.ConnectionError(f"sim: no route to {host}")
 
+    def _statuspage(self, method: str, url: str, body: Any, kw: dict[str, Any], t: float, actor: str) -> Any:
+        """Atlassian Statuspage v1 as the world runs it: OAuth key, create answers its own id (201),
+        PATCH of an unknown id is 404; down -> 503, slow -> the answer takes that long."""
+        w = self.world
+        headers = {k.lower(): v for k, v in (kw.get("headers") or {}).items()}
+        if headers.get("authorization") != f"OAuth {STATUSPAGE_KEY}":
+            return _response(url, 401, {"error": "unauthorized"})
+        slow = w.event_active("receiver_slow", t, "statuspage")
+        if slow is not None:
+            self.executor.charge(slow.value)
+        if w.event_active("receiver_down", t, "statuspage"):
+            return _response(url, 503, {"error": "service unavailable"})
+        path = urlsplit(url).path
+        base = f"/v1/pages/{STATUSPAGE_PAGE}/incidents"
+        if not isinstance(body, dict) or not isinstance(body.get("incident"), dict):
+            return _response(url, 400, {"error": "incident missing"})
+        if method.upper() == "POST" and path == base:
+            sid = f"sp{len(w.statuspage) + 1}"
+            w.statuspage[sid] = [body]
+            key = f"create {json.dumps(body, sort_keys=True)}"
+            w.deliveries.append(
+                Call(t, actor, "notify", key, True, {"channel": "statuspage", "body": body, "id": sid})
+            )
+            return _response(url, 201, {"id": sid, **body["incident"]})
+        sid = path.removeprefix(base + "/")
+        if method.upper() == "PATCH" and sid in w.statuspage:
+            w.statuspage[sid].append(body)
+            key = f"update {sid} {json.dumps(body, sort_keys=True)}"
+            w.deliveries.append(
+                Call(t, actor, "notify", key, True, {"channel": "statuspage", "body": body, "id": sid})
+            )
+            return _response(url, 200, {"id": sid})
+        return _response(url, 404, {"error": f"no incident {sid}"})
+
+
+class SimSMTP:
+    """`smtplib.SMTP` as the world's mail relay answers it: the real `controller.notify.email.send`
+    builds and submits the message; the relay can refuse connections (down), answer 451 (a
+    transient refusal), or be slow. A delivery is recorded under the outbox key the message carries
+    (`X-Continuity-Key`), so a resend of one message counts twice."""
+
+    world: World
+    executor: InlineExecutor
+    clock: Any
+
+    def __init__(self, host: str = "", port: int = 0, timeout: float = 30.0, **_: Any) -> None:
+        w = self.world
+        actor = ACTOR.get()
+        if actor in w.dead:
+            raise ConnectionRefusedError(111, "sim: this process is dead")
+        self.t = w.rel(self.clock())
+        self.actor = actor
+        self.executor.charge(0.02)
+        if w.event_active("receiver_down", self.t, "email"):
+            raise ConnectionRefusedError(111, f"sim: {host}:{port} refused the connection")
+        slow = w.event_active("receiver_slow", self.t, "email")
+        if slow is not None:
+            if slow.value >= timeout:
+                self.executor.charge(timeout)
+                raise TimeoutError(f"sim: {host}:{port} timed out")
+            self.executor.charge(slow.value)
+
+    def __enter__(self) -> SimSMTP:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def starttls(self, context: Any = None) -> tuple[int, bytes]:
+        return 220, b"ready to start TLS"
+
+    def login(self, user: str, password: str) -> tuple[int, bytes]:
+        return 235, b"ok"
+
+    def send_message(self, msg: Any, from_addr: str | None = None, to_addrs: Any = None) -> dict[str, Any]:
+        w = self.world
+        if w.event_active("smtp_451", self.t):
+            raise smtplib.SMTPResponseException(451, b"4.3.0 sim: try again later")
+        to = list(to_addrs or [])
+        key = json.dumps({"key": msg["X-Continuity-Key"], "to": to}, sort_keys=True)
+        w.deliveries.append(
+            Call(
+                self.t,
+                self.actor,
+                "notify",
+                key,
+                True,
+                {"channel": "email", "subject": str(msg["Subject"]), "message_id": str(msg["Message-ID"])},
+            )
+        )
+        return {}
+
+
+_TLS: ssl.SSLContext | None = None
+
 
 @contextmanager
 def patched_network(http: SimHttp) -> Iterator[None]:
-    """Route every `requests` call of this run to the world (the notifier channels, the http action)."""
+    """Route every `requests` call of this run to the world (the notifier channels, the http action),
+    and every SMTP connection to the world's relay."""
     original = requests.Session.request
+    original_smtp = smtplib.SMTP
 
     def request(session: Any, method: str, url: str, **kw: Any) -> Any:
         return http.request(method, url, **kw)
 
+    original_tls = ssl.create_default_context
+
+    def tls(*args: Any, **kwargs: Any) -> ssl.SSLContext:
+        # Loading the system CA bundle costs 0.4 s a message; the relay is simulated, so one
+        # context, built once per process, serves every send.
+        global _TLS
+        if _TLS is None:
+            _TLS = original_tls()
+        return _TLS
+
+    relay = type(
+        "BoundSimSMTP", (SimSMTP,), {"world": http.world, "executor": http.executor, "clock": http.clock}
+    )
     requests.Session.request = request  # type: ignore[method-assign]
+    smtplib.SMTP = relay  # type: ignore[misc]
+    ssl.create_default_context = tls
     try:
         yield
     finally:
         requests.Session.request = original  # type: ignore[method-assign]
+        smtplib.SMTP = original_smtp  # type: ignore[misc]
+        ssl.create_default_context = original_tls
 
 
 # ====================================================================== store and leadership
@@ -527,3 +674,221 @@ class SeededSecrets:
 
     def token_hex(self, n: int = 16) -> str:
         return "".join(f"{self.rng.randrange(256):02x}" for _ in range(n))
+
+
+# ====================================================================== the controller's HTTP API, in process
+
+
+class _Transport:
+    def __init__(self, peer: tuple[str, int]) -> None:
+        self.peer = peer
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.peer if name == "peername" else default
+
+    def is_closing(self) -> bool:
+        return False
+
+
+class _Protocol:
+    """The few attributes aiohttp's Request reads from its connection's protocol."""
+
+    max_field_size = 8190
+    max_line_length = 8190
+    max_headers = 128
+    ssl_context = None
+
+    def __init__(self, transport: _Transport) -> None:
+        self.transport = transport
+        self.peername = transport.peer
+        self.sockname = ("10.0.0.10", 8080)
+        self.writer: Any = None
+
+    def pause_reading(self, **_: Any) -> None:
+        return None
+
+    def resume_reading(self, **_: Any) -> None:
+        return None
+
+
+class SimApi:
+    """The real aiohttp application of one controller process (`controller.api.app`), called in
+    process on the virtual loop: the request goes through the app's router to the production
+    handler, with its real token checks and rate limit, the body streamed as a client sends it;
+    only the socket is missing (the request is built as aiohttp's server builds it from a parsed
+    message, as `aiohttp.test_utils.make_mocked_request` does without its mocks, which cost 0.1 s a
+    request)."""
+
+    def __init__(self, ctrl: Any, remote: str = "10.9.0.1") -> None:
+        from controller import api
+
+        self.app = api.app(ctrl)
+        self.app.freeze()
+        self.remote = remote
+
+    async def call(
+        self, method: str, path: str, body: Any = None, token: str | None = None, remote: str | None = None
+    ) -> tuple[int, Any]:
+        from aiohttp import streams, web
+        from aiohttp.http import HttpVersion11, RawRequestMessage
+        from multidict import CIMultiDict, CIMultiDictProxy
+        from yarl import URL
+
+        loop = asyncio.get_running_loop()
+        data = json.dumps(body if body is not None else {}).encode() if method != "GET" else b""
+        headers = {"Host": "continuity.sim", "Content-Length": str(len(data))}
+        if data:
+            headers["Content-Type"] = "application/json"
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        proxy = CIMultiDictProxy(CIMultiDict(headers))
+        raw = tuple((k.encode(), v.encode()) for k, v in headers.items())
+        message = RawRequestMessage(
+            method, path, HttpVersion11, proxy, raw, False, None, False, False, URL(path)
+        )
+        protocol = _Protocol(_Transport((remote or self.remote, 40_000)))
+        reader = streams.StreamReader(protocol, 2**16, loop=loop)  # type: ignore[arg-type]
+        if data:
+            reader.feed_data(data)
+        reader.feed_eof()
+        request = web.Request(message, reader, protocol, None, None, loop)  # type: ignore[arg-type]
+        match = await self.app.router.resolve(request)
+        match.add_app(self.app)
+        match.freeze()
+        request._match_info = match
+        try:
+            response = await match.handler(request)
+        except web.HTTPException as exc:
+            return exc.status, None
+        except Exception as exc:  # aiohttp's server answers an unhandled error with a 500
+            return 500, {"error": f"{type(exc).__name__}: {exc}"}
+        text = getattr(response, "body", None)
+        try:
+            answer = json.loads(text) if text else None
+        except (TypeError, ValueError):
+            answer = None
+        return response.status, answer
+
+
+# ====================================================================== the Lease API, for the real elector
+
+
+class SimLeaseApi:
+    """`coordination.k8s.io/v1` Leases as an API server keeps them, for the real `LeaseElector`
+    (controller/leader.py) in place of its `CoordinationV1Api`: reads, creates and replaces with
+    resourceVersion conflicts (409) exactly as etcd orders them. A replica cut off from the API
+    server (the world's `lease_partition`) waits out its request timeout and fails; a dead process
+    is refused. Every change of holder goes to the world's leadership log, the truth against which
+    `one-actor-at-a-time` is checked."""
+
+    def __init__(self, world: World, executor: InlineExecutor, clock: Any) -> None:
+        self.world = world
+        self.executor = executor
+        self.clock = clock
+        self.body: dict[str, Any] | None = None
+        self.version = 0
+        self.partitions: list[tuple[str, float, float]] = []
+        """(actor, from, until) in relative seconds: that process cannot reach the API server."""
+
+    def _enter(self, timeout: float | None) -> None:
+        from urllib3.exceptions import NewConnectionError, ReadTimeoutError
+
+        actor = ACTOR.get()
+        if actor in self.world.dead:
+            raise NewConnectionError(None, "sim: this process is dead")  # type: ignore[arg-type]
+        t = self.world.rel(self.clock())
+        if any(a == actor and start <= t < until for a, start, until in self.partitions):
+            self.executor.charge(timeout or 2.0)
+            raise ReadTimeoutError(None, "/apis/coordination.k8s.io/v1", "sim: partitioned")  # type: ignore[arg-type]
+        self.executor.charge(0.005)
+
+    def _model(self) -> Any:
+        from kubernetes.client import V1Lease, V1LeaseSpec, V1ObjectMeta
+
+        assert self.body is not None
+        spec = self.body.get("spec") or {}
+
+        def when(value: Any) -> Any:
+            return datetime.fromisoformat(value) if isinstance(value, str) and value else None
+
+        return V1Lease(
+            api_version="coordination.k8s.io/v1",
+            kind="Lease",
+            metadata=V1ObjectMeta(
+                name=self.body["metadata"]["name"],
+                namespace=self.body["metadata"].get("namespace"),
+                resource_version=str(self.version),
+            ),
+            spec=V1LeaseSpec(
+                holder_identity=spec.get("holderIdentity") or None,
+                lease_duration_seconds=spec.get("leaseDurationSeconds"),
+                acquire_time=when(spec.get("acquireTime")),
+                renew_time=when(spec.get("renewTime")),
+                lease_transitions=spec.get("leaseTransitions"),
+            ),
+        )
+
+    def _store(self, body: dict[str, Any]) -> Any:
+        before = ((self.body or {}).get("spec") or {}).get("holderIdentity") or None
+        self.version += 1
+        self.body = json.loads(json.dumps(body))
+        holder = (body.get("spec") or {}).get("holderIdentity") or None
+        if holder != before:
+            t = self.world.rel(self.clock())
+            self.world.leader = holder
+            self.world.leadership.append((t, holder))
+        return self._model()
+
+    def read_namespaced_lease(self, name: str, namespace: str, _request_timeout: float | None = None) -> Any:
+        from kubernetes.client.rest import ApiException
+
+        self._enter(_request_timeout)
+        if self.body is None:
+            raise ApiException(status=404, reason="Not Found")
+        return self._model()
+
+    def create_namespaced_lease(
+        self, namespace: str, body: dict[str, Any], _request_timeout: float | None = None
+    ) -> Any:
+        from kubernetes.client.rest import ApiException
+
+        self._enter(_request_timeout)
+        if self.body is not None:
+            raise ApiException(status=409, reason="AlreadyExists")
+        return self._store(body)
+
+    def replace_namespaced_lease(
+        self, name: str, namespace: str, body: dict[str, Any], _request_timeout: float | None = None
+    ) -> Any:
+        from kubernetes.client.rest import ApiException
+
+        self._enter(_request_timeout)
+        if self.body is None:
+            raise ApiException(status=404, reason="Not Found")
+        if str((body.get("metadata") or {}).get("resourceVersion")) != str(self.version):
+            raise ApiException(status=409, reason="Conflict: the object has been modified")
+        return self._store(body)
+
+
+def lease_elector(actor: str, api: SimLeaseApi, clock: Any) -> Any:
+    """The production LeaseElector with client-go's default timings, on the virtual clock, talking
+    to the simulated Lease API (its `_api` is the one seam: the elector builds its own client)."""
+    from kubernetes.client import ApiClient
+
+    from controller.leader import LeaseElector
+
+    elector = LeaseElector(
+        ApiClient(),
+        "continuity",
+        "continuity-leader",
+        actor,
+        lease_duration=15.0,
+        renew_deadline=10.0,
+        retry_period=2.0,
+        clock=clock,
+        wall_clock=lambda: datetime.fromtimestamp(clock(), UTC),
+        registry=None,
+        pool=None,
+    )
+    elector._api = api  # type: ignore[assignment]
+    return elector

@@ -3,6 +3,9 @@ them; tests/test_detection_trust.py asserts them on shorter runs)."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 from tests.sim.runner import run
 from tests.sim.scenarios import Scenario
 from tests.sim.world import Fault
@@ -55,3 +58,39 @@ def time_to_detect(kind: str, phase: float) -> float | None:
     out = run(s)
     opened = [i.opened_at - out.world.t0 for i in out.incidents if i.service == "checkout"]
     return opened[0] - start if opened else None
+
+
+def _poisson_cdf(k: int, mu: float) -> float:
+    """P(X <= k) for X ~ Poisson(mu) (no scipy needed for two bounds)."""
+    if mu <= 0:
+        return 1.0
+    term = math.exp(-mu)
+    total = term
+    for i in range(1, k + 1):
+        term *= mu / i
+        total += term
+    return min(1.0, total)
+
+
+def _solve(f: Callable[[float], float], lo: float, hi: float) -> float:
+    """Bisection for a decreasing `f` that crosses 0 in [lo, hi]."""
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if f(mid) > 0:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def poisson_ci(events: int, exposure: float, level: float = 0.95) -> tuple[float, float]:
+    """Exact (Garwood) confidence interval of a Poisson rate: `events` seen over `exposure` units
+    (simulated months). Exact, because with a handful of events the normal approximation goes below
+    zero. Nothing seen: the lower bound is 0 and the upper one 3.69 / exposure at 95%."""
+    tail = (1 - level) / 2
+    top = 10.0 * (events + 10)
+    upper = _solve(lambda mu: _poisson_cdf(events, mu) - tail, 0.0, top)
+    lower = 0.0
+    if events > 0:
+        lower = _solve(lambda mu: tail - (1 - _poisson_cdf(events - 1, mu)), 0.0, top)
+    return lower / exposure, upper / exposure

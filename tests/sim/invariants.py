@@ -219,7 +219,7 @@ def check(out: Any) -> tuple[list[Violation], list[str]]:
 
     # ---------------------------------------------------------------- never resolved while failing
     for inc in incidents:
-        if inc.resolved_at is None:
+        if inc.resolved_at is None or inc.service not in ("checkout", "catalog"):
             continue
         t = rel(inc.resolved_at) or 0.0
         if inc.service == "checkout":
@@ -361,7 +361,8 @@ def check(out: Any) -> tuple[list[Violation], list[str]]:
 
         for c in [*w.calls, *w.deliveries]:
             who = leader_at(c.t)
-            if who is not None and who != c.actor:
+            # With the real elector the Lease is the truth: no holder means nobody may act.
+            if (who is not None or s.lease) and who != c.actor:
                 add(
                     "one-actor-at-a-time",
                     c.t,
@@ -404,12 +405,13 @@ def check(out: Any) -> tuple[list[Violation], list[str]]:
                 )
 
     # ---------------------------------------------------------------- prober faults are not the target's
+    crashes = [e for e in w.events if e.kind == "crash"]
     for f in w.faults:
         if f.kind not in PROBER_FAULTS:
             continue
         for inc in incidents:
             t = rel(inc.opened_at) or 0.0
-            if not (f.start <= t < f.end + 60):
+            if not (f.start <= t < f.end + 60) or inc.service not in ("checkout", "catalog"):
                 continue
             region = w.serving(t) if inc.service == "checkout" else "eu"
             real = any(
@@ -427,6 +429,25 @@ def check(out: Any) -> tuple[list[Violation], list[str]]:
                     "while every target was healthy",
                 )
 
+        # ... and the controller raised its own alert: the prober-error event and its metric.
+        if f.end - f.start < 40.0 or any(
+            _overlaps(e.at, e.at + e.value + 5, f.start, f.end) for e in crashes
+        ):
+            continue  # too short for a probe to have run in it, or no process alive through it
+        raised = [a for a in w.own_alerts if a[2] == f.kind and f.start <= a[0] <= f.end + 15]
+        counted = getattr(out, "prober_metric", {}).get(f.kind, 0.0)
+        if not raised or counted <= 0:
+            add(
+                "prober-fault-not-target",
+                f.start,
+                f"{f.describe()}: the controller raised no alert of its own "
+                f"(prober_error events of kind {f.kind} during it: {len(raised)}; "
+                f"continuity_prober_errors_total{{kind={f.kind!r}}} = {counted:g})",
+            )
+
+    _pushed_inputs(out, add, incidents, downtime)
+    _approvals(out, add)
+
     # ---------------------------------------------------------------- the loop never stalls
     injected = list(getattr(out, "stalls", []))
     for t, late in w.samples:
@@ -434,3 +455,149 @@ def check(out: Any) -> tuple[list[Violation], list[str]]:
             add("loop-never-stalls", t, f"a 2s timer fired {late:.1f}s late (bound {STALL_BOUND:g}s)")
             break
     return v, skipped
+
+
+def _pushed_inputs(out: Any, add: Any, incidents: list[Any], downtime: Any) -> None:
+    """Alertmanager, heartbeats and agents' results, pushed through the real API app.
+
+    - no-action-from-unauthenticated-push: an attacker's push without the token (or with a wrong
+      one) is refused, and no incident opens nor run starts for `payments` unless its provider was
+      really failing (Alertmanager, with the token, said so);
+    - pushed-outage-detected: a payments outage (alert firing) or a worker outage (heartbeats
+      missed), longer than its bound, opens an incident, forged heartbeats notwithstanding;
+    - no-vote-from-stale-or-future-results: a result stamped further in the future than the
+      allowed clock skew, or older than its probe's freshness, is never admitted.
+    """
+    s = out.scenario
+    if not s.pushes:
+        return
+    w: World = out.world
+    cfg = out.cfg
+    t0 = w.t0
+    for t, endpoint, who, status in w.pushes:
+        if who == "attacker" and status < 400:
+            add(
+                "no-action-from-unauthenticated-push",
+                t,
+                f"a push to {endpoint} without a valid token was accepted (HTTP {status})",
+            )
+    forged = [t for t, _, who, _ in w.pushes if who == "attacker"]
+
+    def windows(kind: str, lag: float) -> list[tuple[float, float]]:
+        return [(f.start, f.end + lag) for f in w.faults if f.kind == kind]
+
+    truth = {"payments": windows("payments_down", 120.0), "worker": windows("worker_down", 120.0)}
+    for inc in incidents:
+        if inc.service not in truth:
+            continue
+        t = inc.opened_at - t0
+        if any(a <= t <= b for a, b in truth[inc.service]):
+            continue
+        near = [x for x in forged if t - 120 <= x <= t]
+        add(
+            "no-action-from-unauthenticated-push",
+            t,
+            f"{inc.id} ({inc.service}) opened while {inc.service} was fine in the world "
+            f"({len(near)} forged push(es) in the 120 s before)",
+        )
+    for run in out.runs:
+        if run.service != "payments":
+            continue
+        t = run.started_at - t0
+        if not any(a <= t <= b for a, b in truth["payments"]):
+            add(
+                "no-action-from-unauthenticated-push",
+                t,
+                f"run {run.id} ({run.playbook}, {run.state}) started while payments was fine in the world",
+            )
+    hb = cfg.probes["worker-heartbeat"]
+    bounds = {
+        "payments": 30.0 + detection_bound(cfg, "payments-alerts"),
+        "worker": hb.period + hb.grace + 30.0 + detection_bound(cfg, "worker-heartbeat"),
+    }
+    for service, kind in (("payments", "payments_down"), ("worker", "worker_down")):
+        for f in w.faults:
+            if f.kind != kind:
+                continue
+            bound = bounds[service] + downtime(f.start, f.end, bounds[service])
+            if f.end - f.start <= bound + 30.0:
+                continue
+            mine = [
+                i
+                for i in incidents
+                if i.service == service
+                and f.start <= i.opened_at - t0 <= f.start + bound
+                and (i.resolved_at is None or i.resolved_at - t0 > f.start + bound)
+            ]
+            if not mine:
+                add(
+                    "pushed-outage-detected",
+                    f.start,
+                    f"{service} was really down ({f.describe()}; bound {bound:.0f}s) and no incident "
+                    f"was open within the bound (forged pushes during it: "
+                    f"{sum(1 for x in forged if f.start <= x <= f.end)})",
+                )
+    for t, actor, vantage, ahead, may_vote, accepted in w.result_posts:
+        if not may_vote and accepted:
+            add(
+                "no-vote-from-stale-or-future-results",
+                t,
+                f"{actor} admitted a result from {vantage} stamped {ahead:+.0f}s from its clock "
+                "(beyond the allowed skew or older than its freshness)",
+            )
+
+
+def _approvals(out: Any, add: Any) -> None:
+    """A failover that needs a human: nothing applies before the approval; a rejected or expired
+    approval never runs; an unanswered one expires."""
+    s = out.scenario
+    if not s.approval:
+        return
+    from tests.sim.scenarios import APPROVAL_TIMEOUT
+
+    w: World = out.world
+    t0 = w.t0
+    approved = {run_id: t for t, run_id, verb in w.approvals if verb == "approve"}
+    steps = getattr(out, "steps", {})
+    for run in out.runs:
+        if run.playbook != "region-failover" or run.dry_run:
+            continue
+        started = [st for st in steps.get(run.id, []) if st.started_at is not None]
+        if run.state in ("rejected", "expired") and started:
+            add(
+                "rejected-approval-never-runs",
+                started[0].started_at - t0,
+                f"run {run.id} was {run.state}, yet step {started[0].name} ran ({started[0].state})",
+            )
+        for st in started:
+            at = approved.get(run.id)
+            if at is None or st.started_at - t0 < at:
+                add(
+                    "no-step-before-approval",
+                    st.started_at - t0,
+                    f"run {run.id} step {st.name} started "
+                    + (f"before its approval at {at:.0f}s" if at is not None else "with no approval given"),
+                )
+                break
+        if (
+            s.approval == "never"
+            and run.state == "awaiting_approval"
+            and run.started_at - t0 < s.duration - APPROVAL_TIMEOUT - 60.0
+        ):
+            add(
+                "approval-expires",
+                run.started_at - t0,
+                f"run {run.id} still awaits an approval asked {s.duration - (run.started_at - t0):.0f}s ago "
+                f"(expires after {APPROVAL_TIMEOUT:g}s)",
+            )
+    if s.approval in ("reject", "never"):
+        for c in w.calls:
+            moving = c.kind in ("route53", "rds") and c.detail.get("region") == "us"
+            if moving or (c.kind == "http" and "purge" in c.key):
+                add(
+                    "rejected-approval-never-runs",
+                    c.t,
+                    f"{c.kind} {c.key[:80]!r} applied, but every failover's approval was "
+                    f"{'rejected' if s.approval == 'reject' else 'never given'}",
+                )
+                break

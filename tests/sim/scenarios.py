@@ -18,6 +18,10 @@ SETTLE = 450.0
 """The last 450 simulated seconds of every scenario are fault-free: queued messages must get out."""
 
 HAS_INTERMITTENT = "intermittent" in Detection.model_fields
+APPROVAL_TIMEOUT = 300.0
+"""A failover awaiting approval expires after this long (scenarios last minutes)."""
+HEARTBEAT_PERIOD = 60.0
+STATUSPAGE_PAGE = "simpage"
 
 
 @dataclass
@@ -46,6 +50,17 @@ class Scenario:
     """The reconcile period (production default 1 s). A verdict change reconciles at once anyway, so
     this only delays time-based decisions (failback, communicator updates) by up to a tick; 10 s
     keeps 200 scenarios inside the CI budget."""
+    pushes: bool = False
+    """Pushed inputs through the real API app: Alertmanager (the `payments` service), a heartbeat
+    job (`worker`), agents' results over /results, and an attacker's forged pushes."""
+    approval: str | None = None
+    """None: the failover runs unattended. approve | reject | never: it needs a human, who answers so
+    (through the API, with the token) a while after the approval is asked for."""
+    comms: bool = False
+    """Email (SMTP) and Statuspage channels besides PagerDuty and Slack."""
+    lease: bool = False
+    """Two replicas elect a leader with the real LeaseElector (controller/leader.py) over the
+    simulated Lease API, instead of the world choosing the leader."""
     faults: list[Fault] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     checks: tuple[str, ...] | None = None
@@ -58,9 +73,19 @@ class Scenario:
             f"duration={self.duration:.0f}s",
             *(
                 name
-                for name in ("references", "agents", "failback", "db_step", "http_step")
+                for name in (
+                    "references",
+                    "agents",
+                    "failback",
+                    "db_step",
+                    "http_step",
+                    "pushes",
+                    "comms",
+                    "lease",
+                )
                 if getattr(self, name)
             ),
+            *([f"approval={self.approval}"] if self.approval else []),
         ]
         head = f"scenario {self.name or 'random'} seed={self.seed}: " + " ".join(flags)
         lines = [head]
@@ -163,10 +188,68 @@ def config(s: Scenario) -> Config:
     playbooks: dict[str, Any] = {
         "region-failover": {"steps": forward, "approval": "auto", "cooldown": f"{s.cooldown:g}s"}
     }
+    if s.approval:
+        playbooks["region-failover"].update(approval="manual", approval_timeout=f"{APPROVAL_TIMEOUT:g}s")
+    if s.pushes:
+        # Checked every 15 s (defaults 5 s and 10 s): the pushes, not the checks, carry the news,
+        # and three times fewer evaluations keep the CI budget.
+        probes["payments-alerts"] = {
+            "kind": "alertmanager",
+            "matchers": {"service": "payments"},
+            "interval": "15s",
+        }
+        probes["worker-heartbeat"] = {
+            "kind": "heartbeat",
+            "period": f"{HEARTBEAT_PERIOD:g}s",
+            "grace": "30s",
+            "token_env": "SIM_HEARTBEAT_TOKEN",
+            "interval": "15s",
+        }
+        services["payments"] = {
+            "tier": "important",
+            "rto": "30m",
+            "probes": ["payments-alerts"],
+            "playbook": "payments-switch",
+        }
+        services["worker"] = {"tier": "supporting", "rto": "1h", "probes": ["worker-heartbeat"]}
+        playbooks["payments-switch"] = {
+            "steps": [
+                {
+                    "name": "switch-provider",
+                    "action": "http",
+                    "with": {
+                        "url": "http://hooks.sim/payments-switch",
+                        "json": {"incident": "{{ incident_id }}"},
+                    },
+                }
+            ],
+            "approval": "auto",
+            "cooldown": "30m",
+        }
     if not s.playbook:
         del services["checkout"]["playbook"]
     if s.only_api:
         services = {"checkout": {**services["checkout"], "probes": ["checkout-api"]}}
+    notifiers: dict[str, Any] = {
+        "pagerduty": {
+            "routing_key_env": "SIM_PD_ROUTING_KEY",
+            "events_url": "http://events.pagerduty.sim/v2/enqueue",
+        },
+        "slack": {"webhook_url_env": "SIM_SLACK_URL"},
+    }
+    if s.comms:
+        notifiers["email"] = {
+            "host": "smtp.shop.sim",
+            "from": "continuity@shop.sim",
+            "to": {"internal": ["oncall@shop.sim"], "customers": ["status-subscribers@shop.sim"]},
+            "timeout": "10s",
+        }
+        notifiers["statuspage"] = {
+            "page_id": STATUSPAGE_PAGE,
+            "api_key_env": "SIM_STATUSPAGE_KEY",
+            "base_url": "http://api.statuspage.sim/v1",
+            "components": {"checkout": "cmp-checkout", "catalog": "cmp-catalog"},
+        }
     if s.failback:
         playbooks["region-failback"] = {"steps": back, "approval": "auto"}
         services["checkout"]["failback"] = {
@@ -181,14 +264,16 @@ def config(s: Scenario) -> Config:
             "probes": probes,
             "detection": detection,
             "playbooks": playbooks,
-            "notifiers": {
-                "pagerduty": {
-                    "routing_key_env": "SIM_PD_ROUTING_KEY",
-                    "events_url": "http://events.pagerduty.sim/v2/enqueue",
-                },
-                "slack": {"webhook_url_env": "SIM_SLACK_URL"},
+            "notifiers": notifiers,
+            "controller": {
+                "tick": f"{s.tick:g}s",
+                "max_runs_per_hour": 6,
+                "api_token_env": "SIM_API_TOKEN",
+                # The API's per-source limit runs on the wall clock (time.monotonic), not the
+                # controller's: a second of wall time holds minutes of simulated pushes. Out of reach
+                # here, so a replay stays exact.
+                "push_burst": 1_000_000,
             },
-            "controller": {"tick": f"{s.tick:g}s", "max_runs_per_hour": 6},
         }
     )
 
@@ -274,7 +359,49 @@ def generate(seed: int, *, duration: float | None = None) -> Scenario:
         s.events.append(Event("hook_slow", a, b, value=rng.choice((2.0, 8.0, 45.0))))
     if rng.random() < 0.1:
         s.events.append(Event("loop_stall", rng.uniform(60.0, last), value=rng.uniform(1.0, 8.0)))
+    _extend(s, random.Random(seed * 7_919 + 11), last)
     return s
+
+
+def _extend(s: Scenario, rng: random.Random, last: float) -> None:
+    """Pushed inputs, approvals, more channels and the real Lease elector, drawn from a second
+    random stream so the faults and events above stay what they were for every seed."""
+    s.pushes = rng.random() < 0.3
+    s.comms = rng.random() < 0.3
+    if rng.random() < 0.25:
+        s.approval = rng.choice(("approve", "reject", "never"))
+    s.lease = s.replicas == 2 and rng.random() < 0.6
+
+    def window(lo: float, hi: float) -> tuple[float, float]:
+        at = rng.uniform(60.0, last - hi)
+        return at, at + rng.uniform(lo, hi)
+
+    if s.pushes:
+        if rng.random() < 0.6:
+            a, b = window(60.0, 300.0)
+            s.faults.append(Fault("payments_down", a, b))
+        if rng.random() < 0.5:
+            a, b = window(60.0, 300.0)
+            s.faults.append(Fault("worker_down", a, b))
+        for _ in range(rng.randint(1, 2)):
+            a, b = window(60.0, 400.0)
+            s.events.append(Event("forged_push", a, b))
+        if s.agents and rng.random() < 0.7:
+            a, b = window(60.0, 300.0)
+            skew = rng.choice((-600.0, -200.0, 120.0, 900.0))  # stale, stale, future, far future
+            s.events.append(Event("agent_skew", a, b, target=rng.choice(("agent-a", "agent-b")), value=skew))
+    if s.comms:
+        if rng.random() < 0.4:
+            a, b = window(30.0, 300.0)
+            s.events.append(Event("receiver_down", a, b, target=rng.choice(("email", "statuspage"))))
+        if rng.random() < 0.3:
+            a, b = window(30.0, 200.0)
+            s.events.append(
+                Event("receiver_slow", a, b, target=rng.choice(("email", "statuspage")), value=4.0)
+            )
+        if rng.random() < 0.3:
+            a, b = window(30.0, 200.0)
+            s.events.append(Event("smtp_451", a, b))
 
 
 def with_checks(s: Scenario, *checks: str) -> Scenario:

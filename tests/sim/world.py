@@ -104,6 +104,16 @@ class World:
         self.writer: list[tuple[float, str]] = [(0.0, "eu")]
         self.calls: list[Call] = []
         self.deliveries: list[Call] = []
+        self.statuspage: dict[str, list[Any]] = {}
+        """Statuspage's incidents by its id: the create's body, then every PATCH."""
+        self.own_alerts: list[tuple[float, str, str]] = []
+        """(relative time, actor, kind) of every prober-error event a controller emitted."""
+        self.pushes: list[tuple[float, str, str, int]] = []
+        """(relative time, endpoint, who, HTTP status) of every pushed request the world made."""
+        self.approvals: list[tuple[float, str, str]] = []
+        """(relative time, run id, approve|reject) of every answer the on-call human got through."""
+        self.result_posts: list[tuple[float, str, str, float, bool, int]] = []
+        """(relative time, receiving actor, vantage, seconds ahead of its clock, may vote, accepted)."""
         self.leader: str | None = None
         self.leadership: list[tuple[float, str | None]] = []
         self.dead: set[str] = set()
