@@ -34,6 +34,8 @@ def record(
     if not path:
         return
     row: dict[str, Any] = {"name": name, "value": float(value), "unit": unit, "better": better}
+    # The machine may be shared: the 1-minute load average when the figure was taken goes with it.
+    row["load"] = round(os.getloadavg()[0], 2)
     if goal is not None:
         row["goal"] = goal
     if met is not None:

@@ -32,6 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from figures import record  # bench/, this script's own directory
+
 from tests.sim.figures import KIND_LABEL, KINDS, MONTH_DAYS, false_alarms, poisson_ci, time_to_detect
 
 
@@ -85,6 +87,8 @@ def main() -> int:
             return f"{n / months:.2f} ({n}) [{lo:.2f}, {hi:.2f}]"
 
         print(f"| {r:.0%} | {months:g} | {cell(inc)} | {cell(fo)} |")
+        record(f"sim: false incidents per month, {r:.0%} random failures", inc / months, "per month")
+        record(f"sim: false failovers per month, {r:.0%} random failures", fo / months, "per month")
         pairs = zip(chunks, parts, strict=True)
         per_run = ", ".join(f"seed {seed}: {i}/{f}" for (_, seed), (_, i, f) in pairs)
         print(f"<!-- {r:.0%}: incidents/failovers per simulated month: {per_run} -->")
@@ -98,6 +102,8 @@ def main() -> int:
             if got:
                 p50, p95 = statistics.median(got), _pct(got, 0.95)
                 print(f"| {KIND_LABEL[k]} | {p50:.1f} | {p95:.1f} | {len(got)} | {missed} |")
+                record(f"sim: time to detect p50, {KIND_LABEL[k]}", p50, "s")
+                record(f"sim: time to detect p95, {KIND_LABEL[k]}", p95, "s")
             else:
                 print(f"| {KIND_LABEL[k]} | - | - | 0 | {missed} |")
     sim_days = sum(d for parts in alarm_results.values() for d, _, _ in parts)

@@ -72,6 +72,53 @@ STALL_TICK = 0.1
 DEFAULT_STALL = 0.5
 
 
+class _Cap:
+    """A FIFO counting semaphore whose acquire and release cost O(1) however many wait.
+
+    Why not asyncio.Semaphore: on Python 3.11 its `locked()` scans every waiter on each
+    `acquire()`, and `release()` walks the woken-but-not-yet-running ones, so a burst of runs
+    queued behind the per-host cap costs quadratic time. Profiled at 20,000 probes on one host,
+    that was about a seventh of the prober's CPU. Here a release hands its slot straight to the
+    oldest waiter, so nobody can overtake the queue.
+    """
+
+    __slots__ = ("free", "waiters")
+
+    def __init__(self, size: int) -> None:
+        self.free = size
+        self.waiters: deque[asyncio.Future[None]] = deque()
+
+    async def acquire(self) -> None:
+        if self.free > 0:  # nobody waits while a slot is free: release hands slots over directly
+            self.free -= 1
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiters.append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # the slot was handed over as we were cancelled: pass it on
+            else:
+                self.waiters.remove(fut)
+            raise
+
+    def release(self) -> None:
+        waiters = self.waiters
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)  # the slot goes to the oldest waiter, never back to `free`
+                return
+        self.free += 1
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
+
+
 def offsets(intervals: dict[str, float]) -> dict[str, float]:
     """Start offset of each probe in [0, its interval): crc32 order, evenly spaced.
 
@@ -132,10 +179,10 @@ class Scheduler:
         self._run = run
         self._on_result = on_result
         self._clock = clock
-        self._global = asyncio.Semaphore(max_in_flight)
+        self._global = _Cap(max_in_flight)
         self._per_host_limit = per_host
         self._quantum = quantum
-        self._hosts: dict[str, asyncio.Semaphore] = {}
+        self._hosts: dict[str, _Cap] = {}
         self._host_of = {name: host_key(cfg) for name, cfg in probes.items()}
         self._heap: list[tuple[float, int, str]] = []
         self._in_flight: dict[str, set[asyncio.Task[None]]] = {}
@@ -157,13 +204,13 @@ class Scheduler:
         self.stalls: deque[tuple[float, float]] = deque(maxlen=64)
         self._beat: float | None = None
 
-    def _host_sem(self, name: str) -> asyncio.Semaphore | None:
+    def _host_sem(self, name: str) -> _Cap | None:
         key = self._host_of.get(name, "")
         if not key:
             return None
         sem = self._hosts.get(key)
         if sem is None:
-            sem = self._hosts[key] = asyncio.Semaphore(self._per_host_limit)
+            sem = self._hosts[key] = _Cap(self._per_host_limit)
         return sem
 
     def _deliver(self, name: str, seq: int, result: ProbeResult | None) -> None:

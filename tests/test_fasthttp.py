@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -231,6 +231,61 @@ def test_hanging_server_times_out_within_the_deadline() -> None:
         assert r.steps[0].request == f"GET {t.raw}/hang"
 
     run(scenario)
+
+
+@contextmanager
+def _unanswered_connects() -> Iterator[int]:
+    """A port whose listen queue is full and never accepted from: the kernel drops further SYNs,
+    so a connect to it hangs, as one to a black-holed address does."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(3):
+            c = socket.socket()
+            c.setblocking(False)
+            c.connect_ex(("127.0.0.1", port))
+            fillers.append(c)
+        time.sleep(0.1)  # let the handshakes that can complete, complete
+        yield port
+    finally:
+        for c in fillers:
+            c.close()
+        listener.close()
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_connect_that_never_completes_times_out_within_the_deadline(loop: str) -> None:
+    """The exchange keeps its own deadline for an IP address; it must also cover the connect."""
+    import uvloop
+
+    runner_ = asyncio.run if loop == "asyncio" else uvloop.run
+    with _unanswered_connects() as port:
+        t0 = time.perf_counter()
+        r = runner_(run_fast("c", probe(f"http://127.0.0.1:{port}/", timeout="400ms")))
+        took = time.perf_counter() - t0
+    assert not r.ok and r.prober_error is None
+    assert "timed out: the probe's 0.4s deadline passed" in r.reason
+    assert 0.4 <= took < 5  # bounded by the deadline, not by the kernel's SYN retries (minutes)
+
+
+def test_cancelling_a_probe_mid_connect_is_a_cancellation_not_a_timeout() -> None:
+    """The scheduler cancels runs when it stops: that must propagate, never become a failed result."""
+
+    async def main() -> str:
+        with _unanswered_connects() as port:
+            task = asyncio.create_task(run_fast("c", probe(f"http://127.0.0.1:{port}/", timeout="5s")))
+            await asyncio.sleep(0.1)
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                return "cancelled"
+            return "finished"
+
+    assert asyncio.run(main()) == "cancelled"
 
 
 def test_connection_refused() -> None:
