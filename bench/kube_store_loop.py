@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import json
 import logging
 import statistics
@@ -131,7 +132,9 @@ async def measure(
     from controller.stores.kube import KubernetesStore
 
     cfg = load_config(cfg_path)
-    store = KubernetesStore(kube.api_client(), NS)
+    # As `continuity run` opens it (open_store(..., cache=True)), where the store has a read cache.
+    cache = {"cache": True} if "cache" in inspect.signature(KubernetesStore).parameters else {}
+    store = KubernetesStore(kube.api_client(), NS, **cache)
     ctrl = Controller(cfg, store, env=lambda name: PD_KEY)
 
     reconciles: list[tuple[float, float]] = []  # (monotonic start, seconds)

@@ -367,6 +367,7 @@ class Controller:
         await asyncio.gather(
             *self._probe_tasks, *self._tasks, *self._burst_tasks, *refresh, return_exceptions=True
         )
+        await self.dispatcher.settle()  # a message sent just before the stop is recorded as sent
         if not await self.astore.close():  # queued timeline entries and pushed signals, retried
             log.error("controller stopped with timeline entries not written (logged one by one above)")
         if self.elector is not None:

@@ -132,6 +132,8 @@ class Dispatcher:
     ) -> None:
         self.may_send: Callable[[], bool] = lambda: True
         """Set by the controller: only the leader delivers."""
+        self._recording: set[asyncio.Future[None]] = set()
+        """Delivery records in flight (see `settle`)."""
         self._sent_unrecorded: dict[int, float] = {}
         """Messages delivered whose delivery the store failed to record: id -> when delivered."""
         self.on_error: Callable[[], None] = lambda: None
@@ -245,16 +247,25 @@ class Dispatcher:
                 self.on_event(msg, "retrying", f"{exc}; retry in {delay:.0f}s")
             else:
                 at = self.clock()
-                try:
-                    await run_in(STORE, self.store.delivered, msg.id, at)
-                except Exception:
-                    self._sent_unrecorded[msg.id] = at  # never resent; the record is retried first
-                    raise
+                self._sent_unrecorded[msg.id] = at  # never resent; until recorded, the record is retried
+                # Off the loop, and shielded: a stop between the send and its record must not leave a
+                # sent message pending for the next process to send again (`settle` waits for it).
+                record = asyncio.ensure_future(run_in(STORE, self.store.delivered, msg.id, at))
+                self._recording.add(record)
+                record.add_done_callback(self._recording.discard)
+                await asyncio.shield(record)
+                self._sent_unrecorded.pop(msg.id, None)
                 head.pop(group, None)
                 sent += 1
                 log.info("notification delivered", channel=msg.channel, key=msg.key)
                 self.on_event(msg, "delivered", "")
         return sent
+
+    async def settle(self, timeout: float = 10.0) -> None:
+        """Wait for the delivery records still being written (the controller's stop, before the
+        store closes)."""
+        if self._recording:
+            await asyncio.wait(list(self._recording), timeout=timeout)
 
     async def run(self, stop: asyncio.Event, period: float = 1.0) -> None:
         while not stop.is_set():
