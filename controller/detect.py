@@ -285,9 +285,8 @@ def judge(state: ProbeState, tries: Sequence[ProbeResult], rules: Rules) -> Prob
         and latest - start >= rules.confirm_span - 1e-9
         and not explained_by_flakiness(state, failed, rules)
     ):
-        last = max(inside, key=lambda t: t.started_at) if inside else state.last
-        if last is not None and state.last is not None and state.last.started_at > last.started_at:
-            last = state.last
+        candidates = [*inside, *([state.last] if state.last is not None else [])]
+        newest = max(candidates, key=lambda t: t.started_at) if candidates else None
         changed_at, changes = _move(state, Health.DOWN, latest, rules)
         return replace(
             state,
@@ -295,7 +294,7 @@ def judge(state: ProbeState, tries: Sequence[ProbeResult], rules: Rules) -> Prob
             failures=count,
             changed_at=changed_at,
             changes=changes,
-            last=last,
+            last=newest,
             first_failure_at=start,
         )
     if count >= rules.failure_threshold and state.status is not Health.SUSPECT:

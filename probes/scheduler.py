@@ -220,7 +220,7 @@ class Scheduler:
                 self._waiting[name] -= 1
             tasks = self._in_flight.get(name)
             if tasks is not None:
-                tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
+                tasks.discard(asyncio.current_task())
                 if not tasks:
                     del self._in_flight[name]
             self._deliver(name, seq, result)
