@@ -285,9 +285,8 @@ def judge(state: ProbeState, tries: Sequence[ProbeResult], rules: Rules) -> Prob
         and latest - start >= rules.confirm_span - 1e-9
         and not explained_by_flakiness(state, failed, rules)
     ):
-        newest: ProbeResult | None = max(inside, key=lambda t: t.started_at) if inside else state.last
-        if newest is not None and state.last is not None and state.last.started_at > newest.started_at:
-            newest = state.last
+        candidates = [*inside, *([state.last] if state.last is not None else [])]
+        newest = max(candidates, key=lambda t: t.started_at) if candidates else None
         changed_at, changes = _move(state, Health.DOWN, latest, rules)
         return replace(
             state,
