@@ -31,7 +31,7 @@ Why each rule exists:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
@@ -69,6 +69,13 @@ class Rules:
     """A failure rate at or above this, over the window, makes the probe's service DEGRADED."""
     intermittent_min_runs: int = 20
     """Fewer runs than this in the window: no rate is claimed."""
+    confirm_probes: int = 5
+    """Runs in the confirmation burst: DOWN needs `failure_threshold + confirm_probes` failed runs in a row
+    (scheduled runs and burst tries alike), the same evidence the burst after the threshold asked for."""
+    confirm_span: float = 0.0
+    """Seconds from the first failed run's start to the last one's that a confirmed outage must cover:
+    a blip shorter than this never makes a probe DOWN however many tries failed inside it. The config
+    defaults it to the old rule's floor, (failure_threshold - 1) x interval + (probes - 1) x spacing."""
     confirm_epsilon: float = 1e-6
     """A burst confirms DOWN only when a target failing at its own recent rate (before this streak)
     would produce the whole run of failures with at most this chance: p_prior ** failures <= epsilon.
@@ -219,6 +226,81 @@ def confirm(state: ProbeState, burst: list[ProbeResult], rules: Rules) -> ProbeS
         last=last,
         recent=tuple(False for _ in state.recent),
     )
+
+
+def judge(state: ProbeState, tries: Sequence[ProbeResult], rules: Rules) -> ProbeState:
+    """Decide a failing probe from its streak of scheduled runs and the burst's tries since it began.
+
+    The burst starts at the first sign of trouble (the first failed run, or a run still in flight at
+    its next slot) and its tries count: DOWN when the streak holds `failure_threshold +
+    confirm_probes` failed runs in a row, scheduled or tried, whose starts span at least
+    `confirm_span`, and the target's own recent failure rate does not explain them. The evidence is
+    the old rule's (threshold failures, then a burst failing throughout, over the same floor of
+    time), but a hang's tries overlap instead of queueing, and nothing waits for the threshold to
+    start gathering it. A try that passed, started inside the streak, forgives it (a chance run of
+    failures); tries started before the streak began are no evidence either way. Idempotent: the
+    controller calls it after every scheduled result and every try with the whole list.
+    """
+    if not rules.confirm or state.status is Health.DOWN or state.first_failure_at is None:
+        return state
+    first = state.first_failure_at
+    # The streak runs from the latest pass on: a try that failed after the last passing scheduled run
+    # but before the first failed one (a late run's suspicion that saw the outage first, while that
+    # slow run still passed) belongs to it; earlier tries are no evidence either way.
+    passes = [at for at, failed in state.runs if not failed and at < first]
+    since = max(passes) if passes else None
+    inside = [
+        t
+        for t in tries
+        if not getattr(t, "prober_error", None)
+        and (t.started_at > since if since is not None else t.started_at >= first)
+    ]
+    passed = [t for t in inside if outcome(t) != "failed"]
+    if passed:
+        earliest_failure = min([first, *(t.started_at for t in inside if outcome(t) == "failed")])
+        if max(t.started_at for t in passed) < earliest_failure:  # passes before the streak began
+            cut = max(t.started_at for t in passed)
+            inside = [t for t in inside if t.started_at > cut]
+            passed = []
+    if passed:
+        last = max(passed, key=lambda t: t.started_at)
+        changed_at, changes = _move(state, Health.UP, last.started_at, rules)
+        return replace(
+            state,
+            status=Health.UP,
+            failures=0,
+            successes=1,
+            changed_at=changed_at,
+            changes=changes,
+            first_failure_at=None,
+            last=last,
+            recent=tuple(False for _ in state.recent),
+        )
+    failed = len(inside)
+    count = state.failures + failed
+    latest = max([t.started_at for t in inside] + ([state.last.started_at] if state.last is not None else []))
+    start = min([first, *(t.started_at for t in inside)])
+    if (
+        count >= rules.failure_threshold + rules.confirm_probes
+        and latest - start >= rules.confirm_span - 1e-9
+        and not explained_by_flakiness(state, failed, rules)
+    ):
+        candidates = [*inside, *([state.last] if state.last is not None else [])]
+        newest = max(candidates, key=lambda t: t.started_at) if candidates else None
+        changed_at, changes = _move(state, Health.DOWN, latest, rules)
+        return replace(
+            state,
+            status=Health.DOWN,
+            failures=count,
+            changed_at=changed_at,
+            changes=changes,
+            last=newest,
+            first_failure_at=start,
+        )
+    if count >= rules.failure_threshold and state.status is not Health.SUSPECT:
+        changed_at, changes = _move(state, Health.SUSPECT, latest, rules)
+        return replace(state, status=Health.SUSPECT, changed_at=changed_at, changes=changes)
+    return state
 
 
 PRIOR_RUNS = 15

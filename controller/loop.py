@@ -51,7 +51,7 @@ from probes import resolve
 from probes.base import ProbeResult
 from probes.passive import Signals
 from probes.runner import run_probe
-from probes.scheduler import Scheduler
+from probes.scheduler import OVERLAP, Scheduler
 
 log = structlog.get_logger("continuity.controller")
 
@@ -338,7 +338,13 @@ class Controller:
         """One scheduler for every probe: stable offsets spread over each interval, per-host limits,
         and never two runs of the same probe at once (probes/scheduler.py)."""
         self._probe_stop = asyncio.Event()
-        self.scheduler = Scheduler(dict(self.config.probes), self.run_once, self.ingest)
+        self.scheduler = Scheduler(
+            dict(self.config.probes),
+            self.run_once,
+            self.ingest,
+            per_probe=OVERLAP,
+            on_late=self.detection._late,
+        )
         stop = self._probe_stop
         self._probe_tasks = [self._supervise("probes", lambda: self.scheduler.run(stop), stop)]
 
