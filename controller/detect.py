@@ -76,6 +76,9 @@ class Rules:
     """Seconds from the first failed run's start to the last one's that a confirmed outage must cover:
     a blip shorter than this never makes a probe DOWN however many tries failed inside it. The config
     defaults it to the old rule's floor, (failure_threshold - 1) x interval + (probes - 1) x spacing."""
+    requests: int = 1
+    """Requests one run makes (a transaction's steps): with too little history to measure the target's
+    own rate, the worst flakiness the documented bound allows is assumed, per request (see prior_rate)."""
     confirm_epsilon: float = 1e-6
     """A burst confirms DOWN only when a target failing at its own recent rate (before this streak)
     would produce the whole run of failures with at most this chance: p_prior ** failures <= epsilon.
@@ -102,6 +105,26 @@ class ProbeState:
     """When the verdict moved into or out of DOWN, within the flapping window."""
     runs: tuple[tuple[float, bool], ...] = ()
     """(started_at, failed) of the runs inside the intermittent window, oldest first."""
+    outages: tuple[tuple[float, float], ...] = ()
+    """[start, end) of each confirmed DOWN period still inside the intermittent window (end is inf while
+    DOWN), from the first failed run of its streak: their runs are the outage, not the target's
+    flakiness, so they count neither in the prior failure rate nor in the intermittent rate."""
+
+
+def in_outage(state: ProbeState, at: float) -> bool:
+    """Did a run started at `at` belong to a confirmed outage?"""
+    return any(a <= at < b for a, b in state.outages)
+
+
+def _down_from(state: ProbeState, start: float | None, at: float) -> tuple[tuple[float, float], ...]:
+    """The outages once the probe is confirmed DOWN at `at`, its streak begun at `start`."""
+    return (*state.outages, (start if start is not None else at, math.inf))
+
+
+def _closed(state: ProbeState, at: float, window: float) -> tuple[tuple[float, float], ...]:
+    """The outages once the probe leaves DOWN at `at`; those ended before the window are dropped."""
+    out = tuple((a, at if b == math.inf else b) for a, b in state.outages)
+    return tuple(x for x in out if at - x[1] <= window)[-8:]
 
 
 def outcome(result: ProbeResult) -> str:
@@ -173,12 +196,21 @@ def observe(
     elif kind == "ok" and status is Health.UP:
         first = None  # a healthy probe forgets a short failing streak; a recovering one keeps its start
     changed_at, changes = _move(state, status, at, r)
-    return ProbeState(status, failures, successes, degraded, changed_at, first, result, recent, changes, runs)
+    outages = state.outages
+    if state.status is Health.DOWN and status is not Health.DOWN:
+        outages = _closed(state, at, r.intermittent_window)
+    elif status is Health.DOWN and state.status is not Health.DOWN:
+        outages = _down_from(state, first, at)
+    return ProbeState(
+        status, failures, successes, degraded, changed_at, first, result, recent, changes, runs, outages
+    )
 
 
 def failure_rate(state: ProbeState, now: float, window: float) -> tuple[int, int]:
-    """(failed, total) runs of the probe whose start lies within `window` seconds before `now`."""
-    inside = [failed for at, failed in state.runs if now - at <= window]
+    """(failed, total) runs of the probe whose start lies within `window` seconds before `now`, leaving
+    out the runs of confirmed outages: an outage is reported as one, and once it is over its failed
+    runs must not keep the service DEGRADED ("failed 92% of runs") nor its incident open."""
+    inside = [failed for at, failed in state.runs if now - at <= window and not in_outage(state, at)]
     return sum(inside), len(inside)
 
 
@@ -207,6 +239,7 @@ def confirm(state: ProbeState, burst: list[ProbeResult], rules: Rules) -> ProbeS
             changed_at=changed_at,
             changes=changes,
             last=last,
+            outages=_down_from(state, state.first_failure_at, last.started_at),
         )
     if all(outcome(b) == "failed" for b in burst):
         # Every run failed, but this target fails often enough anyway that the streak proves nothing
@@ -296,6 +329,7 @@ def judge(state: ProbeState, tries: Sequence[ProbeResult], rules: Rules) -> Prob
             changes=changes,
             last=newest,
             first_failure_at=start,
+            outages=_down_from(state, start, latest),
         )
     if count >= rules.failure_threshold and state.status is not Health.SUSPECT:
         changed_at, changes = _move(state, Health.SUSPECT, latest, rules)
@@ -307,45 +341,20 @@ PRIOR_RUNS = 15
 """The target's own failure rate is estimated over this many runs just before the current streak:
 recent enough to see flakiness that began minutes ago, not diluted by an hour of clean runs."""
 PRIOR_MIN_RUNS = 5
-PRIOR_LONG_STREAK = 8
-"""A run of this many failures or more is an earlier outage, not flakiness (at 67% random failure
-such a streak has a 6% chance): it is left out of the estimate, so a second outage soon after a
-first is confirmed as fast as the first."""
-PRIOR_UNKNOWN = 0.0
-"""The rate assumed with fewer than PRIOR_MIN_RUNS runs of history, none of them failed (right after a
-start): none, so a restarted controller confirms an outage as fast as before. Any failure in a short
-history counts, through the upper end of its Wilson interval, so flakiness that began a minute ago
-already raises the bar."""
+"""Fewer runs than this before the streak (right after a start or a restart, or when confirmed
+outages filled the window) is too thin a history to call the target clean: see FLAKY_REQUEST_BOUND."""
+FLAKY_REQUEST_BOUND = 0.35
+"""The documented bound (README, "False alarms, measured"): requests failing at random at up to this
+rate never fail a region over. A run of `requests` requests then fails at up to 1 - 0.65^requests
+(73% for a three-step journey), the rate assumed while the history is too thin to measure one."""
 PRIOR_Z = 1.0
 """How far above the observed failure rate the prior is taken (Wilson score, upper end)."""
+MAX_NEEDED = 64
+"""The most failed runs a streak is asked for (see `needed`): past that the target fails so often that
+it is DEGRADED by the intermittent rule, and scheduled runs keep adding to its streak."""
 
 
-def prior_rate(state: ProbeState) -> float:
-    """The probe's failure rate over its last PRIOR_RUNS runs before the current failing streak,
-    leaving out earlier outages (streaks of PRIOR_LONG_STREAK failures or more)."""
-    start = state.first_failure_at
-    before = [failed for at, failed in state.runs if start is None or at < start][-PRIOR_RUNS:]
-    kept: list[bool] = []
-    streak: list[bool] = []
-    for run_failed in [*before, False]:  # a final pass closes the last streak
-        if run_failed:
-            streak.append(True)
-            continue
-        if len(streak) < PRIOR_LONG_STREAK:
-            kept += streak
-        streak = []
-        kept.append(False)
-    kept.pop()
-    failed, n = sum(kept), len(kept)
-    if not failed:
-        # A clean history, or none yet (right after a start): the burst alone decides, as it
-        # always has, so a target that is down at start-up is still declared DOWN.
-        return PRIOR_UNKNOWN if n < PRIOR_MIN_RUNS else 0.0
-    # A few runs say little about a rate: 2 failures in 6 runs is as likely from a 59%-failing
-    # journey as from a 33% one. Take the upper end of the Wilson score interval (z = 1), so a small
-    # sample errs towards "this could be flakiness" and a flaky target is never confirmed DOWN by a
-    # streak its own failure rate explains (simulation seed 109: 26% of requests failing, a
-    # three-step journey failing 59% of runs, was failed over with the plain estimate).
+def _wilson_upper(failed: int, n: int) -> float:
     z2 = PRIOR_Z * PRIOR_Z
     rate = failed / n
     centre = rate + z2 / (2 * n)
@@ -353,10 +362,60 @@ def prior_rate(state: ProbeState) -> float:
     return min(1.0, (centre + spread) / (1 + z2 / n))
 
 
+def prior_rate(state: ProbeState, rules: Rules | None = None) -> float:
+    """The probe's failure rate over its last PRIOR_RUNS runs before the current failing streak,
+    leaving out the runs of confirmed outages (`ProbeState.outages`).
+
+    A confirmed outage is not flakiness: a second outage soon after a first is confirmed as fast as
+    the first. Only a confirmed one, though: a streak the controller forgave (a try passed) stays in,
+    however long, since a journey failing 72% of its runs at random makes streaks of 8 one time in 14.
+
+    With fewer than PRIOR_MIN_RUNS runs (a restarted controller, a new probe), the history cannot
+    tell a clean target from a flaky one: the rate assumed is the worst the documented bound allows
+    for a run of `rules.requests` requests (FLAKY_REQUEST_BOUND), or the upper end of what the few
+    runs show if that is higher. So a restart never turns a journey failing 72% of its runs into a
+    fast DOWN (simulation seed 177: 10 failures in a row right after a restart, with no history, were
+    taken as an outage and the region failed over); the burst gathers the longer streak it needs
+    instead (44 failed runs for a three-step journey, 14 for a single request: seconds of tries).
+    """
+    r = rules or Rules()
+    start = state.first_failure_at
+    before = [
+        failed
+        for at, failed in state.runs
+        if (start is None or at < start) and not (state.outages and in_outage(state, at))
+    ][-PRIOR_RUNS:]
+    failed, n = sum(before), len(before)
+    if n < PRIOR_MIN_RUNS:
+        thin = 1.0 - (1.0 - FLAKY_REQUEST_BOUND) ** max(r.requests, 1)
+        return max(thin, _wilson_upper(failed, n) if failed else 0.0)
+    if not failed:
+        return 0.0  # a clean history: the burst alone decides, as it always has
+    # A few runs say little about a rate: 2 failures in 6 runs is as likely from a 59%-failing
+    # journey as from a 33% one. Take the upper end of the Wilson score interval (z = 1), so a small
+    # sample errs towards "this could be flakiness" and a flaky target is never confirmed DOWN by a
+    # streak its own failure rate explains (simulation seed 109: 26% of requests failing, a
+    # three-step journey failing 59% of runs, was failed over with the plain estimate).
+    return _wilson_upper(failed, n)
+
+
+def needed(state: ProbeState, rules: Rules) -> int:
+    """Failed runs in a row (scheduled runs and tries) the current streak needs before it can be DOWN:
+    threshold + confirm.probes, or more when the target's own rate would explain fewer (p^n must be at
+    most confirm_epsilon); at most MAX_NEEDED, which only a target failing over 80% of its runs asks."""
+    base = rules.failure_threshold + rules.confirm_probes
+    p = prior_rate(state, rules)
+    if p <= 0:
+        return base
+    if p >= 1:
+        return MAX_NEEDED
+    return min(MAX_NEEDED, max(base, math.ceil(math.log(rules.confirm_epsilon) / math.log(p) - 1e-9)))
+
+
 def explained_by_flakiness(state: ProbeState, burst_failures: int, rules: Rules) -> bool:
     """True when the target's own recent failure rate makes this many failures in a row a likely
     chance event (p ** n > confirm_epsilon): not yet evidence of an outage."""
-    p = prior_rate(state)
+    p = prior_rate(state, rules)
     return p > 0 and p ** (state.failures + burst_failures) > rules.confirm_epsilon
 
 
@@ -372,9 +431,12 @@ def discount(state: ProbeState, since: float, until: float) -> ProbeState:
     the intermittent rate. A streak that began before the window (a real outage the controller saw
     before it was cut off) stands."""
     runs = tuple(x for x in state.runs if not (x[1] and since <= x[0] < until))
+    outages = tuple(x for x in state.outages if not since <= x[0] < until)  # verdicts built while cut off
     first = state.first_failure_at
     if first is None or first < since or state.status is Health.UNKNOWN:
-        return replace(state, runs=runs) if runs != state.runs else state
+        if runs == state.runs and outages == state.outages:
+            return state
+        return replace(state, runs=runs, outages=outages)
     return replace(
         state,
         status=Health.UNKNOWN,
@@ -385,6 +447,7 @@ def discount(state: ProbeState, since: float, until: float) -> ProbeState:
         first_failure_at=None,
         recent=tuple(False for _ in state.recent),
         runs=runs,
+        outages=outages,
     )
 
 

@@ -27,6 +27,7 @@ from controller.detect import (
     discount,
     flapping,
     judge,
+    needed,
     observe,
     outcome,
     prior_rate,
@@ -238,7 +239,7 @@ class DetectionTracker:
             failed = sum(1 for b in ran if not b.ok)
             outcome_text = {
                 Health.DOWN: "confirmed: DOWN",
-                Health.SUSPECT: f"all failed, but it failed {prior_rate(new):.0%} of its runs before this "
+                Health.SUSPECT: f"all failed, but it failed {prior_rate(new, self.config.rules(name)):.0%} of its runs before this "
                 "streak: not yet beyond chance, still SUSPECT",
             }.get(new.status, "not confirmed, back to UP")
             if new.status is Health.SUSPECT and failed < len(ran):
@@ -264,7 +265,8 @@ class DetectionTracker:
         loop = asyncio.get_running_loop()
         watch: Scheduler | None = getattr(self, "scheduler", None)  # its loop-stall watchdog
         reference = name in self.config.detection.reference_probes
-        need = rules.failure_threshold + rules.confirm_probes
+        base = rules.failure_threshold + rules.confirm_probes
+        need = needed(self.vstates[name].get("local", ProbeState()), rules)
         cap = need + rules.confirm_probes  # tries in one burst at most; a failed run starts the next
         tries = self._tries.setdefault(name, [])
         ran: list[ProbeResult] = []
@@ -312,6 +314,8 @@ class DetectionTracker:
                 if self._tries.get(name) is not tries:  # the streak ended and a new one began
                     break
                 first = st.first_failure_at
+                need = needed(st, rules)  # more than threshold + probes while the history is thin or flaky
+                cap = max(cap, need + rules.confirm_probes)
                 streak = [t for t in tries if first is not None and t.started_at >= first]
                 have = st.failures + len(streak) + len(flying)
                 starts = [*flying.values(), *(t.started_at for t in streak)]
@@ -321,7 +325,9 @@ class DetectionTracker:
                 # (a run in flight past its slot), that run will be one when it lands.
                 quick = need - 1 if first is not None else need - 2
                 launch_at: float | None = None
-                if launched < cap and have < quick:
+                if len(flying) >= base:
+                    pass  # at most threshold + probes tries in flight: a hang's tries never pile up
+                elif launched < cap and have < quick:
                     launch_at = next_at
                 elif (
                     launched < cap
