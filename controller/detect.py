@@ -121,9 +121,27 @@ def _down_from(state: ProbeState, start: float | None, at: float) -> tuple[tuple
     return (*state.outages, (start if start is not None else at, math.inf))
 
 
-def _closed(state: ProbeState, at: float, window: float) -> tuple[tuple[float, float], ...]:
-    """The outages once the probe leaves DOWN at `at`; those ended before the window are dropped."""
-    out = tuple((a, at if b == math.inf else b) for a, b in state.outages)
+def _closed(
+    state: ProbeState, at: float, window: float, runs: tuple[tuple[float, bool], ...]
+) -> tuple[tuple[float, float], ...]:
+    """The outages once the probe leaves DOWN at `at` (`runs` includes the run that ended it); those
+    ended before the window are dropped.
+
+    Only a solid outage is kept: every run from its start to its recovery failed, but for the passes
+    that ended it. A DOWN period with passes inside it is what a flaky target's chance streak looks
+    like after it was (wrongly or not) confirmed, and its runs are its failure rate: were they left
+    out, each false DOWN of a journey failing 72% at random would hide its flakiness and make the
+    next one easier, so a flapping target would get faster at failing over, not slower."""
+    out: list[tuple[float, float]] = []
+    for a, b in state.outages:
+        if b == math.inf:
+            flags = [failed for t, failed in runs if a <= t <= at]
+            while flags and not flags[-1]:
+                flags.pop()  # the passes that ended it
+            if not all(flags):
+                continue  # passes inside: not an outage, the target's own rate
+            b = at
+        out.append((a, b))
     return tuple(x for x in out if at - x[1] <= window)[-8:]
 
 
@@ -198,7 +216,7 @@ def observe(
     changed_at, changes = _move(state, status, at, r)
     outages = state.outages
     if state.status is Health.DOWN and status is not Health.DOWN:
-        outages = _closed(state, at, r.intermittent_window)
+        outages = _closed(state, at, r.intermittent_window, runs)
     elif status is Health.DOWN and state.status is not Health.DOWN:
         outages = _down_from(state, first, at)
     return ProbeState(

@@ -346,6 +346,25 @@ def test_a_target_down_before_is_down_again_after_one_failed_burst() -> None:
     assert confirm(state, failed_burst(at), FLAKY).status is Health.DOWN
 
 
+def test_a_down_period_with_passes_inside_is_the_targets_own_rate() -> None:
+    """A flaky target confirmed DOWN (by chance, or rightly) passes now and then while DOWN: that
+    period is not a solid outage, so its runs stay in the prior and the next DOWN needs more, not
+    less (otherwise each false DOWN would hide the flakiness that caused it)."""
+    state = suspect_after([True] * 10)
+    state = confirm(state, failed_burst(121.0), FLAKY)
+    assert state.status is Health.DOWN
+    at = 130.0
+    for ok in [False, True, False, False, True, False, False, True, True]:  # passes inside, then back
+        state = observe(state, run("p", ok, at), rules=FLAKY)
+        at += 10.0
+    assert state.status is Health.UP and state.outages == ()
+    for _ in range(3):
+        state = observe(state, run("p", False, at), rules=FLAKY)
+        at += 10.0
+    assert prior_rate(state, FLAKY) > 0.5
+    assert confirm(state, failed_burst(at), FLAKY).status is Health.SUSPECT
+
+
 def test_a_forgiven_long_streak_is_the_targets_own_rate() -> None:
     """Only a confirmed outage leaves the prior: a streak a passing try forgave counts however long it
     was (a journey failing 72% of its runs at random makes streaks of 8 one time in 14), so the old
