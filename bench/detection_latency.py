@@ -31,8 +31,8 @@ from aiohttp import web
 from figures import record
 
 from controller.config import load_config
-from controller.detect import PRIOR_MIN_RUNS
 from controller.demo.marketplace import serve
+from controller.detect import PRIOR_MIN_RUNS
 from controller.loop import Controller
 from controller.stores import SQLiteStore
 
@@ -153,7 +153,11 @@ def main() -> int:
         f"interval {args.interval_ms} ms, failure_threshold {args.threshold}, confirmation burst "
         f"{burst.probes} runs {burst.spacing * 1000:.0f} ms apart (default); {len(s)} outages at random "
         f"phases, {args.parallel} services at a time; {time.monotonic() - started:.0f} s wall; "
-        + ("cold: no history before the first outage" if args.cold else f"{PRIOR_MIN_RUNS} runs of history first")
+        + (
+            "cold: no history before the first outage"
+            if args.cold
+            else f"{PRIOR_MIN_RUNS} runs of history first"
+        )
     )
     print(f"  theoretical floor (failure_threshold x interval): {floor:.2f} s")
     extra = (burst.probes - 1) * burst.spacing

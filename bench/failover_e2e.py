@@ -30,8 +30,8 @@ from typing import Any
 import structlog
 from figures import record
 
-from controller.detect import PRIOR_MIN_RUNS
 from controller.demo.environment import CLUSTER, PRIMARY_IP, WRITER, ZONE, DemoEnvironment
+from controller.detect import PRIOR_MIN_RUNS
 from controller.loop import Controller
 from controller.stores import SQLiteStore
 

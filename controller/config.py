@@ -576,7 +576,7 @@ class Config(Strict):
             intermittent_window=d.intermittent.window,
             intermittent_rate=d.intermittent.rate,
             intermittent_min_runs=d.intermittent.min_runs,
-            requests=len(getattr(p, "steps", None) or ()) or 1,  # a transaction's steps: see detect.prior_rate
+            requests=len(getattr(p, "steps", None) or ()) or 1,  # a journey's steps: detect.prior_rate
         )
 
     def confirm_span(self, probe: str) -> float:

@@ -4,10 +4,25 @@ Why each rule exists:
 - Hysteresis: `failure_threshold` consecutive failures (or `F of the last N`) before anything
   happens, `success_threshold` consecutive successes to come back, so one blip never pages anyone
   and one lucky probe never declares an outage over.
-- Suspect, then confirm: reaching the threshold only makes a probe SUSPECT; the controller
-  re-probes at once in a short burst and only a burst that fails throughout makes it DOWN (as
-  orchestrator re-reads the topology before acting). With a 20% random failure rate the chance of
-  a false DOWN per probe slot is 0.2^3 x 0.2^5, about 2.6e-6, instead of 0.008.
+- Suspect, then confirm (`judge`): the first sign of trouble (a failed run, or a run still in
+  flight at its next slot) starts a burst of tries, and the tries count: DOWN takes
+  `failure_threshold + confirm.probes` failed runs in a row, scheduled or tried, spanning at least
+  `confirm.span` (as orchestrator re-reads the topology before acting, with the tries overlapping so
+  a hang costs one timeout, not a queue of them). With a 20% random failure rate the chance of a
+  false DOWN per streak is 0.2^8, about 2.6e-6, instead of 0.008.
+- Beyond the target's own chance (`prior_rate`, `needed`): the streak must also be a less than
+  `confirm_epsilon` chance at the target's own failure rate over its last runs before the streak
+  (upper end of a Wilson interval), so a flaky journey gets a DEGRADED verdict, not a failover; the
+  burst keeps trying until the streak is that long (or a try passes).
+- A confirmed outage is not flakiness (`ProbeState.outages`): the runs of a solid confirmed DOWN
+  period (every run failed until the passes that ended it) count neither in that prior nor in the
+  intermittent rate, so a second outage soon after the first is confirmed as fast as the first, and
+  a recovered outage does not read as "failed 92% of runs". A DOWN period with passes inside it is
+  a flaky target's and stays in: a false DOWN never hides the flakiness that caused it.
+- A thin history is not a clean one: with fewer than PRIOR_MIN_RUNS runs (a restarted controller)
+  the prior is the documented bound, 35% of requests failing (73% of a three-step journey's runs),
+  so a restart never makes a flaky journey's 10-failure streak an outage; the burst gathers the
+  longer streak (14 runs for one request, 44 for three) in seconds of tries instead.
 - Degraded is its own verdict (latency over the SLO, a failing non-critical journey step, a
   certificate close to expiry): it opens a moderate incident and never starts a failover.
 - Flapping: a probe that changes verdict more than N times in a window is marked flapping, and

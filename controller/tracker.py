@@ -237,9 +237,10 @@ class DetectionTracker:
                 return
             new = self.vstates[name].get("local", ProbeState())
             failed = sum(1 for b in ran if not b.ok)
+            prior = prior_rate(new, self.config.rules(name))
             outcome_text = {
                 Health.DOWN: "confirmed: DOWN",
-                Health.SUSPECT: f"all failed, but it failed {prior_rate(new, self.config.rules(name)):.0%} of its runs before this "
+                Health.SUSPECT: f"all failed, but it failed {prior:.0%} of its runs before this "
                 "streak: not yet beyond chance, still SUSPECT",
             }.get(new.status, "not confirmed, back to UP")
             if new.status is Health.SUSPECT and failed < len(ran):
