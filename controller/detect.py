@@ -247,12 +247,15 @@ def failure_rate(state: ProbeState, now: float, window: float) -> tuple[int, int
     return sum(inside), len(inside)
 
 
-def intermittent(state: ProbeState, now: float, rules: Rules, factor: float = 1.0) -> tuple[int, int] | None:
-    """(failed, total) when the probe failed at least `factor x rate` of its runs in the window."""
+def intermittent(
+    state: ProbeState, now: float, rules: Rules, factor: float = 1.0, min_runs: int | None = None
+) -> tuple[int, int] | None:
+    """(failed, total) when the probe failed at least `factor x rate` of its runs in the window, over at
+    least `min_runs` runs (default: the rule's)."""
     if rules.intermittent_window <= 0:
         return None
     failed, total = failure_rate(state, now, rules.intermittent_window)
-    if total < rules.intermittent_min_runs or total == 0:
+    if total < (rules.intermittent_min_runs if min_runs is None else min_runs) or total == 0:
         return None
     return (failed, total) if failed / total >= rules.intermittent_rate * factor else None
 
@@ -608,8 +611,12 @@ def service_health(
                     f"{_window_words(r.intermittent_window)} ({failed} of {total})"
                     + (f"; latest: {latest}" if latest else "")
                 )
-            elif intermittent(seen[p], now, r, factor=0.5) is not None:
-                still_flaky.add(p)  # hysteresis: it must fall below half the rate to prove recovery
+            elif intermittent(seen[p], now, r, factor=0.5, min_runs=1) is not None:
+                # Hysteresis: it must fall below half the rate to prove recovery, and too few runs
+                # in the window (a confirmed outage's runs left out, old ones aged out) prove
+                # nothing: a DEGRADED incident must not resolve and reopen each time the count of
+                # runs crosses min_runs (simulation seed 74: three incidents in a minute).
+                still_flaky.add(p)
     hard = [p for p in probes if status[p] is Health.DOWN and impact.get(p, "down") == "down"]
     soft = [
         p
