@@ -32,6 +32,7 @@ from figures import record
 
 from controller.config import load_config
 from controller.demo.marketplace import serve
+from controller.detect import PRIOR_MIN_RUNS
 from controller.loop import Controller
 from controller.stores import SQLiteStore
 
@@ -89,6 +90,15 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     async def one_service(name: str) -> None:
         rng = random.Random(f"{args.seed}-{name}")
+        # A running controller has each target's history; a fresh one has none and asks a longer
+        # streak (detect.prior_rate). Unless --cold, the first outage waits for PRIOR_MIN_RUNS runs.
+        deadline = time.monotonic() + 30
+        while not args.cold and len(getattr(controller.vstates[f"{name}-http"].get("local"), "runs", ())) < (
+            PRIOR_MIN_RUNS
+        ):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} never ran PRIOR_MIN_RUNS times")
+            await asyncio.sleep(0.02)
         for _ in range(per_service):
             deadline = time.monotonic() + 30
             while not controller.detection.probe_healthy(f"{name}-http") or store.open_incident_for(name):
@@ -116,6 +126,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=60, help="outages to inject (samples)")
     ap.add_argument("--parallel", type=int, default=10, help="independent services broken concurrently")
+    ap.add_argument(
+        "--cold",
+        action="store_true",
+        help="break each service as soon as it passes, with no history (a just-restarted controller)",
+    )
     ap.add_argument("--interval-ms", type=int, default=500)
     ap.add_argument("--threshold", type=int, default=3)
     ap.add_argument("--seed", type=int, default=1)
@@ -137,7 +152,12 @@ def main() -> int:
     print(
         f"interval {args.interval_ms} ms, failure_threshold {args.threshold}, confirmation burst "
         f"{burst.probes} runs {burst.spacing * 1000:.0f} ms apart (default); {len(s)} outages at random "
-        f"phases, {args.parallel} services at a time; {time.monotonic() - started:.0f} s wall"
+        f"phases, {args.parallel} services at a time; {time.monotonic() - started:.0f} s wall; "
+        + (
+            "cold: no history before the first outage"
+            if args.cold
+            else f"{PRIOR_MIN_RUNS} runs of history first"
+        )
     )
     print(f"  theoretical floor (failure_threshold x interval): {floor:.2f} s")
     extra = (burst.probes - 1) * burst.spacing

@@ -4,7 +4,8 @@ The demo's world (moto for Route 53 and Aurora, two simulated regions, the edge,
 receiver) with every probe at a 2 s interval and failure_threshold 3 (floor 6 s), the default
 confirmation burst, and the demo's region-failover playbook. Each run: a fresh state store, wait
 until the probes are healthy, break checkout in the primary region at a random phase of the probe
-interval, and time until the `switch-dns` step is done (the Route 53 record points at the
+interval (after PRIOR_MIN_RUNS runs of history, as a running controller has; --cold: none, as
+right after a restart), and time until the `switch-dns` step is done (the Route 53 record points at the
 secondary). The AWS steps' own durations come from the playbook journal (steps table), so the
 controller's own share is the total minus the time spent waiting on AWS. Between runs the world
 is put back (record and Aurora writer to the primary, checkout healed).
@@ -30,6 +31,7 @@ import structlog
 from figures import record
 
 from controller.demo.environment import CLUSTER, PRIMARY_IP, WRITER, ZONE, DemoEnvironment
+from controller.detect import PRIOR_MIN_RUNS
 from controller.loop import Controller
 from controller.stores import SQLiteStore
 
@@ -70,7 +72,7 @@ def reset_world(env: DemoEnvironment) -> None:
 
 
 async def one_run(
-    env: DemoEnvironment, state_dir: Path, rng: random.Random, interval: float
+    env: DemoEnvironment, state_dir: Path, rng: random.Random, interval: float, cold: bool = False
 ) -> dict[str, Any]:
     cfg = env.config
     store = SQLiteStore(state_dir)
@@ -81,6 +83,10 @@ async def one_run(
     def listen(kind: str, facts: dict[str, Any]) -> None:
         if kind == "incident_opened":
             marks["opened"] = time.time()
+        elif kind == "probe_verdict" and facts["probe"] == "checkout-journey" and facts["status"] == "down":
+            if "down" not in marks:
+                marks["down"] = time.time()
+                marks["first"] = controller.vstates["checkout-journey"]["local"].first_failure_at or 0.0
         elif kind == "playbook_done":
             marks["playbook_ok"] = 1.0 if facts["ok"] else 0.0
             done.set()
@@ -95,10 +101,27 @@ async def one_run(
             if time.monotonic() > deadline:
                 raise RuntimeError("the marketplace never became healthy")
             await asyncio.sleep(0.05)
+        # A running controller has the target's history; a fresh one has none, and then assumes the
+        # documented flakiness and asks for a longer streak (detect.prior_rate). Unless --cold, wait
+        # for PRIOR_MIN_RUNS runs of history, as any controller that has run a few intervals has.
+        while not cold and len(getattr(controller.vstates["checkout-journey"].get("local"), "runs", ())) < (
+            PRIOR_MIN_RUNS
+        ):
+            if time.monotonic() > deadline + 30:
+                raise RuntimeError("checkout-journey never ran PRIOR_MIN_RUNS times")
+            await asyncio.sleep(0.05)
         await asyncio.sleep(rng.uniform(0, interval))
         outage = time.time()
         env.primary.broken = {"checkout"}
-        await asyncio.wait_for(done.wait(), timeout=60)
+        try:
+            await asyncio.wait_for(done.wait(), timeout=60)
+        except TimeoutError:
+            st = controller.vstates["checkout-journey"].get("local")
+            notes = [n for _, n in controller.burst_notes.values()]
+            raise RuntimeError(
+                f"no failover within 60 s: checkout-journey {st.status if st else None} after "
+                f"{st.failures if st else 0} failures; marks {marks}; bursts {notes}; runs {store.runs()}"
+            ) from None
     finally:
         await controller.stop()
     [run] = store.runs()
@@ -110,6 +133,9 @@ async def one_run(
     moved = dns.ended_at - outage
     aws = sum((steps[n].ended_at or 0) - (steps[n].started_at or 0) for n in AWS_STEPS if steps[n].started_at)
     return {
+        "first": marks["first"] - outage,
+        "down": marks["down"] - outage,
+        "dns_start": (dns.started_at or 0) - outage,
         "moved": moved,
         "detect": marks["opened"] - outage,
         "start": run.started_at - outage,
@@ -128,11 +154,13 @@ async def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
         env.config.detection.failure_threshold = args.threshold
         for i in range(args.runs):
             await asyncio.to_thread(reset_world, env)
-            r = await one_run(env, tmp / f"state-{i}", rng, args.interval)
+            r = await one_run(env, tmp / f"state-{i}", rng, args.interval, args.cold)
             out.append(r)
             print(
-                f"  run {i + 1:2d}: traffic moved {r['moved']:5.2f} s (incident opened {r['detect']:5.2f} s, "
-                f"AWS steps {r['aws']:4.2f} s, controller's own {r['own']:5.2f} s)",
+                f"  run {i + 1:2d}: traffic moved {r['moved']:5.2f} s (first failed run {r['first']:4.2f} s, "
+                f"DOWN {r['down']:4.2f} s, incident opened {r['detect']:5.2f} s, "
+                f"run started {r['start']:5.2f} s, switch-dns started {r['dns_start']:5.2f} s; "
+                f"AWS steps {r['aws']:4.2f} s)",
                 flush=True,
             )
     return out
@@ -144,12 +172,18 @@ def main() -> int:
     ap.add_argument("--interval", type=float, default=2.0, help="probe interval, seconds")
     ap.add_argument("--threshold", type=int, default=3)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument(
+        "--cold",
+        action="store_true",
+        help="break checkout as soon as the probes pass, with no history (a just-restarted controller)",
+    )
     args = ap.parse_args()
     quiet()
     print("== End to end: outage injected -> traffic moved (demo environment, moto) ==")
     print(
         f"every probe at {args.interval:g} s, failure_threshold {args.threshold} "
-        f"(floor {args.threshold * args.interval:g} s), default confirmation burst, {args.runs} runs"
+        f"(floor {args.threshold * args.interval:g} s), default confirmation burst, {args.runs} runs, "
+        + ("cold: no history" if args.cold else f"after {PRIOR_MIN_RUNS} runs of history")
     )
     started = time.monotonic()
     rs = asyncio.run(measure(args))
@@ -160,9 +194,17 @@ def main() -> int:
     print(f"  ({time.monotonic() - started:.0f} s wall)")
     print(
         f"  outage -> traffic moved:     p50 {pct(moved, 50):5.2f} s  p95 {pct(moved, 95):5.2f} s  "
-        f"max {max(moved):5.2f} s  (goal p95 < 10 s: {'MET' if pct(moved, 95) < 10 else 'MISSED'})"
+        f"max {max(moved):5.2f} s  (goal p95 <= 5 s: {'MET' if pct(moved, 95) <= 5 else 'MISSED'})"
     )
-    print(f"  outage -> incident opened:   p50 {pct(detect, 50):5.2f} s  p95 {pct(detect, 95):5.2f} s")
+    for key, label in (
+        ("first", "outage -> first failed run:"),
+        ("down", "outage -> probe DOWN:"),
+        ("detect", "outage -> incident opened:"),
+        ("start", "outage -> playbook started:"),
+        ("dns_start", "outage -> switch-dns started:"),
+    ):
+        xs = [r[key] for r in rs]
+        print(f"  {label:29s}p50 {pct(xs, 50):5.2f} s  p95 {pct(xs, 95):5.2f} s")
     print(
         f"  AWS steps (journal):         p50 {pct(aws, 50):5.2f} s  p95 {pct(aws, 95):5.2f} s  "
         "(moto on loopback; real Aurora failover takes tens of seconds)"

@@ -1,12 +1,13 @@
 """A hang against a refusal: how long from the first failed run to the DOWN verdict, on the real
 Controller (issue 10: a hanging region took 26 s where a refused one took 3.4 s).
 
-Each round runs PAIRS refused probes (a loopback port nothing listens on) and PAIRS hanging probes
-(a local server that accepts and never answers) side by side, every probe at `--interval` with
-`--timeout`, threshold 3, the default burst (5 runs, 250 ms apart). Prints min/p50/max of each
-and the ratio of medians; the claim is hang <= 1.5 x refused whenever timeout <= F x interval / 4.
+For each timeout, each round runs PAIRS refused probes (a loopback port nothing listens on) and
+PAIRS hanging probes (a local server that accepts and never answers) side by side, every probe at
+`--interval`, threshold 3, the default burst (5 tries, 250 ms apart, span (3 - 1) x interval + 1 s).
+Prints min/p50/max of each, the ratio of medians, and what `Config.detection_times` predicts (the
+bound `continuity validate` warns on: hang <= 1.5 x refused while timeout <= span / 2).
 
-    PYTHONPATH=. python bench/hang_vs_refused.py [--rounds 2] [--interval 1s] [--timeout 400ms]
+    PYTHONPATH=. python bench/hang_vs_refused.py [--rounds 2] [--interval 1s] [--timeouts 400ms,1s,3s]
 """
 
 from __future__ import annotations
@@ -112,26 +113,52 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--interval", default="1s")
-    ap.add_argument("--timeout", default="400ms")
+    ap.add_argument("--timeouts", default="400ms,1s,3s", help="comma-separated probe timeouts")
     args = ap.parse_args()
-    got: dict[str, list[float]] = {"refused": [], "hang": []}
     t0 = time.perf_counter()
-    for _ in range(args.rounds):
-        for k, v in asyncio.run(_round(args.interval, args.timeout)).items():
-            got[k] += v
+    rows = []
+    for timeout in args.timeouts.split(","):
+        got: dict[str, list[float]] = {"refused": [], "hang": []}
+        for _ in range(args.rounds):
+            for k, v in asyncio.run(_round(args.interval, timeout)).items():
+                got[k] += v
+        rows.append((timeout, got, _predicted(args.interval, timeout)))
     print(
-        f"interval {args.interval}, timeout {args.timeout}, threshold 3, burst 5 x 250ms; "
-        f"{args.rounds} rounds x {PAIRS} probes each; {time.perf_counter() - t0:.0f}s wall"
+        f"interval {args.interval}, threshold 3, burst 5 x 250ms; {args.rounds} rounds x {PAIRS} probes "
+        f"of each kind per timeout; {time.perf_counter() - t0:.0f}s wall"
     )
-    for k, v in got.items():
-        v.sort()
-        p50 = statistics.median(v)
-        print(f"  {k:8s} first failed run -> DOWN: min {v[0]:.2f}s  p50 {p50:.2f}s  max {v[-1]:.2f}s")
-    ratio = statistics.median(got["hang"]) / statistics.median(got["refused"])
-    bound = 3 * parse_duration(args.interval) / 4
-    print(
-        f"  hang / refused (medians): {ratio:.2f}  (<= 1.5 while timeout <= F x interval / 4 = {bound:.2f}s)"
-    )
+    print("first failed run -> DOWN (seconds):")
+    for timeout, got, (pred_refused, pred_hang) in rows:
+        med = {k: statistics.median(v) for k, v in got.items()}
+        ratio = med["hang"] / med["refused"]
+        print(
+            f"  timeout {timeout}: hang / refused (medians) {ratio:.2f}  "
+            f"({'<=' if ratio <= 1.5 else '>'} 1.5)"
+        )
+        for k, v in got.items():
+            v.sort()
+            print(f"    {k:8s} min {v[0]:.2f}  p50 {med[k]:.2f}  max {v[-1]:.2f}")
+        print(
+            f"    predicted (Config.detection_times): refused {pred_refused:.2f}, hang {pred_hang:.2f}, "
+            f"ratio {pred_hang / pred_refused:.2f}"
+        )
+
+
+def _predicted(interval: str, timeout: str) -> tuple[float, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "c.yaml"
+        path.write_text(
+            f"""
+services:
+  shop: {{tier: supporting, rto: 5m, probes: [p]}}
+probes:
+  p: {{kind: http, url: "http://127.0.0.1:9/", interval: {interval}, timeout: {timeout}}}
+detection: {{failure_threshold: 3}}
+controller: {{data_dir: "{tmp}/state"}}
+leader: {{backend: none}}
+"""
+        )
+        return load_config(path).detection_times("p")
 
 
 if __name__ == "__main__":

@@ -298,7 +298,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from controller.config import secret_env_names
 
     cfg = _load(args.config)
-    for warning in placement_warnings(cfg, os.environ):
+    for warning in placement_warnings(cfg, os.environ) + cfg.detection_warnings():
         print(f"{args.config}: warning: {warning}", file=sys.stderr)
     unset = [(n, where, when) for n, where, when in secret_env_names(cfg) if not os.environ.get(n)]
     if unset and args.require_env:

@@ -59,6 +59,12 @@ class Confirm(Strict):
 
     probes: int = Field(default=5, ge=0, le=20, description="Runs in the burst; all must fail to confirm.")
     spacing: Duration = Field(default=0.25, ge=0, description="Pause between burst runs.")
+    span: Duration | None = Field(
+        default=None,
+        ge=0,
+        description="Shortest outage that can be DOWN: from the first failed run's start to the last's "
+        "(default: (failure_threshold - 1) x interval + (probes - 1) x spacing, the old rule's floor).",
+    )
 
 
 class Flapping(Strict):
@@ -569,12 +575,65 @@ class Config(Strict):
             window_failures=window.failures if window else None,
             window_size=window.of if window else None,
             confirm=confirm and d.confirm.probes > 0,
+            confirm_probes=d.confirm.probes,
+            confirm_span=self.confirm_span(probe),
             flap_changes=d.flapping.changes,
             flap_window=d.flapping.within,
             intermittent_window=d.intermittent.window,
             intermittent_rate=d.intermittent.rate,
             intermittent_min_runs=d.intermittent.min_runs,
+            requests=len(getattr(p, "steps", None) or ()) or 1,  # a journey's steps: detect.prior_rate
         )
+
+    def confirm_span(self, probe: str) -> float:
+        """The shortest outage that can make `probe` DOWN (detection.confirm.span, or the old floor)."""
+        d = self.detection
+        if d.confirm.span is not None:
+            return d.confirm.span
+        thr = self.probes[probe].failure_threshold or d.failure_threshold
+        return (thr - 1) * self.probes[probe].interval + max(d.confirm.probes - 1, 0) * d.confirm.spacing
+
+    def detection_times(self, probe: str) -> tuple[float, float]:
+        """(refused, hang): seconds from the first failed run's start to DOWN for a target that refuses
+        at once and for one that never answers, by the rule in controller/detect.py `judge`.
+
+        A refusal is DOWN once the failed runs span `span` and number threshold + probes: the burst's
+        tries go out `spacing` apart from the first failure, so that is max(span, (threshold + probes -
+        2) x spacing). A hang's runs fail only at their timeout T; its burst starts at the first sign
+        of trouble, min(interval, T) after the first run (a run still in flight at its next slot, or
+        its timeout), and its closing try starts once the span is covered: max(span, min(interval, T) +
+        (threshold + probes - 2) x spacing) + T. Past `confirm.probes: 0` no burst runs: threshold runs
+        one interval apart, and a hang adds one timeout."""
+        p = self.probes[probe]
+        d = self.detection
+        thr = p.failure_threshold or d.failure_threshold
+        t, i = p.timeout, p.interval
+        if d.confirm.probes <= 0:
+            return (thr - 1) * i, (thr - 1) * i + t
+        span = self.confirm_span(probe)
+        quick = (thr + d.confirm.probes - 2) * d.confirm.spacing
+        return max(span, quick), max(span, min(i, t) + quick) + t
+
+    def detection_warnings(self, ratio: float = 1.5) -> list[str]:
+        """One line per polled probe whose hang cannot be DOWN within `ratio` x a refusal (issue 10):
+        physics, not a bug; a timeout much longer than the refused detection time costs one timeout."""
+        out = []
+        for name, p in sorted(self.probes.items()):
+            if p.kind in ("heartbeat", "alertmanager"):
+                continue
+            refused, hang = self.detection_times(name)
+            if refused > 0 and hang > ratio * refused + 1e-9:
+                span = self.confirm_span(name)
+                need = max(0.0, (ratio - 1) * refused - max(0.0, hang - refused - p.timeout))
+                out.append(
+                    f"probes.{name}.timeout: a hanging target is DOWN {hang:.2f}s after its first "
+                    f"failed run, a refusing one {refused:.2f}s ({hang / refused:.2f}x > {ratio:g}x): "
+                    f"a hang costs one timeout ({p.timeout:g}s) more than a refusal. Lower "
+                    f"probes.{name}.timeout to {need:.2f}s or less, or raise detection.confirm.span "
+                    f"(now {span:g}s) to {p.timeout / (ratio - 1):.2f}s or more (slower to detect, "
+                    "fewer false alarms)"
+                )
+        return out
 
     def services_of(self, probe: str) -> list[str]:
         """The services a probe belongs to (indexed once: verdict changes look it up often)."""

@@ -4,10 +4,25 @@ Why each rule exists:
 - Hysteresis: `failure_threshold` consecutive failures (or `F of the last N`) before anything
   happens, `success_threshold` consecutive successes to come back, so one blip never pages anyone
   and one lucky probe never declares an outage over.
-- Suspect, then confirm: reaching the threshold only makes a probe SUSPECT; the controller
-  re-probes at once in a short burst and only a burst that fails throughout makes it DOWN (as
-  orchestrator re-reads the topology before acting). With a 20% random failure rate the chance of
-  a false DOWN per probe slot is 0.2^3 x 0.2^5, about 2.6e-6, instead of 0.008.
+- Suspect, then confirm (`judge`): the first sign of trouble (a failed run, or a run still in
+  flight at its next slot) starts a burst of tries, and the tries count: DOWN takes
+  `failure_threshold + confirm.probes` failed runs in a row, scheduled or tried, spanning at least
+  `confirm.span` (as orchestrator re-reads the topology before acting, with the tries overlapping so
+  a hang costs one timeout, not a queue of them). With a 20% random failure rate the chance of a
+  false DOWN per streak is 0.2^8, about 2.6e-6, instead of 0.008.
+- Beyond the target's own chance (`prior_rate`, `needed`): the streak must also be a less than
+  `confirm_epsilon` chance at the target's own failure rate over its last runs before the streak
+  (upper end of a Wilson interval), so a flaky journey gets a DEGRADED verdict, not a failover; the
+  burst keeps trying until the streak is that long (or a try passes).
+- A confirmed outage is not flakiness (`ProbeState.outages`): the runs of a solid confirmed DOWN
+  period (every run failed until the passes that ended it) count neither in that prior nor in the
+  intermittent rate, so a second outage soon after the first is confirmed as fast as the first, and
+  a recovered outage does not read as "failed 92% of runs". A DOWN period with passes inside it is
+  a flaky target's and stays in: a false DOWN never hides the flakiness that caused it.
+- A thin history is not a clean one: with fewer than PRIOR_MIN_RUNS runs (a restarted controller)
+  the prior is the documented bound, 35% of requests failing (73% of a three-step journey's runs),
+  so a restart never makes a flaky journey's 10-failure streak an outage; the burst gathers the
+  longer streak (14 runs for one request, 44 for three) in seconds of tries instead.
 - Degraded is its own verdict (latency over the SLO, a failing non-critical journey step, a
   certificate close to expiry): it opens a moderate incident and never starts a failover.
 - Flapping: a probe that changes verdict more than N times in a window is marked flapping, and
@@ -31,7 +46,7 @@ Why each rule exists:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from operator import itemgetter
@@ -71,6 +86,16 @@ class Rules:
     """A failure rate at or above this, over the window, makes the probe's service DEGRADED."""
     intermittent_min_runs: int = 20
     """Fewer runs than this in the window: no rate is claimed."""
+    confirm_probes: int = 5
+    """Runs in the confirmation burst: DOWN needs `failure_threshold + confirm_probes` failed runs in a row
+    (scheduled runs and burst tries alike), the same evidence the burst after the threshold asked for."""
+    confirm_span: float = 0.0
+    """Seconds from the first failed run's start to the last one's that a confirmed outage must cover:
+    a blip shorter than this never makes a probe DOWN however many tries failed inside it. The config
+    defaults it to the old rule's floor, (failure_threshold - 1) x interval + (probes - 1) x spacing."""
+    requests: int = 1
+    """Requests one run makes (a transaction's steps): with too little history to measure the target's
+    own rate, the worst flakiness the documented bound allows is assumed, per request (see prior_rate)."""
     confirm_epsilon: float = 1e-6
     """A burst confirms DOWN only when a target failing at its own recent rate (before this streak)
     would produce the whole run of failures with at most this chance: p_prior ** failures <= epsilon.
@@ -97,6 +122,44 @@ class ProbeState:
     """When the verdict moved into or out of DOWN, within the flapping window."""
     runs: tuple[tuple[float, bool], ...] = ()
     """(started_at, failed) of the runs inside the intermittent window, oldest first."""
+    outages: tuple[tuple[float, float], ...] = ()
+    """[start, end) of each confirmed DOWN period still inside the intermittent window (end is inf while
+    DOWN), from the first failed run of its streak: their runs are the outage, not the target's
+    flakiness, so they count neither in the prior failure rate nor in the intermittent rate."""
+
+
+def in_outage(state: ProbeState, at: float) -> bool:
+    """Did a run started at `at` belong to a confirmed outage?"""
+    return any(a <= at < b for a, b in state.outages)
+
+
+def _down_from(state: ProbeState, start: float | None, at: float) -> tuple[tuple[float, float], ...]:
+    """The outages once the probe is confirmed DOWN at `at`, its streak begun at `start`."""
+    return (*state.outages, (start if start is not None else at, math.inf))
+
+
+def _closed(
+    state: ProbeState, at: float, window: float, runs: tuple[tuple[float, bool], ...]
+) -> tuple[tuple[float, float], ...]:
+    """The outages once the probe leaves DOWN at `at` (`runs` includes the run that ended it); those
+    ended before the window are dropped.
+
+    Only a solid outage is kept: every run from its start to its recovery failed, but for the passes
+    that ended it. A DOWN period with passes inside it is what a flaky target's chance streak looks
+    like after it was (wrongly or not) confirmed, and its runs are its failure rate: were they left
+    out, each false DOWN of a journey failing 72% at random would hide its flakiness and make the
+    next one easier, so a flapping target would get faster at failing over, not slower."""
+    out: list[tuple[float, float]] = []
+    for a, b in state.outages:
+        if b == math.inf:
+            flags = [failed for t, failed in runs if a <= t <= at]
+            while flags and not flags[-1]:
+                flags.pop()  # the passes that ended it
+            if not all(flags):
+                continue  # passes inside: not an outage, the target's own rate
+            b = at
+        out.append((a, b))
+    return tuple(x for x in out if at - x[1] <= window)[-8:]
 
 
 def outcome(result: ProbeResult) -> str:
@@ -168,26 +231,39 @@ def observe(
     elif kind == "ok" and status is Health.UP:
         first = None  # a healthy probe forgets a short failing streak; a recovering one keeps its start
     changed_at, changes = _move(state, status, at, r)
-    return ProbeState(status, failures, successes, degraded, changed_at, first, result, recent, changes, runs)
+    outages = state.outages
+    if state.status is Health.DOWN and status is not Health.DOWN:
+        outages = _closed(state, at, r.intermittent_window, runs)
+    elif status is Health.DOWN and state.status is not Health.DOWN:
+        outages = _down_from(state, first, at)
+    return ProbeState(
+        status, failures, successes, degraded, changed_at, first, result, recent, changes, runs, outages
+    )
 
 
 def failure_rate(state: ProbeState, now: float, window: float) -> tuple[int, int]:
-    """(failed, total) runs of the probe whose start lies within `window` seconds before `now`."""
-    inside = [failed for at, failed in state.runs if now - at <= window]
+    """(failed, total) runs of the probe whose start lies within `window` seconds before `now`, leaving
+    out the runs of confirmed outages: an outage is reported as one, and once it is over its failed
+    runs must not keep the service DEGRADED ("failed 92% of runs") nor its incident open."""
+    inside = [failed for at, failed in state.runs if now - at <= window and not in_outage(state, at)]
     return sum(inside), len(inside)
 
 
-def intermittent(state: ProbeState, now: float, rules: Rules, factor: float = 1.0) -> tuple[int, int] | None:
-    """(failed, total) when the probe failed at least `factor x rate` of its runs in the window."""
+def intermittent(
+    state: ProbeState, now: float, rules: Rules, factor: float = 1.0, min_runs: int | None = None
+) -> tuple[int, int] | None:
+    """(failed, total) when the probe failed at least `factor x rate` of its runs in the window, over at
+    least `min_runs` runs (default: the rule's)."""
     if rules.intermittent_window <= 0:
         return None
     failed, total = failure_rate(state, now, rules.intermittent_window)
-    return (failed, total) if _rate_over(failed, total, rules, factor) else None
+    return (failed, total) if _rate_over(failed, total, rules, factor, min_runs) else None
 
 
-def _rate_over(failed: int, total: int, rules: Rules, factor: float) -> bool:
-    """The intermittent rule on counted runs: enough runs, and a rate at least `factor x rate`."""
-    if total < rules.intermittent_min_runs or total == 0:
+def _rate_over(failed: int, total: int, rules: Rules, factor: float, min_runs: int | None = None) -> bool:
+    """The intermittent rule on counted runs: enough runs (`min_runs`, default the rule's), and a rate
+    at least `factor x rate`."""
+    if total < (rules.intermittent_min_runs if min_runs is None else min_runs) or total == 0:
         return False
     return failed / total >= rules.intermittent_rate * factor
 
@@ -207,6 +283,7 @@ def confirm(state: ProbeState, burst: list[ProbeResult], rules: Rules) -> ProbeS
             changed_at=changed_at,
             changes=changes,
             last=last,
+            outages=_down_from(state, state.first_failure_at, last.started_at),
         )
     if all(outcome(b) == "failed" for b in burst):
         # Every run failed, but this target fails often enough anyway that the streak proves nothing
@@ -228,49 +305,100 @@ def confirm(state: ProbeState, burst: list[ProbeResult], rules: Rules) -> ProbeS
     )
 
 
+def judge(state: ProbeState, tries: Sequence[ProbeResult], rules: Rules) -> ProbeState:
+    """Decide a failing probe from its streak of scheduled runs and the burst's tries since it began.
+
+    The burst starts at the first sign of trouble (the first failed run, or a run still in flight at
+    its next slot) and its tries count: DOWN when the streak holds `failure_threshold +
+    confirm_probes` failed runs in a row, scheduled or tried, whose starts span at least
+    `confirm_span`, and the target's own recent failure rate does not explain them. The evidence is
+    the old rule's (threshold failures, then a burst failing throughout, over the same floor of
+    time), but a hang's tries overlap instead of queueing, and nothing waits for the threshold to
+    start gathering it. A try that passed, started inside the streak, forgives it (a chance run of
+    failures); tries started before the streak began are no evidence either way. Idempotent: the
+    controller calls it after every scheduled result and every try with the whole list.
+    """
+    if not rules.confirm or state.status is Health.DOWN or state.first_failure_at is None:
+        return state
+    first = state.first_failure_at
+    # The streak runs from the latest pass on: a try that failed after the last passing scheduled run
+    # but before the first failed one (a late run's suspicion that saw the outage first, while that
+    # slow run still passed) belongs to it; earlier tries are no evidence either way.
+    passes = [at for at, failed in state.runs if not failed and at < first]
+    since = max(passes) if passes else None
+    inside = [
+        t
+        for t in tries
+        if not getattr(t, "prober_error", None)
+        and (t.started_at > since if since is not None else t.started_at >= first)
+    ]
+    passed = [t for t in inside if outcome(t) != "failed"]
+    if passed:
+        earliest_failure = min([first, *(t.started_at for t in inside if outcome(t) == "failed")])
+        if max(t.started_at for t in passed) < earliest_failure:  # passes before the streak began
+            cut = max(t.started_at for t in passed)
+            inside = [t for t in inside if t.started_at > cut]
+            passed = []
+    if passed:
+        last = max(passed, key=lambda t: t.started_at)
+        changed_at, changes = _move(state, Health.UP, last.started_at, rules)
+        return replace(
+            state,
+            status=Health.UP,
+            failures=0,
+            successes=1,
+            changed_at=changed_at,
+            changes=changes,
+            first_failure_at=None,
+            last=last,
+            recent=tuple(False for _ in state.recent),
+        )
+    failed = len(inside)
+    count = state.failures + failed
+    latest = max([t.started_at for t in inside] + ([state.last.started_at] if state.last is not None else []))
+    start = min([first, *(t.started_at for t in inside)])
+    if (
+        count >= rules.failure_threshold + rules.confirm_probes
+        and latest - start >= rules.confirm_span - 1e-9
+        and not explained_by_flakiness(state, failed, rules)
+    ):
+        candidates = [*inside, *([state.last] if state.last is not None else [])]
+        newest = max(candidates, key=lambda t: t.started_at) if candidates else None
+        changed_at, changes = _move(state, Health.DOWN, latest, rules)
+        return replace(
+            state,
+            status=Health.DOWN,
+            failures=count,
+            changed_at=changed_at,
+            changes=changes,
+            last=newest,
+            first_failure_at=start,
+            outages=_down_from(state, start, latest),
+        )
+    if count >= rules.failure_threshold and state.status is not Health.SUSPECT:
+        changed_at, changes = _move(state, Health.SUSPECT, latest, rules)
+        return replace(state, status=Health.SUSPECT, changed_at=changed_at, changes=changes)
+    return state
+
+
 PRIOR_RUNS = 15
 """The target's own failure rate is estimated over this many runs just before the current streak:
 recent enough to see flakiness that began minutes ago, not diluted by an hour of clean runs."""
 PRIOR_MIN_RUNS = 5
-PRIOR_LONG_STREAK = 8
-"""A run of this many failures or more is an earlier outage, not flakiness (at 67% random failure
-such a streak has a 6% chance): it is left out of the estimate, so a second outage soon after a
-first is confirmed as fast as the first."""
-PRIOR_UNKNOWN = 0.0
-"""The rate assumed with fewer than PRIOR_MIN_RUNS runs of history, none of them failed (right after a
-start): none, so a restarted controller confirms an outage as fast as before. Any failure in a short
-history counts, through the upper end of its Wilson interval, so flakiness that began a minute ago
-already raises the bar."""
+"""Fewer runs than this before the streak (right after a start or a restart, or when confirmed
+outages filled the window) is too thin a history to call the target clean: see FLAKY_REQUEST_BOUND."""
+FLAKY_REQUEST_BOUND = 0.35
+"""The documented bound (README, "False alarms, measured"): requests failing at random at up to this
+rate never fail a region over. A run of `requests` requests then fails at up to 1 - 0.65^requests
+(73% for a three-step journey), the rate assumed while the history is too thin to measure one."""
 PRIOR_Z = 1.0
 """How far above the observed failure rate the prior is taken (Wilson score, upper end)."""
+MAX_NEEDED = 64
+"""The most failed runs a streak is asked for (see `needed`): past that the target fails so often that
+it is DEGRADED by the intermittent rule, and scheduled runs keep adding to its streak."""
 
 
-def prior_rate(state: ProbeState) -> float:
-    """The probe's failure rate over its last PRIOR_RUNS runs before the current failing streak,
-    leaving out earlier outages (streaks of PRIOR_LONG_STREAK failures or more)."""
-    start = state.first_failure_at
-    before = [failed for at, failed in state.runs if start is None or at < start][-PRIOR_RUNS:]
-    kept: list[bool] = []
-    streak: list[bool] = []
-    for run_failed in [*before, False]:  # a final pass closes the last streak
-        if run_failed:
-            streak.append(True)
-            continue
-        if len(streak) < PRIOR_LONG_STREAK:
-            kept += streak
-        streak = []
-        kept.append(False)
-    kept.pop()
-    failed, n = sum(kept), len(kept)
-    if not failed:
-        # A clean history, or none yet (right after a start): the burst alone decides, as it
-        # always has, so a target that is down at start-up is still declared DOWN.
-        return PRIOR_UNKNOWN if n < PRIOR_MIN_RUNS else 0.0
-    # A few runs say little about a rate: 2 failures in 6 runs is as likely from a 59%-failing
-    # journey as from a 33% one. Take the upper end of the Wilson score interval (z = 1), so a small
-    # sample errs towards "this could be flakiness" and a flaky target is never confirmed DOWN by a
-    # streak its own failure rate explains (simulation seed 109: 26% of requests failing, a
-    # three-step journey failing 59% of runs, was failed over with the plain estimate).
+def _wilson_upper(failed: int, n: int) -> float:
     z2 = PRIOR_Z * PRIOR_Z
     rate = failed / n
     centre = rate + z2 / (2 * n)
@@ -278,10 +406,60 @@ def prior_rate(state: ProbeState) -> float:
     return min(1.0, (centre + spread) / (1 + z2 / n))
 
 
+def prior_rate(state: ProbeState, rules: Rules | None = None) -> float:
+    """The probe's failure rate over its last PRIOR_RUNS runs before the current failing streak,
+    leaving out the runs of confirmed outages (`ProbeState.outages`).
+
+    A confirmed outage is not flakiness: a second outage soon after a first is confirmed as fast as
+    the first. Only a confirmed one, though: a streak the controller forgave (a try passed) stays in,
+    however long, since a journey failing 72% of its runs at random makes streaks of 8 one time in 14.
+
+    With fewer than PRIOR_MIN_RUNS runs (a restarted controller, a new probe), the history cannot
+    tell a clean target from a flaky one: the rate assumed is the worst the documented bound allows
+    for a run of `rules.requests` requests (FLAKY_REQUEST_BOUND), or the upper end of what the few
+    runs show if that is higher. So a restart never turns a journey failing 72% of its runs into a
+    fast DOWN (simulation seed 177: 10 failures in a row right after a restart, with no history, were
+    taken as an outage and the region failed over); the burst gathers the longer streak it needs
+    instead (44 failed runs for a three-step journey, 14 for a single request: seconds of tries).
+    """
+    r = rules or Rules()
+    start = state.first_failure_at
+    before = [
+        failed
+        for at, failed in state.runs
+        if (start is None or at < start) and not (state.outages and in_outage(state, at))
+    ][-PRIOR_RUNS:]
+    failed, n = sum(before), len(before)
+    if n < PRIOR_MIN_RUNS:
+        thin = 1.0 - (1.0 - FLAKY_REQUEST_BOUND) ** max(r.requests, 1)
+        return max(thin, _wilson_upper(failed, n) if failed else 0.0)
+    if not failed:
+        return 0.0  # a clean history: the burst alone decides, as it always has
+    # A few runs say little about a rate: 2 failures in 6 runs is as likely from a 59%-failing
+    # journey as from a 33% one. Take the upper end of the Wilson score interval (z = 1), so a small
+    # sample errs towards "this could be flakiness" and a flaky target is never confirmed DOWN by a
+    # streak its own failure rate explains (simulation seed 109: 26% of requests failing, a
+    # three-step journey failing 59% of runs, was failed over with the plain estimate).
+    return _wilson_upper(failed, n)
+
+
+def needed(state: ProbeState, rules: Rules) -> int:
+    """Failed runs in a row (scheduled runs and tries) the current streak needs before it can be DOWN:
+    threshold + confirm.probes, or more when the target's own rate would explain fewer (p^n must be at
+    most confirm_epsilon); at most MAX_NEEDED, which only a target failing over 80% of its runs asks."""
+    base = rules.failure_threshold + rules.confirm_probes
+    p = prior_rate(state, rules)
+    if p <= 0:
+        return base
+    if p >= 1:
+        return MAX_NEEDED
+    return min(MAX_NEEDED, max(base, math.ceil(math.log(rules.confirm_epsilon) / math.log(p) - 1e-9)))
+
+
 def explained_by_flakiness(state: ProbeState, burst_failures: int, rules: Rules) -> bool:
     """True when the target's own recent failure rate makes this many failures in a row a likely
     chance event (p ** n > confirm_epsilon): not yet evidence of an outage."""
-    p = prior_rate(state)
+    p = prior_rate(state, rules)
     return p > 0 and p ** (state.failures + burst_failures) > rules.confirm_epsilon
 
 
@@ -297,9 +475,12 @@ def discount(state: ProbeState, since: float, until: float) -> ProbeState:
     the intermittent rate. A streak that began before the window (a real outage the controller saw
     before it was cut off) stands."""
     runs = tuple(x for x in state.runs if not (x[1] and since <= x[0] < until))
+    outages = tuple(x for x in state.outages if not since <= x[0] < until)  # verdicts built while cut off
     first = state.first_failure_at
     if first is None or first < since or state.status is Health.UNKNOWN:
-        return replace(state, runs=runs) if runs != state.runs else state
+        if runs == state.runs and outages == state.outages:
+            return state
+        return replace(state, runs=runs, outages=outages)
     return replace(
         state,
         status=Health.UNKNOWN,
@@ -310,6 +491,7 @@ def discount(state: ProbeState, since: float, until: float) -> ProbeState:
         first_failure_at=None,
         recent=tuple(False for _ in state.recent),
         runs=runs,
+        outages=outages,
     )
 
 
@@ -484,7 +666,7 @@ def probe_view(
             failed = total = 0
             oldest = math.inf
             for at, f in st.runs:
-                if now - at <= w:
+                if now - at <= w and not in_outage(st, at):  # as failure_rate: an outage is no flakiness
                     total += 1
                     failed += f
                     oldest = min(oldest, at)
@@ -494,8 +676,12 @@ def probe_view(
                     f"{p} failed {round(100 * failed / total)}% of runs in the last "
                     f"{_window_words(w)} ({failed} of {total})" + (f"; latest: {latest}" if latest else "")
                 )
-            elif _rate_over(failed, total, r, 0.5):
-                still_flaky = True  # hysteresis: it must fall below half the rate to prove recovery
+            elif _rate_over(failed, total, r, 0.5, min_runs=1):
+                # Hysteresis: it must fall below half the rate to prove recovery, and too few runs
+                # in the window (a confirmed outage's runs left out, old ones aged out) prove
+                # nothing: a DEGRADED incident must not resolve and reopen each time the count of
+                # runs crosses min_runs (simulation seed 74: three incidents in a minute).
+                still_flaky = True
             if total and (failed or r.intermittent_rate * 0.5 <= 0):
                 until = oldest + w if until is None else min(until, oldest + w)
     may_fail = s in (Health.DOWN, Health.DEGRADED) or flaky is not None

@@ -48,7 +48,7 @@ from playbooks.engine import Engine
 from probes import resolve
 from probes.base import ProbeResult
 from probes.runner import run_probe
-from probes.scheduler import Scheduler
+from probes.scheduler import OVERLAP, Scheduler
 
 log = structlog.get_logger("continuity.controller")
 
@@ -230,9 +230,15 @@ class Controller:
 
     def _start_probes(self) -> None:
         """One scheduler for every probe: stable offsets spread over each interval, per-host limits,
-        and never two runs of the same probe at once (probes/scheduler.py)."""
+        and at most OVERLAP runs of one probe at once (probes/scheduler.py)."""
         self._probe_stop = asyncio.Event()
-        self.scheduler = Scheduler(dict(self.config.probes), self.inputs.run_once, self.inputs.ingest)
+        self.scheduler = Scheduler(
+            dict(self.config.probes),
+            self.inputs.run_once,
+            self.inputs.ingest,
+            per_probe=OVERLAP,
+            on_late=self.detection._late,
+        )
         stop = self._probe_stop
         self._probe_tasks = [self._supervise("probes", lambda: self.scheduler.run(stop), stop)]
 

@@ -24,10 +24,12 @@ from controller.detect import (
     Rules,
     ServiceHealth,
     combine,
-    confirm,
     discount,
     flapping,
+    judge,
+    needed,
     observe,
+    outcome,
     prior_rate,
 )
 from controller.health_memo import HealthMemo
@@ -73,6 +75,10 @@ class DetectionTracker:
         self.vstates: dict[str, dict[str, ProbeState]] = {name: {} for name in config.probes}
         self._bursting: set[str] = set()
         self._burst_tasks: set[asyncio.Task[None]] = set()
+        self._tries: dict[str, list[ProbeResult]] = {}
+        """The burst's tries of each probe's current failing streak (detect.judge weighs them)."""
+        self._cleared: dict[str, float] = {}
+        """When a scheduled run of each probe last passed: a burst in flight stops there."""
         self.burst_notes: dict[str, tuple[float, str]] = {}
         self._cut_since: float | None = None
         """While the reference targets fail together: since when the controller may have been cut off
@@ -131,6 +137,13 @@ class DetectionTracker:
         rules = self.config.rules(name, confirm=local)
         before = self.vstates[name].get(vantage, ProbeState())
         after = observe(before, result, rules=rules)
+        if local and rules.confirm:
+            if after.first_failure_at is None:
+                self._tries.pop(name, None)  # the streak is over, and its tries with it
+                if result.ok:
+                    self._cleared[name] = self.clock()
+            else:
+                after = judge(after, self._tries.get(name, ()), rules)
         self.vstates[name][vantage] = after
         self.metrics.probe_success.labels(name, vantage).set(1 if result.ok else 0)
         self.metrics.probe_duration.labels(name, vantage).observe(result.latency)
@@ -138,17 +151,26 @@ class DetectionTracker:
             self._emit(
                 "probe_failed", probe=name, reason=result.reason, at=result.started_at, vantage=vantage
             )
-        # A failed run while SUSPECT with no burst in flight starts one: a burst that could not decide
+        # The first failed run starts the burst (its tries count; detect.judge): nothing waits for the
+        # threshold. A failed run with no burst in flight starts one: a burst that could not decide
         # (its runs were prober errors, or it crashed) is retried, never left suspect for good.
-        if (
-            local
-            and after.status is Health.SUSPECT
-            and (before.status is not Health.SUSPECT or not result.ok)
-        ):
-            if name not in self._bursting:
-                self._bursting.add(name)
-                self._burst_tasks.add(asyncio.create_task(self._confirm(name)))
+        if local and rules.confirm and outcome(result) == "failed" and after.status is not Health.DOWN:
+            self._start_burst(name)
         self._recombine(name, result)
+
+    def _start_burst(self, name: str) -> None:
+        if name not in self._bursting:
+            self._bursting.add(name)
+            task = asyncio.create_task(self._confirm(name))
+            self._burst_tasks.add(task)
+            task.add_done_callback(self._burst_tasks.discard)
+
+    def _late(self, name: str) -> None:
+        """The scheduler's word that a run of `name` is still in flight at its next slot: a suspicion
+        (never a failure) that starts the burst now rather than a whole timeout later."""
+        if name in self.states and self.config.rules(name).confirm:
+            if self.vstates[name].get("local", ProbeState()).status is not Health.DOWN:
+                self._start_burst(name)
 
     def _recombine(self, name: str, result: ProbeResult) -> None:
         before = self.states[name]
@@ -206,91 +228,141 @@ class DetectionTracker:
         self._emit("prober_error", probe=result.probe, prober_error=kind, message=result.reason)
 
     async def _confirm(self, name: str) -> None:
-        """Re-probe a SUSPECT target at once, a few times: only a burst that fails throughout is DOWN."""
+        """Gather the evidence on a probe showing trouble (detect.judge decides): tries from the first
+        sign of it, and a note for the timeline with what they found."""
         try:
             cfg = self.config.probes[name]
             spec = self.config.detection.confirm
-            burst = await self._burst(name, cfg, spec.probes, spec.spacing)
-            for b in burst:
-                if b.prober_error:
-                    self._prober_error(b)
-            # A run while the controller may be cut off is no evidence about a target, except for
-            # the reference targets: their bursts are how the isolation itself is confirmed.
-            reference = name in self.config.detection.reference_probes
-            burst = [
-                b
-                for b in burst
-                if not b.prober_error and (b.ok or reference or not self._cut_off(b.started_at))
-            ]
-            state = self.vstates[name].get("local", ProbeState())
-            if state.status is not Health.SUSPECT or not burst:
-                return  # a scheduled run already cleared the suspicion
-            new = confirm(state, burst, self.config.rules(name))
-            self.vstates[name]["local"] = new
-            failed = sum(1 for b in burst if not b.ok)
-            outcome = {
+            ran = await self._burst(name, cfg, self.config.rules(name), spec.spacing)
+            if not ran:
+                return
+            new = self.vstates[name].get("local", ProbeState())
+            failed = sum(1 for b in ran if not b.ok)
+            prior = prior_rate(new, self.config.rules(name))
+            outcome_text = {
                 Health.DOWN: "confirmed: DOWN",
-                Health.SUSPECT: f"all failed, but it failed {prior_rate(new):.0%} of its runs before this "
+                Health.SUSPECT: f"all failed, but it failed {prior:.0%} of its runs before this "
                 "streak: not yet beyond chance, still SUSPECT",
             }.get(new.status, "not confirmed, back to UP")
-            note = f"confirmation burst for {name}: {failed} of {len(burst)} runs failed, {outcome}"
-            self.burst_notes[name] = (burst[-1].started_at, note)
+            if new.status is Health.SUSPECT and failed < len(ran):
+                outcome_text = "not confirmed"
+            note = f"confirmation burst for {name}: {failed} of {len(ran)} runs failed, {outcome_text}"
+            self.burst_notes[name] = (ran[-1].started_at, note)
             log.info(
-                "confirmation burst",
-                probe=name,
-                failed=failed,
-                runs=len(burst),
-                down=new.status is Health.DOWN,
+                "confirmation burst", probe=name, failed=failed, runs=len(ran), down=new.status is Health.DOWN
             )
             self._emit("burst", probe=name, message=note)
-            self._recombine(name, burst[-1])
         except Exception:  # supervised: logged and counted; the next failed run starts a new burst
             log.exception("confirmation burst failed", probe=name)
             self.metrics.task_restarts.labels("burst").inc()
         finally:
             self._bursting.discard(name)
 
-    async def _burst(self, name: str, cfg: Any, runs: int, spacing: float) -> list[ProbeResult]:
-        """The burst's runs start `spacing` apart without waiting for each other: a hanging target
-        costs one timeout, not one per run. The first pass disproves the outage and cancels the
-        rest. Results come back in start order."""
-        passed = asyncio.Event()
+    async def _burst(self, name: str, cfg: Any, rules: Rules, spacing: float) -> list[ProbeResult]:
+        """Tries `spacing` apart until the streak holds threshold + probes failed runs (scheduled runs
+        count), then one closing try once the failed runs can span `rules.confirm_span`. Tries do not
+        wait for each other: a hanging target costs one timeout, not one per try. Each try is judged
+        as it lands (detect.judge); the burst ends at DOWN, at a pass (a try's or a scheduled run's),
+        or when nothing more can be learned. Returns the tries in start order."""
         loop = asyncio.get_running_loop()
         watch: Scheduler | None = getattr(self, "scheduler", None)  # its loop-stall watchdog
+        reference = name in self.config.detection.reference_probes
+        base = rules.failure_threshold + rules.confirm_probes
+        need = needed(self.vstates[name].get("local", ProbeState()), rules)
+        cap = need + rules.confirm_probes  # tries in one burst at most; a failed run starts the next
+        tries = self._tries.setdefault(name, [])
+        ran: list[ProbeResult] = []
+        flying: dict[asyncio.Task[ProbeResult], float] = {}  # task -> its start on self.clock
+        began = self.clock()
+        deadline = loop.time() + rules.confirm_span + 2 * cfg.timeout + cfg.interval + need * spacing
+        next_at = loop.time()
+        launched = 0
+        passed = False
 
-        async def one(i: int) -> ProbeResult | None:
-            if i:
-                try:
-                    await asyncio.wait_for(passed.wait(), timeout=i * spacing)
-                    return None  # an earlier run passed: this one is not needed
-                except TimeoutError:
-                    pass
-            began = loop.time()
+        async def one() -> ProbeResult:
+            t0 = loop.time()
             r = await self.run_once(name, cfg)
-            if r.ok:
-                passed.set()
-            elif r.prober_error is None and (
-                stalled := watch.stalled_during(began, loop.time()) if watch else 0
+            if (
+                not r.ok
+                and r.prober_error is None
+                and (stalled := watch.stalled_during(t0, loop.time()) if watch else 0)
             ):
                 r = dataclasses.replace(
                     r, prober_error="loop_stall", error=f"event loop blocked {stalled:.1f}s"
                 )
             return r
 
-        tasks = [asyncio.create_task(one(i)) for i in range(runs)]
+        def land(r: ProbeResult) -> None:
+            nonlocal passed
+            ran.append(r)
+            if r.prober_error:
+                self._prober_error(r)  # our trouble is no evidence
+                return
+            if not r.ok and not reference and self._cut_off(r.started_at):
+                return  # run while the controller may be cut off: no evidence (the references' own is)
+            passed = passed or outcome(r) != "failed"
+            tries.append(r)
+            st = self.vstates[name].get("local", ProbeState())
+            new = judge(st, self._tries.get(name, ()), rules)
+            if new is not st:
+                self.vstates[name]["local"] = new
+                self._recombine(name, r)
+
         try:
-            pending: set[asyncio.Task[ProbeResult | None]] = set(tasks)
-            while pending:
-                _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                if passed.is_set():
+            while loop.time() < deadline:
+                st = self.vstates[name].get("local", ProbeState())
+                if passed or st.status is Health.DOWN or self._cleared.get(name, float("-inf")) >= began:
                     break
+                if self._tries.get(name) is not tries:  # the streak ended and a new one began
+                    break
+                first = st.first_failure_at
+                need = needed(st, rules)  # more than threshold + probes while the history is thin or flaky
+                cap = max(cap, need + rules.confirm_probes)
+                streak = [t for t in tries if first is not None and t.started_at >= first]
+                have = st.failures + len(streak) + len(flying)
+                starts = [*flying.values(), *(t.started_at for t in streak)]
+                if st.last is not None and first is not None:
+                    starts.append(st.last.started_at)
+                # Gather the count first, keeping one try back to close the span; with no failure yet
+                # (a run in flight past its slot), that run will be one when it lands.
+                quick = need - 1 if first is not None else need - 2
+                launch_at: float | None = None
+                if len(flying) >= base:
+                    pass  # at most threshold + probes tries in flight: a hang's tries never pile up
+                elif launched < cap and have < quick:
+                    launch_at = next_at
+                elif (
+                    launched < cap
+                    and first is not None
+                    and (have < need or max(starts) - first < rules.confirm_span)
+                ):
+                    launch_at = max(next_at, loop.time() + first + rules.confirm_span - self.clock())
+                elif not flying:
+                    break  # nothing in flight and nothing more to launch: the evidence is in
+                now = loop.time()
+                if launch_at is not None and launch_at <= now:
+                    task = asyncio.create_task(one())
+                    flying[task] = self.clock()
+                    launched += 1
+                    next_at = now + spacing
+                    continue
+                wait = min(deadline, launch_at if launch_at is not None else now + max(spacing, 0.05)) - now
+                if flying:
+                    done, _ = await asyncio.wait(
+                        set(flying), timeout=max(wait, 0.0), return_when=asyncio.FIRST_COMPLETED
+                    )
+                    for task in sorted(done, key=lambda t: flying[t]):
+                        del flying[task]
+                        if not task.cancelled() and task.exception() is None:
+                            land(task.result())
+                else:
+                    await asyncio.sleep(max(wait, 0.0))
         finally:
-            for t in tasks:
+            for t in flying:
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        return [
-            r for t in tasks if not t.cancelled() and t.exception() is None and (r := t.result()) is not None
-        ]
+            await asyncio.gather(*flying, return_exceptions=True)
+        ran.sort(key=lambda r: r.started_at)
+        return ran
 
     def probe_healthy(self, name: str) -> bool | None:
         status = self.states[name].status if name in self.states else Health.UNKNOWN

@@ -10,8 +10,17 @@ Rules:
 - A probe's slots are a fixed grid, `offset + k * interval` on the scheduler's clock: a late run
   never shifts later ones (no drift). Offsets come from the names (crc32 order, evenly spaced;
   see `offsets`), so they are the same across restarts and every second gets its fair share.
-- A probe is never run twice at once: a slot that comes due while the previous run is still in
-  flight (running, or waiting for a cap) is skipped and counted.
+- Bounded overlap per probe (`per_probe`, 1 by default; the controller passes OVERLAP): a slot that
+  comes due while earlier runs of the probe are still talking to the target starts another run, up
+  to `per_probe` in flight, so a hanging target's runs never queue behind each other's timeouts
+  (issue 10: with one run at a time, interval 1 s and timeout 3 s, a hang took 15 s to be DOWN
+  against 3 s for a refusal). A slot is skipped and counted when the probe already has `per_probe`
+  runs in flight, or one still waiting for a cap (that lateness is ours, not the target's).
+- Results are delivered in start order: a later run that answers first waits for the earlier ones,
+  so detection sees the same sequence it would have seen one run at a time.
+- A run still in flight when its probe's next slot comes due (it has been talking to the target for
+  a whole interval) is reported to `on_late`: a suspicion, never a failure by itself. The controller
+  starts its confirmation burst there instead of waiting a full timeout for the first failure.
 - Runs start on a grid of `quantum` seconds (100 ms by default), in batches: see DEFAULT_QUANTUM.
 - Start-time jitter is measured when the run actually starts, after waiting for the caps, because
   that is the lateness a user sees.
@@ -43,6 +52,9 @@ log = structlog.get_logger("continuity.scheduler")
 #: Per host:port, how many runs may be in flight at once; 50 keeps us a polite client of any one
 #: backend even when hundreds of probes point at it.
 DEFAULT_PER_HOST = 50
+#: Runs of one probe in flight at once when the controller asks for overlap: a 3 s timeout at a 1 s
+#: interval needs 3; more than 4 would only pile connections onto a target that does not answer.
+OVERLAP = 4
 #: Across all probes: 20,000 probes at 30 s with a 3 s timeout against hung targets would be about
 #: 2,000 in flight; more than that means the controller itself is the bottleneck.
 DEFAULT_MAX_IN_FLIGHT = 2000
@@ -160,6 +172,8 @@ class Scheduler:
         samples: int = DEFAULT_SAMPLES,
         quantum: float = DEFAULT_QUANTUM,
         stall: float = DEFAULT_STALL,
+        per_probe: int = 1,
+        on_late: Callable[[str], None] | None = None,
     ) -> None:
         self.probes = probes
         self._run = run
@@ -171,7 +185,15 @@ class Scheduler:
         self._hosts: dict[str, _Cap] = {}
         self._host_of = {name: host_key(cfg) for name, cfg in probes.items()}
         self._heap: list[tuple[float, int, str]] = []
-        self._in_flight: dict[str, asyncio.Task[None]] = {}
+        self._in_flight: dict[str, set[asyncio.Task[None]]] = {}
+        self._per_probe = max(1, per_probe)
+        self._on_late = on_late
+        self._waiting: dict[str, int] = {}
+        """Runs of each probe not yet started (waiting for a cap)."""
+        self._seq: dict[str, int] = {}
+        self._next: dict[str, int] = {}
+        self._done: dict[str, dict[int, ProbeResult | None]] = {}
+        """Finished runs waiting for an earlier run of the same probe: results go out in start order."""
         #: Actual start minus scheduled start, in seconds, of the latest runs.
         self.jitter_samples: deque[float] = deque(maxlen=samples)
         self.started = 0
@@ -191,13 +213,34 @@ class Scheduler:
             sem = self._hosts[key] = _Cap(self._per_host_limit)
         return sem
 
-    async def _one(self, name: str, cfg: Any, due: float, clock: Callable[[], float]) -> None:
+    def _deliver(self, name: str, seq: int, result: ProbeResult | None) -> None:
+        """Hand results to `on_result` in start order (None: a run that ended without one)."""
+        done = self._done.setdefault(name, {})
+        done[seq] = result
+        nxt = self._next.get(name, 0)
+        while nxt in done:
+            r = done.pop(nxt)
+            nxt += 1
+            if r is None:
+                continue
+            try:
+                self._on_result(r)
+            except Exception:  # a bug downstream must not stop the probing
+                log.exception("on_result raised", probe=name)
+        self._next[name] = nxt
+
+    async def _one(self, name: str, cfg: Any, due: float, clock: Callable[[], float], seq: int = 0) -> None:
         host = self._host_sem(name)
+        result: ProbeResult | None = None
+        waiting = True
+        self._waiting[name] = self._waiting.get(name, 0) + 1
         try:
             async with self._global:
                 if host is not None:
                     await host.acquire()
                 try:
+                    self._waiting[name] -= 1
+                    waiting = False
                     began = clock()
                     self.jitter_samples.append(began - due)
                     self.started += 1
@@ -219,12 +262,15 @@ class Scheduler:
                     if host is not None:
                         host.release()
             self.completed += 1
-            try:
-                self._on_result(result)
-            except Exception:  # a bug downstream must not stop the probing
-                log.exception("on_result raised", probe=name)
         finally:
-            self._in_flight.pop(name, None)
+            if waiting:
+                self._waiting[name] -= 1
+            tasks = self._in_flight.get(name)
+            if tasks is not None:
+                tasks.discard(asyncio.current_task())
+                if not tasks:
+                    del self._in_flight[name]
+            self._deliver(name, seq, result)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Dispatch due runs until `stop` is set; then cancel the runs in flight and return."""
@@ -251,10 +297,19 @@ class Scheduler:
                     due, seq, name = heapq.heappop(heap)
                     cfg = self.probes[name]
                     interval = cfg.interval
-                    if name in self._in_flight:
+                    flying = self._in_flight.get(name)
+                    if flying and self._waiting.get(name, 0):
+                        self.skipped += 1  # its last run still waits for a cap: our lateness
+                    elif flying and len(flying) >= self._per_probe:
                         self.skipped += 1
+                        self._late(name)
                     else:
-                        self._in_flight[name] = loop.create_task(self._one(name, cfg, due, clock))
+                        if flying:
+                            self._late(name)
+                        seq = self._seq.get(name, 0)
+                        self._seq[name] = seq + 1
+                        task = loop.create_task(self._one(name, cfg, due, clock, seq))
+                        self._in_flight.setdefault(name, set()).add(task)
                     nxt = due + interval
                     if nxt <= now:  # the scheduler itself fell a whole interval behind: skip ahead
                         missed = int((now - nxt) // interval) + 1
@@ -275,10 +330,18 @@ class Scheduler:
             stopper.cancel()
             if watchdog is not None:
                 watchdog.cancel()
-            tasks = list(self._in_flight.values())
+            tasks = [t for ts in self._in_flight.values() for t in ts]
             for t in tasks:
                 t.cancel()
             await asyncio.gather(stopper, *tasks, *([watchdog] if watchdog else []), return_exceptions=True)
+
+    def _late(self, name: str) -> None:
+        if self._on_late is None:
+            return
+        try:
+            self._on_late(name)
+        except Exception:  # a bug downstream must not stop the probing
+            log.exception("on_late raised", probe=name)
 
     async def _watch(self, stop: asyncio.Event, clock: Callable[[], float]) -> None:
         """Note every stretch in which the loop could not run us for `stall` seconds or more."""

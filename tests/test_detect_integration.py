@@ -5,7 +5,8 @@ PagerDuty events checked by the validating receiver.
 - a failing reference probe holds the failover (timeline entry) while the incident opens and pages;
   the isolation quorum fires the controller's own alert;
 - a store that fails for a while (a full disk) delays the page, never ends paging;
-- a hanging target is declared DOWN within 1.5x the time a refused one takes.
+- a hanging target is declared DOWN within 1.5x the time a refused one takes, also with a timeout
+  longer than the interval; a slow target is never failed and a blip shorter than the span never fires.
 """
 
 from __future__ import annotations
@@ -420,6 +421,122 @@ def test_a_hang_is_declared_down_within_one_and_a_half_times_a_refusal(tmp_path:
                 for region in (refusing, hanging):
                     if region.server is not None:
                         region.server.close()
+
+    asyncio.run(main())
+
+
+def test_a_hang_slower_than_the_interval_is_down_within_one_and_a_half_times_a_refusal(
+    tmp_path: Path,
+) -> None:
+    """Timeout (800 ms) longer than the interval (500 ms): one run at a time, the hang's slots were
+    skipped behind each timeout and the burst waited for three failures (about 4 s against 2 s
+    refused here). Now its runs overlap, a run still in flight at its next slot starts the burst,
+    and a hang costs one timeout more than a refusal: predicted 2.8 s against 2.0 s."""
+
+    async def main() -> None:
+        async with environment(tmp_path) as env:
+            refusing, hanging = Region(), Region()
+            await refusing.start()
+            await hanging.start()
+            services = """
+  a: {tier: critical, rto: 5m, probes: [refused]}
+  b: {tier: critical, rto: 5m, probes: [hang]}"""
+            timing = "interval: 500ms, timeout: 800ms"
+            probes = f"""
+  refused: {{kind: http, url: "http://127.0.0.1:{refusing.port}/", {timing}}}
+  hang: {{kind: http, url: "http://127.0.0.1:{hanging.port}/", {timing}}}"""
+            cfg = env.config(probes, services, confirm="{probes: 5, spacing: 100ms, span: 2s}")
+            assert cfg.detection_times("hang") == (2.0, 2.8)
+            c = make(cfg)
+            down_at: dict[str, float] = {}
+
+            def listen(kind: str, facts: dict[str, Any]) -> None:
+                if kind == "probe_verdict" and facts["status"] == "down":
+                    down_at.setdefault(facts["probe"], time.time())
+
+            c.listeners.append(listen)
+            await c.start()
+            try:
+                await until(
+                    lambda: all(len(c.states[p].runs) >= 8 for p in ("refused", "hang")), what="history"
+                )
+                refusing.refuse()
+                hanging.hang = True
+                await until(lambda: len(down_at) == 2, timeout=30.0, what="both down")
+                took = {p: down_at[p] - c.states[p].first_failure_at for p in down_at}
+                print(f"\nfirst failed run to DOWN: refused {took['refused']:.2f}s, hang {took['hang']:.2f}s")
+                assert took["refused"] >= 2.0 - 0.05, took  # never before the span: no blip fires
+                assert took["hang"] >= took["refused"], took
+                assert took["hang"] <= 1.5 * took["refused"] + 0.15, took
+            finally:
+                await c.stop()
+                c.store.close()
+                for region in (refusing, hanging):
+                    if region.server is not None:
+                        region.server.close()
+
+    asyncio.run(main())
+
+
+def test_slow_within_the_timeout_and_outages_shorter_than_the_span_are_never_down(tmp_path: Path) -> None:
+    """The false-alarm side of starting the burst early. A target answering in 0.4 s at a 0.2 s
+    interval (timeout 1 s): its runs are in flight past their slots, each a suspicion that starts a
+    burst, and none is a failure: never DOWN. A target refusing for 1 s, shorter than the 2 s span,
+    fails 3 + 5 runs in a row inside it (tries count) and is still never DOWN; one refusing for 4 s
+    is."""
+
+    async def main() -> None:
+        async with environment(tmp_path) as env:
+            env.target.slow.add("slow")
+            blip = Region()
+            await blip.start()
+            services = """
+  a: {tier: critical, rto: 5m, probes: [slow]}
+  b: {tier: critical, rto: 5m, probes: [blip]}"""
+            probes = (
+                env.http("slow")
+                + f"""
+  blip: {{kind: http, url: "http://127.0.0.1:{blip.port}/", interval: 200ms, timeout: 1s}}"""
+            )
+            cfg = env.config(probes, services, confirm="{probes: 5, spacing: 100ms, span: 2s}")
+            c = make(cfg)
+            verdicts: list[tuple[str, str]] = []
+
+            def listen(kind: str, facts: dict[str, Any]) -> None:
+                if kind == "probe_verdict":
+                    verdicts.append((facts["probe"], facts["status"]))
+
+            c.listeners.append(listen)
+            calls = {"n": 0}
+            prober = c.inputs.prober
+
+            async def counting(name: str, cfg: Any) -> Any:
+                calls["n"] += 1
+                return await prober(name, cfg)
+
+            c.inputs.prober = counting
+            await c.start()
+            try:
+                await until(lambda: c.probe_healthy("blip") and c.probe_healthy("slow"), what="healthy")
+                # the slow probe's runs in flight past their slots start bursts: more runs than slots
+                await until(lambda: calls["n"] > c.scheduler.started + 3, what="a late run's burst")
+                for _ in range(2):  # two blips of 1 s
+                    blip.refuse()
+                    await asyncio.sleep(1.0)
+                    await blip.start()
+                    await until(lambda: c.states["blip"].failures == 0, what="blip over")
+                    await asyncio.sleep(0.5)
+                assert ("blip", "down") not in verdicts, verdicts
+                assert ("slow", "down") not in verdicts and ("slow", "suspect") not in verdicts, verdicts
+                assert c.probe_healthy("slow") and c.scheduler.completed > 0
+                assert env.triggers() == []
+                blip.refuse()
+                await until(lambda: ("blip", "down") in verdicts, timeout=15.0, what="a real outage")
+            finally:
+                await c.stop()
+                c.store.close()
+                if blip.server is not None:
+                    blip.server.close()
 
     asyncio.run(main())
 

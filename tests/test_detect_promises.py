@@ -28,6 +28,7 @@ from controller.detect import (
     Rules,
     ServiceState,
     confirm,
+    needed,
     observe,
     prior_rate,
     service_health,
@@ -327,9 +328,67 @@ def test_a_clean_target_is_down_after_one_failed_burst() -> None:
 
 
 def test_a_target_down_before_is_down_again_after_one_failed_burst() -> None:
-    """An earlier hard outage (one long run of failures) is not flakiness."""
+    """An earlier confirmed outage is not flakiness: its runs leave the prior, so a second outage soon
+    after the first is confirmed by one failed burst, as the first was."""
+    state = suspect_after([True] * 10)
+    state = confirm(state, failed_burst(121.0), FLAKY)
+    assert state.status is Health.DOWN and state.outages == ((100.0, float("inf")),)
+    at = 130.0
+    for ok in [False] * 5 + [True] * 4:  # the outage goes on, then it recovers
+        state = observe(state, run("p", ok, at), rules=FLAKY)
+        at += 10.0
+    assert state.status is Health.UP and state.outages == ((100.0, 190.0),)
+    for _ in range(3):
+        state = observe(state, run("p", False, at), rules=FLAKY)
+        at += 10.0
+    assert state.status is Health.SUSPECT
+    assert prior_rate(state, FLAKY) == 0.0, "the first outage's 9 failed runs are not the target's rate"
+    assert confirm(state, failed_burst(at), FLAKY).status is Health.DOWN
+
+
+def test_a_down_period_with_passes_inside_is_the_targets_own_rate() -> None:
+    """A flaky target confirmed DOWN (by chance, or rightly) passes now and then while DOWN: that
+    period is not a solid outage, so its runs stay in the prior and the next DOWN needs more, not
+    less (otherwise each false DOWN would hide the flakiness that caused it)."""
+    state = suspect_after([True] * 10)
+    state = confirm(state, failed_burst(121.0), FLAKY)
+    assert state.status is Health.DOWN
+    at = 130.0
+    for ok in [False, True, False, False, True, False, False, True, True]:  # passes inside, then back
+        state = observe(state, run("p", ok, at), rules=FLAKY)
+        at += 10.0
+    assert state.status is Health.UP and state.outages == ()
+    for _ in range(3):
+        state = observe(state, run("p", False, at), rules=FLAKY)
+        at += 10.0
+    assert prior_rate(state, FLAKY) > 0.5
+    assert confirm(state, failed_burst(at), FLAKY).status is Health.SUSPECT
+
+
+def test_a_forgiven_long_streak_is_the_targets_own_rate() -> None:
+    """Only a confirmed outage leaves the prior: a streak a passing try forgave counts however long it
+    was (a journey failing 72% of its runs at random makes streaks of 8 one time in 14), so the old
+    rule that dropped every streak of 8 can no longer lower a flaky target's rate."""
     state = suspect_after([True] * 10 + [False] * 8 + [True] * 4)
-    assert confirm(state, failed_burst(250.0), FLAKY).status is Health.DOWN
+    assert prior_rate(state, FLAKY) > 0.5
+    assert confirm(state, failed_burst(250.0), FLAKY).status is Health.SUSPECT
+
+
+def test_a_thin_history_assumes_the_documented_flakiness() -> None:
+    """Right after a (re)start there is no rate to measure: the streak must be beyond chance for a target
+    as flaky as the documented bound allows (35% of requests), per request the run makes. Simulation
+    seed 177: a restarted controller failed a region over on 10 failures of a journey failing 72% of
+    its runs at random."""
+    state = suspect_after([])
+    assert prior_rate(state, FLAKY) == pytest.approx(0.35)
+    assert needed(state, FLAKY) == 14
+    journey = Rules(failure_threshold=3, success_threshold=2, confirm=True, requests=3)
+    assert prior_rate(state, journey) == pytest.approx(1 - 0.65**3)
+    assert needed(state, journey) == 44
+    assert confirm(state, failed_burst(31.0), FLAKY).status is Health.SUSPECT, "8 failures: not yet"
+    assert confirm(state, failed_burst(31.0, 11), FLAKY).status is Health.DOWN, "14 failures in a row"
+    clean = suspect_after([True] * 5)
+    assert needed(clean, journey) == 8, "five clean runs are history enough"
 
 
 def test_a_flaky_journey_needs_a_streak_beyond_its_own_chance() -> None:
