@@ -457,13 +457,14 @@ def test_a_hang_slower_than_the_interval_is_down_within_one_and_a_half_times_a_r
             c.listeners.append(listen)
             await c.start()
             try:
+                det = c.detection
                 await until(
-                    lambda: all(len(c.states[p].runs) >= 8 for p in ("refused", "hang")), what="history"
+                    lambda: all(len(det.states[p].runs) >= 8 for p in ("refused", "hang")), what="history"
                 )
                 refusing.refuse()
                 hanging.hang = True
                 await until(lambda: len(down_at) == 2, timeout=30.0, what="both down")
-                took = {p: down_at[p] - c.states[p].first_failure_at for p in down_at}
+                took = {p: down_at[p] - c.detection.states[p].first_failure_at for p in down_at}
                 print(f"\nfirst failed run to DOWN: refused {took['refused']:.2f}s, hang {took['hang']:.2f}s")
                 assert took["refused"] >= 2.0 - 0.05, took  # never before the span: no blip fires
                 assert took["hang"] >= took["refused"], took
@@ -517,18 +518,19 @@ def test_slow_within_the_timeout_and_outages_shorter_than_the_span_are_never_dow
             c.inputs.prober = counting
             await c.start()
             try:
-                await until(lambda: c.probe_healthy("blip") and c.probe_healthy("slow"), what="healthy")
+                det = c.detection
+                await until(lambda: det.probe_healthy("blip") and det.probe_healthy("slow"), what="healthy")
                 # the slow probe's runs in flight past their slots start bursts: more runs than slots
                 await until(lambda: calls["n"] > c.scheduler.started + 3, what="a late run's burst")
                 for _ in range(2):  # two blips of 1 s
                     blip.refuse()
                     await asyncio.sleep(1.0)
                     await blip.start()
-                    await until(lambda: c.states["blip"].failures == 0, what="blip over")
+                    await until(lambda: c.detection.states["blip"].failures == 0, what="blip over")
                     await asyncio.sleep(0.5)
                 assert ("blip", "down") not in verdicts, verdicts
                 assert ("slow", "down") not in verdicts and ("slow", "suspect") not in verdicts, verdicts
-                assert c.probe_healthy("slow") and c.scheduler.completed > 0
+                assert c.detection.probe_healthy("slow") and c.scheduler.completed > 0
                 assert env.triggers() == []
                 blip.refuse()
                 await until(lambda: ("blip", "down") in verdicts, timeout=15.0, what="a real outage")
