@@ -31,16 +31,18 @@ log = structlog.get_logger("continuity.controller")
 
 def resolve_requests(snap: Snapshot) -> dict[str, str]:
     """Incident id -> who asked to resolve it, from the humans' pending requests (their flags; the
-    communicator drops each once the incident is resolved and its resolution announced)."""
-    out: dict[str, str] = {}
+    communicator drops each once the incident is resolved and its resolution announced). Requests
+    apply in the order given: a resolve counts only once the requests before it about the same
+    incident (an ack, a hand-over, an update) have been applied by the communicator."""
+    first: dict[str, dict[str, object]] = {}
     for _, value in sorted(snap.flags(requests_.PREFIX).items()):
         try:
             req = json.loads(value)
         except ValueError:
             continue  # unreadable: the communicator drops it
-        if isinstance(req, dict) and req.get("op") == "resolve" and req.get("incident"):
-            out.setdefault(str(req["incident"]), str(req.get("by") or "someone"))
-    return out
+        if isinstance(req, dict) and req.get("incident"):
+            first.setdefault(str(req["incident"]), req)
+    return {iid: str(req.get("by") or "someone") for iid, req in first.items() if req.get("op") == "resolve"}
 
 
 class ObservationHost(Protocol):

@@ -35,16 +35,18 @@ def test_decide_resolves_an_incident_a_human_resolved_whatever_the_probes_say() 
     assert not any(isinstance(x, ResolveIncident) for x in other)
 
 
-def test_the_observation_reads_resolve_requests_from_the_snapshot() -> None:
-    flags = {
-        "comms:request:00000000000000000001:aaaaaa": '{"op": "ack", "incident": "i1", "by": "al"}',
-        "comms:request:00000000000000000002:bbbbbb": '{"op": "resolve", "incident": "i1", "by": "bob"}',
-        "comms:request:00000000000000000003:cccccc": '{"op": "resolve", "incident": "i1", "by": "eve"}',
-        "comms:request:00000000000000000004:dddddd": "not json",
-        "paused": "by someone",
-    }
-    snap = Snapshot(open_incidents=[], all_flags=flags, failover={}, runs=[], outbox=[])
-    assert resolve_requests(snap) == {"i1": "bob"}, "the first request in order names who resolved it"
+def test_the_observation_reads_resolve_requests_from_the_snapshot_in_order() -> None:
+    def snap(*requests: str, extra: dict[str, str] | None = None) -> Snapshot:
+        flags = {f"comms:request:{n:020d}:aaaaaa": r for n, r in enumerate(requests)} | (extra or {})
+        return Snapshot(open_incidents=[], all_flags=flags, failover={}, runs=[], outbox=[])
+
+    resolve_i1 = '{"op": "resolve", "incident": "i1", "by": "bob"}'
+    ack_i1 = '{"op": "ack", "incident": "i1", "by": "al"}'
+    ack_i2 = '{"op": "ack", "incident": "i2", "by": "al"}'
+    assert resolve_requests(snap(resolve_i1, ack_i1, extra={"paused": "x"})) == {"i1": "bob"}
+    assert resolve_requests(snap("not json", ack_i2, resolve_i1)) == {"i1": "bob"}, "others do not wait"
+    # An ack queued before the resolve is applied first (by the communicator): not yet decide's.
+    assert resolve_requests(snap(ack_i1, resolve_i1)) == {}
 
 
 def test_a_human_resolve_goes_through_decide_and_is_announced(

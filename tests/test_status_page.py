@@ -169,6 +169,10 @@ def test_cli_incident_commands_and_report(
                 == 0
             )
             assert main(["incident", "resolve", inc.id, "-c", cfg_path, "--message", "All good."]) == 0
+            # Requests apply in order: the communicator applies the ack, hand-over and update, then
+            # the resolve is decide's (the next reconcile, kicked at once in a running controller).
+            await cycle(ctrl)
+            assert ctrl.store.get_incident(inc.id).status == "open"  # type: ignore[union-attr]
             await cycle(ctrl)
             done = ctrl.store.get_incident(inc.id)
             assert done.status == "resolved" and done.data["comms"]["roles"]["incident_commander"] == "bob"

@@ -57,6 +57,7 @@ class Host(Protocol):
     def detection(self) -> HealthSource: ...
     @property
     def tick_hooks(self) -> list[Callable[[float], Awaitable[None] | None]]: ...
+    def kick(self) -> None: ...
 
 
 log = structlog.get_logger("continuity.comms")
@@ -88,8 +89,10 @@ class Communicator:
         self._health: dict[str, ServiceHealth] = {}
         self._channels: frozenset[str] = frozenset()
         self._wake = False
+        self._kick = False
         """The cycle's view of the loop's state, taken on the loop before the cycle runs on the
-        STORE pool (`tick`), and whether the dispatcher should be woken once it is back."""
+        STORE pool (`tick`), and whether the dispatcher should be woken (or the controller kicked: a
+        resolve request waits for `decide`) once it is back."""
         r = controller.metrics.registry
         self.mtta = _metric(
             Histogram,
@@ -165,13 +168,15 @@ class Communicator:
         try:
             self._health = self.c.detection.health()
             self._channels = frozenset(self.c.dispatcher.channels)
-            self._wake = False
+            self._wake = self._kick = False
             await self.c.astore.call(self.cycle, now)
         except Exception:
             log.exception("communications cycle failed")
         finally:
             if self._wake:
                 self.c.dispatcher.wake.set()
+            if self._kick:
+                self.c.kick()
 
     def cycle(self, now: float) -> None:
         """The communications cycle (blocking: run it through `tick`)."""
@@ -398,11 +403,16 @@ class Communicator:
         """Apply the humans' requests in order. A resolve is not ours to apply: `decide` reads the
         request and resolves the incident (`Effects`); here it is left until that is done, then its
         message is kept for the resolution this cycle announces."""
+        waiting: set[str] = set()
         for name, req in requests_.pending(self.store):
+            if str(req.get("incident")) in waiting:
+                continue  # after a resolve still to be decided: applied (or dropped) in order, later
             inc = self.store.get_incident(str(req.get("incident")))
             if req.get("op") == "resolve" and inc is not None:
                 if inc.status == "open":
-                    continue  # the next reconcile resolves it
+                    waiting.add(inc.id)
+                    self._kick = True  # the next reconcile resolves it: now, not a tick later
+                    continue
                 comms = inc.data.get("comms")
                 if comms is not None and not comms.get("resolved_sent"):
                     comms["resolve_message"] = str(req.get("message") or "")
