@@ -445,7 +445,7 @@ class _RefFails(SQLiteStore):
     failures = 1
 
     def set_ref(self, channel: str, incident_id: str, ref: str) -> None:
-        if self.failures:
+        if self.failures and channel == "statuspage":  # the id's record, not the attempt's mark
             self.failures -= 1
             raise OSError("disk full")
         super().set_ref(channel, incident_id, ref)
@@ -475,6 +475,53 @@ def test_statuspage_create_is_not_sent_twice_when_the_store_cannot_record_its_id
     (theirs,) = receiver.incidents
     assert store.get_ref("statuspage", INCIDENT["id"]) == theirs
     assert all(m.delivered_at is not None for m in store.outbox(include_delivered=True))
+
+
+class _RecordsLost(SQLiteStore):
+    """A real SQLite store that cannot record deliveries: the process dies before it writes them."""
+
+    def delivered(self, msg_id: int, now: float) -> None:
+        raise OSError("the process died before the delivery record")
+
+
+def test_statuspage_attempt_whose_record_was_lost_is_checked_not_repeated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A create and an update go out, then the process dies before recording either: the next
+    process finds its predecessor's attempt marks, asks Statuspage, and sends neither again."""
+    monkeypatch.setenv("SP_KEY", SP_KEY)
+    clock = FakeClock()
+    receiver = StatuspageReceiver("pg1", SP_KEY, clock=clock)
+    path = tmp_path / "lost.db"
+    first = _RecordsLost(path)
+    identified = {**INCIDENT, "public_status": "identified", "message": "Found it"}
+
+    async def scenario() -> None:
+        async with serve(receiver.app()) as base:
+            cfg = _statuspage(base)
+            d = dispatcher(first, clock, statuspage.channel(cfg, first))
+            d.record_wait = 0.05
+            first.enqueue("statuspage", "c", statuspage.create(cfg, INCIDENT), INCIDENT["id"], clock())
+            await d.drain()
+            # Statuspage knows the incident; the store never learnt that the create was delivered.
+            first.enqueue("statuspage", "u", statuspage.update(cfg, identified), INCIDENT["id"], clock())
+            await d.drain()
+            assert [m for m, _, _ in receiver.log] == ["POST", "PATCH"]
+            assert {m.key for m in first.outbox()} == {"c", "u"}  # both still pending in the store
+            # The next process: fresh memory, the same store, the marks its predecessor left.
+            store = SQLiteStore(path)
+            d2 = dispatcher(store, clock, statuspage.channel(cfg, store))
+            clock.advance(60)
+            assert await d2.drain() == 2
+            assert store.outbox() == []
+            # A later update is new: it is sent without asking first.
+            store.enqueue("statuspage", "u2", statuspage.update(cfg, INCIDENT), INCIDENT["id"], clock())
+            assert await d2.drain() == 1
+
+    run(scenario())
+    assert [m for m, _, _ in receiver.log] == ["POST", "PATCH", "PATCH"]
+    (theirs,) = receiver.incidents
+    assert [u["body"] for u in receiver.updates[theirs]][1] == "Found it"
 
 
 def test_statuspage_receiver_rate_limit_and_validation(

@@ -35,11 +35,13 @@ class Permanent(Exception):
 
 
 class Transient(Exception):
-    """Network error, 429 or 5xx: retry later. `retry_after` honours the receiver's wish."""
+    """Network error, 429 or 5xx: retry later. `retry_after` honours the receiver's wish; `status` is
+    the HTTP status when the receiver answered (429: it did not take the request)."""
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
+    def __init__(self, message: str, retry_after: float | None = None, status: int | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.status = status
 
 
 @dataclass
@@ -102,7 +104,9 @@ def http_post(
 def check_response(resp: requests.Response) -> requests.Response:
     if resp.status_code == 429 or resp.status_code >= 500:
         raise Transient(
-            f"HTTP {resp.status_code}: {resp.text[:200]}", _retry_after(resp.headers.get("Retry-After"))
+            f"HTTP {resp.status_code}: {resp.text[:200]}",
+            _retry_after(resp.headers.get("Retry-After")),
+            resp.status_code,
         )
     if resp.status_code >= 400:
         raise Permanent(f"HTTP {resp.status_code}: {resp.text[:300]}")

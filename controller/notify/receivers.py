@@ -387,6 +387,8 @@ class StatuspageReceiver(_Receiver):
         self.per_minute = per_minute
         self.window: deque[float] = deque()
         self.incidents: dict[str, dict[str, Any]] = {}
+        self.updates: dict[str, list[dict[str, Any]]] = {}
+        """Each incident's updates as GET shows them: newest first, body and status."""
         self.log: list[tuple[str, str, dict[str, Any]]] = []
         """(method, incident id, incident body) in the order accepted."""
         self._ids = itertools.count(1)
@@ -396,6 +398,8 @@ class StatuspageReceiver(_Receiver):
         app.add_routes(
             [
                 web.post("/v1/pages/{page}/incidents", self.create),
+                web.get("/v1/pages/{page}/incidents/unresolved", self.unresolved),
+                web.get("/v1/pages/{page}/incidents/{incident}", self.get),
                 web.patch("/v1/pages/{page}/incidents/{incident}", self.update),
             ]
         )
@@ -443,8 +447,35 @@ class StatuspageReceiver(_Receiver):
         inc["id"] = f"sp{next(self._ids):04d}"
         inc.setdefault("status", "investigating")
         self.incidents[inc["id"]] = inc
+        self._updated(inc["id"], body["incident"])
         self.log.append(("POST", inc["id"], body["incident"]))
-        return web.json_response(inc, status=201)
+        return web.json_response(self._shown(inc["id"]), status=201)
+
+    def _updated(self, iid: str, change: dict[str, Any]) -> None:
+        """A create or PATCH with a body is an incident update subscribers see (newest first)."""
+        if "body" in change:
+            status = change.get("status", self.incidents[iid].get("status"))
+            self.updates.setdefault(iid, []).insert(0, {"body": change["body"], "status": status})
+
+    def _shown(self, iid: str) -> dict[str, Any]:
+        return {**self.incidents[iid], "incident_updates": list(self.updates.get(iid, []))}
+
+    async def get(self, request: web.Request) -> web.Response:
+        refused = self._gate(request)
+        if refused:
+            return refused
+        iid = request.match_info["incident"]
+        if iid not in self.incidents:
+            return web.json_response({"error": "Incident not found"}, status=404)
+        return web.json_response(self._shown(iid))
+
+    async def unresolved(self, request: web.Request) -> web.Response:
+        refused = self._gate(request)
+        if refused:
+            return refused
+        return web.json_response(
+            [self._shown(i) for i, inc in self.incidents.items() if inc.get("status") != "resolved"]
+        )
 
     async def update(self, request: web.Request) -> web.Response:
         refused = self._gate(request)
@@ -457,5 +488,6 @@ class StatuspageReceiver(_Receiver):
         if refused:
             return refused
         self.incidents[iid].update(body["incident"])
+        self._updated(iid, body["incident"])
         self.log.append(("PATCH", iid, body["incident"]))
-        return web.json_response(self.incidents[iid])
+        return web.json_response(self._shown(iid))

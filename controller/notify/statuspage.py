@@ -6,9 +6,15 @@ in the store (`channel_refs`); an update's sender looks it up, and if the create
 delivered yet the update waits (Transient "create not delivered yet") — it never creates a second
 incident. If the create was refused (4xx), updates are refused too rather than waiting forever.
 If the store cannot record the id after Statuspage's 201 (a full disk, a sick API server), the
-channel keeps it in memory, answers Transient, and the retry records it without a second POST. Only
-a crash between the 201 and the record would re-send the create on restart (the API has no
-idempotency key); the create's `metadata` carries our incident id, so a human can spot that one.
+channel keeps it in memory, answers Transient, and the retry records it without a second POST.
+
+Statuspage has no idempotency key, so an attempt whose outcome is unknown is checked, never blindly
+repeated: before each POST or PATCH the channel records which message it is about to send
+(`<name>:attempt`). Finding that mark for the same message again means an earlier attempt may have
+landed (a timeout after the request went out, or a crash or leader change between the send and its
+delivery record). Then it asks Statuspage first: a create is adopted if an unresolved incident
+carries our id in its `metadata`; an update is taken as delivered if the incident's newest update
+already says the same (body and status). Only the retry of an attempt pays that GET.
 
 Severity and health -> Statuspage (documented in README "Notifications"):
 
@@ -25,6 +31,7 @@ Severity and health -> Statuspage (documented in README "Notifications"):
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 
@@ -116,17 +123,64 @@ def channel(cfg: Statuspage, store: Store, name: str = "statuspage", timeout: fl
             raise Transient(f"created as {theirs}, but the store could not record it: {exc}") from None
         created.pop(ours, None)
 
+    attempts = f"{name}:attempt"
+
+    def get(url: str) -> Any:
+        try:
+            return http_post(url, b"", headers(), timeout, method="GET").json()
+        except ValueError:
+            raise Transient(f"GET {url} answered without JSON") from None
+
+    def adopted(ours: str) -> str | None:
+        """Statuspage's id of an unresolved incident our earlier attempt created, if one did."""
+        found = get(f"{base}/unresolved")
+        for inc in found if isinstance(found, list) else []:
+            meta = inc.get("metadata") if isinstance(inc, dict) else None
+            if isinstance(meta, dict) and (meta.get("continuity") or {}).get("incident_id") == ours:
+                return str(inc["id"])
+        return None
+
+    def landed(ref: str, body: dict[str, Any]) -> bool:
+        """Does the incident's newest update already say what this PATCH says?"""
+        found = get(f"{base}/{ref}")
+        updates = found.get("incident_updates") if isinstance(found, dict) else None
+        if not isinstance(updates, list) or not updates or not isinstance(updates[0], dict):
+            return False
+        newest, ours = updates[0], body.get("incident") or {}
+        return newest.get("body") == ours.get("body") and newest.get("status") == ours.get("status")
+
+    def mark(ours: str, key: str) -> None:
+        """Record the attempt before it goes out: a send the store cannot vouch for is not sent."""
+        try:
+            store.set_ref(attempts, ours, key)
+        except Exception as exc:
+            raise Transient(f"the store could not record the attempt: {exc}") from None
+
+    def post(url: str, data: bytes, ours: str, method: str = "POST") -> Any:
+        try:
+            return http_post(url, data, headers(), timeout, method=method)
+        except Transient as exc:
+            if exc.status == 429:  # rate-limited: Statuspage did not take it, nothing to check later
+                with contextlib.suppress(Exception):  # the store's trouble: the retry checks first
+                    store.set_ref(attempts, ours, "")
+            raise
+
     def send(payload: dict[str, Any], key: str) -> None:
         ours = payload["incident_id"]
         if ours in created:
             remember(ours, created[ours])  # created before; only its record was missing
         ref = store.get_ref(name, ours)
         data = json.dumps(payload["body"]).encode()
+        retried = store.get_ref(attempts, ours) == key  # an earlier attempt of this very message
         if payload["op"] == "create":
             if ref is not None and ref != REFUSED:
                 return  # already created (we crashed after the create was recorded): nothing to do
+            if retried and (theirs := adopted(ours)) is not None:
+                remember(ours, theirs)
+                return
+            mark(ours, key)
             try:
-                resp = http_post(base, data, headers(), timeout)
+                resp = post(base, data, ours)
             except Permanent:
                 store.set_ref(name, ours, REFUSED)
                 raise
@@ -142,6 +196,9 @@ def channel(cfg: Statuspage, store: Store, name: str = "statuspage", timeout: fl
             raise Transient("create not delivered yet")
         if ref == REFUSED:
             raise Permanent("the incident's create was refused by Statuspage: nothing to update")
-        http_post(f"{base}/{ref}", data, headers(), timeout, method="PATCH")
+        if retried and landed(ref, payload["body"]):
+            return  # the earlier attempt landed; its delivery record is what was lost
+        mark(ours, key)
+        post(f"{base}/{ref}", data, ours, method="PATCH")
 
     return Channel(name, send=send, timeout=timeout, rate_per_minute=cfg.rate_per_minute)

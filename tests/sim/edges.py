@@ -324,7 +324,7 @@ STATUSPAGE_KEY = "sim-statuspage-api-key"
 STATUSPAGE_PAGE = "simpage"
 
 
-def _response(url: str, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Any:
+def _response(url: str, status: int, body: Any, headers: dict[str, str] | None = None) -> Any:
     resp = requests.Response()
     resp.status_code = status
     resp._content = json.dumps(body).encode()
@@ -460,6 +460,31 @@ class SimHttp:
             return _response(url, 200, {"ok": True})
         raise requests.ConnectionError(f"sim: no route to {host}")
 
+    def _statuspage_get(self, url: str, what: str) -> Any:
+        """GET an incident (its updates newest first, as Statuspage shows them) or the unresolved ones."""
+
+        def shown(sid: str) -> dict[str, Any]:
+            bodies = [b["incident"] for b in self.world.statuspage[sid]]
+            status = "investigating"
+            updates = []
+            for inc in bodies:
+                status = inc.get("status", status)
+                if "body" in inc:
+                    updates.insert(0, {"body": inc["body"], "status": status})
+            return {
+                "id": sid,
+                "status": status,
+                "metadata": bodies[0].get("metadata"),
+                "incident_updates": updates,
+            }
+
+        if what == "unresolved":
+            found = [shown(sid) for sid in self.world.statuspage]
+            return _response(url, 200, [i for i in found if i["status"] != "resolved"])
+        if what in self.world.statuspage:
+            return _response(url, 200, shown(what))
+        return _response(url, 404, {"error": f"no incident {what}"})
+
     def _statuspage(self, method: str, url: str, body: Any, kw: dict[str, Any], t: float, actor: str) -> Any:
         """Atlassian Statuspage v1 as the world runs it: OAuth key, create answers its own id (201),
         PATCH of an unknown id is 404; down -> 503, slow -> the answer takes that long."""
@@ -474,6 +499,8 @@ class SimHttp:
             return _response(url, 503, {"error": "service unavailable"})
         path = urlsplit(url).path
         base = f"/v1/pages/{STATUSPAGE_PAGE}/incidents"
+        if method.upper() == "GET":
+            return self._statuspage_get(url, path.removeprefix(base + "/"))
         if not isinstance(body, dict) or not isinstance(body.get("incident"), dict):
             return _response(url, 400, {"error": "incident missing"})
         if method.upper() == "POST" and path == base:

@@ -7,6 +7,7 @@ controller did comes from the world's call logs and the store.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -325,9 +326,26 @@ def check(out: Any) -> tuple[list[Violation], list[str]]:
             add("one-run-per-service", rel(r.started_at) or 0.0, f"run {r.id} ({r.playbook}) never finished")
 
     # ---------------------------------------------------------------- notifications exactly once
+    # Exactly once per message, not per wording: Statuspage has no idempotency key, so the world only
+    # sees the body, and two distinct messages may say the same thing (critical -> moderate twice,
+    # with moderate -> critical between: simulation seeds 149 and 190). A body may arrive as often
+    # as the outbox holds distinct messages with it; one message sent twice still breaks this.
+    same_words = Counter(
+        (m.payload.get("op"), json.dumps(m.payload.get("body"), sort_keys=True))
+        for m in out.outbox
+        if m.channel == "statuspage" and isinstance(m.payload, dict)
+    )
+
+    def allowed(channel: str | None, key: str) -> int:
+        if channel != "statuspage":
+            return 1
+        op, _, rest = key.partition(" ")
+        body = rest if op == "create" else rest.partition(" ")[2]
+        return max(1, same_words[(op, body)])
+
     dup = Counter((d.detail.get("channel"), d.key) for d in w.deliveries)
     for (channel, key), n in dup.items():
-        if n > 1:
+        if n > allowed(channel, key):
             first = next(d for d in w.deliveries if d.key == key)
             add(
                 "notification-exactly-once",
