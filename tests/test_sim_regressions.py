@@ -183,19 +183,13 @@ def test_a_resolve_on_results_older_than_a_new_fault_is_not_a_resolve_while_fail
     the next journey run (started at 330 s) reports the failure: every result the controller held
     predated the fault, so it could not know (the resolve is within one journey period + timeout +
     tick of the fault). The invariant allowed only 15 s and called this a resolve while failing; the
-    journey's run that did see the fault kept the next incident honest (it opened at 370 s).
-
-    Since a confirmed outage's runs no longer count as intermittent failure, the first incident
-    resolves 120 s sooner (at 210 s, once its probes are proven, instead of waiting for the outage's
-    failed runs to age out of the rate), so the us fault is placed 120 s sooner too (184.34 s): the
-    resolve again comes inside one journey period + timeout + tick of the fault, and a later incident
-    covers the fault."""
+    journey's run that did see the fault kept the next incident honest (it opened at 370 s)."""
     s = Scenario(
         seed=73,
         name="resolve-before-a-new-fault-is-visible",
         duration=1000,
         failback=True,
-        faults=[Fault("http5xx", 128.18, 444.65, "eu"), Fault("step", 184.34, 465.82, "us", step="pay")],
+        faults=[Fault("http5xx", 128.18, 444.65, "eu"), Fault("step", 304.34, 465.82, "us", step="pay")],
         events=[Event("store_error", 453.77, 488.72)],
         checks=("no-resolve-while-failing", "outage-opens-an-incident"),
     )
@@ -206,7 +200,7 @@ def test_a_resolve_on_results_older_than_a_new_fault_is_not_a_resolve_while_fail
     first = [i for i in out.incidents if i.service == "checkout" and i.resolved_at is not None]
     assert first, out.report()
     resolved = min(i.resolved_at - out.world.t0 for i in first)
-    assert 184.34 < resolved < 184.34 + 30 + 10 + 10, (resolved, out.report())
+    assert 304.34 < resolved < 304.34 + 30 + 10 + 10, (resolved, out.report())
     later = [i for i in out.incidents if i.service == "checkout" and i.opened_at - out.world.t0 > resolved]
     assert later, out.report()
 
