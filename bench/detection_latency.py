@@ -93,9 +93,9 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         # A running controller has each target's history; a fresh one has none and asks a longer
         # streak (detect.prior_rate). Unless --cold, the first outage waits for PRIOR_MIN_RUNS runs.
         deadline = time.monotonic() + 30
-        while not args.cold and len(getattr(controller.vstates[f"{name}-http"].get("local"), "runs", ())) < (
-            PRIOR_MIN_RUNS
-        ):
+        while not args.cold and len(
+            getattr(controller.detection.vstates[f"{name}-http"].get("local"), "runs", ())
+        ) < (PRIOR_MIN_RUNS):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{name} never ran PRIOR_MIN_RUNS times")
             await asyncio.sleep(0.02)

@@ -86,7 +86,9 @@ async def one_run(
         elif kind == "probe_verdict" and facts["probe"] == "checkout-journey" and facts["status"] == "down":
             if "down" not in marks:
                 marks["down"] = time.time()
-                marks["first"] = controller.vstates["checkout-journey"]["local"].first_failure_at or 0.0
+                marks["first"] = (
+                    controller.detection.vstates["checkout-journey"]["local"].first_failure_at or 0.0
+                )
         elif kind == "playbook_done":
             marks["playbook_ok"] = 1.0 if facts["ok"] else 0.0
             done.set()
@@ -104,9 +106,9 @@ async def one_run(
         # A running controller has the target's history; a fresh one has none, and then assumes the
         # documented flakiness and asks for a longer streak (detect.prior_rate). Unless --cold, wait
         # for PRIOR_MIN_RUNS runs of history, as any controller that has run a few intervals has.
-        while not cold and len(getattr(controller.vstates["checkout-journey"].get("local"), "runs", ())) < (
-            PRIOR_MIN_RUNS
-        ):
+        while not cold and len(
+            getattr(controller.detection.vstates["checkout-journey"].get("local"), "runs", ())
+        ) < (PRIOR_MIN_RUNS):
             if time.monotonic() > deadline + 30:
                 raise RuntimeError("checkout-journey never ran PRIOR_MIN_RUNS times")
             await asyncio.sleep(0.05)
@@ -116,8 +118,8 @@ async def one_run(
         try:
             await asyncio.wait_for(done.wait(), timeout=60)
         except TimeoutError:
-            st = controller.vstates["checkout-journey"].get("local")
-            notes = [n for _, n in controller.burst_notes.values()]
+            st = controller.detection.vstates["checkout-journey"].get("local")
+            notes = [n for _, n in controller.detection.burst_notes.values()]
             raise RuntimeError(
                 f"no failover within 60 s: checkout-journey {st.status if st else None} after "
                 f"{st.failures if st else 0} failures; marks {marks}; bursts {notes}; runs {store.runs()}"

@@ -58,7 +58,8 @@ class _Version(argparse.Action):
     start-up that every other command would pay)."""
 
     def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
-        parser.exit(message=f"continuity {version()}\n")
+        print(f"continuity {version()}")  # on stdout, as argparse's own version action prints it
+        parser.exit()
 
 
 def _parser() -> argparse.ArgumentParser:

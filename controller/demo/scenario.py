@@ -16,6 +16,7 @@ from typing import Any, TextIO
 import aiohttp
 
 from controller.demo.environment import SECONDARY_IP, STANDBY, ZONE, DemoEnvironment
+from controller.detect import PRIOR_MIN_RUNS
 from controller.durations import format_duration
 from controller.loop import Controller
 from controller.stores import SQLiteStore
@@ -139,6 +140,15 @@ async def run_demo(out: TextIO = sys.stdout, deadline: float = 50.0) -> DemoResu
             while not all(healthy(n) for n in ("checkout-journey", "checkout-secondary")):
                 if time.monotonic() - warm > 15:
                     p.line("the marketplace never became healthy; giving up")
+                    return result
+                await asyncio.sleep(0.1)
+            # A controller that has run a while knows each target's own failure rate; a fresh one
+            # does not, and asks a longer failing streak of it (detect.prior_rate). The demo shows
+            # the running case: it breaks checkout once the journey has PRIOR_MIN_RUNS runs behind it.
+            states = controller.detection.states
+            while len(states["checkout-journey"].runs) < PRIOR_MIN_RUNS:
+                if time.monotonic() - warm > 30:
+                    p.line("the checkout journey never ran enough times; giving up")
                     return result
                 await asyncio.sleep(0.1)
             p.line("all probes healthy; shoppers are checking out in eu-west-1")
