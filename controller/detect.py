@@ -291,6 +291,11 @@ def confirm(state: ProbeState, burst: list[ProbeResult], rules: Rules) -> ProbeS
         # run starts another burst, each adding to the streak until it is beyond chance.
         return replace(state, failures=state.failures + len(burst), last=last)
     # Not confirmed: back to UP and a fresh streak; the failures that made it suspect are forgiven.
+    return _forgiven(state, last, rules)
+
+
+def _forgiven(state: ProbeState, last: ProbeResult, rules: Rules) -> ProbeState:
+    """A pass ended the streak: it was a chance run of failures. Back to UP with a fresh streak."""
     changed_at, changes = _move(state, Health.UP, last.started_at, rules)
     return replace(
         state,
@@ -340,19 +345,7 @@ def judge(state: ProbeState, tries: Sequence[ProbeResult], rules: Rules) -> Prob
             inside = [t for t in inside if t.started_at > cut]
             passed = []
     if passed:
-        last = max(passed, key=lambda t: t.started_at)
-        changed_at, changes = _move(state, Health.UP, last.started_at, rules)
-        return replace(
-            state,
-            status=Health.UP,
-            failures=0,
-            successes=1,
-            changed_at=changed_at,
-            changes=changes,
-            first_failure_at=None,
-            last=last,
-            recent=tuple(False for _ in state.recent),
-        )
+        return _forgiven(state, max(passed, key=lambda t: t.started_at), rules)
     failed = len(inside)
     count = state.failures + failed
     latest = max([t.started_at for t in inside] + ([state.last.started_at] if state.last is not None else []))

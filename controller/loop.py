@@ -34,6 +34,7 @@ from controller.comms.communicator import attach
 from controller.config import Config, resolve_secret
 from controller.cycle import TickLoop
 from controller.effects import Effects, pagerduty_channels
+from controller.executors import IO, run_in
 from controller.inputs import ProbeInputs
 from controller.leader import Elector
 from controller.metrics import Metrics
@@ -193,6 +194,7 @@ class Controller:
                 "outbox", lambda: self.dispatcher.run(self.stop_event, period=0.5), self.stop_event
             )
         )
+        self._tasks.append(asyncio.create_task(self._warm_aws(), name="warm-aws"))
         if self.elector is not None:
             # Its own stop event: the lease is released only after the step in hand has finished.
             self._elector = asyncio.create_task(self.elector.run(self._elector_stop), name="leader")
@@ -202,6 +204,23 @@ class Controller:
             services=len(self.config.services),
             dry_run=self.config.controller.dry_run,
         )
+
+    async def _warm_aws(self) -> None:
+        """Build the AWS clients the playbooks' steps will call, now rather than mid-failover: loading
+        botocore's service models costs 0.15-0.25 s a client, which the first failover would pay."""
+        services = sorted(
+            {
+                step.action.split(".")[1]
+                for playbook in self.config.playbooks.values()
+                for step in [*playbook.steps, *playbook.rollback_steps]
+                if step.action.startswith("aws.") and step.action.count(".") >= 2
+            }
+        )
+        for service in services:
+            try:
+                await run_in(IO, self.aws, service)
+            except Exception as exc:  # a bad region or endpoint shows when a step runs; here, only a note
+                log.warning("could not prepare an AWS client", service=service, error=str(exc))
 
     async def reload(self, new: Config) -> None:
         """Swap in a validated config. Probes whose settings did not change keep their history, so a
