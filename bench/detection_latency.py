@@ -3,7 +3,8 @@
 The real Controller (scheduler, http probes, confirmation burst, decide, SQLite store) probes a
 local aiohttp target. `--parallel` independent services (one probe each, own path on the target)
 are broken at independent random phases of their probe interval, so many samples fit in one run;
-each outage is healed once its incident opens, and the service is broken again when it is UP.
+each outage is healed once its incident opens, and the service is broken again when it is UP and
+its incident resolved (two outages a service at the most: a third would be flapping).
 
 The floor is failure_threshold x interval: the last of the failures that make a probe SUSPECT
 cannot come sooner. The default confirmation burst (5 runs, 250 ms apart, all must fail) comes on
@@ -125,7 +126,11 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=60, help="outages to inject (samples)")
-    ap.add_argument("--parallel", type=int, default=10, help="independent services broken concurrently")
+    ap.add_argument(
+        "--parallel",
+        type=int,
+        help="independent services broken concurrently (default: one for every two outages, at least 10)",
+    )
     ap.add_argument(
         "--cold",
         action="store_true",
@@ -135,6 +140,10 @@ def main() -> int:
     ap.add_argument("--threshold", type=int, default=3)
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
+    # A third outage of one service inside the flapping window (4 verdict changes in 10 min, the
+    # default) is flapping: its incident is held open by design, and the service never comes back
+    # UP for the next sample. Two outages a service at the most.
+    args.parallel = args.parallel or max(10, -(-args.runs // 2))
     quiet()
     try:
         import uvloop

@@ -5,7 +5,9 @@ probes (against 127.0.0.1, never sent: this measures the controller, not the net
 to a service (N/10 services, every one critical with an RTO), load and validate it, build the
 Controller on a SQLite store, feed every probe two passing results through `ingest` (the way the
 scheduler does), then time `decide()` alone (pure) and a whole `Controller.reconcile()` (observe:
-health of every service, open incidents from the store, flags; decide; record; metrics).
+health of every service, open incidents from the store, flags; decide; record; metrics), and a full
+garbage collection before the long-lived objects are frozen (controller/heap.py), and after it,
+once every probe has reported twice more.
 
     PYTHONPATH=. python bench/scale.py                      # 1,000 5,000 20,000
     PYTHONPATH=. python bench/scale.py --sizes 1000 5000    # quick
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -36,12 +39,23 @@ def rss_mb() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 1e6
 
 
+def full_collections(times: int = 5) -> list[float]:
+    """How long a full garbage collection holds the thread (the event loop's, in the controller)."""
+    out = []
+    for _ in range(times):
+        t = time.perf_counter()
+        gc.collect()
+        out.append(time.perf_counter() - t)
+    return out
+
+
 def child(n: int, repeats: int) -> dict[str, Any]:
     os.environ.setdefault("CONTINUITY_CONFIG_MAX_NODES", "1000000")  # 20,000 probes: over the default bound
     import structlog
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
     from controller import decide as d
+    from controller import heap
     from controller.config import load_config
     from controller.loop import Controller
     from controller.stores import SQLiteStore
@@ -90,8 +104,20 @@ def child(n: int, repeats: int) -> dict[str, Any]:
             t = time.perf_counter()
             await c.reconcile()
             reconcile_s.append(time.perf_counter() - t)
+        gc_s = full_collections()
+        frozen = heap.settle()  # what `continuity run` does after start-up (controller/heap.py)
+        # Then a while of running: every probe reports twice more (its state objects are new, not
+        # frozen) and the loop decides, so the pause counts what a running controller allocates.
+        for k in range(2, 4):
+            for name in cfg.probes:
+                c.detection.ingest(ProbeResult(name, True, now + k, 0.002))
+            await c.reconcile()
+        frozen_gc_s = full_collections()
         store.close()
         return {
+            "gc_ms": statistics.median(gc_s) * 1e3,
+            "frozen_gc_ms": statistics.median(frozen_gc_s) * 1e3,
+            "frozen": frozen,
             "ingest_us": ingest_us,
             "observe_ms": statistics.median(observe_s) * 1e3,
             "decide_ms": statistics.median(decide_s) * 1e3,
@@ -142,6 +168,8 @@ def main() -> int:
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         rows.append(r)
         record(f"scale: reconcile at {n:,} probes (median)", r["reconcile_ms"], "ms")
+        record(f"scale: full GC pause at {n:,} probes, nothing frozen", r["gc_ms"], "ms")
+        record(f"scale: full GC pause at {n:,} probes, frozen after start-up", r["frozen_gc_ms"], "ms")
         record(f"scale: RSS at {n:,} probes", r["rss_mb"], "MB", goal="< 300" if n >= 20000 else None,
                met=r["rss_mb"] < 300 if n >= 20000 else None)  # fmt: skip
         print(
@@ -158,6 +186,12 @@ def main() -> int:
             f"  growth {a['n']:,} -> {b['n']:,} probes (x{k:g}): memory above the interpreter "
             f"x{(b['rss_mb'] - b['base_mb']) / (a['rss_mb'] - a['base_mb']):.1f}, reconcile "
             f"x{b['reconcile_ms'] / a['reconcile_ms']:.1f}, decide x{b['decide_ms'] / a['decide_ms']:.1f}"
+        )
+    for r in rows:
+        print(
+            f"  full garbage collection at {r['n']:,} probes: {r['gc_ms']:.1f} ms, "
+            f"{r['frozen_gc_ms']:.1f} ms once {r['frozen']:,} long-lived objects are frozen "
+            "(controller/heap.py)"
         )
     print(
         "  RSS: the process after the run; cfg+ctl: RSS above the bare interpreter with imports; "

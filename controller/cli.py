@@ -632,7 +632,7 @@ async def _serve(cfg: Config, store: Store, config_path: str) -> None:
     import asyncio
     import signal
 
-    from controller import apiserver, logs
+    from controller import apiserver, heap, logs
     from controller.api import app
     from controller.loop import Controller
     from controller.metrics import Metrics
@@ -667,6 +667,7 @@ async def _serve(cfg: Config, store: Store, config_path: str) -> None:
         controller.leadership_hooks.append(labeler.want)
         label_task = asyncio.create_task(labeler.run(label_stop), name="podlabel")
     await controller.start()
+    metrics.heap_frozen.set(heap.settle())
     if controller.elector is None:
         from controller.leader import leader_gauge
 
@@ -703,7 +704,7 @@ async def _watch_config(controller: Any, path: str, reload_now: asyncio.Event, s
     """Reload on SIGHUP or when the file changes; a bad new config is refused, the old one keeps running."""
     import asyncio
 
-    from controller import logs
+    from controller import heap, logs
     from controller.executors import IO, run_in
 
     log = logs.get("continuity.config")
@@ -746,6 +747,7 @@ async def _watch_config(controller: Any, path: str, reload_now: asyncio.Event, s
         metrics.reloads.labels("applied").inc()
         metrics.reload_successes.inc()
         metrics.reload_ok.set(1)
+        metrics.heap_frozen.set(heap.settle())  # the new config's objects live as long as it does
         log.info("config reloaded", services=len(new.services), probes=len(new.probes))
 
 

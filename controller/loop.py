@@ -246,6 +246,10 @@ class Controller:
         resolve.configure(new.controller.resolver_nameservers)
         self._start_probes()
         self._kick.set()
+        # A new factory, or a playbook that calls a service the old config did not: built now, not by
+        # the first failover after the reload (clients already built are kept by the factory).
+        self._tasks = [t for t in self._tasks if not t.done()]
+        self._tasks.append(asyncio.create_task(self._warm_aws(), name="warm-aws"))
 
     def _start_probes(self) -> None:
         """One scheduler for every probe: stable offsets spread over each interval, per-host limits,

@@ -50,6 +50,12 @@ class Metrics:
         self.last_tick = Gauge(
             "continuity_loop_last_tick_timestamp_seconds", "When the decision loop last ran.", registry=r
         )
+        self.heap_frozen = Gauge(
+            "continuity_heap_frozen_objects",
+            "Long-lived objects kept out of the garbage collector's full passes (frozen after start-up "
+            "and after each reload: controller/heap.py).",
+            registry=r,
+        )
         self.isolated = Gauge(
             "continuity_isolated",
             "1 while the controller is isolated (isolation_quorum reference targets down).",

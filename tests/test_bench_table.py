@@ -132,6 +132,14 @@ def test_a_missing_script_is_not_run_and_not_a_failure(tmp_path: Path) -> None:
     assert todo == [] and missing == ["absent"]
 
 
+def test_a_run_that_recorded_its_figures_and_missed_a_goal_is_not_a_failed_benchmark() -> None:
+    assert not run_all.failed_run(0, 10)
+    assert not run_all.failed_run(1, 10)  # probe_throughput's exit after a missed goal: median decides
+    assert run_all.failed_run(1, 0)  # a traceback before any figure
+    assert run_all.failed_run(2, 10)  # a usage error, or a crash with another status
+    assert run_all.failed_run(-9, 5)  # killed
+
+
 def test_every_figure_of_issue_16_has_a_benchmark_that_records_it() -> None:
     """The page must carry each figure the issue lists; a bench that stops recording one fails here."""
     wanted = {

@@ -140,7 +140,7 @@ def test_a_reload_that_names_a_missing_secret_is_refused_before_anything_changes
     asyncio.run(scenario())
 
 
-def test_the_aws_clients_a_playbook_needs_are_built_at_start_not_mid_failover(
+def test_the_aws_clients_a_playbook_needs_are_built_at_start_and_reload_not_mid_failover(
     tmp_path: Path, target: Target
 ) -> None:
     """Loading botocore's service models costs a fraction of a second a client: the controller pays
@@ -187,6 +187,23 @@ leader: {{backend: none}}
             assert sorted(built) == ["rds", "route53"]
             assert store.runs() == []  # built before any run, not by one
             assert type(real("rds")).__name__ == "RDS"  # a real boto3 client, cached by the factory
+            # A reload whose playbook calls a service the old one did not: its client is built at the
+            # reload (the factory hands back the ones it already has for the others).
+            path.write_text(
+                path.read_text(encoding="utf-8").replace(
+                    "aws:",
+                    "      - name: alb\n"
+                    "        action: aws.elbv2.set_listener_weights\n"
+                    "        with: {listener_arn: arn:l, weights: {blue: 0, green: 100}}\n"
+                    "        timeout: 60s\n"
+                    "aws:",
+                ),
+                encoding="utf-8",
+            )
+            await controller.reload(load_config(path))
+            await eventually(lambda: len(built) == 5, 10, "the reloaded playbook's AWS clients")
+            assert sorted(built) == ["elbv2", "rds", "rds", "route53", "route53"]
+            assert store.runs() == []
         finally:
             await controller.stop()
             store.close()

@@ -405,7 +405,9 @@ class StatuspageReceiver(_Receiver):
         )
         return app
 
-    def _gate(self, request: web.Request) -> web.Response | None:
+    def _gate(self, request: web.Request, incident: bool = False) -> web.Response | None:
+        """Statuspage's refusals, in its order: rate limit, key, page, then (for a path naming one)
+        the incident."""
         self.requests += 1
         now = self.clock()
         while self.window and self.window[0] <= now - 60:
@@ -423,6 +425,8 @@ class StatuspageReceiver(_Receiver):
             return web.json_response({"error": "Could not authenticate"}, status=401)
         if request.match_info["page"] != self.page_id:
             return web.json_response({"error": "Page not found"}, status=404)
+        if incident and request.match_info["incident"] not in self.incidents:
+            return web.json_response({"error": "Incident not found"}, status=404)
         return None
 
     async def _body(self, request: web.Request, creating: bool) -> tuple[Any, web.Response | None]:
@@ -461,13 +465,10 @@ class StatuspageReceiver(_Receiver):
         return {**self.incidents[iid], "incident_updates": list(self.updates.get(iid, []))}
 
     async def get(self, request: web.Request) -> web.Response:
-        refused = self._gate(request)
+        refused = self._gate(request, incident=True)
         if refused:
             return refused
-        iid = request.match_info["incident"]
-        if iid not in self.incidents:
-            return web.json_response({"error": "Incident not found"}, status=404)
-        return web.json_response(self._shown(iid))
+        return web.json_response(self._shown(request.match_info["incident"]))
 
     async def unresolved(self, request: web.Request) -> web.Response:
         refused = self._gate(request)
@@ -478,12 +479,10 @@ class StatuspageReceiver(_Receiver):
         )
 
     async def update(self, request: web.Request) -> web.Response:
-        refused = self._gate(request)
+        refused = self._gate(request, incident=True)
         if refused:
             return refused
         iid = request.match_info["incident"]
-        if iid not in self.incidents:
-            return web.json_response({"error": "Incident not found"}, status=404)
         body, refused = await self._body(request, creating=False)
         if refused:
             return refused
