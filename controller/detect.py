@@ -268,32 +268,6 @@ def _rate_over(failed: int, total: int, rules: Rules, factor: float, min_runs: i
     return failed / total >= rules.intermittent_rate * factor
 
 
-def confirm(state: ProbeState, burst: list[ProbeResult], rules: Rules) -> ProbeState:
-    """Decide a SUSPECT probe from a confirmation burst: DOWN only if every burst run failed."""
-    burst = [b for b in burst if not getattr(b, "prober_error", None)]  # our trouble is no evidence
-    if state.status is not Health.SUSPECT or not burst:
-        return state
-    last = burst[-1]
-    if all(outcome(b) == "failed" for b in burst) and not explained_by_flakiness(state, len(burst), rules):
-        changed_at, changes = _move(state, Health.DOWN, last.started_at, rules)
-        return replace(
-            state,
-            status=Health.DOWN,
-            failures=state.failures + len(burst),
-            changed_at=changed_at,
-            changes=changes,
-            last=last,
-            outages=_down_from(state, state.first_failure_at, last.started_at),
-        )
-    if all(outcome(b) == "failed" for b in burst):
-        # Every run failed, but this target fails often enough anyway that the streak proves nothing
-        # yet: it stays SUSPECT (the intermittent rule reports it as DEGRADED), and the next failed
-        # run starts another burst, each adding to the streak until it is beyond chance.
-        return replace(state, failures=state.failures + len(burst), last=last)
-    # Not confirmed: back to UP and a fresh streak; the failures that made it suspect are forgiven.
-    return _forgiven(state, last, rules)
-
-
 def _forgiven(state: ProbeState, last: ProbeResult, rules: Rules) -> ProbeState:
     """A pass ended the streak: it was a chance run of failures. Back to UP with a fresh streak."""
     changed_at, changes = _move(state, Health.UP, last.started_at, rules)

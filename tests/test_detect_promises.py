@@ -27,7 +27,7 @@ from controller.detect import (
     ProbeState,
     Rules,
     ServiceState,
-    confirm,
+    judge,
     needed,
     observe,
     prior_rate,
@@ -176,21 +176,38 @@ FLAKY = Rules(
     failure_threshold=3,
     success_threshold=2,
     confirm=True,
+    confirm_probes=5,
+    # The config's default span for a 10 s interval and 250 ms spacing: (3 - 1) x 10 s + (5 - 1) x 0.25 s.
+    confirm_span=21.0,
     intermittent_window=600.0,
     intermittent_rate=0.5,
     intermittent_min_runs=50,
 )
 
 
+def scheduled(state: ProbeState, result: ProbeResult, tries: list[ProbeResult] | None = None) -> ProbeState:
+    """A scheduled run as controller/tracker.py takes it: fold it in, then, while a failing streak is
+    open, `judge` it with the burst's tries of that streak (the tracker drops them when it ends)."""
+    state = observe(state, result, rules=FLAKY)
+    if state.first_failure_at is None:
+        return state
+    return judge(state, tries or [], FLAKY)
+
+
+def lucky(state: ProbeState, at: float) -> ProbeState:
+    """A failed run starts a burst (tracker.py), whose first try, `at`, passed: the streak is forgiven."""
+    if state.first_failure_at is None or state.last is None:
+        return state
+    return judge(state, [run(state.last.probe, True, at)], FLAKY)
+
+
 def flaky_health(rate: float, seconds: float, seed: int, every: int = 1) -> list[ServiceState]:
-    """Fold runs every 10 s failing at `rate`; bursts always clear the suspicion (one lucky pass)."""
+    """Fold runs every 10 s failing at `rate`; each failed run's burst clears it (one lucky pass)."""
     rng = random.Random(seed)
     state, seen = ProbeState(), []
     for i in range(int(seconds / 10)):
         at = 10.0 * i
-        state = observe(state, run("journey", rng.random() >= rate, at), rules=FLAKY)
-        if state.status is Health.SUSPECT:
-            state = confirm(state, [run("journey", True, at + 0.2)], FLAKY)
+        state = lucky(scheduled(state, run("journey", rng.random() >= rate, at)), at + 0.2)
         if i % every:
             continue
         h = service_health(
@@ -239,17 +256,22 @@ def test_intermittent_is_moderate_and_never_a_failover(config) -> None:
 # ------------------------------------------------------------------ prober errors
 
 
+def ours(at: float) -> ProbeResult:
+    return ProbeResult("p", False, at, 0.0, error="Too many open files", prober_error="emfile")
+
+
 def test_a_prober_error_is_no_vote_either_way() -> None:
-    up = fold(ProbeState(), "p", [True, True], 0.0)
-    ours = ProbeResult("p", False, 30.0, 0.0, error="Too many open files", prober_error="emfile")
-    assert observe(up, ours, rules=RULES) is up
-    suspect = observe(
-        observe(observe(up, run("p", False, 40), rules=FLAKY), run("p", False, 50), rules=FLAKY),
-        run("p", False, 60),
-        rules=FLAKY,
-    )
+    up = fold(ProbeState(), "p", [True] * 10, 0.0)  # a clean history: five failed tries would decide
+    assert observe(up, ours(95.0), rules=RULES) is up
+    suspect = up
+    for at in (100.0, 110.0, 120.0):
+        suspect = scheduled(suspect, run("p", False, at))
     assert suspect.status is Health.SUSPECT
-    assert confirm(suspect, [ours, ours], FLAKY) is suspect  # an all-ours burst decides nothing
+    # A whole burst of tries that were our own trouble, spanning the rule's 21 s: as the target's
+    # failures they would make it DOWN (the last line); as ours they decide nothing.
+    burst = [ours(120.0 + 0.25 * k) for k in range(1, 6)]
+    assert judge(suspect, burst, FLAKY) is suspect  # an all-ours burst decides nothing
+    assert judge(suspect, [run("p", False, t.started_at) for t in burst], FLAKY).status is Health.DOWN
 
 
 # ------------------------------------------------------------------ validate
@@ -308,42 +330,50 @@ def test_every_name_reference_is_checked_by_validate(tmp_path: Path) -> None:
 
 
 def suspect_after(history: list[bool]) -> ProbeState:
-    """Fold `history` (True = pass) then three failures: the probe is SUSPECT, awaiting its burst."""
+    """Fold `history` (True = pass; each failure's burst had a lucky pass 1 s later, so the runs stay
+    in the history but every streak is forgiven) then three failures: the probe is SUSPECT, its
+    burst's tries still to be judged."""
     state = ProbeState()
     for i, ok in enumerate([*history, False, False, False]):
-        state = observe(state, run("p", ok, 10.0 * i), rules=FLAKY)
-        if state.status is Health.SUSPECT and i < len(history):
-            state = confirm(state, [run("p", True, 10.0 * i + 1)], FLAKY)
+        state = scheduled(state, run("p", ok, 10.0 * i))
+        if i < len(history):
+            state = lucky(state, 10.0 * i + 1)
     assert state.status is Health.SUSPECT
     return state
 
 
 def failed_burst(at: float, n: int = 5) -> list[ProbeResult]:
+    """`n` failed tries from `at`, 0.25 s apart. The tests start them after the streak's third failed
+    run (at least 20 s after its first), so the streak spans FLAKY's 21 s with the first or second
+    try, and the count, not the span, is what each test weighs (the tracker's tries would start at
+    the first failure and add a closing try once the span is covered: the same count, the same
+    verdict)."""
     return [run("p", False, at + 0.25 * k) for k in range(n)]
 
 
 def test_a_clean_target_is_down_after_one_failed_burst() -> None:
     state = suspect_after([True] * 20)
-    assert confirm(state, failed_burst(230.0), FLAKY).status is Health.DOWN
+    assert judge(state, failed_burst(230.0, 4), FLAKY).status is Health.SUSPECT  # 7 failed runs
+    assert judge(state, failed_burst(230.0), FLAKY).status is Health.DOWN  # 3 + 5
 
 
 def test_a_target_down_before_is_down_again_after_one_failed_burst() -> None:
     """An earlier confirmed outage is not flakiness: its runs leave the prior, so a second outage soon
     after the first is confirmed by one failed burst, as the first was."""
     state = suspect_after([True] * 10)
-    state = confirm(state, failed_burst(121.0), FLAKY)
+    state = judge(state, failed_burst(121.0), FLAKY)  # runs from 100.0 to 122.0: the 21 s span
     assert state.status is Health.DOWN and state.outages == ((100.0, float("inf")),)
     at = 130.0
     for ok in [False] * 5 + [True] * 4:  # the outage goes on, then it recovers
-        state = observe(state, run("p", ok, at), rules=FLAKY)
+        state = scheduled(state, run("p", ok, at))
         at += 10.0
     assert state.status is Health.UP and state.outages == ((100.0, 190.0),)
     for _ in range(3):
-        state = observe(state, run("p", False, at), rules=FLAKY)
+        state = scheduled(state, run("p", False, at))
         at += 10.0
     assert state.status is Health.SUSPECT
     assert prior_rate(state, FLAKY) == 0.0, "the first outage's 9 failed runs are not the target's rate"
-    assert confirm(state, failed_burst(at), FLAKY).status is Health.DOWN
+    assert judge(state, failed_burst(at), FLAKY).status is Health.DOWN
 
 
 def test_a_down_period_with_passes_inside_is_the_targets_own_rate() -> None:
@@ -351,18 +381,18 @@ def test_a_down_period_with_passes_inside_is_the_targets_own_rate() -> None:
     period is not a solid outage, so its runs stay in the prior and the next DOWN needs more, not
     less (otherwise each false DOWN would hide the flakiness that caused it)."""
     state = suspect_after([True] * 10)
-    state = confirm(state, failed_burst(121.0), FLAKY)
+    state = judge(state, failed_burst(121.0), FLAKY)
     assert state.status is Health.DOWN
     at = 130.0
     for ok in [False, True, False, False, True, False, False, True, True]:  # passes inside, then back
-        state = observe(state, run("p", ok, at), rules=FLAKY)
+        state = scheduled(state, run("p", ok, at))
         at += 10.0
     assert state.status is Health.UP and state.outages == ()
     for _ in range(3):
-        state = observe(state, run("p", False, at), rules=FLAKY)
+        state = scheduled(state, run("p", False, at))
         at += 10.0
     assert prior_rate(state, FLAKY) > 0.5
-    assert confirm(state, failed_burst(at), FLAKY).status is Health.SUSPECT
+    assert judge(state, failed_burst(at), FLAKY).status is Health.SUSPECT
 
 
 def test_a_forgiven_long_streak_is_the_targets_own_rate() -> None:
@@ -371,7 +401,7 @@ def test_a_forgiven_long_streak_is_the_targets_own_rate() -> None:
     rule that dropped every streak of 8 can no longer lower a flaky target's rate."""
     state = suspect_after([True] * 10 + [False] * 8 + [True] * 4)
     assert prior_rate(state, FLAKY) > 0.5
-    assert confirm(state, failed_burst(250.0), FLAKY).status is Health.SUSPECT
+    assert judge(state, failed_burst(250.0), FLAKY).status is Health.SUSPECT
 
 
 def test_a_thin_history_assumes_the_documented_flakiness() -> None:
@@ -385,8 +415,9 @@ def test_a_thin_history_assumes_the_documented_flakiness() -> None:
     journey = Rules(failure_threshold=3, success_threshold=2, confirm=True, requests=3)
     assert prior_rate(state, journey) == pytest.approx(1 - 0.65**3)
     assert needed(state, journey) == 44
-    assert confirm(state, failed_burst(31.0), FLAKY).status is Health.SUSPECT, "8 failures: not yet"
-    assert confirm(state, failed_burst(31.0, 11), FLAKY).status is Health.DOWN, "14 failures in a row"
+    assert judge(state, failed_burst(31.0), FLAKY).status is Health.SUSPECT, "8 failures: not yet"
+    assert judge(state, failed_burst(31.0, 10), FLAKY).status is Health.SUSPECT, "13 failures: not yet"
+    assert judge(state, failed_burst(31.0, 11), FLAKY).status is Health.DOWN, "14 failures in a row"
     clean = suspect_after([True] * 5)
     assert needed(clean, journey) == 8, "five clean runs are history enough"
 
@@ -399,12 +430,20 @@ def test_a_flaky_journey_needs_a_streak_beyond_its_own_chance() -> None:
     p = prior_rate(state)
     assert 0.45 <= p <= 0.9, p  # estimated from the runs before the streak
     at = 10.0 * (len(history) + 3)
-    state = confirm(state, failed_burst(at - 9.0), FLAKY)
+    tries = failed_burst(at - 9.0)  # the streak's runs span 22 s
+    state = judge(state, tries, FLAKY)
     assert state.status is Health.SUSPECT, "all five failed, but that proves nothing for this target"
-    while state.status is Health.SUSPECT:  # a real outage: every run keeps failing
-        state = observe(state, run("p", False, at), rules=FLAKY)
-        state = confirm(state, failed_burst(at + 0.1), FLAKY)
+    for _ in range(64):  # a real outage: every run keeps failing (bounded: MAX_NEEDED failed runs)
+        if state.status is not Health.SUSPECT:
+            break
+        state = scheduled(state, run("p", False, at), tries)
+        for t in failed_burst(at + 0.1):  # each try is judged as it lands, as the tracker does
+            if state.status is not Health.SUSPECT:
+                break
+            tries.append(t)
+            state = judge(state, tries, FLAKY)
         at += 10.0
     assert state.status is Health.DOWN
     assert state.failures > 8, "more than the usual 3 + 5 failures were needed"
-    assert p**state.failures <= FLAKY.confirm_epsilon < p ** (state.failures - 6)  # as soon as beyond chance
+    # As soon as beyond chance: one failed run fewer was still a likely chance streak.
+    assert p**state.failures <= FLAKY.confirm_epsilon < p ** (state.failures - 1)
