@@ -152,9 +152,10 @@ def prober(path: str, n: int, interval: float, duration: float, url: str) -> dic
     """N probes through the Scheduler for `duration` seconds; CPU measured over that window only."""
     import uvloop
 
+    from controller import heap
     from probes.base import ProbeResult
     from probes.http import HttpProbe, run_journey
-    from probes.runner import run_probe
+    from probes.runner import prepare, run_probe
     from probes.scheduler import Scheduler
 
     probes = {
@@ -186,6 +187,11 @@ def prober(path: str, n: int, interval: float, duration: float, url: str) -> dic
     async def main() -> dict[str, Any]:
         sched = Scheduler(probes, run, on_result)
         stop = asyncio.Event()
+        # As a started controller has done (Controller._warm_probes, controller/heap.py): every
+        # http probe's plan is built, and the config and the scheduler, which live as long as the
+        # process, are out of the collector's full passes. The window measures the steady state.
+        await asyncio.to_thread(prepare, probes)
+        heap.settle()
         before = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
         task = asyncio.create_task(sched.run(stop))

@@ -48,7 +48,7 @@ from controller.tracker import DetectionTracker
 from playbooks.engine import Engine
 from probes import resolve
 from probes.base import ProbeResult
-from probes.runner import run_probe
+from probes.runner import prepare, run_probe
 from probes.scheduler import OVERLAP, Scheduler
 
 log = structlog.get_logger("continuity.controller")
@@ -110,6 +110,7 @@ class Controller:
         self.task_backoff: tuple[float, float] = (0.5, 30.0)
         """First and longest pause before a failed background task restarts (doubling between)."""
         resolve.configure(config.controller.resolver_nameservers)
+        self._prober = prober
         self.inputs = ProbeInputs(self, store, clock, prober, self.astore.defer_flag)
         self.inputs.load_signals()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -195,6 +196,7 @@ class Controller:
             )
         )
         self._tasks.append(asyncio.create_task(self._warm_aws(), name="warm-aws"))
+        self._tasks.append(asyncio.create_task(self._warm_probes(), name="warm-probes"))
         if self.elector is not None:
             # Its own stop event: the lease is released only after the step in hand has finished.
             self._elector = asyncio.create_task(self.elector.run(self._elector_stop), name="leader")
@@ -221,6 +223,16 @@ class Controller:
                 await run_in(IO, self.aws, service)
             except Exception as exc:  # a bad region or endpoint shows when a step runs; here, only a note
                 log.warning("could not prepare an AWS client", service=service, error=str(exc))
+
+    async def _warm_probes(self) -> None:
+        """Build the http probes' request plans in a worker thread now, rather than one by one in
+        the first interval's runs (about 28 us each: 0.56 s of CPU at 20,000 probes)."""
+        if self._prober is not run_probe:
+            return  # a prober of its own (the simulation's edge) has no plans to build
+        try:
+            await run_in(IO, prepare, dict(self.config.probes))
+        except Exception as exc:  # a probe whose plan cannot be built fails at its run, with its reason
+            log.warning("could not prepare the probes' plans", error=str(exc))
 
     async def reload(self, new: Config) -> None:
         """Swap in a validated config. Probes whose settings did not change keep their history, so a
@@ -250,6 +262,7 @@ class Controller:
         # the first failover after the reload (clients already built are kept by the factory).
         self._tasks = [t for t in self._tasks if not t.done()]
         self._tasks.append(asyncio.create_task(self._warm_aws(), name="warm-aws"))
+        self._tasks.append(asyncio.create_task(self._warm_probes(), name="warm-probes"))
 
     def _start_probes(self) -> None:
         """One scheduler for every probe: stable offsets spread over each interval, per-host limits,

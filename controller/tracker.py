@@ -114,6 +114,7 @@ class DetectionTracker:
         self.states = {name: self.states[name] if name in same else ProbeState() for name in new.probes}
         self.vstates = {name: self.vstates[name] if name in same else {} for name in new.probes}
         self.impact = {name: p.impact for name, p in new.probes.items()}
+        self.metrics.probes.forget(new.probes)
 
     def ingest(self, result: ProbeResult) -> None:
         """Fold a probe result (local or from an agent) into detection state.
@@ -145,8 +146,7 @@ class DetectionTracker:
             else:
                 after = judge(after, self._tries.get(name, ()), rules)
         self.vstates[name][vantage] = after
-        self.metrics.probe_success.labels(name, vantage).set(1 if result.ok else 0)
-        self.metrics.probe_duration.labels(name, vantage).observe(result.latency)
+        self.metrics.probes.record(name, vantage, result.ok, result.latency)
         if not result.ok and before.failures == 0 and before.degraded == 0:
             self._emit(
                 "probe_failed", probe=name, reason=result.reason, at=result.started_at, vantage=vantage

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -35,6 +35,21 @@ def _plan_for(cfg: Any) -> Plan | None:
         _PLANS.clear()
     _PLANS[id(cfg)] = (cfg, plan)
     return plan
+
+
+def prepare(probes: Mapping[str, Any]) -> int:
+    """Build the fast path's plan of every http probe now rather than at its first run.
+
+    A plan (URL parsed, address checked, request bytes built) costs about 40 us; at 20,000 probes
+    that is close to a second of CPU, which the first interval after a start or a reload would
+    otherwise pay run by run. Meant for a worker thread: a plan is pure CPU and the cache tolerates
+    a run building the same plan at the same moment (both are equal; the last one stays)."""
+    built = 0
+    for cfg in list(probes.values()):
+        if getattr(cfg, "kind", None) == "http":
+            _plan_for(cfg)
+            built += 1
+    return built
 
 
 async def _journey(name: str, cfg: Any) -> ProbeResult:

@@ -215,6 +215,15 @@ class Scheduler:
 
     def _deliver(self, name: str, seq: int, result: ProbeResult | None) -> None:
         """Hand results to `on_result` in start order (None: a run that ended without one)."""
+        if seq == self._next.get(name, 0) and not self._done.get(name):
+            # The common case (one run at a time, or the earliest of several): nothing to reorder.
+            self._next[name] = seq + 1
+            if result is not None:
+                try:
+                    self._on_result(result)
+                except Exception:  # a bug downstream must not stop the probing
+                    log.exception("on_result raised", probe=name)
+            return
         done = self._done.setdefault(name, {})
         done[seq] = result
         nxt = self._next.get(name, 0)
@@ -306,9 +315,9 @@ class Scheduler:
                     else:
                         if flying:
                             self._late(name)
-                        seq = self._seq.get(name, 0)
-                        self._seq[name] = seq + 1
-                        task = loop.create_task(self._one(name, cfg, due, clock, seq))
+                        run_seq = self._seq.get(name, 0)
+                        self._seq[name] = run_seq + 1
+                        task = loop.create_task(self._one(name, cfg, due, clock, run_seq))
                         self._in_flight.setdefault(name, set()).add(task)
                     nxt = due + interval
                     if nxt <= now:  # the scheduler itself fell a whole interval behind: skip ahead
