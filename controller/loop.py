@@ -58,6 +58,10 @@ FLUSH_WAIT = 0.5
 """How long a reconcile waits for its timeline batch to be written (a store in good health: a few
 milliseconds); a longer write carries on in the background."""
 
+STOP_GRACE = 10.0
+"""How long a stop waits for the reconcile pass in hand (a store write and its timeline line, a
+notice); past it the pass is cancelled so that a held store cannot keep a pod from ending."""
+
 
 class Controller:
     def __init__(
@@ -114,6 +118,7 @@ class Controller:
         self.inputs = ProbeInputs(self, store, clock, prober, self.astore.defer_flag)
         self.inputs.load_signals()
         self._tasks: list[asyncio.Task[Any]] = []
+        self._reconciler: asyncio.Task[None] | None = None
         self._probe_tasks: list[asyncio.Task[Any]] = []
         self._probe_stop = asyncio.Event()
         self.stop_event = asyncio.Event()
@@ -189,7 +194,8 @@ class Controller:
         self._start_probes()
         self._tasks = []
         if decide:
-            self._tasks.append(self._supervise("reconcile", self.cycle.run, self.stop_event))
+            self._reconciler = self._supervise("reconcile", self.cycle.run, self.stop_event)
+            self._tasks.append(self._reconciler)
         self._tasks.append(
             self._supervise(
                 "outbox", lambda: self.dispatcher.run(self.stop_event, period=0.5), self.stop_event
@@ -287,6 +293,12 @@ class Controller:
     async def stop(self) -> None:
         self.stop_event.set()
         self.dispatcher.wake.set()
+        if self._reconciler is not None and not self._reconciler.done():
+            # Let the reconcile pass in hand end rather than cancel it between a state written and
+            # its line on the timeline (a transition the timeline would never explain); the loop
+            # sees stop_event at its next turn.
+            self._kick.set()
+            await asyncio.wait([self._reconciler], timeout=STOP_GRACE)
         running = [t for t in self.runs.running.values() if not t.done()]
         if running:  # let a playbook step in hand finish rather than cut it in half
             await asyncio.wait(running, timeout=30)

@@ -6,6 +6,7 @@ once. The controller that died cannot apply another step: it no longer owns the 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -117,3 +118,81 @@ controller: {{data_dir: "{tmp_path / "state"}", tick: 100ms}}
         asyncio.run(main())
     finally:
         hook.close()
+
+
+class HeldTransitions(SQLiteStore):
+    """A SQLite store whose failover-state writes wait at a gate: a slow disk or API server at the
+    moment a stop arrives. The write itself is real."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+        self.written = threading.Event()
+
+    def transition_failover(self, service: str, *args: Any, **kw: Any) -> Any:
+        if self.gate.is_set() is False and service == "shop":
+            self.entered.set()
+            self.gate.wait(10)
+            try:
+                return super().transition_failover(service, *args, **kw)
+            finally:
+                self.written.set()
+        return super().transition_failover(service, *args, **kw)
+
+
+def test_a_stop_during_a_transition_leaves_it_on_the_timeline(tmp_path: Path) -> None:
+    """A stop (SIGTERM, a rollout) that arrives while a transition is being written must not cut the
+    reconcile pass between the state written and its line on the timeline: the state would have
+    moved with nothing on the incident saying why. (Seen in CI: the Kubernetes variant of the test
+    above, the state read as primary and no transition on the timeline.)"""
+
+    async def main() -> None:
+        path = tmp_path / "c.yaml"
+        path.write_text(
+            f"""
+services:
+  shop: {{tier: critical, rto: 5m, probes: [web], playbook: failover}}
+probes:
+  web: {{kind: tcp, host: 127.0.0.1, port: 9, interval: 1h, timeout: 1s}}
+playbooks:
+  failover:
+    steps:
+      - {{name: drain, action: wait, with: {{duration: 1s}}, timeout: 10s}}
+controller: {{data_dir: "{tmp_path / "state"}", tick: 100ms}}
+""",
+            encoding="utf-8",
+        )
+        cfg = load_config(path)
+        store = HeldTransitions(tmp_path / "state")
+        inc = store.open_incident("shop", "critical", "shop is down", time.time(), time.time(), {})
+        run = store.create_run("failover", inc.id, "shop", False, time.time(), ["drain"])
+        assert store.claim_run(run.id, "pod-0/1/dead", None)
+        store.gate.set()  # the seeding transition is not held
+        assert store.transition_failover(
+            "shop", 0, "failing_over", run.id, inc.id, "shop is down", time.time()
+        )
+        store.update_run(run.id, state="succeeded", ended_at=time.time())
+        store.gate.clear()
+        controller = Controller(cfg, store)
+        await controller.start()
+        try:
+            await until(store.entered.is_set, 10, "the run's end decided and its transition written")
+            stopping = asyncio.create_task(controller.stop())
+            await asyncio.sleep(0.3)  # the stop is under way while the write is held
+            store.gate.set()
+            await asyncio.wait_for(stopping, 15)
+        finally:
+            store.gate.set()
+            if not controller.stop_event.is_set():
+                await controller.stop()
+        await until(store.written.is_set, 5, "the held write to end")
+        record = store.failover_states()["shop"]
+        messages = [e.message for e in store.timeline(inc.id)]
+        assert record.state != "failing_over", "the held transition was written"
+        transitions = [m for m in messages if m.startswith("shop: failing_over -> ")]
+        assert len(transitions) == 1, "\n".join(messages)
+        assert transitions[0].startswith(f"shop: failing_over -> {record.state}: {record.reason}")
+        store.close()
+
+    asyncio.run(main())
