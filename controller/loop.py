@@ -201,8 +201,7 @@ class Controller:
                 "outbox", lambda: self.dispatcher.run(self.stop_event, period=0.5), self.stop_event
             )
         )
-        self._tasks.append(asyncio.create_task(self._warm_aws(), name="warm-aws"))
-        self._tasks.append(asyncio.create_task(self._warm_probes(), name="warm-probes"))
+        self._warm_up()
         if self.elector is not None:
             # Its own stop event: the lease is released only after the step in hand has finished.
             self._elector = asyncio.create_task(self.elector.run(self._elector_stop), name="leader")
@@ -267,6 +266,11 @@ class Controller:
         # A new factory, or a playbook that calls a service the old config did not: built now, not by
         # the first failover after the reload (clients already built are kept by the factory).
         self._tasks = [t for t in self._tasks if not t.done()]
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """The AWS clients and the http probes' plans built off the loop, at start and at each reload,
+        so that the first failover or probe run after either does not build them."""
         self._tasks.append(asyncio.create_task(self._warm_aws(), name="warm-aws"))
         self._tasks.append(asyncio.create_task(self._warm_probes(), name="warm-probes"))
 

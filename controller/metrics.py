@@ -47,9 +47,6 @@ class ProbeSeries:
             for key in [k for k in table if k[0] not in kept]:
                 del table[key]
 
-    def success(self, probe: str, vantage: str) -> int | None:
-        return self._success.get((probe, vantage))
-
     def collect(self) -> Iterator[Metric]:
         gauge = GaugeMetricFamily(
             "continuity_probe_success", "1 if the probe's last run passed.", labels=["probe", "vantage"]

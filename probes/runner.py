@@ -40,8 +40,8 @@ def _plan_for(cfg: Any) -> Plan | None:
 def prepare(probes: Mapping[str, Any]) -> int:
     """Build the fast path's plan of every http probe now rather than at its first run.
 
-    A plan (URL parsed, address checked, request bytes built) costs about 40 us; at 20,000 probes
-    that is close to a second of CPU, which the first interval after a start or a reload would
+    A plan (URL parsed, address checked, request bytes built) costs about 28 us; at 20,000 probes
+    that is over half a second of CPU, which the first interval after a start or a reload would
     otherwise pay run by run. Meant for a worker thread: a plan is pure CPU and the cache tolerates
     a run building the same plan at the same moment (both are equal; the last one stays)."""
     built = 0

@@ -218,25 +218,23 @@ class Scheduler:
         if seq == self._next.get(name, 0) and not self._done.get(name):
             # The common case (one run at a time, or the earliest of several): nothing to reorder.
             self._next[name] = seq + 1
-            if result is not None:
-                try:
-                    self._on_result(result)
-                except Exception:  # a bug downstream must not stop the probing
-                    log.exception("on_result raised", probe=name)
+            self._hand(name, result)
             return
         done = self._done.setdefault(name, {})
         done[seq] = result
         nxt = self._next.get(name, 0)
         while nxt in done:
-            r = done.pop(nxt)
+            self._hand(name, done.pop(nxt))
             nxt += 1
-            if r is None:
-                continue
-            try:
-                self._on_result(r)
-            except Exception:  # a bug downstream must not stop the probing
-                log.exception("on_result raised", probe=name)
         self._next[name] = nxt
+
+    def _hand(self, name: str, result: ProbeResult | None) -> None:
+        if result is None:
+            return
+        try:
+            self._on_result(result)
+        except Exception:  # a bug downstream must not stop the probing
+            log.exception("on_result raised", probe=name)
 
     async def _one(self, name: str, cfg: Any, due: float, clock: Callable[[], float], seq: int = 0) -> None:
         host = self._host_sem(name)

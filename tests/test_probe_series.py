@@ -48,4 +48,7 @@ def test_a_probe_removed_by_a_reload_leaves_the_scrape() -> None:
     m.probes.forget(["web"])
     text = generate_latest(m.registry).decode()
     assert 'probe="web"' in text and 'probe="gone"' not in text
-    assert m.probes.success("web", "local") == 1 and m.probes.success("gone", "local") is None
+    assert m.registry.get_sample_value("continuity_probe_success", {"probe": "web", "vantage": "local"}) == 1
+    assert (
+        m.registry.get_sample_value("continuity_probe_success", {"probe": "gone", "vantage": "local"}) is None
+    )
