@@ -244,16 +244,7 @@ class Effects:
             "rto": format_duration(svc.rto),
             "owners": svc.owners,
         }
-        payload = pagerduty.trigger(
-            pd,
-            dedup_key=inc.dedup_key,
-            summary=f"[{inc.severity}] {note + ': ' if note else ''}{inc.title}",
-            severity=inc.severity,
-            service=inc.service,
-            tier=svc.tier,
-            ts=self.clock(),
-            details=details,
-        )
+        payload = pagerduty.page(pd, inc, tier=svc.tier, ts=self.clock(), details=details, note=note)
         note = "PagerDuty trigger queued" if event == "trigger" else f"PagerDuty trigger queued ({event})"
         await self.enqueue(inc.id, f"{inc.id}/pagerduty/{event}", payload, note)
 

@@ -363,15 +363,13 @@ class Communicator:
         pd = self.config.notifiers.pagerduty
         if pd is not None:
             svc = self.config.services[inc.service]
-            body = pagerduty.trigger(
+            body = pagerduty.page(
                 pd,
-                dedup_key=inc.dedup_key,
-                summary=f"[{inc.severity}] ESCALATED to {who}: {inc.title}",
-                severity=inc.severity,
-                service=inc.service,
+                inc,
                 tier=svc.tier,
                 ts=now,
                 details={"incident_id": inc.id, "incident_commander": who, "unacknowledged_for": waited},
+                note=f"ESCALATED to {who}",
             )
             self._enqueue(
                 inc, "pagerduty", f"{inc.id}/pagerduty/escalate-{level}", body, "escalate", now, who

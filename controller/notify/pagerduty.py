@@ -12,6 +12,7 @@ from typing import Any
 
 from controller.config import PagerDuty
 from controller.notify.outbox import Channel
+from controller.stores.model import Incident
 
 SEVERITY = {"critical": "critical", "moderate": "error", "low": "warning"}
 """Ours -> PagerDuty's (critical, error, warning, info)."""
@@ -50,6 +51,23 @@ def trigger(
             "client": "Continuity",
         },
     }
+
+
+def page(
+    cfg: PagerDuty, inc: Incident, *, tier: str, ts: float, details: dict[str, Any], note: str = ""
+) -> dict[str, Any]:
+    """The trigger for an incident (its first page, a re-page, an escalation): one dedup key per
+    incident, so that PagerDuty folds every page of an outage into one alert."""
+    return trigger(
+        cfg,
+        dedup_key=inc.dedup_key,
+        summary=f"[{inc.severity}] {note + ': ' if note else ''}{inc.title}",
+        severity=inc.severity,
+        service=inc.service,
+        tier=tier,
+        ts=ts,
+        details=details,
+    )
 
 
 def resolve(dedup_key: str) -> dict[str, Any]:
