@@ -105,6 +105,8 @@ class TickLoop:
                         hook(leader)
                 if leader and not was_leader and self.elector is not None:
                     await self._became_leader()
+                if leader and not was_leader:
+                    await self.runs.explain_lost_transitions()
                 was_leader = leader
                 if leader:
                     await self.reconcile()

@@ -28,7 +28,7 @@ from controller.durations import format_duration
 from controller.effects import Effects
 from controller.metrics import Metrics
 from controller.notify import pagerduty
-from controller.stores import Incident, Run, Store
+from controller.stores import FailoverRecord, Incident, Run, Store
 from controller.stores.aio import AsyncStore
 from controller.tracker import DetectionTracker
 from playbooks.actions import ActionContext
@@ -128,6 +128,39 @@ class Runs:
     def recovery_reads(self) -> tuple[list[Run], list[Incident]]:
         """What `recover_from_restart` reads (blocking: on the STORE pool from a coroutine)."""
         return self.store.runs(), self.store.list_incidents(status="open")
+
+    def unexplained_transitions(self) -> list[FailoverRecord]:
+        """Failover states of open incidents with no line on their timeline (blocking: on the STORE
+        pool). `_move` writes the state, then queues its line; a controller killed between the two
+        (or before its batch was flushed) leaves a state that nothing on the incident explains."""
+        opened = {inc.id for inc in self.store.list_incidents(status="open")}
+        lost = []
+        for rec in self.store.failover_states().values():
+            if rec.incident_id not in opened or rec.version == 0:
+                continue
+            events = self.store.timeline(rec.incident_id or "")
+            if not any(e.kind == "failover" and e.data.get("version") == rec.version for e in events):
+                lost.append(rec)
+        return lost
+
+    async def explain_lost_transitions(self) -> None:
+        """On taking the lead (or starting as the only replica): put each state the previous
+        controller wrote without its timeline line on the timeline, at the time it was written."""
+        try:
+            lost = await self.astore.call(self.unexplained_transitions)
+        except Exception:  # a sick store: the decisions go on; the lines wait for the next take-over
+            log.exception("could not check the timeline for failover states written without their line")
+            return
+        for rec in lost:
+            self.store.append(
+                rec.incident_id or "",
+                rec.since,
+                "failover",
+                f"failover state of {rec.service} is {rec.state} (version {rec.version}), written by a "
+                f"controller that stopped before it put the line here; its reason: {rec.reason}",
+                {"to": rec.state, "run_id": rec.run_id, "version": rec.version, "restored": True},
+            )
+            log.warning("failover state restored to the timeline", service=rec.service, state=rec.state)
 
     async def recover(self) -> None:
         """`recover_from_restart` with the store read off the loop (a replica becoming leader)."""

@@ -18,7 +18,7 @@ from aiohttp import web
 from controller.config import load_config
 from controller.demo.marketplace import serve
 from controller.loop import Controller
-from controller.stores import SQLiteStore, Store
+from controller.stores import Event, SQLiteStore, Store
 from controller.stores.kube import KubernetesStore
 from tests.fakes.kubeapi import FakeKubeAPI
 from tests.test_step_outcomes import SlowReceiver
@@ -111,6 +111,10 @@ controller: {{data_dir: "{tmp_path / "state"}", tick: 100ms}}
         ), "\n".join(messages)
         transitions = [m for m in messages if m.startswith("shop: ")]
         assert len(transitions) == 1 and transitions[0].startswith("shop: failing_over -> primary: ")
+        # The dead controller wrote failing_over and died before its line: the new one puts it there.
+        restored = [e for e in second.store.timeline(inc.id) if e.data.get("restored")]
+        assert [(e.data["to"], e.data["version"]) for e in restored] == [("failing_over", 1)]
+        assert restored[0].message.endswith("its reason: shop is down")
         dead.close()
         second.store.close()
 
@@ -196,3 +200,58 @@ controller: {{data_dir: "{tmp_path / "state"}", tick: 100ms}}
         store.close()
 
     asyncio.run(main())
+
+
+def test_a_state_written_without_its_timeline_line_is_put_there_once(tmp_path: Path) -> None:
+    """A controller killed (SIGKILL, OOM) after writing a failover state and before its timeline
+    line leaves a state nothing on the incident explains: the next controller to lead writes the
+    line, at the time the state was written, and a controller after it does not write it again."""
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        f"""
+services:
+  shop: {{tier: critical, rto: 5m, probes: [web], playbook: failover}}
+probes:
+  web: {{kind: tcp, host: 127.0.0.1, port: 9, interval: 1h, timeout: 1s}}
+playbooks:
+  failover:
+    steps:
+      - {{name: drain, action: wait, with: {{duration: 1s}}, timeout: 10s}}
+controller: {{data_dir: "{tmp_path / "state"}", tick: 100ms}}
+""",
+        encoding="utf-8",
+    )
+    cfg = load_config(path)
+    store = SQLiteStore(tmp_path / "state")
+    inc = store.open_incident("shop", "critical", "shop is down", time.time(), time.time(), {})
+    run = store.create_run("failover", inc.id, "shop", False, time.time(), ["drain"])
+    assert store.claim_run(run.id, "pod-0/1/dead", None)
+    written = store.transition_failover(
+        "shop", 0, "awaiting_approval", run.id, inc.id, "shop is down", 1000.0
+    )
+    assert written is not None
+    store.update_run(run.id, state="awaiting_approval")
+    store.append(inc.id, 999.0, "incident", "opened")
+
+    def restored() -> list[Event]:
+        return [e for e in store.timeline(inc.id) if e.data.get("restored")]
+
+    async def lead_once() -> None:
+        controller = Controller(cfg, store)
+        await controller.start()
+        ticked = "continuity_loop_last_tick_timestamp_seconds"
+        try:
+            # A whole decision pass as leader, so that the second controller had its chance too.
+            await until(lambda: (controller.metrics.registry.get_sample_value(ticked) or 0) > 0, 10, "a tick")
+            await until(restored, 10, "the lost line written")
+        finally:
+            await controller.stop()
+
+    asyncio.run(lead_once())
+    asyncio.run(lead_once())
+    lines = restored()
+    assert len(lines) == 1, [e.message for e in lines]
+    assert lines[0].ts == written.since == 1000.0
+    assert lines[0].data == {"to": "awaiting_approval", "run_id": run.id, "version": 1, "restored": True}
+    assert [e.ts for e in store.timeline(inc.id)][:2] == [999.0, 1000.0], "in its place on the timeline"
+    store.close()
