@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from controller.config import load_config
+from controller.config import Config, load_config
 from controller.demo.marketplace import serve
 from controller.loop import Controller
-from controller.stores import Event, SQLiteStore, Store
+from controller.stores import Event, FailoverRecord, Incident, Run, SQLiteStore, Store
 from controller.stores.kube import KubernetesStore
 from tests.fakes.kubeapi import FakeKubeAPI
 from tests.test_step_outcomes import SlowReceiver
@@ -124,6 +124,38 @@ controller: {{data_dir: "{tmp_path / "state"}", tick: 100ms}}
         hook.close()
 
 
+def quiet_shop(tmp_path: Path) -> Config:
+    """One critical service whose probe never runs in the test (hourly): what the controller does
+    comes from the state it finds in the store."""
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        f"""
+services:
+  shop: {{tier: critical, rto: 5m, probes: [web], playbook: failover}}
+probes:
+  web: {{kind: tcp, host: 127.0.0.1, port: 9, interval: 1h, timeout: 1s}}
+playbooks:
+  failover:
+    steps:
+      - {{name: drain, action: wait, with: {{duration: 1s}}, timeout: 10s}}
+controller: {{data_dir: "{tmp_path / "state"}", tick: 100ms}}
+""",
+        encoding="utf-8",
+    )
+    return load_config(path)
+
+
+def left_by_a_dead_controller(store: Store, state: str, at: float) -> tuple[Incident, Run, FailoverRecord]:
+    """An open incident, a run a dead controller owned, and the failover state it wrote at `at`
+    with no line on the timeline (it died before writing one)."""
+    inc = store.open_incident("shop", "critical", "shop is down", time.time(), time.time(), {})
+    run = store.create_run("failover", inc.id, "shop", False, time.time(), ["drain"])
+    assert store.claim_run(run.id, "pod-0/1/dead", None)
+    written = store.transition_failover("shop", 0, state, run.id, inc.id, "shop is down", at)
+    assert written is not None
+    return inc, run, written
+
+
 class HeldTransitions(SQLiteStore):
     """A SQLite store whose failover-state writes wait at a gate: a slow disk or API server at the
     moment a stop arrives. The write itself is real."""
@@ -131,7 +163,8 @@ class HeldTransitions(SQLiteStore):
     def __init__(self, directory: Path) -> None:
         super().__init__(directory)
         self.entered = threading.Event()
-        self.gate = threading.Event()
+        self.gate = threading.Event()  # open until the test closes it
+        self.gate.set()
         self.written = threading.Event()
 
     def transition_failover(self, service: str, *args: Any, **kw: Any) -> Any:
@@ -152,32 +185,11 @@ def test_a_stop_during_a_transition_leaves_it_on_the_timeline(tmp_path: Path) ->
     above, the state read as primary and no transition on the timeline.)"""
 
     async def main() -> None:
-        path = tmp_path / "c.yaml"
-        path.write_text(
-            f"""
-services:
-  shop: {{tier: critical, rto: 5m, probes: [web], playbook: failover}}
-probes:
-  web: {{kind: tcp, host: 127.0.0.1, port: 9, interval: 1h, timeout: 1s}}
-playbooks:
-  failover:
-    steps:
-      - {{name: drain, action: wait, with: {{duration: 1s}}, timeout: 10s}}
-controller: {{data_dir: "{tmp_path / "state"}", tick: 100ms}}
-""",
-            encoding="utf-8",
-        )
-        cfg = load_config(path)
+        cfg = quiet_shop(tmp_path)
         store = HeldTransitions(tmp_path / "state")
-        inc = store.open_incident("shop", "critical", "shop is down", time.time(), time.time(), {})
-        run = store.create_run("failover", inc.id, "shop", False, time.time(), ["drain"])
-        assert store.claim_run(run.id, "pod-0/1/dead", None)
-        store.gate.set()  # the seeding transition is not held
-        assert store.transition_failover(
-            "shop", 0, "failing_over", run.id, inc.id, "shop is down", time.time()
-        )
+        inc, run, _ = left_by_a_dead_controller(store, "failing_over", time.time())
         store.update_run(run.id, state="succeeded", ended_at=time.time())
-        store.gate.clear()
+        store.gate.clear()  # the run's end, decided by the new controller, is written at the gate
         controller = Controller(cfg, store)
         await controller.start()
         try:
@@ -206,30 +218,9 @@ def test_a_state_written_without_its_timeline_line_is_put_there_once(tmp_path: P
     """A controller killed (SIGKILL, OOM) after writing a failover state and before its timeline
     line leaves a state nothing on the incident explains: the next controller to lead writes the
     line, at the time the state was written, and a controller after it does not write it again."""
-    path = tmp_path / "c.yaml"
-    path.write_text(
-        f"""
-services:
-  shop: {{tier: critical, rto: 5m, probes: [web], playbook: failover}}
-probes:
-  web: {{kind: tcp, host: 127.0.0.1, port: 9, interval: 1h, timeout: 1s}}
-playbooks:
-  failover:
-    steps:
-      - {{name: drain, action: wait, with: {{duration: 1s}}, timeout: 10s}}
-controller: {{data_dir: "{tmp_path / "state"}", tick: 100ms}}
-""",
-        encoding="utf-8",
-    )
-    cfg = load_config(path)
+    cfg = quiet_shop(tmp_path)
     store = SQLiteStore(tmp_path / "state")
-    inc = store.open_incident("shop", "critical", "shop is down", time.time(), time.time(), {})
-    run = store.create_run("failover", inc.id, "shop", False, time.time(), ["drain"])
-    assert store.claim_run(run.id, "pod-0/1/dead", None)
-    written = store.transition_failover(
-        "shop", 0, "awaiting_approval", run.id, inc.id, "shop is down", 1000.0
-    )
-    assert written is not None
+    inc, run, written = left_by_a_dead_controller(store, "awaiting_approval", 1000.0)
     store.update_run(run.id, state="awaiting_approval")
     store.append(inc.id, 999.0, "incident", "opened")
 
